@@ -1,0 +1,89 @@
+/* blockdev/ — block nodes: backends (file, host_device, raw, null-co), the byte-addressed I/O
+ * path, drain, allocation status, image locking and the blockdev-* commands.
+ *
+ * A node is addressed by its node-name (QEMU's rules). A format node (raw) has one child node; I/O
+ * on a node marks that node's recording dirty bitmaps, then passes down to its child, whose own
+ * bitmaps are marked in turn, so a bitmap on a protocol node sees the writes of the format node
+ * above it, as in QEMU.
+ *
+ * Threads: the registry and the commands run on the main thread. The I/O calls are thread-safe
+ * and may be called from any thread between cbt_blockdev_io_begin() and cbt_blockdev_io_end();
+ * cbt_blockdev_drain_begin() (main thread) waits until no request is in flight and admits no new
+ * one until cbt_blockdev_drain_end().
+ */
+#pragma once
+
+#include <glib.h>
+#include <stdint.h>
+#include "bitmap/bitmap.h"
+#include "rpc/rpc.h"
+
+G_BEGIN_DECLS
+
+typedef struct CbtBlockdev CbtBlockdev;
+
+/* I/O request flags. */
+#define CBT_BLOCKDEV_FUA          (1u << 0) /* durable before returning */
+#define CBT_BLOCKDEV_MAY_UNMAP    (1u << 1) /* write_zeroes may deallocate */
+#define CBT_BLOCKDEV_NO_FALLBACK  (1u << 2) /* write_zeroes: -ENOTSUP unless it is cheap */
+
+/* Block status bits, as NBD base:allocation defines them. */
+#define CBT_BLOCKDEV_STATUS_HOLE  (1u << 0) /* not allocated */
+#define CBT_BLOCKDEV_STATUS_ZERO  (1u << 1) /* reads as zeroes */
+
+void cbt_blockdev_register_commands(CbtRpc *rpc);
+/* Close every node (at exit), children after parents. */
+void cbt_blockdev_close_all(void);
+
+/* Lookup; the node stays valid while referenced. Main thread only. */
+CbtBlockdev *cbt_blockdev_find(const char *node_name);
+CbtBlockdev *cbt_blockdev_ref(CbtBlockdev *bd);
+void cbt_blockdev_unref(CbtBlockdev *bd);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(CbtBlockdev, cbt_blockdev_unref)
+
+const char *cbt_blockdev_get_node_name(CbtBlockdev *bd);
+guint64 cbt_blockdev_get_size(CbtBlockdev *bd);
+gboolean cbt_blockdev_is_read_only(CbtBlockdev *bd);
+/* TRUE when discard=unmap: only then does a discard reach the medium (and mark bitmaps). */
+gboolean cbt_blockdev_can_discard(CbtBlockdev *bd);
+/* Smallest I/O size the backend handles without read-modify-write (1 for files). */
+guint32 cbt_blockdev_get_min_io(CbtBlockdev *bd);
+/* The node's child (raw's file), or NULL. */
+CbtBlockdev *cbt_blockdev_get_child(CbtBlockdev *bd);
+
+/* Users (exports, jobs): a node with users refuses blockdev-del ("Node X is in use"). */
+void cbt_blockdev_add_user(CbtBlockdev *bd);
+void cbt_blockdev_remove_user(CbtBlockdev *bd);
+/* Write permission, taken by writable exports: fails on read-only nodes and when another
+ * process holds the image lock (QEMU's lock bytes, so cbtd and QEMU exclude each other). */
+gboolean cbt_blockdev_acquire_write(CbtBlockdev *bd, GError **error);
+void cbt_blockdev_release_write(CbtBlockdev *bd);
+
+/* The I/O path. Each call returns 0 or a negative errno. */
+void cbt_blockdev_io_begin(CbtBlockdev *bd);
+void cbt_blockdev_io_end(CbtBlockdev *bd);
+int cbt_blockdev_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
+int cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len,
+                        guint flags);
+int cbt_blockdev_flush(CbtBlockdev *bd);
+int cbt_blockdev_discard(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags);
+int cbt_blockdev_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags);
+/* Status of [offset, offset + *pnum) where *pnum <= len is set to the length of the run that
+ * starts at @offset and has status *status (CBT_BLOCKDEV_STATUS_*). Never returns *pnum == 0. */
+int cbt_blockdev_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
+                              guint32 *status);
+/* For zero-copy reads: the fd and the byte offset within it that holds @bd's offset 0, or -1
+ * when the data does not live in one file (null-co). */
+int cbt_blockdev_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset);
+
+/* Dirty tracking: every write, write_zeroes and carried-out discard on @bd marks each tracked
+ * bitmap (cbt_bitmap_mark_range) before the backend call, failed requests included. Call with
+ * @bd drained; the bitmap must outlive its tracking. */
+void cbt_blockdev_track_bitmap(CbtBlockdev *bd, CbtBitmap *bm);
+void cbt_blockdev_untrack_bitmap(CbtBlockdev *bd, CbtBitmap *bm);
+
+/* Drain: wait for in-flight requests on @bd (and nodes above it), admit none until _end. */
+void cbt_blockdev_drain_begin(CbtBlockdev *bd);
+void cbt_blockdev_drain_end(CbtBlockdev *bd);
+
+G_END_DECLS

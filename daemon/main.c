@@ -1,0 +1,133 @@
+/* cbtd: the changed-block-tracking storage daemon.
+ *
+ * main() wires the modules together: it creates the QMP server, lets each domain module register
+ * its commands, applies the command-line options in order through those same commands, then
+ * runs the main loop until `quit` or a termination signal.
+ */
+#include <errno.h>
+#include <glib-unix.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "cbt-config.h"
+#include "blockdev/blockdev.h"
+#include "daemon/cbtd.h"
+#include "nbd/nbd.h"
+#include "rpc/rpc.h"
+
+static GMainLoop *main_loop;
+
+static gboolean
+quit_now(gpointer data)
+{
+  g_main_loop_quit(main_loop);
+  return G_SOURCE_REMOVE;
+}
+
+static JsonNode *
+cmd_quit(JsonObject *args, gpointer user_data, GError **error)
+{
+  /* Reply first (the monitor sends it before the idle runs), then exit. */
+  g_idle_add(quit_now, NULL);
+  return cbt_rpc_empty_return();
+}
+
+static const CbtRpcCommand daemon_commands[] = {
+  { "quit", cmd_quit },
+};
+
+static gboolean
+on_signal(gpointer data)
+{
+  g_main_loop_quit(main_loop);
+  return G_SOURCE_CONTINUE;
+}
+
+/* systemd socket activation: serve NBD on the inherited listening socket (fd 3). */
+static gboolean
+socket_activation(GError **error)
+{
+  const char *pid = g_getenv("LISTEN_PID");
+  const char *fds = g_getenv("LISTEN_FDS");
+
+  if (!pid || !fds || g_ascii_strtoull(pid, NULL, 10) != (guint64)getpid())
+    return TRUE;
+  g_unsetenv("LISTEN_PID");
+  g_unsetenv("LISTEN_FDS");
+  g_unsetenv("LISTEN_FDNAMES");
+  if (g_ascii_strtoull(fds, NULL, 10) != 1) {
+    g_set_error(error, CBTD_ERROR, 0, "socket activation: expected 1 socket, got LISTEN_FDS=%s",
+                fds);
+    return FALSE;
+  }
+  return cbt_nbd_server_start_fd(3, error);
+}
+
+static void
+shutdown_all(CbtRpc *rpc)
+{
+  cbt_nbd_shutdown();
+  /* Deliver the BLOCK_EXPORT_DELETED events the shutdown queued before the monitors close. */
+  while (g_main_context_iteration(NULL, FALSE))
+    ;
+  cbt_rpc_close_all(rpc);
+  cbt_blockdev_close_all();
+}
+
+int
+main(int argc, char **argv)
+{
+  CbtdEarlyOptions early = { 0 };
+  g_autoptr(GError) error = NULL;
+
+  g_set_prgname("cbtd");
+  signal(SIGPIPE, SIG_IGN);
+
+  int status = cbtd_options_early(argc, argv, &early);
+  if (status >= 0)
+    return status;
+
+  if (early.daemonize && !cbtd_daemonize_start(&error)) {
+    fprintf(stderr, "cbtd: %s\n", error->message);
+    return EXIT_FAILURE;
+  }
+
+  g_autoptr(CbtRpc) rpc = cbt_rpc_new(&error);
+  if (!rpc) {
+    fprintf(stderr, "cbtd: %s\n", error->message);
+    cbtd_daemonize_done(EXIT_FAILURE);
+    return EXIT_FAILURE;
+  }
+  cbt_rpc_register(rpc, daemon_commands, G_N_ELEMENTS(daemon_commands), NULL);
+  cbt_blockdev_register_commands(rpc);
+  cbt_nbd_register_commands(rpc);
+  if (!cbt_rpc_check_complete(rpc, &error)) {
+    fprintf(stderr, "cbtd: %s\n", error->message);
+    cbtd_daemonize_done(EXIT_FAILURE);
+    return EXIT_FAILURE;
+  }
+
+  main_loop = g_main_loop_new(NULL, FALSE);
+  if (!socket_activation(&error) || !cbtd_options_apply(rpc, argc, argv, &error) ||
+      (early.pidfile && !cbtd_pidfile_create(early.pidfile, &error))) {
+    fprintf(stderr, "cbtd: %s\n", error->message);
+    shutdown_all(rpc);
+    cbtd_daemonize_done(EXIT_FAILURE);
+    return EXIT_FAILURE;
+  }
+
+  g_unix_signal_add(SIGTERM, on_signal, NULL);
+  g_unix_signal_add(SIGINT, on_signal, NULL);
+  g_unix_signal_add(SIGHUP, on_signal, NULL);
+  cbtd_daemonize_done(EXIT_SUCCESS);
+
+  g_main_loop_run(main_loop);
+
+  shutdown_all(rpc);
+  cbtd_pidfile_remove();
+  g_main_loop_unref(main_loop);
+  g_free(early.pidfile);
+  return EXIT_SUCCESS;
+}

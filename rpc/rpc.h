@@ -1,0 +1,89 @@
+/* rpc/ — the QMP server: framing, greeting, capabilities, schema validation, dispatch, events.
+ *
+ * rpc/ is generic: it knows the schema and the wire protocol, never bitmaps or NBD. Domain
+ * modules hand it a table of handlers (cbt_rpc_register()); the dispatcher validates every
+ * request against schemas/ before a handler runs, so a handler never sees a missing, unknown
+ * or mistyped argument.
+ *
+ * Threads: everything here runs on the thread that owns the default GMainContext (the main
+ * thread), except cbt_rpc_emit_event(), which any thread may call.
+ */
+#pragma once
+
+#include <glib.h>
+#include <json-glib/json-glib.h>
+
+G_BEGIN_DECLS
+
+/* QMP error classes. A handler's GError in CBT_RPC_ERROR becomes {"class": <class>, "desc":
+ * message}; a GError of any other domain becomes a GenericError with its message. */
+typedef enum {
+  CBT_RPC_ERROR_GENERIC,           /* "GenericError" */
+  CBT_RPC_ERROR_COMMAND_NOT_FOUND, /* "CommandNotFound" */
+  CBT_RPC_ERROR_DEVICE_NOT_ACTIVE, /* "DeviceNotActive" */
+  CBT_RPC_ERROR_DEVICE_NOT_FOUND,  /* "DeviceNotFound" */
+} CbtRpcErrorClass;
+
+#define CBT_RPC_ERROR (cbt_rpc_error_quark())
+GQuark cbt_rpc_error_quark(void);
+const char *cbt_rpc_error_class_name(CbtRpcErrorClass cls);
+
+typedef struct CbtRpc CbtRpc;
+
+/* A command handler. @args has been validated against the command's schema (it is an empty
+ * object when the request had none; optional members keep their absence, defaults are the
+ * handler's to apply). Returns the "return" value (transfer full; an empty object for
+ * commands without data), or NULL with @error set. */
+typedef JsonNode *(*CbtRpcHandler)(JsonObject *args, gpointer user_data, GError **error);
+
+typedef struct {
+  const char *name;
+  CbtRpcHandler handler;
+} CbtRpcCommand;
+
+/* Largest message a monitor accepts; a longer one closes that client's connection. */
+#define CBT_RPC_MAX_MESSAGE (8u * 1024 * 1024)
+/* Deepest JSON nesting accepted (QEMU's limit). */
+#define CBT_RPC_MAX_DEPTH 1024
+
+/* The surface version reported in the greeting and by query-version. */
+#define CBT_RPC_QEMU_MAJOR 7
+#define CBT_RPC_QEMU_MINOR 2
+#define CBT_RPC_QEMU_MICRO 0
+
+CbtRpc *cbt_rpc_new(GError **error);
+void cbt_rpc_free(CbtRpc *rpc);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(CbtRpc, cbt_rpc_free)
+
+/* Register @n handlers; each name must be a command of the schema. */
+void cbt_rpc_register(CbtRpc *rpc, const CbtRpcCommand *cmds, gsize n, gpointer user_data);
+/* FALSE with @error naming the first schema command that has no handler. */
+gboolean cbt_rpc_check_complete(CbtRpc *rpc, GError **error);
+
+/* Serve QMP on a listening unix socket at @path (created; an existing socket file is replaced).
+ * Each connected client is served independently of every other. */
+gboolean cbt_rpc_listen_unix(CbtRpc *rpc, const char *path, gboolean pretty, GError **error);
+/* Stop listening and drop every client (the socket files are unlinked). */
+void cbt_rpc_close_all(CbtRpc *rpc);
+
+/* Validate @args (may be NULL) for @command and run it outside any monitor: the command line
+ * uses this so options and QMP share one path. With @keyval, string values are converted to the
+ * schema's scalar types the way QEMU's keyval visitor does ("on"/"off", decimal numbers, size
+ * suffixes). Returns the handler's result (transfer full) or NULL with @error set. */
+JsonNode *cbt_rpc_execute(CbtRpc *rpc, const char *command, JsonObject *args, gboolean keyval,
+                          GError **error);
+
+/* Validate @value against schema type @type_name (with @keyval as above) and return the checked,
+ * converted copy (transfer full), or NULL with @error set, in QEMU's words ("Parameter 'X' is
+ * missing", …). For command-line options that are types rather than commands. */
+JsonNode *cbt_rpc_check_type(CbtRpc *rpc, const char *type_name, JsonNode *value,
+                             gboolean keyval, GError **error);
+
+/* Queue event @name with @data (transfer full; NULL for none) to every negotiated client, with
+ * the current timestamp. Thread-safe: delivery happens on the main context. */
+void cbt_rpc_emit_event(CbtRpc *rpc, const char *name, JsonObject *data);
+
+/* Helpers for handlers. */
+JsonNode *cbt_rpc_empty_return(void);
+
+G_END_DECLS

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Merge the schema files into the compiled-in schema (C) and the RPC reference (Markdown).
+
+Usage: gen-schema.py OUT.c OUT.md SCHEMA.json...
+
+The check here is structural (every referenced type exists, no name twice, every union branch
+names a struct); the runtime validator in rpc/ trusts it.
+"""
+import json
+import sys
+
+BUILTINS = {'str', 'int', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
+            'uint64', 'size', 'number', 'bool', 'null', 'any'}
+KINDS = ('enum', 'struct', 'union', 'alternate', 'command', 'event')
+
+
+def kind_of(ent):
+    for k in KINDS:
+        if k in ent:
+            return k
+    raise SystemExit('schema: entity without a kind: %r' % ent)
+
+
+def member_type(spec):
+    return spec['type'] if isinstance(spec, dict) else spec
+
+
+def type_refs(t):
+    if isinstance(t, list):
+        if len(t) != 1:
+            raise SystemExit('schema: array type must have one element: %r' % t)
+        return type_refs(t[0])
+    return [t]
+
+
+def check(entities):
+    names = {}
+    for ent in entities:
+        k = kind_of(ent)
+        key = ('event:' if k == 'event' else 'command:' if k == 'command' else 'type:') + ent[k]
+        if key in names:
+            raise SystemExit('schema: %s defined twice' % key)
+        names[key] = ent
+    types = {n[5:] for n in names if n.startswith('type:')}
+
+    def need(t, where):
+        for ref in type_refs(t):
+            if ref not in BUILTINS and ref not in types:
+                raise SystemExit('schema: %s refers to unknown type %r' % (where, ref))
+
+    def need_members(data, where):
+        if isinstance(data, str):
+            need(data, where)
+            return
+        for m, spec in data.items():
+            need(member_type(spec), '%s.%s' % (where, m.lstrip('*')))
+
+    for ent in entities:
+        k = kind_of(ent)
+        where = '%s %s' % (k, ent[k])
+        if k in ('struct', 'command', 'event') and 'data' in ent:
+            need_members(ent['data'], where)
+        if k in ('struct', 'union') and 'base' in ent:
+            need_members(ent['base'], where)
+        if k == 'union':
+            for case, t in ent['data'].items():
+                need(t, '%s branch %s' % (where, case))
+        if k == 'alternate':
+            for case, t in ent['data'].items():
+                need(t, '%s branch %s' % (where, case))
+        if k == 'command' and 'returns' in ent:
+            need(ent['returns'], where + ' returns')
+
+
+def fmt_type(t):
+    if isinstance(t, list):
+        return '[%s]' % fmt_type(t[0])
+    return '`%s`' % t if t in BUILTINS else '[`%s`](#%s)' % (t, t.lower())
+
+
+def fmt_members(data, docs):
+    if isinstance(data, str):
+        return ['All members of %s.' % fmt_type(data), '']
+    if not data:
+        return ['No members.', '']
+    lines = ['| member | type | optional | description |', '|---|---|---|---|']
+    for m, spec in data.items():
+        name = m.lstrip('*')
+        opt = m.startswith('*')
+        desc = docs.get(name, '')
+        if isinstance(spec, dict):
+            desc = spec.get('doc', desc)
+            if 'default' in spec:
+                desc += ' (default: `%s`)' % json.dumps(spec['default'])
+        lines.append('| `%s` | %s | %s | %s |' % (name, fmt_type(member_type(spec)),
+                                                  'yes' if opt else 'no', desc))
+    return lines + ['']
+
+
+def markdown(entities):
+    out = ['# cbtd RPC reference', '',
+           'Generated from `schemas/*.json` by `schemas/gen-schema.py`; do not edit by hand '
+           '(`make docs` regenerates it, and a test checks it is current).', '',
+           'The wire protocol is QMP: see the user guide for framing, the greeting and '
+           'capabilities negotiation.', '']
+    sections = [('Commands', 'command'), ('Events', 'event'),
+                ('Types', ('struct', 'union', 'alternate', 'enum'))]
+    for title, kinds in sections:
+        out += ['## ' + title, '']
+        ents = [e for e in entities if kind_of(e) in
+                (kinds if isinstance(kinds, tuple) else (kinds,))]
+        for ent in sorted(ents, key=lambda e: e[kind_of(e)]):
+            k = kind_of(ent)
+            out += ['### %s' % ent[k], '']
+            feats = ent.get('features', [])
+            if feats:
+                out += ['*Features: %s*' % ', '.join(feats), '']
+            if ent.get('doc'):
+                out += [ent['doc'], '']
+            docs = ent.get('member-docs', {})
+            if k == 'enum':
+                out += ['Values: ' + ', '.join('`%s`' % v for v in ent['data']), '']
+            elif k == 'alternate':
+                out += ['One of: ' + ', '.join(fmt_type(t) for t in ent['data'].values()), '']
+            elif k == 'union':
+                out += ['Base:', ''] + fmt_members(ent['base'], docs)
+                out += ['Discriminator `%s`; branches: ' % ent['discriminator'] +
+                        ', '.join('`%s` → %s' % (c, fmt_type(t)) for c, t in ent['data'].items()),
+                        '']
+            elif k == 'command':
+                if ent.get('boxed'):
+                    out += ['Arguments (boxed): %s' % fmt_type(ent['data']), '']
+                else:
+                    out += ['Arguments:', ''] + fmt_members(ent.get('data', {}), docs)
+                out += ['Returns: %s' % (fmt_type(ent['returns']) if 'returns' in ent
+                                         else '`{}`'), '']
+            else:
+                if 'base' in ent:
+                    out += ['Base: %s' % fmt_type(ent['base']), '']
+                out += fmt_members(ent.get('data', {}), docs)
+    return '\n'.join(out).rstrip() + '\n'
+
+
+def c_source(doc):
+    text = json.dumps(doc, separators=(',', ':'), sort_keys=False)
+    chunks = [text[i:i + 100] for i in range(0, len(text), 100)]
+    body = '\n'.join('  "%s"' % c.replace('\\', '\\\\').replace('"', '\\"') for c in chunks)
+    return ('/* Generated by schemas/gen-schema.py: do not edit. */\n'
+            '#include "rpc/schema-data.h"\n\n'
+            'const char cbt_schema_json[] =\n%s;\n' % body)
+
+
+def main():
+    if len(sys.argv) < 4:
+        raise SystemExit(__doc__)
+    out_c, out_md, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+    entities = []
+    for f in files:
+        with open(f, encoding='utf-8') as fh:
+            try:
+                part = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise SystemExit('%s: %s' % (f, e))
+        if not isinstance(part, list):
+            raise SystemExit('%s: top level must be an array' % f)
+        entities += part
+    check(entities)
+    with open(out_c, 'w', encoding='utf-8') as fh:
+        fh.write(c_source(entities))
+    with open(out_md, 'w', encoding='utf-8') as fh:
+        fh.write(markdown(entities))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,215 @@
+"""Shared helpers for cbtd's integration tests: start the real daemon (or qemu-storage-daemon) in
+a temporary directory, talk QMP to it, and clean up every process and file afterwards.
+
+Run with Debian's /usr/bin/python3 (the only one with the `nbd` module). The build tree's
+programs come from the environment: CBTD (the daemon), CBTCTL (the client).
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+
+CBTD = os.environ.get('CBTD', 'build/daemon/cbtd')
+CBTCTL = os.environ.get('CBTCTL', 'build/tools/cbtctl')
+QSD = shutil.which('qemu-storage-daemon') or '/usr/bin/qemu-storage-daemon'
+
+
+def wait_for(pred, timeout=10.0, what='condition'):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.01)
+    raise TimeoutError('timed out waiting for ' + what)
+
+
+class QMPError(Exception):
+    def __init__(self, cls, desc):
+        super().__init__('%s: %s' % (cls, desc))
+        self.cls = cls
+        self.desc = desc
+
+
+class QMP:
+    """A minimal QMP client over a unix socket."""
+
+    def __init__(self, path, negotiate=True, timeout=10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b''
+        self.events = []
+        self.greeting = self.recv()
+        if negotiate:
+            self.execute('qmp_capabilities')
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send_raw(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def recv(self):
+        """The next message (event or reply) as a dict; None at EOF."""
+        while b'\n' not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b'\n', 1)
+        return json.loads(line)
+
+    def recv_reply(self):
+        """The next reply, setting events aside."""
+        while True:
+            msg = self.recv()
+            if msg is None or 'event' not in msg:
+                return msg
+            self.events.append(msg)
+
+    def request(self, msg):
+        """Send a request object, return the raw reply dict."""
+        self.send_raw(json.dumps(msg) + '\n')
+        return self.recv_reply()
+
+    def cmd(self, name, args=None, **kwargs):
+        """Raw reply for command @name (arguments from @args or keywords, '_' -> '-')."""
+        msg = {'execute': name}
+        a = dict(args or {})
+        a.update({k.replace('_', '-'): v for k, v in kwargs.items()})
+        if a:
+            msg['arguments'] = a
+        return self.request(msg)
+
+    def execute(self, name, args=None, **kwargs):
+        """Return value of @name, or raise QMPError."""
+        reply = self.cmd(name, args, **kwargs)
+        if reply is None:
+            raise ConnectionError('connection closed')
+        if 'error' in reply:
+            raise QMPError(reply['error']['class'], reply['error']['desc'])
+        return reply['return']
+
+    def error(self, name, args=None, **kwargs):
+        """(class, desc) of the error @name must fail with."""
+        reply = self.cmd(name, args, **kwargs)
+        if reply is None or 'error' not in reply:
+            raise AssertionError('%s did not fail: %r' % (name, reply))
+        return reply['error']['class'], reply['error']['desc']
+
+    def wait_event(self, name, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev['event'] == name:
+                    return self.events.pop(i)
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            msg = self.recv()
+            if msg is None:
+                raise ConnectionError('connection closed waiting for ' + name)
+            if 'event' in msg:
+                self.events.append(msg)
+            if time.monotonic() > deadline:
+                raise TimeoutError('no event ' + name)
+
+
+class Daemon:
+    """cbtd (or qemu-storage-daemon with qsd=True) in its own temporary directory.
+
+    extra: further command-line arguments. The QMP socket is <dir>/qmp.sock."""
+
+    def __init__(self, extra=(), qsd=False, tmpdir=None, wait=True):
+        self.own_dir = tmpdir is None
+        self.dir = tmpdir or tempfile.mkdtemp(prefix='cbtd-test-')
+        self.qmp_path = os.path.join(self.dir, 'qmp-%s.sock' % ('qsd' if qsd else 'cbtd'))
+        self.qsd = qsd
+        if qsd:
+            argv = [QSD, '--chardev', 'socket,id=m0,path=%s,server=on,wait=off' % self.qmp_path,
+                    '--monitor', 'chardev=m0']
+        else:
+            argv = [CBTD, '--qmp', self.qmp_path]
+        self.argv = argv + list(extra)
+        self.stderr_path = os.path.join(self.dir, 'stderr-%s.log' % ('qsd' if qsd else 'cbtd'))
+        self.stderr = open(self.stderr_path, 'w+')
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.clients = []
+        if wait:
+            wait_for(lambda: os.path.exists(self.qmp_path) or self.proc.poll() is not None,
+                     what='QMP socket')
+            if self.proc.poll() is not None:
+                raise RuntimeError('daemon exited: ' + self.stderr_text())
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def stderr_text(self):
+        self.stderr.flush()
+        with open(self.stderr_path) as f:
+            return f.read()
+
+    def qmp(self, negotiate=True):
+        c = QMP(self.qmp_path, negotiate=negotiate)
+        self.clients.append(c)
+        return c
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def rss_kib(self):
+        with open('/proc/%d/status' % self.proc.pid) as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        for c in self.clients:
+            c.close()
+        self.clients = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def make_image(path, size, data=()):
+    """A sparse raw image of @size bytes; @data: (offset, bytes) pairs written into it."""
+    with open(path, 'wb') as f:
+        f.truncate(size)
+        for off, buf in data:
+            f.seek(off)
+            f.write(buf)
+    return path
+
+
+def main():
+    unittest.main(verbosity=2)
