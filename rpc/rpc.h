@@ -63,8 +63,14 @@ gboolean cbt_rpc_check_complete(CbtRpc *rpc, GError **error);
 /* Serve QMP on a listening unix socket at @path (created; an existing socket file is replaced).
  * Each connected client is served independently of every other. */
 gboolean cbt_rpc_listen_unix(CbtRpc *rpc, const char *path, gboolean pretty, GError **error);
-/* Stop listening and drop every client (the socket files are unlinked). */
+/* Stop listening and drop every client (the socket files are unlinked). Output not yet written
+ * is lost: call cbt_rpc_flush() first for a clean exit. */
 void cbt_rpc_close_all(CbtRpc *rpc);
+
+/* Run the main context until every queued event has been delivered and every reply and event
+ * has been written to its client (or the client has gone), at most @timeout_ms. For a clean
+ * exit after `quit`; never call it from inside a handler. */
+void cbt_rpc_flush(CbtRpc *rpc, guint timeout_ms);
 
 /* Validate @args (may be NULL) for @command and run it outside any monitor: the command line
  * uses this so options and QMP share one path. With @keyval, string values are converted to the
@@ -85,5 +91,19 @@ void cbt_rpc_emit_event(CbtRpc *rpc, const char *name, JsonObject *data);
 
 /* Helpers for handlers. */
 JsonNode *cbt_rpc_empty_return(void);
+
+/* A node the writer prints as the unsigned integer @value, exact above G_MAXINT64 (json-glib
+ * has only gint64; see rpc/rpc-private.h for the form). Use it to return uint64 data.
+ * Checked arguments of schema types uint64/size arrive as int nodes holding the 64-bit
+ * pattern: read them with (guint64)json_node_get_int(). */
+JsonNode *cbt_rpc_uint_new(guint64 value);
+
+/* Parse exactly one JSON value as the monitor does (QEMU's extensions and error texts: single
+ * quotes, "JSON parse error, ..."). @len -1: @text is NUL-terminated. */
+JsonNode *cbt_rpc_json_parse(const char *text, gssize len, GError **error);
+
+/* @node as QMP prints it: ASCII only, ", "/": " separators; @pretty: 4-space indent, "\r\n"
+ * line ends. No trailing line end. */
+char *cbt_rpc_json_to_string(JsonNode *node, gboolean pretty);
 
 G_END_DECLS

@@ -1,4 +1,4 @@
 #pragma once
 
-/* The merged schema (schemas/*.json), generated at build time. */
+/* The merged schema (the JSON files of schemas/), generated at build time. */
 extern const char cbt_schema_json[];

@@ -3,8 +3,10 @@
 
 Usage: gen-schema.py OUT.c OUT.md SCHEMA.json...
 
-The check here is structural (every referenced type exists, no name twice, every union branch
-names a struct); the runtime validator in rpc/ trusts it.
+The check here is structural (every referenced type exists, no name twice, a union's
+discriminator is a required enum member of its base and its branches are structs named by
+values of that enum, an alternate has at most one branch per JSON type, no member twice); the
+runtime validator in rpc/ trusts it.
 """
 import json
 import sys
@@ -70,6 +72,78 @@ def check(entities):
                 need(t, '%s branch %s' % (where, case))
         if k == 'command' and 'returns' in ent:
             need(ent['returns'], where + ' returns')
+    check_shapes(entities, {e[kind_of(e)]: e for e in entities
+                            if kind_of(e) not in ('command', 'event')})
+
+
+def json_kind(t, named):
+    """The JSON type a value of schema type @t has (for alternate branches)."""
+    if isinstance(t, list):
+        return 'array'
+    if t in BUILTINS:
+        return {'str': 'string', 'bool': 'boolean', 'null': 'null', 'any': 'any'}.get(t, 'number')
+    k = kind_of(named[t])
+    return {'enum': 'string', 'struct': 'object', 'union': 'object'}.get(k, k)
+
+
+def flat_members(data, named, where):
+    """Member name -> (optional, type) of inline members or a named struct (with its bases)."""
+    if isinstance(data, str):
+        ent = named[data]
+        if kind_of(ent) != 'struct':
+            raise SystemExit('schema: %s: %s is not a struct' % (where, data))
+        out = flat_members(ent['base'], named, where) if 'base' in ent else {}
+        own = flat_members(ent.get('data', {}), named, where)
+    else:
+        out, own = {}, {m.lstrip('*'): (m.startswith('*'), member_type(spec))
+                        for m, spec in data.items()}
+        if len(own) != len(data):
+            raise SystemExit('schema: %s: a member is listed twice' % where)
+    for m in own:
+        if m in out:
+            raise SystemExit('schema: %s: member %s is also in the base' % (where, m))
+    out.update(own)
+    return out
+
+
+def check_shapes(entities, named):
+    for ent in entities:
+        k = kind_of(ent)
+        where = '%s %s' % (k, ent[k])
+        if k == 'struct':
+            flat_members(ent[k], named, where)
+        elif k == 'union':
+            base = flat_members(ent['base'], named, where)
+            tag = base.get(ent.get('discriminator'))
+            if not tag or tag[0] or isinstance(tag[1], list) or tag[1] in BUILTINS or \
+                    kind_of(named[tag[1]]) != 'enum':
+                raise SystemExit('schema: %s: discriminator must be a required enum member of '
+                                 'the base' % where)
+            values = named[tag[1]]['data']
+            for case, t in ent['data'].items():
+                if case not in values:
+                    raise SystemExit('schema: %s: branch %s is not a value of %s'
+                                     % (where, case, tag[1]))
+                branch = flat_members(t, named, '%s branch %s' % (where, case))
+                clash = set(branch) & set(base)
+                if clash:
+                    raise SystemExit('schema: %s branch %s repeats %s' % (where, case, clash))
+        elif k == 'alternate':
+            seen = {}
+            for case, t in ent['data'].items():
+                kind = json_kind(t, named)
+                if kind in seen or kind == 'any':
+                    raise SystemExit('schema: %s: branches %s and %s cannot be told apart'
+                                     % (where, seen.get(kind, case), case))
+                seen[kind] = case
+        elif k in ('command', 'event') and isinstance(ent.get('data'), str):
+            target = named[ent['data']]
+            if kind_of(target) not in ('struct', 'union'):
+                raise SystemExit('schema: %s: data must name a struct or union' % where)
+            if kind_of(target) == 'union' and not ent.get('boxed') and k == 'command':
+                raise SystemExit('schema: %s: a union as arguments needs "boxed": true' % where)
+        elif k in ('command', 'event') and 'data' in ent:
+            flat_members(ent['data'], named, where)
 
 
 def fmt_type(t):
