@@ -61,9 +61,9 @@ void cbt_bitmap_merge(CbtBitmap *dst, const CbtBitmap *src);
 CbtBitmap *cbt_bitmap_copy(const CbtBitmap *bm);
 
 /* QEMU's serialization: the bits as little-endian 64-bit words, chunk i is bit (i % 8) of byte
- * (i / 8), padded with zero bits to a multiple of 8 bytes. Calls @fn with consecutive pieces of
- * that byte stream (so a 1 PiB bitmap never needs a flat buffer); all-zero stretches may be
- * passed as @data == NULL with their length. */
+ * (i / 8), padded with zero bits to a multiple of 8 bytes, at least one word (as QEMU). Calls
+ * @fn with consecutive pieces of that byte stream (so a 1 PiB bitmap never needs a flat buffer);
+ * all-zero stretches may be passed as @data == NULL with their length. */
 typedef void (*CbtBitmapSerializeFunc)(const guint8 *data, gsize len, gpointer user_data);
 void cbt_bitmap_serialize(const CbtBitmap *bm, CbtBitmapSerializeFunc fn, gpointer user_data);
 /* SHA-256 (lower-case hex, transfer full) of that serialization, as
