@@ -1,0 +1,444 @@
+/* nbd/export.c — the export registry: creation with qsd's checks, deletion (safe/hard), clients
+ * attaching and leaving, and BLOCK_EXPORT_DELETED once an export is really gone.
+ *
+ * Lifetime: the registry holds one reference per export; every attached connection and every
+ * meta-context selection holds another. An export is "deleted" (event emitted, node released,
+ * id reusable) on the main thread when it is shutting down and its last client has detached.
+ */
+#include "nbd/nbd-internal.h"
+
+#include <errno.h>
+
+static GPtrArray *exports; /* CbtNbdExport, creation order; under cbt_nbd_lock */
+static CbtRpc *nbd_rpc;
+static CbtNbdBitmapLookup bitmap_lookup;
+static CbtNbdBitmapRelease bitmap_release;
+
+void
+cbt_nbd_export_set_rpc(CbtRpc *rpc)
+{
+  nbd_rpc = rpc;
+}
+
+void
+cbt_nbd_set_bitmap_hooks(CbtNbdBitmapLookup lookup, CbtNbdBitmapRelease release)
+{
+  bitmap_lookup = lookup;
+  bitmap_release = release;
+}
+
+static void
+export_bitmap_free(gpointer p)
+{
+  CbtNbdExportBitmap *eb = p;
+  if (eb->bm && bitmap_release)
+    bitmap_release(eb->bm);
+  g_free(eb->name);
+  g_free(eb);
+}
+
+CbtNbdExport *
+cbt_nbd_export_ref(CbtNbdExport *exp)
+{
+  g_atomic_ref_count_inc(&exp->ref);
+  return exp;
+}
+
+void
+cbt_nbd_export_unref(CbtNbdExport *exp)
+{
+  if (!exp || !g_atomic_ref_count_dec(&exp->ref))
+    return;
+  g_ptr_array_unref(exp->conns);
+  g_clear_pointer(&exp->bitmaps, g_ptr_array_unref);
+  g_free(exp->id);
+  g_free(exp->name);
+  g_free(exp->description);
+  g_free(exp);
+}
+
+/* The same rule as node names and QEMU ids: a letter, then letters, digits, '-', '.', '_'. */
+static gboolean
+id_wellformed(const char *id)
+{
+  if (!g_ascii_isalpha(id[0]))
+    return FALSE;
+  for (const char *p = id + 1; *p; p++) {
+    if (!g_ascii_isalnum(*p) && *p != '-' && *p != '.' && *p != '_')
+      return FALSE;
+  }
+  return TRUE;
+}
+
+/* Called with cbt_nbd_lock held. */
+static CbtNbdExport *
+find_id_locked(const char *id)
+{
+  for (guint i = 0; exports && i < exports->len; i++) {
+    CbtNbdExport *exp = g_ptr_array_index(exports, i);
+    if (!exp->deleted && strcmp(exp->id, id) == 0)
+      return exp;
+  }
+  return NULL;
+}
+
+/* Called with cbt_nbd_lock held. */
+static CbtNbdExport *
+find_name_locked(const char *name)
+{
+  for (guint i = 0; exports && i < exports->len; i++) {
+    CbtNbdExport *exp = g_ptr_array_index(exports, i);
+    if (!exp->shutting_down && strcmp(exp->name, name) == 0)
+      return exp;
+  }
+  return NULL;
+}
+
+CbtNbdExport *
+cbt_nbd_export_find_name(const char *name)
+{
+  g_mutex_lock(&cbt_nbd_lock);
+  CbtNbdExport *exp = find_name_locked(name);
+  if (exp)
+    cbt_nbd_export_ref(exp);
+  g_mutex_unlock(&cbt_nbd_lock);
+  return exp;
+}
+
+GPtrArray *
+cbt_nbd_export_list(void)
+{
+  GPtrArray *out = g_ptr_array_new_with_free_func(g_free);
+
+  g_mutex_lock(&cbt_nbd_lock);
+  for (guint i = 0; exports && i < exports->len; i++) {
+    CbtNbdExport *exp = g_ptr_array_index(exports, i);
+    if (exp->shutting_down)
+      continue;
+    g_ptr_array_add(out, g_strdup(exp->name));
+    g_ptr_array_add(out, g_strdup(exp->description ? exp->description : ""));
+  }
+  g_mutex_unlock(&cbt_nbd_lock);
+  return out;
+}
+
+GPtrArray *
+cbt_nbd_export_query(void)
+{
+  GPtrArray *out = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_nbd_export_unref);
+
+  g_mutex_lock(&cbt_nbd_lock);
+  for (guint i = exports ? exports->len : 0; i > 0; i--) {
+    CbtNbdExport *exp = g_ptr_array_index(exports, i - 1);
+    if (!exp->deleted)
+      g_ptr_array_add(out, cbt_nbd_export_ref(exp));
+  }
+  g_mutex_unlock(&cbt_nbd_lock);
+  return out;
+}
+
+guint16
+cbt_nbd_export_eflags(CbtNbdExport *exp, gboolean structured)
+{
+  guint16 f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_CACHE;
+
+  if (structured)
+    f |= NBD_FLAG_SEND_DF;
+  if (exp->multi_conn)
+    f |= NBD_FLAG_CAN_MULTI_CONN;
+  if (exp->writable)
+    f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
+  else
+    f |= NBD_FLAG_READ_ONLY;
+  return f;
+}
+
+/* Main thread: the export is gone for good. */
+static void
+export_finalize(CbtNbdExport *exp)
+{
+  g_mutex_lock(&cbt_nbd_lock);
+  if (exp->deleted || exp->conns->len > 0) {
+    g_mutex_unlock(&cbt_nbd_lock);
+    return;
+  }
+  exp->deleted = TRUE;
+  g_ptr_array_remove(exports, exp); /* drops the registry's reference later, below */
+  g_mutex_unlock(&cbt_nbd_lock);
+
+  /* Handshaking clients may still hold @exp and read its names: keep the array, give the
+   * bitmaps back. */
+  for (guint i = 0; i < exp->bitmaps->len; i++) {
+    CbtNbdExportBitmap *eb = g_ptr_array_index(exp->bitmaps, i);
+    if (eb->bm && bitmap_release)
+      bitmap_release(eb->bm);
+    eb->bm = NULL;
+  }
+  if (exp->writable)
+    cbt_blockdev_release_write(exp->bd);
+  cbt_blockdev_remove_user(exp->bd);
+  g_clear_pointer(&exp->bd, cbt_blockdev_unref);
+  if (nbd_rpc) {
+    JsonObject *data = json_object_new();
+    json_object_set_string_member(data, "id", exp->id);
+    cbt_rpc_emit_event(nbd_rpc, "BLOCK_EXPORT_DELETED", data);
+  }
+  g_debug("export '%s' deleted", exp->id);
+  cbt_nbd_export_unref(exp);
+}
+
+static gboolean
+finalize_idle(gpointer data)
+{
+  export_finalize(data);
+  return G_SOURCE_REMOVE;
+}
+
+gboolean
+cbt_nbd_export_attach(CbtNbdExport *exp, CbtNbdConn *conn)
+{
+  gboolean ok;
+
+  g_mutex_lock(&cbt_nbd_lock);
+  ok = !exp->shutting_down && !conn->closing;
+  if (ok)
+    g_ptr_array_add(exp->conns, conn);
+  g_mutex_unlock(&cbt_nbd_lock);
+  return ok;
+}
+
+void
+cbt_nbd_export_detach(CbtNbdExport *exp, CbtNbdConn *conn)
+{
+  gboolean last;
+
+  g_mutex_lock(&cbt_nbd_lock);
+  g_ptr_array_remove(exp->conns, conn);
+  last = exp->shutting_down && !exp->deleted && exp->conns->len == 0;
+  g_mutex_unlock(&cbt_nbd_lock);
+  if (last)
+    g_idle_add_full(G_PRIORITY_DEFAULT, finalize_idle, cbt_nbd_export_ref(exp),
+                    (GDestroyNotify)cbt_nbd_export_unref);
+}
+
+/* Called with cbt_nbd_lock held: no new clients, and the attached ones are told to leave. */
+static void
+begin_shutdown_locked(CbtNbdExport *exp)
+{
+  exp->shutting_down = TRUE;
+  for (guint i = 0; i < exp->conns->len; i++)
+    cbt_nbd_conn_kick_locked(g_ptr_array_index(exp->conns, i));
+}
+
+/* Resolve the `bitmaps` list; on failure the ones found so far are released with @out. */
+static gboolean
+resolve_bitmaps(const CbtNbdExportOptions *o, CbtBlockdev *bd, GPtrArray *out, GError **error)
+{
+  for (gsize i = 0; i < o->n_bitmaps; i++) {
+    const CbtNbdBitmapRef *ref = &o->bitmaps[i];
+    CbtBlockdev *node = bd;
+
+    if (ref->node) {
+      node = cbt_blockdev_find(ref->node);
+      if (!node) {
+        g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Node '%s' not found", ref->node);
+        return FALSE;
+      }
+    }
+    if (!bitmap_lookup) {
+      if (ref->node)
+        g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Dirty bitmap '%s' not found",
+                    ref->name);
+      else
+        g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Bitmap '%s' is not found",
+                    ref->name);
+      return FALSE;
+    }
+    CbtBitmap *bm = bitmap_lookup(node, ref->node, ref->name, !o->writable, error);
+    if (!bm)
+      return FALSE;
+    /* qsd 7.2 accepts a {node, name} bitmap of another size and maps garbage; refuse it. */
+    if (cbt_bitmap_get_size(bm) != cbt_blockdev_get_size(bd)) {
+      g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
+                  "Bitmap '%s' covers %" G_GUINT64_FORMAT
+                  " bytes but the export's node '%s' has %" G_GUINT64_FORMAT,
+                  ref->name, cbt_bitmap_get_size(bm), cbt_blockdev_get_node_name(bd),
+                  cbt_blockdev_get_size(bd));
+      if (bitmap_release)
+        bitmap_release(bm);
+      return FALSE;
+    }
+    CbtNbdExportBitmap *eb = g_new0(CbtNbdExportBitmap, 1);
+    eb->name = g_strdup(ref->name);
+    eb->bm = bm;
+    g_ptr_array_add(out, eb);
+  }
+  return TRUE;
+}
+
+/* The checks of qsd 7.2's block-export-add that come before the NBD driver runs, in its order. */
+static CbtBlockdev *
+check_common(const CbtNbdExportOptions *o, GError **error)
+{
+  if (!id_wellformed(o->id)) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Invalid block export id");
+    return NULL;
+  }
+  g_mutex_lock(&cbt_nbd_lock);
+  gboolean used = find_id_locked(o->id) != NULL;
+  g_mutex_unlock(&cbt_nbd_lock);
+  if (used) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
+                "Block export id '%s' is already in use", o->id);
+    return NULL;
+  }
+  CbtBlockdev *bd = cbt_blockdev_find(o->node_name);
+  if (!bd) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
+                "Cannot find device='' nor node-name='%s'", o->node_name);
+    return NULL;
+  }
+  if (o->writable && cbt_blockdev_is_read_only(bd)) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
+                "Cannot export read-only node as writable");
+    return NULL;
+  }
+  if (o->iothread) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "iothread \"%s\" not found",
+                o->iothread);
+    return NULL;
+  }
+  if (!cbt_nbd_server_running()) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "NBD server not running");
+    return NULL;
+  }
+  return bd;
+}
+
+static gboolean
+check_nbd(const CbtNbdExportOptions *o, const char *name, GError **error)
+{
+  if (strlen(name) > NBD_MAX_STRING) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "export name '%s' too long", name);
+    return FALSE;
+  }
+  if (o->description && strlen(o->description) > NBD_MAX_STRING) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "description '%s' too long",
+                o->description);
+    return FALSE;
+  }
+  g_mutex_lock(&cbt_nbd_lock);
+  gboolean dup = find_name_locked(name) != NULL;
+  g_mutex_unlock(&cbt_nbd_lock);
+  if (dup) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
+                "NBD server already has export named '%s'", name);
+    return FALSE;
+  }
+  return TRUE;
+}
+
+static CbtNbdExport *
+export_new(const CbtNbdExportOptions *o, const char *name, CbtBlockdev *bd)
+{
+  CbtNbdExport *exp = g_new0(CbtNbdExport, 1);
+  guint64 fd_offset;
+
+  g_atomic_ref_count_init(&exp->ref);
+  exp->id = g_strdup(o->id);
+  exp->name = g_strdup(name);
+  exp->description = g_strdup(o->description);
+  exp->writable = o->writable;
+  exp->writethrough = o->writethrough;
+  exp->allocation_depth = o->allocation_depth;
+  exp->min_block = MAX(cbt_blockdev_get_min_io(bd), 1u);
+  exp->pref_block = MAX(exp->min_block, 4096u);
+  exp->max_payload = CBT_NBD_MAX_PAYLOAD;
+  /* Advertise only whole minimum blocks (nbd-server.md §12). */
+  exp->size = cbt_blockdev_get_size(bd) / exp->min_block * exp->min_block;
+  /* One backend fd (one page cache) serves every connection, so a flush on one covers writes
+   * acknowledged on the others. A single-connection server gains nothing by advertising it. */
+  exp->multi_conn = (!o->writable || cbt_blockdev_get_data_fd(bd, &fd_offset) >= 0)
+                    && cbt_nbd_server_max_connections() != 1;
+  exp->conns = g_ptr_array_new();
+  return exp;
+}
+
+gboolean
+cbt_nbd_export_add(const CbtNbdExportOptions *o, GError **error)
+{
+  CbtBlockdev *bd = check_common(o, error);
+  if (!bd)
+    return FALSE;
+  const char *name = o->name ? o->name : o->node_name;
+  if (!check_nbd(o, name, error))
+    return FALSE;
+
+  g_autoptr(GPtrArray) bitmaps = g_ptr_array_new_with_free_func(export_bitmap_free);
+  if (!resolve_bitmaps(o, bd, bitmaps, error))
+    return FALSE;
+  if (o->writable && !cbt_blockdev_acquire_write(bd, error))
+    return FALSE;
+
+  CbtNbdExport *exp = export_new(o, name, bd);
+  exp->bd = cbt_blockdev_ref(bd);
+  exp->bitmaps = g_steal_pointer(&bitmaps);
+  cbt_blockdev_add_user(bd);
+
+  g_mutex_lock(&cbt_nbd_lock);
+  if (!exports)
+    exports = g_ptr_array_new();
+  g_ptr_array_add(exports, exp);
+  g_mutex_unlock(&cbt_nbd_lock);
+  g_debug("export '%s' (name '%s', node '%s', %s) added", exp->id, exp->name, o->node_name,
+          exp->writable ? "writable" : "read-only");
+  return TRUE;
+}
+
+gboolean
+cbt_nbd_export_del(const char *id, gboolean hard, GError **error)
+{
+  g_mutex_lock(&cbt_nbd_lock);
+  CbtNbdExport *exp = find_id_locked(id);
+  g_autofree char *fail = NULL;
+
+  if (!exp)
+    fail = g_strdup_printf("Export '%s' is not found", id);
+  else if (exp->shutting_down)
+    fail = g_strdup_printf("Export '%s' is already shutting down", id);
+  else if (!hard && exp->conns->len > 0)
+    fail = g_strdup_printf("export '%s' still in use", id);
+  if (fail) {
+    g_mutex_unlock(&cbt_nbd_lock);
+    g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, fail);
+    return FALSE;
+  }
+  cbt_nbd_export_ref(exp);
+  begin_shutdown_locked(exp);
+  g_mutex_unlock(&cbt_nbd_lock);
+
+  export_finalize(exp); /* at once when idle; otherwise when the last client detaches */
+  cbt_nbd_export_unref(exp);
+  return TRUE;
+}
+
+void
+cbt_nbd_export_shutdown_all(gboolean wait_for_clients)
+{
+  g_autoptr(GPtrArray) all = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_nbd_export_unref);
+
+  g_mutex_lock(&cbt_nbd_lock);
+  for (guint i = 0; exports && i < exports->len; i++) {
+    CbtNbdExport *exp = g_ptr_array_index(exports, i);
+    if (!exp->shutting_down)
+      begin_shutdown_locked(exp);
+    g_ptr_array_add(all, cbt_nbd_export_ref(exp));
+  }
+  g_mutex_unlock(&cbt_nbd_lock);
+
+  /* Clients were kicked; their threads leave within milliseconds unless stuck in backend I/O.
+   * Waiting a little keeps the events in creation order in the common case. */
+  cbt_nbd_server_wait_idle(wait_for_clients ? 10 * G_USEC_PER_SEC : G_USEC_PER_SEC / 2);
+  for (guint i = 0; i < all->len; i++)
+    export_finalize(g_ptr_array_index(all, i));
+}

@@ -1,0 +1,234 @@
+/* nbd/server.c — the listener and the connection threads.
+ *
+ * The main thread accepts (a GSource on the non-blocking listening socket) and starts one thread
+ * per client. A thread owns its CbtNbdConn: handshake, transmission, then cleanup. Other threads
+ * only shutdown() its socket (under cbt_nbd_lock) to make it leave. With max-connections set,
+ * the listener stops accepting at the limit, so further clients wait in the backlog (as qsd).
+ */
+#include "nbd/nbd-internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <glib-unix.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+GMutex cbt_nbd_lock;
+
+static struct {
+  gboolean running;
+  int listen_fd;
+  gboolean is_inet;
+  guint32 max_conn;
+  guint source_id;  /* main thread only */
+  GPtrArray *conns; /* every live connection; under cbt_nbd_lock */
+  guint n_threads;  /* under cbt_nbd_lock */
+  guint n_current;  /* connections of the running server; under cbt_nbd_lock */
+  GCond idle;
+  guint handshake_ms;
+} srv = { .listen_fd = -1, .handshake_ms = 10000 };
+
+static gboolean on_accept(gint fd, GIOCondition cond, gpointer data);
+
+gboolean
+cbt_nbd_server_running(void)
+{
+  return srv.running;
+}
+
+guint32
+cbt_nbd_server_max_connections(void)
+{
+  return srv.max_conn;
+}
+
+void
+cbt_nbd_set_handshake_timeout(guint ms)
+{
+  srv.handshake_ms = ms;
+}
+
+gint64
+cbt_nbd_handshake_timeout_us(void)
+{
+  return (gint64)srv.handshake_ms * 1000;
+}
+
+void
+cbt_nbd_conn_kick_locked(CbtNbdConn *conn)
+{
+  conn->closing = TRUE;
+  shutdown(conn->fd, SHUT_RDWR);
+}
+
+static void
+conn_free(CbtNbdConn *conn)
+{
+  if (conn->exp) {
+    cbt_nbd_export_detach(conn->exp, conn);
+    cbt_nbd_export_unref(conn->exp);
+  }
+  if (conn->meta_exp)
+    cbt_nbd_export_unref(conn->meta_exp);
+  if (conn->meta)
+    g_array_unref(conn->meta);
+  close(conn->fd);
+  g_free(conn);
+}
+
+static gboolean
+rearm_idle(gpointer data)
+{
+  g_mutex_lock(&cbt_nbd_lock);
+  gboolean below = srv.max_conn == 0 || srv.n_current < srv.max_conn;
+  g_mutex_unlock(&cbt_nbd_lock);
+  if (srv.running && !srv.source_id && below)
+    srv.source_id = g_unix_fd_add(srv.listen_fd, G_IO_IN, on_accept, NULL);
+  return G_SOURCE_REMOVE;
+}
+
+static gpointer
+conn_thread(gpointer data)
+{
+  CbtNbdConn *conn = data;
+  gboolean current;
+
+  if (cbt_nbd_handshake(conn))
+    cbt_nbd_transmit(conn);
+
+  g_mutex_lock(&cbt_nbd_lock);
+  current = g_ptr_array_remove(srv.conns, conn) && !conn->closing;
+  g_mutex_unlock(&cbt_nbd_lock);
+  conn_free(conn);
+
+  g_mutex_lock(&cbt_nbd_lock);
+  if (current && srv.n_current > 0)
+    srv.n_current--;
+  srv.n_threads--;
+  g_cond_broadcast(&srv.idle);
+  g_mutex_unlock(&cbt_nbd_lock);
+  if (current && srv.max_conn)
+    g_idle_add(rearm_idle, NULL);
+  return NULL;
+}
+
+static void
+start_conn(int fd)
+{
+  CbtNbdConn *conn = g_new0(CbtNbdConn, 1);
+  g_autoptr(GError) error = NULL;
+  int one = 1;
+
+  conn->fd = fd;
+  conn->is_inet = srv.is_inet;
+  if (conn->is_inet)
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  conn->deadline = g_get_monotonic_time() + cbt_nbd_handshake_timeout_us();
+  /* A client that stops reading cannot hold its handshake thread past the deadline either. */
+  struct timeval tv
+      = { .tv_sec = srv.handshake_ms / 1000, .tv_usec = srv.handshake_ms % 1000 * 1000 };
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+
+  g_mutex_lock(&cbt_nbd_lock);
+  g_ptr_array_add(srv.conns, conn);
+  srv.n_threads++;
+  srv.n_current++;
+  g_mutex_unlock(&cbt_nbd_lock);
+
+  GThread *t = g_thread_try_new("nbd-conn", conn_thread, conn, &error);
+  if (!t) {
+    g_warning("cannot start a thread for an NBD client: %s", error->message);
+    g_mutex_lock(&cbt_nbd_lock);
+    g_ptr_array_remove(srv.conns, conn);
+    srv.n_threads--;
+    srv.n_current--;
+    g_mutex_unlock(&cbt_nbd_lock);
+    conn_free(conn);
+    return;
+  }
+  g_thread_unref(t);
+}
+
+static gboolean
+on_accept(gint fd, GIOCondition cond, gpointer data)
+{
+  int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+
+  if (cfd < 0) {
+    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
+      g_warning("NBD accept failed: %s", g_strerror(errno));
+    return G_SOURCE_CONTINUE;
+  }
+  start_conn(cfd);
+
+  g_mutex_lock(&cbt_nbd_lock);
+  gboolean full = srv.max_conn && srv.n_current >= srv.max_conn;
+  g_mutex_unlock(&cbt_nbd_lock);
+  if (full) {
+    srv.source_id = 0;
+    return G_SOURCE_REMOVE;
+  }
+  return G_SOURCE_CONTINUE;
+}
+
+gboolean
+cbt_nbd_server_listen(const char *what, int fd, gboolean is_inet, guint32 max_conn, GError **error)
+{
+  const char *env = g_getenv("CBTD_NBD_HANDSHAKE_TIMEOUT_MS");
+
+  if (env && *env)
+    srv.handshake_ms = (guint)g_ascii_strtoull(env, NULL, 10);
+  if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Cannot use socket: %s",
+                g_strerror(errno));
+    return FALSE;
+  }
+  fcntl(fd, F_SETFD, FD_CLOEXEC);
+  g_mutex_lock(&cbt_nbd_lock);
+  if (!srv.conns)
+    srv.conns = g_ptr_array_new();
+  srv.n_current = 0;
+  g_mutex_unlock(&cbt_nbd_lock);
+  srv.listen_fd = fd;
+  srv.is_inet = is_inet;
+  srv.max_conn = max_conn;
+  srv.running = TRUE;
+  srv.source_id = g_unix_fd_add(fd, G_IO_IN, on_accept, NULL);
+  g_debug("NBD server listening on %s", what);
+  return TRUE;
+}
+
+void
+cbt_nbd_server_stop_listening(void)
+{
+  if (!srv.running)
+    return;
+  srv.running = FALSE;
+  if (srv.source_id)
+    g_source_remove(srv.source_id);
+  srv.source_id = 0;
+  close(srv.listen_fd);
+  srv.listen_fd = -1;
+
+  g_mutex_lock(&cbt_nbd_lock);
+  for (guint i = 0; i < srv.conns->len; i++)
+    cbt_nbd_conn_kick_locked(g_ptr_array_index(srv.conns, i));
+  srv.n_current = 0;
+  g_mutex_unlock(&cbt_nbd_lock);
+}
+
+void
+cbt_nbd_server_wait_idle(gint64 timeout_us)
+{
+  gint64 end = g_get_monotonic_time() + timeout_us;
+
+  g_mutex_lock(&cbt_nbd_lock);
+  while (srv.n_threads > 0) {
+    if (!g_cond_wait_until(&srv.idle, &cbt_nbd_lock, end))
+      break;
+  }
+  g_mutex_unlock(&cbt_nbd_lock);
+}
