@@ -1,0 +1,208 @@
+/* blockdev/dirty-bitmap-table.c — which named bitmaps each node has: lookup, attach/detach with
+ * tracking, the query-named-block-nodes member, cleanup when a node goes away, and the NBD
+ * export hooks that hold a bitmap busy while it is published.
+ *
+ * The table is a side table keyed by node rather than a field of the node, so blockdev/'s core
+ * knows bitmaps only as CbtBitmap pointers to mark (see blockdev.h).
+ */
+#include "blockdev/dirty-bitmap-cmds-private.h"
+
+/* CbtBlockdev * -> GPtrArray of CbtDirtyBitmap * (owned), oldest first. */
+static GHashTable *node_bitmaps;
+
+/* An export's hold on a bitmap: CbtBitmap * -> ExportHold. */
+typedef struct {
+  CbtBlockdev *bd; /* referenced, and a user while held */
+  CbtDirtyBitmap *dbm;
+  guint holds;     /* successful lookups not yet released */
+} ExportHold;
+static GHashTable *export_holds;
+
+static GPtrArray *
+bitmaps_of(CbtBlockdev *bd, gboolean create)
+{
+  if (!node_bitmaps)
+    node_bitmaps = g_hash_table_new_full(NULL, NULL, NULL, (GDestroyNotify)g_ptr_array_unref);
+  GPtrArray *arr = g_hash_table_lookup(node_bitmaps, bd);
+  if (!arr && create) {
+    arr = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_dirty_bitmap_free);
+    g_hash_table_insert(node_bitmaps, bd, arr);
+  }
+  return arr;
+}
+
+CbtDirtyBitmap *
+cbt_blockdev_bitmap_find(CbtBlockdev *bd, const char *name)
+{
+  GPtrArray *arr = bitmaps_of(bd, FALSE);
+
+  for (guint i = 0; arr && i < arr->len; i++) {
+    CbtDirtyBitmap *dbm = g_ptr_array_index(arr, i);
+    if (g_strcmp0(cbt_dirty_bitmap_get_name(dbm), name) == 0)
+      return dbm;
+  }
+  return NULL;
+}
+
+CbtDirtyBitmap *
+cbt_blockdev_bitmap_lookup(const char *node, const char *name, CbtBlockdev **pbd, GError **error)
+{
+  CbtBlockdev *bd = cbt_blockdev_find(node);
+  if (!bd) {
+    cbt_blockdev_bitmap_error(error, "Node '%s' not found", node);
+    return NULL;
+  }
+  CbtDirtyBitmap *dbm = cbt_blockdev_bitmap_find(bd, name);
+  if (!dbm) {
+    cbt_blockdev_bitmap_error(error, "Dirty bitmap '%s' not found", name);
+    return NULL;
+  }
+  if (pbd)
+    *pbd = bd;
+  return dbm;
+}
+
+void
+cbt_blockdev_bitmap_attach(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
+{
+  g_ptr_array_add(bitmaps_of(bd, TRUE), dbm);
+  if (cbt_dirty_bitmap_is_recording(dbm))
+    cbt_blockdev_track_bitmap(bd, cbt_dirty_bitmap_get_bitmap(dbm));
+}
+
+void
+cbt_blockdev_bitmap_detach(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
+{
+  GPtrArray *arr = bitmaps_of(bd, FALSE);
+  guint idx;
+
+  g_return_if_fail(arr && g_ptr_array_find(arr, dbm, &idx));
+  if (cbt_dirty_bitmap_is_recording(dbm))
+    cbt_blockdev_untrack_bitmap(bd, cbt_dirty_bitmap_get_bitmap(dbm));
+  g_ptr_array_steal_index(arr, idx);
+  if (arr->len == 0)
+    g_hash_table_remove(node_bitmaps, bd);
+}
+
+void
+cbt_blockdev_bitmap_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gboolean recording)
+{
+  if (!cbt_dirty_bitmap_is_recording(dbm) == !recording)
+    return;
+  if (recording)
+    cbt_blockdev_track_bitmap(bd, cbt_dirty_bitmap_get_bitmap(dbm));
+  else
+    cbt_blockdev_untrack_bitmap(bd, cbt_dirty_bitmap_get_bitmap(dbm));
+  cbt_dirty_bitmap_set_recording(dbm, recording);
+}
+
+/* query-named-block-nodes: `dirty-bitmaps`, newest first, absent while there are none. */
+static void
+node_info(CbtBlockdev *bd, JsonObject *info)
+{
+  GPtrArray *arr = bitmaps_of(bd, FALSE);
+
+  if (!arr || arr->len == 0)
+    return;
+  JsonArray *list = json_array_sized_new(arr->len);
+  for (guint i = arr->len; i-- > 0;)
+    json_array_add_element(list, cbt_dirty_bitmap_info(g_ptr_array_index(arr, i)));
+  json_object_set_array_member(info, "dirty-bitmaps", list);
+}
+
+/* The node is going away (drained): its bitmaps go with it. An exported bitmap keeps its node
+ * in use, so none should be busy here; if one is, leak it rather than free bits an export may
+ * still read. */
+static void
+node_closing(CbtBlockdev *bd)
+{
+  GPtrArray *arr = bitmaps_of(bd, FALSE);
+
+  while (arr && arr->len) {
+    CbtDirtyBitmap *dbm = g_ptr_array_index(arr, arr->len - 1);
+    gboolean busy = cbt_dirty_bitmap_is_busy(dbm);
+
+    if (busy)
+      g_critical("node '%s' closed while its bitmap '%s' is busy",
+                 cbt_blockdev_get_node_name(bd), cbt_dirty_bitmap_get_name(dbm));
+    gboolean last = arr->len == 1;
+    cbt_blockdev_bitmap_detach(bd, dbm);
+    if (!busy)
+      cbt_dirty_bitmap_free(dbm);
+    if (last)
+      break;
+  }
+}
+
+void
+cbt_blockdev_bitmap_install_hooks(void)
+{
+  static const CbtBlockdevHooks hooks = {
+    .node_info = node_info,
+    .node_closing = node_closing,
+  };
+  cbt_blockdev_set_hooks(&hooks);
+}
+
+/* qsd's rules for one entry of an export's `bitmaps` (qmp-surface.md §4), plus the recording
+ * check for the {node, name} form that 7.2 skips. */
+static gboolean
+check_exportable(CbtBlockdev *node, const char *node_name, CbtDirtyBitmap *dbm, const char *name,
+                 gboolean readonly_export, GError **error)
+{
+  if (!dbm) {
+    if (node_name)
+      cbt_blockdev_bitmap_error(error, "Dirty bitmap '%s' not found", name);
+    else
+      cbt_blockdev_bitmap_error(error, "Bitmap '%s' is not found", name);
+    return FALSE;
+  }
+  /* A recording bitmap on a read-only export of a writable node would go on changing under a
+   * client that believes it is looking at a frozen point in time. */
+  if (readonly_export && cbt_dirty_bitmap_is_recording(dbm) && !cbt_blockdev_is_read_only(node)) {
+    cbt_blockdev_bitmap_error(error, "Enabled bitmap '%s' incompatible with readonly export", name);
+    return FALSE;
+  }
+  return cbt_dirty_bitmap_check(dbm, CBT_DIRTY_BITMAP_CHECK_ALLOW_RO, error);
+}
+
+CbtBitmap *
+cbt_blockdev_dirty_bitmap_export_lookup(CbtBlockdev *node, const char *node_name,
+                                        const char *name, gboolean readonly_export,
+                                        GError **error)
+{
+  /* qsd also descends filter and backing children for a plain name; cbtd's nodes have neither
+   * (raw's file child is not searched, as in qsd). */
+  CbtDirtyBitmap *dbm = cbt_blockdev_bitmap_find(node, name);
+
+  if (!check_exportable(node, node_name, dbm, name, readonly_export, error))
+    return NULL;
+  CbtBitmap *bm = cbt_dirty_bitmap_get_bitmap(dbm);
+  if (!export_holds)
+    export_holds = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+  ExportHold *hold = g_hash_table_lookup(export_holds, bm);
+  if (!hold) {
+    hold = g_new0(ExportHold, 1);
+    hold->bd = cbt_blockdev_ref(node);
+    hold->dbm = dbm;
+    g_hash_table_insert(export_holds, bm, hold);
+  }
+  hold->holds++;
+  cbt_dirty_bitmap_busy_ref(dbm);
+  cbt_blockdev_add_user(node);
+  return bm;
+}
+
+void
+cbt_blockdev_dirty_bitmap_export_release(CbtBitmap *bm)
+{
+  ExportHold *hold = export_holds ? g_hash_table_lookup(export_holds, bm) : NULL;
+
+  g_return_if_fail(hold != NULL);
+  cbt_dirty_bitmap_busy_unref(hold->dbm);
+  cbt_blockdev_remove_user(hold->bd);
+  if (--hold->holds == 0) {
+    cbt_blockdev_unref(hold->bd);
+    g_hash_table_remove(export_holds, bm);
+  }
+}

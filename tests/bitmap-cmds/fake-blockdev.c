@@ -1,0 +1,230 @@
+/* tests/bitmap-cmds/fake-blockdev.c — test doubles for the unit test of the bitmap commands:
+ * the parts of blockdev.h the bitmap layer calls, and a registry standing in for rpc/'s
+ * cbt_rpc_register(). The doubles enforce blockdev.h's contract (tracking changes only while
+ * drained, balanced drains, users and references) with assertions, so a contract breach in the
+ * bitmap layer fails the test. */
+#include "fake-blockdev.h"
+
+struct CbtBlockdev {
+  char *name;
+  guint64 size;
+  gboolean read_only;
+  int refs;
+  int users;
+  int drained;
+  GPtrArray *tracked; /* CbtBitmap * */
+};
+
+static GHashTable *nodes; /* name -> CbtBlockdev */
+static const CbtBlockdevHooks *hooks;
+static GHashTable *handlers; /* command name -> CbtRpcHandler */
+
+CbtBlockdev *
+fake_blockdev_add(const char *name, guint64 size, gboolean read_only)
+{
+  CbtBlockdev *bd = g_new0(CbtBlockdev, 1);
+
+  if (!nodes)
+    nodes = g_hash_table_new(g_str_hash, g_str_equal);
+  bd->name = g_strdup(name);
+  bd->size = size;
+  bd->read_only = read_only;
+  bd->refs = 1;
+  bd->tracked = g_ptr_array_new();
+  g_hash_table_insert(nodes, bd->name, bd);
+  return bd;
+}
+
+gboolean
+fake_blockdev_del(const char *name)
+{
+  CbtBlockdev *bd = cbt_blockdev_find(name);
+
+  g_assert_nonnull(bd);
+  if (bd->users)
+    return FALSE;
+  cbt_blockdev_drain_begin(bd);
+  if (hooks && hooks->node_closing)
+    hooks->node_closing(bd);
+  g_assert_cmpuint(bd->tracked->len, ==, 0);
+  cbt_blockdev_drain_end(bd);
+  g_hash_table_remove(nodes, name);
+  cbt_blockdev_unref(bd);
+  return TRUE;
+}
+
+void
+fake_blockdev_write(CbtBlockdev *bd, guint64 offset, guint64 len)
+{
+  g_assert_cmpint(bd->drained, ==, 0);
+  for (guint i = 0; i < bd->tracked->len; i++)
+    cbt_bitmap_mark_range(g_ptr_array_index(bd->tracked, i), offset, len);
+}
+
+guint
+fake_blockdev_tracked(CbtBlockdev *bd)
+{
+  return bd->tracked->len;
+}
+
+int
+fake_blockdev_users(CbtBlockdev *bd)
+{
+  return bd->users;
+}
+
+int
+fake_blockdev_drained(CbtBlockdev *bd)
+{
+  return bd->drained;
+}
+
+JsonObject *
+fake_blockdev_info(CbtBlockdev *bd)
+{
+  JsonObject *info = json_object_new();
+
+  json_object_set_string_member(info, "node-name", bd->name);
+  if (hooks && hooks->node_info)
+    hooks->node_info(bd, info);
+  return info;
+}
+
+void
+fake_blockdev_close_all(void)
+{
+  g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
+  GHashTableIter it;
+  gpointer key;
+
+  if (!nodes)
+    return;
+  g_hash_table_iter_init(&it, nodes);
+  while (g_hash_table_iter_next(&it, &key, NULL))
+    g_ptr_array_add(names, g_strdup(key));
+  for (guint i = 0; i < names->len; i++)
+    g_assert_true(fake_blockdev_del(g_ptr_array_index(names, i)));
+}
+
+/* blockdev.h ------------------------------------------------------------------------------- */
+
+CbtBlockdev *
+cbt_blockdev_find(const char *node_name)
+{
+  return nodes ? g_hash_table_lookup(nodes, node_name) : NULL;
+}
+
+CbtBlockdev *
+cbt_blockdev_ref(CbtBlockdev *bd)
+{
+  bd->refs++;
+  return bd;
+}
+
+void
+cbt_blockdev_unref(CbtBlockdev *bd)
+{
+  g_assert_cmpint(bd->refs, >, 0);
+  if (--bd->refs)
+    return;
+  g_assert_cmpint(bd->drained, ==, 0);
+  g_assert_cmpint(bd->users, ==, 0);
+  g_ptr_array_unref(bd->tracked);
+  g_free(bd->name);
+  g_free(bd);
+}
+
+const char *
+cbt_blockdev_get_node_name(CbtBlockdev *bd)
+{
+  return bd->name;
+}
+
+guint64
+cbt_blockdev_get_size(CbtBlockdev *bd)
+{
+  return bd->size;
+}
+
+gboolean
+cbt_blockdev_is_read_only(CbtBlockdev *bd)
+{
+  return bd->read_only;
+}
+
+void
+cbt_blockdev_add_user(CbtBlockdev *bd)
+{
+  bd->users++;
+}
+
+void
+cbt_blockdev_remove_user(CbtBlockdev *bd)
+{
+  g_assert_cmpint(bd->users, >, 0);
+  bd->users--;
+}
+
+void
+cbt_blockdev_track_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
+{
+  g_assert_cmpint(bd->drained, >, 0);
+  g_assert_false(g_ptr_array_find(bd->tracked, bm, NULL));
+  g_ptr_array_add(bd->tracked, bm);
+}
+
+void
+cbt_blockdev_untrack_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
+{
+  g_assert_cmpint(bd->drained, >, 0);
+  g_assert_true(g_ptr_array_remove(bd->tracked, bm));
+}
+
+void
+cbt_blockdev_set_hooks(const CbtBlockdevHooks *h)
+{
+  hooks = h;
+}
+
+void
+cbt_blockdev_drain_begin(CbtBlockdev *bd)
+{
+  bd->drained++;
+}
+
+void
+cbt_blockdev_drain_end(CbtBlockdev *bd)
+{
+  g_assert_cmpint(bd->drained, >, 0);
+  bd->drained--;
+}
+
+/* rpc.h ------------------------------------------------------------------------------------ */
+
+void
+cbt_rpc_register(CbtRpc *rpc, const CbtRpcCommand *cmds, gsize n, gpointer user_data)
+{
+  if (!handlers)
+    handlers = g_hash_table_new(g_str_hash, g_str_equal);
+  for (gsize i = 0; i < n; i++)
+    g_hash_table_insert(handlers, (gpointer)cmds[i].name, cmds[i].handler);
+}
+
+JsonNode *
+cbt_rpc_empty_return(void)
+{
+  JsonNode *node = json_node_new(JSON_NODE_OBJECT);
+  json_node_take_object(node, json_object_new());
+  return node;
+}
+
+JsonNode *
+fake_rpc_call(const char *command, const char *json_args, GError **error)
+{
+  CbtRpcHandler handler = handlers ? g_hash_table_lookup(handlers, command) : NULL;
+  g_autoptr(JsonNode) args = json_from_string(json_args ? json_args : "{}", NULL);
+
+  g_assert_nonnull(handler);
+  g_assert_nonnull(args);
+  return handler(json_node_get_object(args), NULL, error);
+}
