@@ -4,6 +4,7 @@
  * types, so rpc/ converts the strings when it validates (cbt_rpc_execute with keyval = TRUE).
  */
 #include "daemon/keyval.h"
+#include "rpc/rpc.h"
 
 #include <string.h>
 
@@ -177,15 +178,10 @@ cbtd_keyval_parse(const char *text, const char *implied_key, GError **error)
 JsonObject *
 cbtd_json_object_parse(const char *text, GError **error)
 {
-  g_autoptr(JsonParser) parser = json_parser_new_immutable();
-  g_autoptr(GError) local = NULL;
-
-  if (!json_parser_load_from_data(parser, text, -1, &local)) {
-    g_set_error(error, KEYVAL_ERROR, 0, "JSON parse error, %s", local->message);
+  g_autoptr(JsonNode) root = cbt_rpc_json_parse(text, -1, error);
+  if (!root)
     return NULL;
-  }
-  JsonNode *root = json_parser_get_root(parser);
-  if (!root || !JSON_NODE_HOLDS_OBJECT(root)) {
+  if (!JSON_NODE_HOLDS_OBJECT(root)) {
     g_set_error_literal(error, KEYVAL_ERROR, 0, "Expecting a JSON object");
     return NULL;
   }

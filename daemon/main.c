@@ -13,6 +13,7 @@
 
 #include "cbt-config.h"
 #include "blockdev/blockdev.h"
+#include "blockdev/dirty-bitmap-cmds.h"
 #include "daemon/cbtd.h"
 #include "nbd/nbd.h"
 #include "rpc/rpc.h"
@@ -69,9 +70,9 @@ static void
 shutdown_all(CbtRpc *rpc)
 {
   cbt_nbd_shutdown();
-  /* Deliver the BLOCK_EXPORT_DELETED events the shutdown queued before the monitors close. */
-  while (g_main_context_iteration(NULL, FALSE))
-    ;
+  /* Deliver the replies and BLOCK_EXPORT_DELETED events queued so far before the monitors
+   * close. */
+  cbt_rpc_flush(rpc, 1000);
   cbt_rpc_close_all(rpc);
   cbt_blockdev_close_all();
 }
@@ -102,7 +103,10 @@ main(int argc, char **argv)
   }
   cbt_rpc_register(rpc, daemon_commands, G_N_ELEMENTS(daemon_commands), NULL);
   cbt_blockdev_register_commands(rpc);
+  cbt_blockdev_register_bitmap_commands(rpc);
   cbt_nbd_register_commands(rpc);
+  cbt_nbd_set_bitmap_hooks(cbt_blockdev_dirty_bitmap_export_lookup,
+                           cbt_blockdev_dirty_bitmap_export_release);
   if (!cbt_rpc_check_complete(rpc, &error)) {
     fprintf(stderr, "cbtd: %s\n", error->message);
     cbtd_daemonize_done(EXIT_FAILURE);

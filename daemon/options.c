@@ -12,6 +12,7 @@
 #include "cbt-config.h"
 #include "daemon/cbtd.h"
 #include "daemon/keyval.h"
+#include "nbd/nbd.h"
 
 enum {
   OPT_BLOCKDEV = 256,
@@ -185,7 +186,7 @@ apply_monitor(CbtRpc *rpc, JsonObject *o, GError **error)
   return cbt_rpc_listen_unix(rpc, path, strcmp(pretty, "on") == 0, error);
 }
 
-/* --nbd-server takes the flat SocketAddress; nbd-server-start the legacy {type, data}. */
+/* --nbd-server takes the flat SocketAddress (nbd-server-start the legacy {type, data}). */
 static gboolean
 apply_nbd_server(CbtRpc *rpc, JsonObject *o, gboolean keyval, GError **error)
 {
@@ -193,29 +194,7 @@ apply_nbd_server(CbtRpc *rpc, JsonObject *o, gboolean keyval, GError **error)
   g_autoptr(JsonNode) checked = cbt_rpc_check_type(rpc, "NbdServerOptions", in, keyval, error);
   if (!checked)
     return FALSE;
-
-  JsonObject *opts = json_node_get_object(checked);
-  JsonObject *addr = json_object_get_object_member(opts, "addr");
-  g_autoptr(JsonObject) data = json_object_new();
-  g_autoptr(JsonObject) legacy = json_object_new();
-  g_autoptr(JsonObject) args = json_object_new();
-  g_autoptr(GList) members = json_object_get_members(addr);
-
-  for (GList *l = members; l; l = l->next) {
-    if (strcmp(l->data, "type") != 0)
-      json_object_set_member(data, l->data,
-                             json_node_copy(json_object_get_member(addr, l->data)));
-  }
-  json_object_set_string_member(legacy, "type", json_object_get_string_member(addr, "type"));
-  json_object_set_object_member(legacy, "data", g_steal_pointer(&data));
-  g_autoptr(GList) top = json_object_get_members(opts);
-  for (GList *l = top; l; l = l->next) {
-    if (strcmp(l->data, "addr") != 0)
-      json_object_set_member(args, l->data, json_node_copy(json_object_get_member(opts, l->data)));
-  }
-  json_object_set_object_member(args, "addr", g_steal_pointer(&legacy));
-  g_autoptr(JsonNode) ret = cbt_rpc_execute(rpc, "nbd-server-start", args, FALSE, error);
-  return ret != NULL;
+  return cbt_nbd_server_start_options(json_node_get_object(checked), error);
 }
 
 static gboolean

@@ -152,8 +152,16 @@ def fmt_type(t):
     return '`%s`' % t if t in BUILTINS else '[`%s`](#%s)' % (t, t.lower())
 
 
+TYPES = {}
+
+
 def fmt_members(data, docs):
     if isinstance(data, str):
+        ent = TYPES.get(data)
+        if ent and 'struct' in ent and isinstance(ent.get('data'), dict):
+            inner = dict(ent.get('member-docs', {}))
+            inner.update(docs)
+            return ['Members of %s:' % fmt_type(data), ''] + fmt_members(ent['data'], inner)
         return ['All members of %s.' % fmt_type(data), '']
     if not data:
         return ['No members.', '']
@@ -172,6 +180,10 @@ def fmt_members(data, docs):
 
 
 def markdown(entities):
+    for ent in entities:
+        k = kind_of(ent)
+        if k not in ('command', 'event'):
+            TYPES[ent[k]] = ent
     out = ['# cbtd RPC reference', '',
            'Generated from `schemas/*.json` by `schemas/gen-schema.py`; do not edit by hand '
            '(`make docs` regenerates it, and a test checks it is current).', '',

@@ -104,6 +104,8 @@ class QMP:
             raise ConnectionError('connection closed')
         if 'error' in reply:
             raise QMPError(reply['error']['class'], reply['error']['desc'])
+        if 'return' not in reply:
+            raise AssertionError('unexpected reply to %s: %r' % (name, reply))
         return reply['return']
 
     def error(self, name, args=None, **kwargs):
@@ -151,10 +153,14 @@ class Daemon:
                                      stdout=subprocess.DEVNULL, stderr=self.stderr)
         self.clients = []
         if wait:
-            wait_for(lambda: os.path.exists(self.qmp_path) or self.proc.poll() is not None,
-                     what='QMP socket')
-            if self.proc.poll() is not None:
-                raise RuntimeError('daemon exited: ' + self.stderr_text())
+            try:
+                wait_for(lambda: os.path.exists(self.qmp_path) or self.proc.poll() is not None,
+                         what='QMP socket')
+                if self.proc.poll() is not None:
+                    raise RuntimeError('daemon exited: ' + self.stderr_text())
+            except BaseException:
+                self.stop()
+                raise
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -165,7 +171,18 @@ class Daemon:
             return f.read()
 
     def qmp(self, negotiate=True):
-        c = QMP(self.qmp_path, negotiate=negotiate)
+        # The socket file can appear a moment before the daemon listens on it (qsd binds, then
+        # listens): retry a refused connection briefly. No probe connection is made, because
+        # qsd serves one client at a time and a probe disturbs the next client's greeting.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                c = QMP(self.qmp_path, negotiate=negotiate)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline or not self.alive():
+                    raise
+                time.sleep(0.02)
         self.clients.append(c)
         return c
 
