@@ -82,6 +82,16 @@ int cbt_blockdev_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset);
 void cbt_blockdev_track_bitmap(CbtBlockdev *bd, CbtBitmap *bm);
 void cbt_blockdev_untrack_bitmap(CbtBlockdev *bd, CbtBitmap *bm);
 
+/* Hooks for the named-dirty-bitmap layer (blockdev/dirty-bitmap-cmds.c), main thread only:
+ * node_info adds members (dirty-bitmaps) to the node's query-named-block-nodes entry;
+ * node_closing runs, with the node drained, before a node is deleted or closed, so its bitmaps
+ * are untracked and freed. Either may be NULL. */
+typedef struct {
+  void (*node_info)(CbtBlockdev *bd, JsonObject *info);
+  void (*node_closing)(CbtBlockdev *bd);
+} CbtBlockdevHooks;
+void cbt_blockdev_set_hooks(const CbtBlockdevHooks *hooks);
+
 /* Drain: wait for in-flight requests on @bd (and nodes above it), admit none until _end. */
 void cbt_blockdev_drain_begin(CbtBlockdev *bd);
 void cbt_blockdev_drain_end(CbtBlockdev *bd);

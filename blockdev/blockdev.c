@@ -1,0 +1,452 @@
+/* blockdev.c — the node registry, references, users and write permission, I/O admission and
+ * drain, and the I/O entry points that mark tracked bitmaps before calling the driver.
+ *
+ * Admission is a Dekker-style handshake without a lock on the fast path: a request increments
+ * the in-flight count of every node on its path, then looks for a drain on that path; a drain
+ * raises its flag, then waits for the count to fall to zero. Both sides use sequentially
+ * consistent atomics, so at least one of them sees the other. Only a request that meets a drain,
+ * and a drain that must wait, touch the mutex and condition variable.
+ */
+#include <errno.h>
+#include <string.h>
+#include "blockdev/blockdev-internal.h"
+
+G_DEFINE_QUARK(cbt-blockdev-error-quark, cbt_blockdev_error)
+
+static GList *nodes;             /* published nodes, newest first */
+static CbtBlockdevHooks hooks;
+static GMutex admit_lock;
+static GCond admit_cond;
+
+void
+cbt_blockdev_set_hooks(const CbtBlockdevHooks *h)
+{
+  hooks = h ? *h : (CbtBlockdevHooks){ 0 };
+}
+
+const CbtBlockdevHooks *
+cbt_blockdev_get_hooks(void)
+{
+  return &hooks;
+}
+
+CbtBlockdev *
+cbt_blockdev_new(const CbtBlockdevDriver *drv)
+{
+  CbtBlockdev *bd = g_new0(CbtBlockdev, 1);
+
+  bd->refcnt = 1;
+  bd->drv = drv;
+  bd->min_io = 1;
+  return bd;
+}
+
+void
+cbt_blockdev_register(CbtBlockdev *bd)
+{
+  nodes = g_list_prepend(nodes, bd);
+}
+
+GList *
+cbt_blockdev_list(void)
+{
+  return nodes;
+}
+
+CbtBlockdev *
+cbt_blockdev_find(const char *node_name)
+{
+  for (GList *l = nodes; l; l = l->next) {
+    CbtBlockdev *bd = l->data;
+    if (g_strcmp0(bd->node_name, node_name) == 0)
+      return bd;
+  }
+  return NULL;
+}
+
+CbtBlockdev *
+cbt_blockdev_ref(CbtBlockdev *bd)
+{
+  g_atomic_int_inc(&bd->refcnt);
+  return bd;
+}
+
+/* The last reference is gone: let the bitmap layer drop the node's bitmaps, close the driver,
+ * then release the child. */
+static void
+node_free(CbtBlockdev *bd)
+{
+  nodes = g_list_remove(nodes, bd);
+  if (bd->drv && bd->drv->open) {
+    cbt_blockdev_drain_begin(bd);
+    if (hooks.node_closing && bd->node_name)
+      hooks.node_closing(bd);
+    cbt_blockdev_drain_end(bd);
+  }
+  if (bd->opaque && bd->drv->close)
+    bd->drv->close(bd);
+  if (bd->child) {
+    bd->child->parents--;
+    cbt_blockdev_unref(bd->child);
+  }
+  g_free(bd->tracked);
+  g_clear_pointer(&bd->full_opts, json_object_unref);
+  g_free(bd->exact_filename);
+  g_free(bd->node_name);
+  g_free(bd);
+}
+
+void
+cbt_blockdev_unref(CbtBlockdev *bd)
+{
+  if (bd && g_atomic_int_dec_and_test(&bd->refcnt))
+    node_free(bd);
+}
+
+void
+cbt_blockdev_close_all(void)
+{
+  /* Newest first: a parent is always newer than its children. */
+  GList *owned = NULL;
+  for (GList *l = nodes; l; l = l->next) {
+    CbtBlockdev *bd = l->data;
+    if (bd->monitor_owned)
+      owned = g_list_append(owned, bd);
+  }
+  for (GList *l = owned; l; l = l->next) {
+    CbtBlockdev *bd = l->data;
+    bd->monitor_owned = FALSE;
+    cbt_blockdev_unref(bd);
+  }
+  g_list_free(owned);
+}
+
+const char *
+cbt_blockdev_get_node_name(CbtBlockdev *bd)
+{
+  return bd->node_name;
+}
+
+guint64
+cbt_blockdev_get_size(CbtBlockdev *bd)
+{
+  return bd->size;
+}
+
+gboolean
+cbt_blockdev_is_read_only(CbtBlockdev *bd)
+{
+  return bd->read_only;
+}
+
+gboolean
+cbt_blockdev_can_discard(CbtBlockdev *bd)
+{
+  return bd->discard_unmap;
+}
+
+guint32
+cbt_blockdev_get_min_io(CbtBlockdev *bd)
+{
+  return bd->min_io;
+}
+
+CbtBlockdev *
+cbt_blockdev_get_child(CbtBlockdev *bd)
+{
+  return bd->child;
+}
+
+gboolean
+cbt_blockdev_update_perms(CbtBlockdev *bd, GError **error)
+{
+  for (CbtBlockdev *n = bd; n; n = n->child)
+    if (n->drv->update_perms && !n->drv->update_perms(n, error))
+      return FALSE;
+  return TRUE;
+}
+
+static void
+add_readers(CbtBlockdev *bd, gint delta)
+{
+  for (CbtBlockdev *n = bd; n; n = n->child)
+    n->readers += delta;
+}
+
+void
+cbt_blockdev_add_user(CbtBlockdev *bd)
+{
+  g_autoptr(GError) error = NULL;
+
+  bd->users++;
+  add_readers(bd, 1);
+  /* QEMU would refuse the export; the callers cannot fail here, so the conflict is logged and
+   * a writer is still excluded when it asks for write permission. */
+  if (!cbt_blockdev_update_perms(bd, &error))
+    g_warning("node %s: %s", bd->node_name, error->message);
+}
+
+void
+cbt_blockdev_remove_user(CbtBlockdev *bd)
+{
+  g_return_if_fail(bd->users > 0);
+  bd->users--;
+  add_readers(bd, -1);
+  cbt_blockdev_update_perms(bd, NULL);
+}
+
+/* ---- write permission ------------------------------------------------------------------- */
+
+static void
+add_writers(CbtBlockdev *bd, gint delta)
+{
+  for (CbtBlockdev *n = bd; n; n = n->child)
+    n->writers += delta;
+}
+
+gboolean
+cbt_blockdev_acquire_write(CbtBlockdev *bd, GError **error)
+{
+  for (CbtBlockdev *n = bd; n; n = n->child) {
+    if (n->read_only) {
+      g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Block node is read-only");
+      return FALSE;
+    }
+  }
+  add_writers(bd, 1);
+  if (cbt_blockdev_update_perms(bd, error))
+    return TRUE;
+  add_writers(bd, -1);
+  cbt_blockdev_update_perms(bd, NULL);
+  return FALSE;
+}
+
+void
+cbt_blockdev_release_write(CbtBlockdev *bd)
+{
+  g_return_if_fail(bd->writers > 0);
+  add_writers(bd, -1);
+  cbt_blockdev_update_perms(bd, NULL);
+}
+
+/* ---- admission and drain ---------------------------------------------------------------- */
+
+static gboolean
+path_draining(CbtBlockdev *bd)
+{
+  for (CbtBlockdev *n = bd; n; n = n->child)
+    if (g_atomic_int_get(&n->draining))
+      return TRUE;
+  return FALSE;
+}
+
+static void
+path_add(CbtBlockdev *bd, gint delta)
+{
+  for (CbtBlockdev *n = bd; n; n = n->child) {
+    if (g_atomic_int_add(&n->inflight, delta) + delta == 0 && g_atomic_int_get(&n->draining)) {
+      g_mutex_lock(&admit_lock);
+      g_cond_broadcast(&admit_cond);
+      g_mutex_unlock(&admit_lock);
+    }
+  }
+}
+
+void
+cbt_blockdev_io_begin(CbtBlockdev *bd)
+{
+  for (;;) {
+    path_add(bd, 1);
+    if (G_LIKELY(!path_draining(bd)))
+      return;
+    /* Back off so the drain can finish, and wait for it to end. */
+    path_add(bd, -1);
+    g_mutex_lock(&admit_lock);
+    while (path_draining(bd))
+      g_cond_wait(&admit_cond, &admit_lock);
+    g_mutex_unlock(&admit_lock);
+  }
+}
+
+void
+cbt_blockdev_io_end(CbtBlockdev *bd)
+{
+  path_add(bd, -1);
+}
+
+void
+cbt_blockdev_drain_begin(CbtBlockdev *bd)
+{
+  g_atomic_int_inc(&bd->draining);
+  g_mutex_lock(&admit_lock);
+  while (g_atomic_int_get(&bd->inflight) != 0)
+    g_cond_wait(&admit_cond, &admit_lock);
+  g_mutex_unlock(&admit_lock);
+}
+
+void
+cbt_blockdev_drain_end(CbtBlockdev *bd)
+{
+  g_return_if_fail(g_atomic_int_get(&bd->draining) > 0);
+  g_mutex_lock(&admit_lock);
+  if (g_atomic_int_dec_and_test(&bd->draining))
+    g_cond_broadcast(&admit_cond);
+  g_mutex_unlock(&admit_lock);
+}
+
+/* ---- dirty tracking ---------------------------------------------------------------------- */
+
+static void
+replace_tracked(CbtBlockdev *bd, CbtBlockdevTracked *set)
+{
+  cbt_blockdev_drain_begin(bd);
+  CbtBlockdevTracked *old = g_atomic_pointer_exchange(&bd->tracked, set);
+  cbt_blockdev_drain_end(bd);
+  g_free(old);
+}
+
+void
+cbt_blockdev_track_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
+{
+  CbtBlockdevTracked *cur = bd->tracked;
+  guint n = cur ? cur->n : 0;
+  CbtBlockdevTracked *set = g_malloc(sizeof(*set) + (n + 1) * sizeof(CbtBitmap *));
+
+  set->n = n + 1;
+  for (guint i = 0; i < n; i++)
+    set->bitmaps[i] = cur->bitmaps[i];
+  set->bitmaps[n] = bm;
+  replace_tracked(bd, set);
+}
+
+void
+cbt_blockdev_untrack_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
+{
+  CbtBlockdevTracked *cur = bd->tracked;
+  CbtBlockdevTracked *set;
+  guint j = 0;
+
+  if (!cur)
+    return;
+  set = g_malloc(sizeof(*set) + cur->n * sizeof(CbtBitmap *));
+  for (guint i = 0; i < cur->n; i++)
+    if (cur->bitmaps[i] != bm)
+      set->bitmaps[j++] = cur->bitmaps[i];
+  set->n = j;
+  if (j == 0)
+    g_clear_pointer(&set, g_free);
+  replace_tracked(bd, set);
+}
+
+static void
+mark(CbtBlockdev *bd, guint64 offset, guint64 len)
+{
+  CbtBlockdevTracked *set = g_atomic_pointer_get(&bd->tracked);
+
+  if (!set || len == 0)
+    return;
+  for (guint i = 0; i < set->n; i++)
+    cbt_bitmap_mark_range(set->bitmaps[i], offset, len);
+}
+
+/* ---- I/O entry points -------------------------------------------------------------------- */
+
+static gboolean
+in_bounds(CbtBlockdev *bd, guint64 offset, guint64 len)
+{
+  return offset <= bd->size && len <= bd->size - offset;
+}
+
+int
+cbt_blockdev_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
+{
+  if (!in_bounds(bd, offset, len))
+    return -EINVAL;
+  return len ? bd->drv->pread(bd, buf, offset, len) : 0;
+}
+
+static gboolean
+is_zero(const guint8 *buf, gsize len)
+{
+  return len == 0 || (buf[0] == 0 && memcmp(buf, buf + 1, len - 1) == 0);
+}
+
+int
+cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
+{
+  if (!in_bounds(bd, offset, len))
+    return -EINVAL;
+  if (bd->read_only)
+    return -EPERM;
+  mark(bd, offset, len);
+  if (bd->cache_no_flush)
+    flags &= ~CBT_BLOCKDEV_FUA;
+  if (len == 0)
+    return 0;
+  /* detect-zeroes, as QEMU: a write of zeroes becomes a zero-write (unmapping with "unmap",
+   * which needs discard=unmap). */
+  if (bd->detect_zeroes != CBT_DETECT_ZEROES_OFF && is_zero(buf, len)) {
+    if (bd->detect_zeroes == CBT_DETECT_ZEROES_UNMAP)
+      flags |= CBT_BLOCKDEV_MAY_UNMAP;
+    return bd->drv->write_zeroes(bd, offset, len, flags);
+  }
+  return bd->drv->pwrite(bd, buf, offset, len, flags);
+}
+
+int
+cbt_blockdev_flush(CbtBlockdev *bd)
+{
+  if (bd->cache_no_flush)
+    return 0;
+  return bd->drv->flush(bd);
+}
+
+int
+cbt_blockdev_discard(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
+{
+  if (!in_bounds(bd, offset, len))
+    return -EINVAL;
+  if (bd->read_only)
+    return -EPERM;
+  /* discard=ignore drops the request before it can reach the medium or the bitmaps. */
+  if (!bd->discard_unmap || len == 0)
+    return 0;
+  mark(bd, offset, len);
+  return bd->drv->discard(bd, offset, len);
+}
+
+int
+cbt_blockdev_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
+{
+  if (!in_bounds(bd, offset, len))
+    return -EINVAL;
+  if (bd->read_only)
+    return -EPERM;
+  mark(bd, offset, len);
+  if (!bd->discard_unmap)
+    flags &= ~CBT_BLOCKDEV_MAY_UNMAP;
+  if (bd->cache_no_flush)
+    flags &= ~CBT_BLOCKDEV_FUA;
+  return len ? bd->drv->write_zeroes(bd, offset, len, flags) : 0;
+}
+
+int
+cbt_blockdev_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
+                          guint32 *status)
+{
+  if (len == 0 || !in_bounds(bd, offset, len))
+    return -EINVAL;
+  int r = bd->drv->block_status(bd, offset, len, pnum, status);
+  if (r == 0 && (*pnum == 0 || *pnum > len)) {
+    /* A file changing under us can confuse SEEK_DATA/SEEK_HOLE: "data" is always safe. */
+    *pnum = len;
+    *status = 0;
+  }
+  return r;
+}
+
+int
+cbt_blockdev_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset)
+{
+  return bd->drv->get_data_fd ? bd->drv->get_data_fd(bd, fd_offset) : -1;
+}

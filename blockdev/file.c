@@ -1,0 +1,467 @@
+/* file.c — the `file` (regular file) and `host_device` (block or character device) backends.
+ *
+ * Plain positional syscalls on one descriptor, safe from any number of threads. With
+ * cache.direct the image is also opened without O_DIRECT, and requests that are not aligned for
+ * O_DIRECT use that second descriptor: the kernel keeps both views coherent, and clients need
+ * not know about alignment. The size is the file's, rounded up to 512 bytes as QEMU reports it;
+ * the bytes past the end of the file read as zeroes.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include "blockdev/blockdev-internal.h"
+
+#define SECTOR 512u
+#define DIRECT_ALIGN 4096u
+#define ZERO_CHUNK (1u << 20)
+
+typedef struct {
+  int fd;                      /* the image, O_DIRECT with cache.direct */
+  int fd_buffered;             /* == fd without cache.direct */
+  char *filename;
+  /* auto-read-only opens read-only when writing is refused, and reopens for writing when write
+   * permission is asked for (QEMU's dynamic auto-read-only). The read-only descriptors stay
+   * open until the node closes: a reader may still be using one, and the first holds the lock
+   * bytes. */
+  gboolean writable;
+  int ro_fd, ro_fd_buffered;   /* -1 until such a reopen */
+  gboolean is_device;
+  gboolean tail_padded;        /* the file's size is not a multiple of 512 */
+  CbtBlockdevLock *lock;       /* NULL with locking=off */
+} FileState;
+
+static FileState *
+state(CbtBlockdev *bd)
+{
+  return bd->opaque;
+}
+
+/* The descriptors change at most once (the reopen above), from the main thread. */
+static int
+image_fd(FileState *s)
+{
+  return g_atomic_int_get(&s->fd);
+}
+
+static int
+fd_for(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len)
+{
+  FileState *s = state(bd);
+  int fd = image_fd(s), buffered = g_atomic_int_get(&s->fd_buffered);
+
+  if (fd != buffered &&
+      ((guintptr)buf % DIRECT_ALIGN || offset % DIRECT_ALIGN || len % DIRECT_ALIGN))
+    return buffered;
+  return fd;
+}
+
+static int
+file_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
+{
+  int fd = fd_for(bd, buf, offset, len);
+  gsize done = 0;
+
+  while (done < len) {
+    ssize_t r = pread(fd, (char *)buf + done, len - done, (off_t)(offset + done));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -errno;
+    if (r == 0) {
+      /* Past the end of the file (the padding up to 512 bytes, or a file that shrank). */
+      memset((char *)buf + done, 0, len - done);
+      break;
+    }
+    done += (gsize)r;
+  }
+  return 0;
+}
+
+static int
+write_all(int fd, const void *buf, guint64 offset, gsize len, gboolean dsync)
+{
+  gsize done = 0;
+
+  while (done < len) {
+    struct iovec iov = { (char *)buf + done, len - done };
+    ssize_t r = dsync ? pwritev2(fd, &iov, 1, (off_t)(offset + done), RWF_DSYNC)
+                      : pwrite(fd, iov.iov_base, iov.iov_len, (off_t)(offset + done));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0 && dsync && (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL)) {
+      int err = write_all(fd, buf, offset, len, FALSE);
+      return err ? err : (fdatasync(fd) < 0 ? -errno : 0);
+    }
+    if (r < 0)
+      return -errno;
+    if (r == 0)
+      return -EIO;
+    done += (gsize)r;
+  }
+  return 0;
+}
+
+static int
+file_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
+{
+  return write_all(fd_for(bd, buf, offset, len), buf, offset, len,
+                   (flags & CBT_BLOCKDEV_FUA) != 0);
+}
+
+static int
+file_flush(CbtBlockdev *bd)
+{
+  return fdatasync(image_fd(state(bd))) < 0 ? -errno : 0;
+}
+
+static int
+file_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
+{
+  FileState *s = state(bd);
+  int r;
+
+  if (s->is_device) {
+    guint64 range[2] = { offset, len };
+    r = ioctl(image_fd(s), BLKDISCARD, range);
+  } else {
+    r = fallocate(image_fd(s), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset,
+                  (off_t)len);
+  }
+  /* A discard is advisory: a medium that cannot do it has done nothing wrong. */
+  if (r < 0 && (errno == EOPNOTSUPP || errno == ENOTTY || errno == EINVAL))
+    return 0;
+  return r < 0 ? -errno : 0;
+}
+
+static int
+write_zero_buffers(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
+{
+  g_autofree void *zeroes = NULL;
+  gsize chunk = (gsize)MIN(len, ZERO_CHUNK);
+
+  zeroes = g_aligned_alloc0(1, chunk, DIRECT_ALIGN);
+  while (len > 0) {
+    gsize n = (gsize)MIN(len, chunk);
+    int r = file_pwrite(bd, zeroes, offset, n, flags);
+    if (r < 0)
+      return r;
+    offset += n;
+    len -= n;
+  }
+  return 0;
+}
+
+/* Zero a range with one cheap call, as QEMU's file-posix does: punch a hole when allowed,
+ * otherwise FALLOC_FL_ZERO_RANGE, or punch and re-allocate where ZERO_RANGE is missing (tmpfs). */
+static int
+zero_cheaply(FileState *s, guint64 offset, guint64 len, guint flags)
+{
+  off_t off = (off_t)offset, n = (off_t)len;
+  int fd = image_fd(s);
+
+  if ((flags & CBT_BLOCKDEV_MAY_UNMAP) &&
+      fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n) == 0)
+    return 0;
+  if (fallocate(fd, FALLOC_FL_ZERO_RANGE, off, n) == 0)
+    return 0;
+  if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENODEV)
+    return -errno;
+  if (!s->is_device && fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n) == 0)
+    return fallocate(fd, 0, off, n) == 0 ? 0 : -errno;
+  if (s->is_device) {
+    guint64 range[2] = { offset, len };
+    /* BLKZEROOUT may write zeroes itself: not cheap. */
+    if (!(flags & CBT_BLOCKDEV_NO_FALLBACK) && ioctl(fd, BLKZEROOUT, range) == 0)
+      return 0;
+  }
+  return -ENOTSUP;
+}
+
+static int
+file_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
+{
+  int r = zero_cheaply(state(bd), offset, len, flags);
+
+  if (r == 0)
+    return (flags & CBT_BLOCKDEV_FUA) ? file_flush(bd) : 0;
+  if (r != -ENOTSUP || (flags & CBT_BLOCKDEV_NO_FALLBACK))
+    return r;
+  return write_zero_buffers(bd, offset, len, flags);
+}
+
+static int
+file_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum, guint32 *status)
+{
+  FileState *s = state(bd);
+  guint64 end = offset + len;
+  off_t data, hole;
+
+  *pnum = len;
+  *status = 0;
+  if (s->is_device)
+    return 0;
+  data = lseek(image_fd(s), (off_t)offset, SEEK_DATA);
+  if (data < 0 && errno != ENXIO)
+    return 0; /* no SEEK_DATA here: report data, which is always safe */
+  if (data < 0 || (guint64)data > offset) {
+    /* A hole up to the next data, or to the end (ENXIO: no data at or after @offset). */
+    *pnum = data < 0 ? len : MIN((guint64)data, end) - offset;
+    *status = CBT_BLOCKDEV_STATUS_HOLE | CBT_BLOCKDEV_STATUS_ZERO;
+    return 0;
+  }
+  hole = lseek(image_fd(s), (off_t)offset, SEEK_HOLE);
+  if (hole > (off_t)offset)
+    *pnum = MIN((guint64)hole, end) - offset;
+  return 0;
+}
+
+static int
+file_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset)
+{
+  FileState *s = state(bd);
+
+  if (s->tail_padded)
+    return -1; /* the node is longer than the file: its tail is not in the fd */
+  *fd_offset = 0;
+  return g_atomic_int_get(&s->fd_buffered);
+}
+
+static gint64
+file_actual_size(CbtBlockdev *bd)
+{
+  struct stat st;
+
+  if (fstat(image_fd(state(bd)), &st) < 0)
+    return -1;
+  return (gint64)st.st_blocks * 512;
+}
+
+static gboolean
+reopen_writable(CbtBlockdev *bd, FileState *s, GError **error)
+{
+  int fd = open(s->filename, O_CLOEXEC | O_RDWR | (bd->cache_direct ? O_DIRECT : 0));
+  int buffered = fd;
+
+  if (fd >= 0 && bd->cache_direct && (buffered = open(s->filename, O_CLOEXEC | O_RDWR)) < 0) {
+    int err = errno;
+    close(fd);
+    fd = -1;
+    errno = err;
+  }
+  if (fd < 0) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Could not open '%s': %s", s->filename,
+                g_strerror(errno));
+    return FALSE;
+  }
+  s->ro_fd = s->fd;
+  s->ro_fd_buffered = s->fd_buffered;
+  g_atomic_int_set(&s->fd_buffered, buffered);
+  g_atomic_int_set(&s->fd, fd);
+  s->writable = TRUE;
+  return TRUE;
+}
+
+static gboolean
+file_update_perms(CbtBlockdev *bd, GError **error)
+{
+  FileState *s = state(bd);
+  guint64 perm = 0, unshared = 0;
+
+  if (bd->writers && !s->writable && !reopen_writable(bd, s, error))
+    return FALSE;
+  if (!s->lock)
+    return TRUE;
+  if (bd->readers)
+    perm |= CBT_PERM_CONSISTENT_READ;
+  if (bd->writers)
+    perm |= CBT_PERM_WRITE;
+  if ((bd->readers || bd->resize_unshared) && !bd->force_share)
+    unshared |= CBT_PERM_RESIZE;
+  return cbt_blockdev_lock_set(s->lock, perm, CBT_PERM_ALL & ~unshared, error);
+}
+
+static void
+close_pair(int fd, int buffered)
+{
+  if (buffered != fd && buffered >= 0)
+    close(buffered);
+  if (fd >= 0)
+    close(fd);
+}
+
+static void
+file_close(CbtBlockdev *bd)
+{
+  FileState *s = state(bd);
+
+  g_clear_pointer(&s->lock, cbt_blockdev_lock_free);
+  close_pair(s->fd, s->fd_buffered);
+  close_pair(s->ro_fd, s->ro_fd_buffered);
+  g_free(s->filename);
+  g_free(s);
+  bd->opaque = NULL;
+}
+
+/* ---- opening ----------------------------------------------------------------------------- */
+
+static gboolean
+check_options(CbtBlockdev *bd, JsonObject *opts, GError **error)
+{
+  const char *aio = json_object_get_string_member_with_default(opts, "aio", "threads");
+  const char *pr = json_object_get_string_member_with_default(opts, "pr-manager", NULL);
+
+  if (pr) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "No persistent reservation manager with id '%s'",
+                pr);
+    return FALSE;
+  }
+  if (strcmp(aio, "native") == 0 && !bd->cache_direct) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "aio=native was specified, but it requires "
+                "cache.direct=on, which was not specified.");
+    return FALSE;
+  }
+  return TRUE;
+}
+
+/* Opens read-write unless the node is read-only; *writable tells which it got. */
+static int
+open_image(CbtBlockdev *bd, const char *filename, gboolean direct, gboolean *writable,
+           GError **error)
+{
+  int flags = O_CLOEXEC | (direct ? O_DIRECT : 0);
+  int fd = open(filename, flags | (bd->read_only ? O_RDONLY : O_RDWR));
+
+  *writable = !bd->read_only && fd >= 0;
+  /* auto-read-only: fall back to reading; asking for write permission reopens. */
+  if (fd < 0 && bd->auto_read_only && (errno == EACCES || errno == EROFS || errno == EPERM))
+    fd = open(filename, flags | O_RDONLY);
+  if (fd < 0)
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Could not open '%s': %s", filename,
+                g_strerror(errno));
+  return fd;
+}
+
+static gboolean
+check_type(CbtBlockdev *bd, const char *filename, const struct stat *st, GError **error)
+{
+  gboolean device = bd->drv == &cbt_blockdev_host_device_driver;
+
+  if (!device && !S_ISREG(st->st_mode)) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "'file' driver requires '%s' to be a regular file",
+                filename);
+    return FALSE;
+  }
+  if (device && !S_ISBLK(st->st_mode) && !S_ISCHR(st->st_mode)) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "'host_device' driver requires '%s' to be either "
+                "a character or block device", filename);
+    return FALSE;
+  }
+  return TRUE;
+}
+
+static gboolean
+get_size(FileState *s, const struct stat *st, guint64 *size, GError **error)
+{
+  if (S_ISBLK(st->st_mode)) {
+    if (ioctl(s->fd, BLKGETSIZE64, size) < 0) {
+      g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Failed to get the device size: %s",
+                  g_strerror(errno));
+      return FALSE;
+    }
+    return TRUE;
+  }
+  if (S_ISCHR(st->st_mode)) {
+    off_t end = lseek(s->fd, 0, SEEK_END);
+    *size = end < 0 ? 0 : (guint64)end;
+    return TRUE;
+  }
+  *size = (guint64)st->st_size;
+  s->tail_padded = *size % SECTOR != 0;
+  return TRUE;
+}
+
+static gboolean
+file_open(CbtBlockdev *bd, JsonObject *opts, GError **error)
+{
+  const char *filename = json_object_get_string_member(opts, "filename");
+  const char *locking = json_object_get_string_member_with_default(opts, "locking", "auto");
+  g_autofree FileState *s = g_new0(FileState, 1);
+  gboolean buffered_writable = TRUE;
+  struct stat st;
+  guint64 size;
+
+  if (!check_options(bd, opts, error))
+    return FALSE;
+  s->ro_fd = s->ro_fd_buffered = -1;
+  s->fd = open_image(bd, filename, bd->cache_direct, &s->writable, error);
+  if (s->fd < 0)
+    return FALSE;
+  s->fd_buffered = s->fd;
+  if (fstat(s->fd, &st) < 0 || !check_type(bd, filename, &st, error) ||
+      !get_size(s, &st, &size, error))
+    goto fail;
+  if (bd->cache_direct &&
+      (s->fd_buffered = open_image(bd, filename, FALSE, &buffered_writable, error)) < 0) {
+    s->fd_buffered = s->fd;
+    goto fail;
+  }
+  s->writable = s->writable && buffered_writable;
+  s->is_device = !S_ISREG(st.st_mode);
+  if (strcmp(locking, "off") != 0)
+    s->lock = cbt_blockdev_lock_new(s->fd, filename);
+  bd->size = (size + SECTOR - 1) / SECTOR * SECTOR;
+  s->filename = g_strdup(filename);
+  bd->exact_filename = g_strdup(filename);
+  json_object_set_string_member(bd->full_opts, "filename", filename);
+  bd->opaque = g_steal_pointer(&s);
+  return TRUE;
+
+fail:
+  if (error && !*error)
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Could not open '%s': %s", filename,
+                g_strerror(errno));
+  if (s->fd_buffered != s->fd)
+    close(s->fd_buffered);
+  close(s->fd);
+  return FALSE;
+}
+
+const CbtBlockdevDriver cbt_blockdev_file_driver = {
+  .name = "file",
+  .protocol = TRUE,
+  .has_dirty_flag = TRUE,
+  .open = file_open,
+  .close = file_close,
+  .pread = file_pread,
+  .pwrite = file_pwrite,
+  .flush = file_flush,
+  .discard = file_discard,
+  .write_zeroes = file_write_zeroes,
+  .block_status = file_block_status,
+  .get_data_fd = file_get_data_fd,
+  .update_perms = file_update_perms,
+  .actual_size = file_actual_size,
+};
+
+const CbtBlockdevDriver cbt_blockdev_host_device_driver = {
+  .name = "host_device",
+  .protocol = TRUE,
+  .has_dirty_flag = TRUE,
+  .open = file_open,
+  .close = file_close,
+  .pread = file_pread,
+  .pwrite = file_pwrite,
+  .flush = file_flush,
+  .discard = file_discard,
+  .write_zeroes = file_write_zeroes,
+  .block_status = file_block_status,
+  .get_data_fd = file_get_data_fd,
+  .update_perms = file_update_perms,
+  .actual_size = file_actual_size,
+};

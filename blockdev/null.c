@@ -1,0 +1,120 @@
+/* null.c — `null-co` (and `null-aio`): reads return zeroes, writes are dropped. The size is
+ * rounded up to 512 bytes, as QEMU reports it.
+ */
+#include <string.h>
+#include "blockdev/blockdev-internal.h"
+
+#define NULL_DEFAULT_SIZE (G_GUINT64_CONSTANT(1) << 30)
+
+/* bd->opaque points at one of these: the node keeps no other state. */
+static const int read_zeroes_on = 1, read_zeroes_off = 0;
+
+static int
+null_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
+{
+  memset(buf, 0, len);
+  return 0;
+}
+
+static int
+null_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
+{
+  return 0;
+}
+
+static int
+null_flush(CbtBlockdev *bd)
+{
+  return 0;
+}
+
+static int
+null_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
+{
+  return 0;
+}
+
+static int
+null_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
+{
+  return 0;
+}
+
+static int
+null_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum, guint32 *status)
+{
+  /* As QEMU: allocated data, known to read as zeroes only with read-zeroes. */
+  *pnum = len;
+  *status = bd->opaque == &read_zeroes_on ? CBT_BLOCKDEV_STATUS_ZERO : 0;
+  return 0;
+}
+
+static gboolean
+null_open(CbtBlockdev *bd, JsonObject *opts, GError **error)
+{
+  guint64 size = NULL_DEFAULT_SIZE;
+  gboolean named = FALSE;
+
+  if (json_object_has_member(opts, "size")) {
+    gint64 v = json_object_get_int_member(opts, "size");
+    /* qemu-storage-daemon 7.2 aborts on a negative size; we answer as its option parser does
+     * for other sizes. */
+    if (v < 0) {
+      g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                  "Parameter 'size' expects a non-negative number below 2^64");
+      return FALSE;
+    }
+    size = (guint64)v;
+    json_object_set_int_member(bd->full_opts, "size", v);
+    named = TRUE;
+  }
+  if (json_object_has_member(opts, "latency-ns") &&
+      (guint64)json_object_get_int_member(opts, "latency-ns") > G_MAXINT64) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "latency-ns is invalid");
+    return FALSE;
+  }
+  if (json_object_has_member(opts, "read-zeroes")) {
+    json_object_set_boolean_member(bd->full_opts, "read-zeroes",
+                                   json_object_get_boolean_member(opts, "read-zeroes"));
+    named = TRUE;
+  }
+  bd->size = (size + 511) / 512 * 512;
+  /* Without size or read-zeroes QEMU names the node after its driver. */
+  if (!named)
+    bd->exact_filename = g_strdup_printf("%s://", bd->drv->name);
+  bd->opaque = (gpointer)(json_object_get_boolean_member_with_default(opts, "read-zeroes", FALSE)
+                         ? &read_zeroes_on : &read_zeroes_off);
+  return TRUE;
+}
+
+static void
+null_close(CbtBlockdev *bd)
+{
+  bd->opaque = NULL;
+}
+
+const CbtBlockdevDriver cbt_blockdev_null_driver = {
+  .name = "null-co",
+  .protocol = TRUE,
+  .open = null_open,
+  .close = null_close,
+  .pread = null_pread,
+  .pwrite = null_pwrite,
+  .flush = null_flush,
+  .discard = null_discard,
+  .write_zeroes = null_write_zeroes,
+  .block_status = null_block_status,
+};
+
+const CbtBlockdevDriver cbt_blockdev_null_aio_driver = {
+  .name = "null-aio",
+  .protocol = TRUE,
+  .open = null_open,
+  .close = null_close,
+  .pread = null_pread,
+  .pwrite = null_pwrite,
+  .flush = null_flush,
+  .discard = null_discard,
+  .write_zeroes = null_write_zeroes,
+  .block_status = null_block_status,
+};

@@ -1,0 +1,162 @@
+/* raw.c — the `raw` format: the bytes of its child, optionally a window [offset, offset + size)
+ * of them. Every request is passed down through the child's entry points, so the child's own
+ * bitmaps see it too.
+ */
+#include <errno.h>
+#include "blockdev/blockdev-internal.h"
+
+typedef struct {
+  guint64 offset;
+  gboolean windowed;           /* offset or size given: others may not resize the child */
+} RawState;
+
+static guint64
+base(CbtBlockdev *bd)
+{
+  return ((RawState *)bd->opaque)->offset;
+}
+
+static int
+raw_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
+{
+  return cbt_blockdev_pread(bd->child, buf, base(bd) + offset, len);
+}
+
+static int
+raw_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
+{
+  return cbt_blockdev_pwrite(bd->child, buf, base(bd) + offset, len, flags);
+}
+
+static int
+raw_flush(CbtBlockdev *bd)
+{
+  return cbt_blockdev_flush(bd->child);
+}
+
+static int
+raw_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
+{
+  return cbt_blockdev_discard(bd->child, base(bd) + offset, len, 0);
+}
+
+static int
+raw_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
+{
+  return cbt_blockdev_write_zeroes(bd->child, base(bd) + offset, len, flags);
+}
+
+static int
+raw_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum, guint32 *status)
+{
+  return cbt_blockdev_block_status(bd->child, base(bd) + offset, len, pnum, status);
+}
+
+static int
+raw_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset)
+{
+  guint64 child_offset;
+  int fd = cbt_blockdev_get_data_fd(bd->child, &child_offset);
+
+  if (fd >= 0)
+    *fd_offset = child_offset + base(bd);
+  return fd;
+}
+
+/* QEMU reads offset and size through its option parser, which refuses negative numbers. */
+static gboolean
+get_uint(JsonObject *opts, const char *member, guint64 *out, GError **error)
+{
+  gint64 v = json_object_get_int_member(opts, member);
+
+  if (v < 0) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "Parameter '%s' expects a non-negative number below 2^64", member);
+    return FALSE;
+  }
+  *out = (guint64)v;
+  return TRUE;
+}
+
+static gboolean
+window(CbtBlockdev *bd, JsonObject *opts, RawState *s, GError **error)
+{
+  guint64 csize = cbt_blockdev_get_size(bd->child), size = 0;
+  gboolean has_offset = json_object_has_member(opts, "offset");
+  gboolean has_size = json_object_has_member(opts, "size");
+
+  if ((has_offset && !get_uint(opts, "offset", &s->offset, error)) ||
+      (has_size && !get_uint(opts, "size", &size, error)))
+    return FALSE;
+  if (s->offset > csize) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Offset (%" G_GUINT64_FORMAT ") cannot be greater "
+                "than size of the containing file (%" G_GUINT64_FORMAT ")", s->offset, csize);
+    return FALSE;
+  }
+  if (has_size && size > csize - s->offset) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "The sum of offset (%" G_GUINT64_FORMAT ") and "
+                "size (%" G_GUINT64_FORMAT ") has to be smaller or equal to the  actual size of "
+                "the containing file (%" G_GUINT64_FORMAT ")", s->offset, size, csize);
+    return FALSE;
+  }
+  if (size % 512) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Specified size is not multiple of 512");
+    return FALSE;
+  }
+  bd->size = has_size ? size : csize - s->offset;
+  s->windowed = has_offset || has_size;
+  if (has_offset)
+    json_object_set_int_member(bd->full_opts, "offset", (gint64)s->offset);
+  if (has_size)
+    json_object_set_int_member(bd->full_opts, "size", (gint64)size);
+  return TRUE;
+}
+
+static gboolean
+raw_open(CbtBlockdev *bd, JsonObject *opts, GError **error)
+{
+  g_autofree RawState *s = g_new0(RawState, 1);
+  CbtBlockdev *child = bd->child;
+
+  if (!window(bd, opts, s, error))
+    return FALSE;
+  if (s->windowed) {
+    child->resize_unshared++;
+    if (!cbt_blockdev_update_perms(child, error)) {
+      child->resize_unshared--;
+      return FALSE;
+    }
+  }
+  /* QEMU borrows the file name of a protocol child when no option of ours changes the data. */
+  if (!s->windowed && child->drv->protocol && child->exact_filename)
+    bd->exact_filename = g_strdup(child->exact_filename);
+  bd->min_io = child->min_io;
+  bd->opaque = g_steal_pointer(&s);
+  return TRUE;
+}
+
+static void
+raw_close(CbtBlockdev *bd)
+{
+  RawState *s = bd->opaque;
+
+  if (s->windowed) {
+    bd->child->resize_unshared--;
+    cbt_blockdev_update_perms(bd->child, NULL);
+  }
+  g_free(s);
+  bd->opaque = NULL;
+}
+
+const CbtBlockdevDriver cbt_blockdev_raw_driver = {
+  .name = "raw",
+  .open = raw_open,
+  .close = raw_close,
+  .pread = raw_pread,
+  .pwrite = raw_pwrite,
+  .flush = raw_flush,
+  .discard = raw_discard,
+  .write_zeroes = raw_write_zeroes,
+  .block_status = raw_block_status,
+  .get_data_fd = raw_get_data_fd,
+};
