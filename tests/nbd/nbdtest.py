@@ -5,6 +5,7 @@ Run with Debian's /usr/bin/python3 (the `nbd` module).
 """
 import hashlib
 import json
+import itertools
 import os
 import socket
 import struct
@@ -31,13 +32,16 @@ def uri(sock, export=''):
     return 'nbd+unix:///%s?socket=%s' % (export, sock)
 
 
+_socket_names = itertools.count()
+
+
 def start(tmpdir, qsd, nodes, exports, server_extra=''):
     """A daemon (cbtd, or qsd when @qsd) in @tmpdir serving NBD on <tmpdir>/<kind>-nbd.sock.
 
     nodes: [(node-name, path, read_only)]; exports: ['id=..,node-name=..,...'] --export values.
     Returns (Daemon, nbd socket path)."""
     kind = 'qsd' if qsd else 'cbtd'
-    sock = os.path.join(tmpdir, '%s-nbd.sock' % kind)
+    sock = os.path.join(tmpdir, '%s-nbd-%d.sock' % (kind, next(_socket_names)))
     args = []
     for name, path, ro in nodes:
         args += ['--blockdev', 'driver=file,node-name=%s,filename=%s,read-only=%s'
