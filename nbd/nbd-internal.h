@@ -3,10 +3,14 @@
  * Locking: one mutex, cbt_nbd_lock, guards the export list, every export's `conns`,
  * `shutting_down` and `deleted`, and the server's connection list. It is never held across
  * socket or block I/O. Export fields other than those are immutable after creation.
+ * Per connection in transmission: `send_lock` makes each reply (all chunks of a structured one)
+ * one unit on the socket; the request pool's own lock (pool.c) guards its slots and queue.
+ * Neither is taken while holding the other, nor with cbt_nbd_lock.
  */
 #pragma once
 
 #include <glib.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -23,8 +27,21 @@
 #define CBT_NBD_MAX_PAYLOAD NBD_DEFAULT_MAX_PAYLOAD
 #define CBT_NBD_MAX_DISCARD_WRITE (2u * CBT_NBD_MAX_PAYLOAD) /* above: disconnect */
 
+/* Transmission concurrency per connection (docs/architecture.md "Threads"): at most this many
+ * requests admitted and not yet answered, served by at most this many worker threads, with at
+ * most this many bytes of request buffers (in flight or pooled for reuse). */
+#define CBT_NBD_MAX_INFLIGHT 64u
+#define CBT_NBD_MAX_WORKERS 8u
+#define CBT_NBD_BUFFER_BUDGET (64u << 20)
+/* Reads up to this size are copied through a buffer; longer ones go zero-copy (sendfile) from
+ * the node's file when it has one. */
+#define CBT_NBD_COPY_MAX (64u << 10)
+/* Requests up to this size may be served by the reader itself when they cannot block. */
+#define CBT_NBD_INLINE_MAX (64u << 10)
+
 typedef struct CbtNbdExport CbtNbdExport;
 typedef struct CbtNbdConn CbtNbdConn;
+typedef struct CbtNbdPool CbtNbdPool;
 
 typedef struct {
   char *name; /* the bitmap's name; the context is qemu:dirty-bitmap:<name> */
@@ -66,7 +83,9 @@ typedef struct {
 } CbtNbdMetaSel;
 
 /* One client connection, owned by its thread. Only `fd` (for shutdown()) and `exp` are looked
- * at by other threads, under cbt_nbd_lock. */
+ * at by other threads, under cbt_nbd_lock; in transmission the connection's workers also read
+ * the negotiated fields (immutable by then) and send under `send_lock`. The connection thread
+ * joins its workers before the connection is freed. */
 struct CbtNbdConn {
   int fd;
   gboolean is_inet;
@@ -79,7 +98,25 @@ struct CbtNbdConn {
   GArray *meta;           /* CbtNbdMetaSel */
   guint16 eflags;
   gboolean closing; /* under cbt_nbd_lock: the server asked this connection to end */
+  pthread_mutex_t send_lock; /* one reply at a time on the socket (pthread: visible to TSan) */
+  gboolean send_failed; /* under send_lock: the socket is unusable, replies are dropped */
 };
+
+/* One request of a connection in transmission: a slot of its pool. The slot, and so the
+ * request, belongs to one connection for its whole life and is answered there (pitfall P14). */
+typedef struct {
+  CbtNbdConn *conn;
+  guint16 flags;
+  guint16 type;
+  guint64 cookie;
+  guint64 offset;
+  guint32 len;
+  guint8 *buf;   /* pooled across requests: WRITE payload or READ data */
+  gsize cap;
+  guint64 write_seq;  /* write-type: admission order; 0 once finished (under the pool lock) */
+  guint64 flush_upto; /* FLUSH: the last write admitted before it */
+  gint next;          /* free-list / queue link */
+} CbtNbdReq;
 
 /* server.c */
 extern GMutex cbt_nbd_lock;
@@ -93,6 +130,61 @@ int cbt_nbd_read_full(CbtNbdConn *conn, void *buf, gsize len);
 int cbt_nbd_discard(CbtNbdConn *conn, guint64 len);
 int cbt_nbd_write_full(CbtNbdConn *conn, const void *buf, gsize len);
 int cbt_nbd_writev_full(CbtNbdConn *conn, struct iovec *iov, int n);
+/* Send @len bytes of @fd from @offset (zero-copy); bytes past the end of the file go out as
+ * zeroes. */
+int cbt_nbd_sendfile_full(CbtNbdConn *conn, int fd, guint64 offset, gsize len);
+
+/* pool.c: the requests of one connection in transmission and the workers that serve them. */
+CbtNbdPool *cbt_nbd_pool_new(CbtNbdConn *conn);
+/* Reader: a free slot whose buffer holds @buf_len bytes, waiting while the connection is at
+ * its limits. Write-type and FLUSH requests get their ordering set here. NULL when memory is
+ * short. */
+CbtNbdReq *cbt_nbd_pool_admit(CbtNbdPool *pool, guint16 type, gsize buf_len);
+/* Hand an admitted request to a worker; it executes it, replies and completes it. */
+void cbt_nbd_pool_submit(CbtNbdPool *pool, CbtNbdReq *req);
+/* The request is answered: its slot is free again. */
+void cbt_nbd_pool_complete(CbtNbdPool *pool, CbtNbdReq *req);
+/* FLUSH: wait until every write admitted before @req has finished. */
+void cbt_nbd_pool_wait_writes(CbtNbdPool *pool, const CbtNbdReq *req);
+/* Wait for every admitted request to be answered, stop and join the workers, free. */
+void cbt_nbd_pool_free(CbtNbdPool *pool);
+
+/* execute.c: run a valid request against the export and reply; the caller then completes it.
+ * execute_read_prefilled: a READ whose data is already in req->buf. */
+void cbt_nbd_execute(CbtNbdPool *pool, CbtNbdReq *req);
+void cbt_nbd_execute_read_prefilled(CbtNbdReq *req);
+/* Whether a READ of @len bytes needs req->buf (FALSE: zero-copy from the node's file). */
+gboolean cbt_nbd_read_needs_buffer(CbtNbdConn *conn, guint32 len);
+
+/* reply.c: a batch of whole replies gathered by one thread (see reply.c). */
+#define CBT_NBD_CORK_SIZE (64u << 10)
+#define CBT_NBD_CORK_REPLIES 32u
+typedef struct {
+  CbtNbdConn *conn;
+  gsize len;
+  guint replies;
+  guint8 *buf; /* CBT_NBD_CORK_SIZE bytes, allocated on first use; the owner frees it */
+} CbtNbdCork;
+/* Gather the calling thread's replies on c->conn into @c (NULL: send directly again). */
+void cbt_nbd_cork_set(CbtNbdCork *c);
+void cbt_nbd_cork_flush(CbtNbdCork *c);
+
+/* reply.c: every sender takes conn->send_lock itself unless named _locked (caller holds it).
+ * A failed send marks the connection unusable and shuts its socket down, so the reader stops. */
+void cbt_nbd_reply_simple(CbtNbdConn *conn, guint64 cookie, guint32 err, const void *data,
+                          gsize len);
+void cbt_nbd_reply_error(CbtNbdConn *conn, guint64 cookie, guint32 err, const char *msg);
+void cbt_nbd_reply_error_locked(CbtNbdConn *conn, guint64 cookie, guint32 err, const char *msg);
+void cbt_nbd_reply_data_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
+                               const void *data, gsize len);
+void cbt_nbd_reply_data_fd_locked(CbtNbdConn *conn, guint64 cookie, gboolean done,
+                                  guint64 offset, int fd, guint64 fd_offset, gsize len);
+void cbt_nbd_reply_simple_fd_locked(CbtNbdConn *conn, guint64 cookie, int fd, guint64 fd_offset,
+                                    gsize len);
+void cbt_nbd_reply_hole_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
+                               guint32 len);
+void cbt_nbd_reply_status_locked(CbtNbdConn *conn, guint64 cookie, guint32 id, GArray *ext,
+                                 gboolean done);
 
 /* handshake.c: TRUE with conn->exp attached when transmission may start. */
 gboolean cbt_nbd_handshake(CbtNbdConn *conn);
@@ -145,7 +237,7 @@ int cbt_nbd_status_extents(CbtNbdExport *exp, const CbtNbdMetaSel *sel, guint64 
 
 /* transmit.c */
 void cbt_nbd_transmit(CbtNbdConn *conn);
-/* errno (positive) -> NBD error, in one place. */
+/* errno (positive) -> NBD error, in one place (execute.c). */
 guint32 cbt_nbd_errno_to_nbd(int err, guint16 cmd_flags);
 
 /* Big-endian helpers */

@@ -5,8 +5,11 @@
  * qemu-storage-daemon 7.2 (argument names, error texts, BLOCK_EXPORT_DELETED).
  *
  * Threads: every function here runs on the main thread (the thread that owns the default
- * GMainContext). Each client connection is served by its own thread with blocking I/O; the main
- * thread only accepts connections and does export bookkeeping, and never waits on a client socket.
+ * GMainContext). Each client connection has a reader thread (blocking I/O) that validates
+ * requests, serves those that cannot block itself and hands the rest to up to 8 per-connection
+ * workers (at most 64 requests in flight); replies go out whole under a per-connection send lock
+ * as requests complete. The main thread only accepts connections and does export bookkeeping,
+ * and never waits on a client socket.
  * Exports are served from blockdev/ between cbt_blockdev_io_begin() and cbt_blockdev_io_end(), so
  * a drain of the node stops NBD I/O too.
  */

@@ -1,9 +1,11 @@
 /* nbd/server.c — the listener and the connection threads.
  *
  * The main thread accepts (a GSource on the non-blocking listening socket) and starts one thread
- * per client. A thread owns its CbtNbdConn: handshake, transmission, then cleanup. Other threads
- * only shutdown() its socket (under cbt_nbd_lock) to make it leave. With max-connections set,
- * the listener stops accepting at the limit, so further clients wait in the backlog (as qsd).
+ * per client. A thread owns its CbtNbdConn: handshake, transmission (where it is the reader and
+ * starts the connection's workers, joined before it returns: transmit.c, pool.c), then cleanup.
+ * Other threads only shutdown() its socket (under cbt_nbd_lock) to make it leave. With
+ * max-connections set, the listener stops accepting at the limit, so further clients wait in the
+ * backlog (as qsd).
  */
 #include "nbd/nbd-internal.h"
 
@@ -12,6 +14,7 @@
 #include <glib-unix.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -76,6 +79,7 @@ conn_free(CbtNbdConn *conn)
   if (conn->meta)
     g_array_unref(conn->meta);
   close(conn->fd);
+  pthread_mutex_destroy(&conn->send_lock);
   g_free(conn);
 }
 
@@ -95,7 +99,13 @@ conn_thread(gpointer data)
 {
   CbtNbdConn *conn = data;
   gboolean current;
+  sigset_t pipe;
 
+  /* sendfile() cannot say MSG_NOSIGNAL: a client gone mid-reply must not kill the process
+   * (the workers inherit this mask). */
+  sigemptyset(&pipe);
+  sigaddset(&pipe, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe, NULL);
   if (cbt_nbd_handshake(conn))
     cbt_nbd_transmit(conn);
 
@@ -123,6 +133,7 @@ start_conn(int fd)
   int one = 1;
 
   conn->fd = fd;
+  pthread_mutex_init(&conn->send_lock, NULL);
   conn->is_inet = srv.is_inet;
   if (conn->is_inet)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);

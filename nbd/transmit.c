@@ -1,12 +1,33 @@
-/* nbd/transmit.c — the transmission phase: read a request, validate it in one place
- * (validate()), run it against blockdev/, reply (simple, or structured chunks when negotiated).
+/* nbd/transmit.c — the transmission phase's reader: take requests off the socket (buffered:
+ * one recv brings every request the client has queued), validate each in one place
+ * (validate()), admit it into the connection's pool and hand it to a worker, which executes it
+ * and replies as soon as it completes (execute.c), so replies may leave out of order.
  *
- * One request at a time per connection; every reply is written by the connection's own thread,
- * so no reply can reach another connection (pitfall P14).
+ * The reader serves a request itself, without a thread hand-off, only when it cannot block: a
+ * short READ whose data is in the page cache (RWF_NOWAIT) or a short buffered WRITE. That keeps
+ * a one-request-at-a-time client at one thread's latency.
+ *
+ * On DISC, EOF, a protocol violation or a dead socket the reader stops, waits for every admitted
+ * request to be answered and joins the workers before the connection may be freed (P14).
  */
 #include "nbd/nbd-internal.h"
 
 #include <errno.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* cachestat(2) (Linux 6.5; one number on every architecture), not yet in every libc's headers. */
+#define CBT_NR_CACHESTAT 451
+typedef struct {
+  guint64 off, len;
+} CacheRange;
+typedef struct {
+  guint64 nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+} CacheStat;
+
+#define INBUF_SIZE (16u << 10) /* hundreds of request headers per recv */
 
 typedef struct {
   guint16 flags;
@@ -16,41 +37,16 @@ typedef struct {
   guint32 len;
 } Request;
 
+typedef struct {
+  CbtNbdConn *conn;
+  CbtNbdPool *pool;
+  guint8 *in; /* received, not yet consumed: [start, end) */
+  gsize start, end;
+  CbtNbdCork cork; /* replies of requests the reader served itself */
+} Reader;
+
 static const guint16 known_flags = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF
                                    | NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
-/* ZERO runs shorter than this are sent as data: a chunk header costs more than the zeroes. */
-#define MIN_HOLE_CHUNK 4096u
-/* Content chunks per READ before the rest is sent as one data chunk. */
-#define MAX_READ_RUNS 1024u
-
-guint32
-cbt_nbd_errno_to_nbd(int err, guint16 cmd_flags)
-{
-  switch (err) {
-  case 0:
-    return NBD_SUCCESS;
-  case EPERM:
-  case EROFS:
-    return NBD_EPERM;
-  case EIO:
-    return NBD_EIO;
-  case ENOMEM:
-    return NBD_ENOMEM;
-  case ENOSPC:
-  case EDQUOT:
-  case EFBIG:
-    return NBD_ENOSPC;
-  case ESHUTDOWN:
-    return NBD_ESHUTDOWN;
-  case ENOTSUP:
-    return (cmd_flags & NBD_CMD_FLAG_FAST_ZERO) ? NBD_ENOTSUP : NBD_EINVAL;
-  case EOVERFLOW:
-    return (cmd_flags & NBD_CMD_FLAG_DF) ? NBD_EOVERFLOW : NBD_EINVAL;
-  default:
-    return NBD_EINVAL;
-  }
-}
-
 static gboolean
 is_write_type(guint16 type)
 {
@@ -104,249 +100,173 @@ validate(CbtNbdConn *conn, const Request *r, const char **msg)
   return NBD_SUCCESS;
 }
 
-/* --- replies ------------------------------------------------------------------------------- */
+/* --- buffered intake ----------------------------------------------------------------------- */
 
-static void
-chunk_header(guint8 *h, guint16 flags, guint16 type, guint64 cookie, guint32 len)
+/* Until at least @want (<= INBUF_SIZE) bytes are buffered. FALSE at EOF or on error. */
+static gboolean
+fill(Reader *rd, gsize want)
 {
-  cbt_nbd_put32(h, NBD_STRUCTURED_REPLY_MAGIC);
-  cbt_nbd_put16(h + 4, flags);
-  cbt_nbd_put16(h + 6, type);
-  cbt_nbd_put64(h + 8, cookie);
-  cbt_nbd_put32(h + 16, len);
-}
-
-static int
-send_simple(CbtNbdConn *conn, guint64 cookie, guint32 err, const void *data, gsize len)
-{
-  guint8 h[NBD_SIMPLE_REPLY_SIZE];
-  struct iovec iov[2] = { { h, sizeof h }, { (void *)data, len } };
-
-  cbt_nbd_put32(h, NBD_SIMPLE_REPLY_MAGIC);
-  cbt_nbd_put32(h + 4, err);
-  cbt_nbd_put64(h + 8, cookie);
-  return cbt_nbd_writev_full(conn, iov, len ? 2 : 1);
-}
-
-static int
-send_error(CbtNbdConn *conn, const Request *r, guint32 err, const char *msg)
-{
-  if (!conn->structured)
-    return send_simple(conn, r->cookie, err, NULL, 0);
-
-  gsize ml = msg ? strlen(msg) : 0;
-  guint8 h[NBD_STRUCTURED_REPLY_SIZE + 6];
-  struct iovec iov[2] = { { h, sizeof h }, { (void *)msg, ml } };
-
-  chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, r->cookie, 6 + ml);
-  cbt_nbd_put32(h + 20, err);
-  cbt_nbd_put16(h + 24, ml);
-  return cbt_nbd_writev_full(conn, iov, ml ? 2 : 1);
-}
-
-static int
-send_data_chunk(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset, const guint8 *data,
-                gsize len)
-{
-  guint8 h[NBD_STRUCTURED_REPLY_SIZE + 8];
-  struct iovec iov[2] = { { h, sizeof h }, { (void *)data, len } };
-
-  chunk_header(h, done ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + len);
-  cbt_nbd_put64(h + 20, offset);
-  return cbt_nbd_writev_full(conn, iov, 2);
-}
-
-static int
-send_hole_chunk(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset, guint32 len)
-{
-  guint8 h[NBD_STRUCTURED_REPLY_SIZE + 12];
-
-  chunk_header(h, done ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_OFFSET_HOLE, cookie, 12);
-  cbt_nbd_put64(h + 20, offset);
-  cbt_nbd_put32(h + 28, len);
-  return cbt_nbd_write_full(conn, h, sizeof h);
-}
-
-/* --- READ ---------------------------------------------------------------------------------- */
-
-typedef struct {
-  guint32 start; /* relative to the request offset */
-  guint32 len;
-  gboolean hole;
-} Run;
-
-/* Split the request into data and hole runs from base:allocation. Failure to learn the status
- * only costs efficiency: the rest is data. */
-static GArray *
-read_runs(CbtNbdConn *conn, const Request *r)
-{
-  GArray *runs = g_array_new(FALSE, FALSE, sizeof(Run));
-  guint32 pos = 0;
-
-  while (pos < r->len) {
-    guint64 pnum = 0;
-    guint32 status = 0;
-    gboolean hole = FALSE;
-    if (runs->len < MAX_READ_RUNS
-        && cbt_blockdev_block_status(conn->exp->bd, r->offset + pos, r->len - pos, &pnum, &status)
-               == 0
-        && pnum > 0 && pnum <= r->len - pos)
-      hole = (status & CBT_BLOCKDEV_STATUS_ZERO) && pnum >= MIN_HOLE_CHUNK;
-    else
-      pnum = r->len - pos;
-    Run *last = runs->len ? &g_array_index(runs, Run, runs->len - 1) : NULL;
-    if (last && last->hole == hole) {
-      last->len += pnum;
-    } else {
-      Run run = { .start = pos, .len = (guint32)pnum, .hole = hole };
-      g_array_append_val(runs, run);
-    }
-    pos += pnum;
+  if (rd->end - rd->start >= want)
+    return TRUE;
+  if (INBUF_SIZE - rd->start < want) {
+    memmove(rd->in, rd->in + rd->start, rd->end - rd->start);
+    rd->end -= rd->start;
+    rd->start = 0;
   }
-  return runs;
+  /* About to wait for the client: whatever it may be waiting for goes out first. */
+  cbt_nbd_cork_flush(&rd->cork);
+  while (rd->end - rd->start < want) {
+    ssize_t r = recv(rd->conn->fd, rd->in + rd->end, INBUF_SIZE - rd->end, 0);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0)
+      return FALSE;
+    rd->end += (gsize)r;
+  }
+  return TRUE;
 }
 
-/* Read the data runs first, so an I/O error is known before any chunk is sent. */
-static int
-do_read(CbtNbdConn *conn, const Request *r)
+/* @len payload bytes into @dst (NULL: drop them), the buffered part first, the rest straight
+ * from the socket. */
+static gboolean
+take_payload(Reader *rd, guint8 *dst, guint64 len)
 {
-  CbtBlockdev *bd = conn->exp->bd;
-  gboolean df = (r->flags & NBD_CMD_FLAG_DF) || !conn->structured;
-  g_autofree guint8 *buf = g_try_malloc(r->len);
-  g_autoptr(GArray) runs = NULL;
-  int err = 0;
+  gsize have = (gsize)MIN(len, rd->end - rd->start);
 
-  if (!buf)
-    return send_error(conn, r, NBD_ENOMEM, "out of memory");
-  if (df) {
-    err = cbt_blockdev_pread(bd, buf, r->offset, r->len);
-  } else {
-    runs = read_runs(conn, r);
-    for (guint i = 0; i < runs->len && !err; i++) {
-      Run *run = &g_array_index(runs, Run, i);
-      if (!run->hole)
-        err = cbt_blockdev_pread(bd, buf + run->start, r->offset + run->start, run->len);
-    }
-  }
-  if (err < 0)
-    return send_error(conn, r, cbt_nbd_errno_to_nbd(-err, r->flags), g_strerror(-err));
-  if (!conn->structured)
-    return send_simple(conn, r->cookie, 0, buf, r->len);
-  if (df)
-    return send_data_chunk(conn, r->cookie, TRUE, r->offset, buf, r->len);
-  for (guint i = 0; i < runs->len; i++) {
-    Run *run = &g_array_index(runs, Run, i);
-    gboolean done = i + 1 == runs->len;
-    int w = run->hole ? send_hole_chunk(conn, r->cookie, done, r->offset + run->start, run->len)
-                      : send_data_chunk(conn, r->cookie, done, r->offset + run->start,
-                                        buf + run->start, run->len);
-    if (w < 0)
-      return w;
-  }
-  return 0;
+  if (dst)
+    memcpy(dst, rd->in + rd->start, have);
+  rd->start += have;
+  if (rd->start == rd->end)
+    rd->start = rd->end = 0;
+  len -= have;
+  if (len == 0)
+    return TRUE;
+  cbt_nbd_cork_flush(&rd->cork);
+  if (!dst)
+    return cbt_nbd_discard(rd->conn, len) == 0;
+  return cbt_nbd_read_full(rd->conn, dst + have, len) == 0;
 }
 
-/* --- BLOCK_STATUS -------------------------------------------------------------------------- */
+/* --- serving --------------------------------------------------------------------------------- */
 
-static int
-send_status_chunk(CbtNbdConn *conn, const Request *r, guint32 id, GArray *ext, gboolean done)
+/* A short READ served from the page cache without blocking; FALSE when it must go to a
+ * worker (not cached, no file, or a short read). */
+static gboolean
+try_read_inline(CbtNbdReq *req)
 {
-  gsize n = ext->len;
-  g_autofree guint8 *buf = g_malloc(NBD_STRUCTURED_REPLY_SIZE + 4 + 8 * n);
-
-  chunk_header(buf, done ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_BLOCK_STATUS, r->cookie,
-               4 + 8 * n);
-  cbt_nbd_put32(buf + 20, id);
-  for (gsize i = 0; i < n; i++) {
-    CbtNbdExtent *e = &g_array_index(ext, CbtNbdExtent, i);
-    cbt_nbd_put32(buf + 24 + 8 * i, e->len);
-    cbt_nbd_put32(buf + 28 + 8 * i, e->flags);
-  }
-  return cbt_nbd_write_full(conn, buf, NBD_STRUCTURED_REPLY_SIZE + 4 + 8 * n);
-}
-
-static int
-do_block_status(CbtNbdConn *conn, const Request *r)
-{
-  gboolean one = (r->flags & NBD_CMD_FLAG_REQ_ONE) != 0;
-
-  for (guint i = 0; i < conn->meta->len; i++) {
-    CbtNbdMetaSel *sel = &g_array_index(conn->meta, CbtNbdMetaSel, i);
-    g_autoptr(GArray) ext = g_array_new(FALSE, FALSE, sizeof(CbtNbdExtent));
-    int err = cbt_nbd_status_extents(conn->exp, sel, r->offset, r->len, one, ext);
-    if (err < 0 || ext->len == 0) {
-      /* Status 0 ("data", "clean") is always a safe answer (nbd-server.md §10). */
-      CbtNbdExtent e = { (guint32)MIN(r->len, CBT_NBD_MAX_STATUS_LEN - (r->offset & 4095)), 0 };
-      g_array_set_size(ext, 0);
-      g_array_append_val(ext, e);
-    }
-    if (send_status_chunk(conn, r, sel->id, ext, i + 1 == conn->meta->len) < 0)
-      return -1;
-  }
-  return 0;
-}
-
-/* --- the other commands -------------------------------------------------------------------- */
-
-static int
-run_command(CbtNbdConn *conn, const Request *r, const guint8 *payload)
-{
-  CbtNbdExport *exp = conn->exp;
-  guint bflags = (r->flags & NBD_CMD_FLAG_FUA) ? CBT_BLOCKDEV_FUA : 0;
-
-  switch (r->type) {
-  case NBD_CMD_WRITE:
-    if (exp->writethrough)
-      bflags |= CBT_BLOCKDEV_FUA;
-    return cbt_blockdev_pwrite(exp->bd, payload, r->offset, r->len, bflags);
-  case NBD_CMD_FLUSH:
-    return cbt_blockdev_flush(exp->bd);
-  case NBD_CMD_TRIM:
-    return cbt_blockdev_discard(exp->bd, r->offset, r->len, bflags);
-  case NBD_CMD_WRITE_ZEROES:
-    if (!(r->flags & NBD_CMD_FLAG_NO_HOLE))
-      bflags |= CBT_BLOCKDEV_MAY_UNMAP;
-    if (r->flags & NBD_CMD_FLAG_FAST_ZERO)
-      bflags |= CBT_BLOCKDEV_NO_FALLBACK;
-    if (exp->writethrough)
-      bflags |= CBT_BLOCKDEV_FUA;
-    return cbt_blockdev_write_zeroes(exp->bd, r->offset, r->len, bflags);
-  case NBD_CMD_CACHE:
-    return 0; /* advisory; the page cache does the rest */
-  }
-  return -EINVAL;
-}
-
-/* Run a valid request and reply. Returns -1 when the connection is unusable. */
-static int
-dispatch(CbtNbdConn *conn, const Request *r, const guint8 *payload)
-{
-  CbtBlockdev *bd = conn->exp->bd;
-  int ret;
+  CbtBlockdev *bd = req->conn->exp->bd;
+  guint64 fd_offset;
+  gboolean ok = FALSE;
 
   cbt_blockdev_io_begin(bd);
-  if (r->type == NBD_CMD_READ) {
-    ret = do_read(conn, r);
-  } else if (r->type == NBD_CMD_BLOCK_STATUS) {
-    ret = do_block_status(conn, r);
-  } else {
-    int err = run_command(conn, r, payload);
-    ret = err < 0 ? send_error(conn, r, cbt_nbd_errno_to_nbd(-err, r->flags), g_strerror(-err))
-                  : send_simple(conn, r->cookie, 0, NULL, 0);
+  int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
+  if (fd >= 0) {
+    struct iovec iov = { req->buf, req->len };
+    ok = preadv2(fd, &iov, 1, (off_t)(fd_offset + req->offset), RWF_NOWAIT) == (ssize_t)req->len;
+    if (ok)
+      cbt_nbd_execute_read_prefilled(req);
   }
   cbt_blockdev_io_end(bd);
-  return ret;
+  return ok;
+}
+
+/* Whether [offset, offset + len) of @fd is all in the page cache, so sending it cannot block on
+ * the disk. FALSE when unknown. */
+static gboolean
+all_cached(int fd, guint64 offset, guint64 len)
+{
+  static gint unsupported;
+  guint64 page = (guint64)sysconf(_SC_PAGESIZE); /* cachestat counts pages */
+  guint64 first = offset / page, last = (offset + len - 1) / page;
+  CacheRange range = { first * page, (last - first + 1) * page };
+  CacheStat cs;
+
+  if (g_atomic_int_get(&unsupported))
+    return FALSE;
+  if (syscall(CBT_NR_CACHESTAT, fd, &range, &cs, 0) < 0) {
+    if (errno == ENOSYS)
+      g_atomic_int_set(&unsupported, 1);
+    return FALSE;
+  }
+  return cs.nr_cache == last - first + 1;
+}
+
+/* A long READ sent zero-copy from the page cache by the reader; FALSE when it must go to a
+ * worker (not all cached, or no file). */
+static gboolean
+try_send_inline(CbtNbdPool *pool, CbtNbdReq *req)
+{
+  CbtBlockdev *bd = req->conn->exp->bd;
+  guint64 fd_offset;
+  gboolean ok = FALSE;
+
+  cbt_blockdev_io_begin(bd);
+  int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
+  ok = fd >= 0 && all_cached(fd, fd_offset + req->offset, req->len);
+  cbt_blockdev_io_end(bd);
+  if (ok)
+    cbt_nbd_execute(pool, req);
+  return ok;
+}
+
+static gboolean
+cheap_write(CbtNbdConn *conn, const CbtNbdReq *req)
+{
+  return req->type == NBD_CMD_WRITE && req->len <= CBT_NBD_INLINE_MAX
+         && !(req->flags & NBD_CMD_FLAG_FUA) && !conn->exp->writethrough;
+}
+
+/* Serve @req on the reader's thread when that cannot block; FALSE: a worker must. */
+static gboolean
+serve_inline(Reader *rd, CbtNbdReq *req, gboolean buffered)
+{
+  if (req->type == NBD_CMD_READ)
+    return buffered ? req->len <= CBT_NBD_INLINE_MAX && try_read_inline(req)
+                    : try_send_inline(rd->pool, req);
+  if (!cheap_write(rd->conn, req))
+    return FALSE;
+  cbt_nbd_execute(rd->pool, req);
+  return TRUE;
+}
+
+/* Admit a valid request (its payload, if any, still on the socket) and start it. */
+static gboolean
+start_request(Reader *rd, const Request *r)
+{
+  CbtNbdConn *conn = rd->conn;
+  gsize need = 0;
+
+  if (r->type == NBD_CMD_WRITE
+      || (r->type == NBD_CMD_READ && cbt_nbd_read_needs_buffer(conn, r->len)))
+    need = r->len;
+  CbtNbdReq *req = cbt_nbd_pool_admit(rd->pool, r->type, need);
+  if (!req)
+    return FALSE;
+  req->flags = r->flags;
+  req->type = r->type;
+  req->cookie = r->cookie;
+  req->offset = r->offset;
+  req->len = r->len;
+  if (r->type == NBD_CMD_WRITE && !take_payload(rd, req->buf, r->len)) {
+    cbt_nbd_pool_complete(rd->pool, req);
+    return FALSE;
+  }
+  if (serve_inline(rd, req, need != 0))
+    cbt_nbd_pool_complete(rd->pool, req);
+  else
+    cbt_nbd_pool_submit(rd->pool, req);
+  return TRUE;
 }
 
 /* One request; FALSE ends the connection (DISC, EOF, protocol violation, dead socket). */
 static gboolean
-serve_one(CbtNbdConn *conn)
+serve_one(Reader *rd)
 {
-  guint8 h[NBD_REQUEST_SIZE];
   const char *msg = NULL;
 
-  if (cbt_nbd_read_full(conn, h, sizeof h) < 0)
+  if (!fill(rd, NBD_REQUEST_SIZE))
     return FALSE;
+  const guint8 *h = rd->in + rd->start;
   if (cbt_nbd_get32(h) != NBD_REQUEST_MAGIC)
     return FALSE; /* the stream cannot be resynchronised */
   Request r = { .flags = cbt_nbd_get16(h + 4),
@@ -354,35 +274,46 @@ serve_one(CbtNbdConn *conn)
                 .cookie = cbt_nbd_get64(h + 8),
                 .offset = cbt_nbd_get64(h + 16),
                 .len = cbt_nbd_get32(h + 24) };
+  rd->start += NBD_REQUEST_SIZE;
   if (r.type == NBD_CMD_DISC)
     return FALSE;
 
-  guint32 err = validate(conn, &r, &msg);
-  g_autofree guint8 *payload = NULL;
-  if (r.type == NBD_CMD_WRITE) {
-    if (err) {
-      /* Consume the payload unbuffered; beyond twice the maximum it is a DoS, not a client. */
-      if (r.len > CBT_NBD_MAX_DISCARD_WRITE || cbt_nbd_discard(conn, r.len) < 0)
-        return FALSE;
-    } else {
-      payload = g_try_malloc(r.len);
-      if (!payload)
-        return FALSE;
-      if (cbt_nbd_read_full(conn, payload, r.len) < 0)
-        return FALSE;
-    }
-  }
-  if (err) {
-    g_debug("NBD request type %u flags 0x%x offset %" G_GUINT64_FORMAT " len %u refused: %s",
-            r.type, r.flags, r.offset, r.len, msg);
-    return send_error(conn, &r, err, msg) == 0;
-  }
-  return dispatch(conn, &r, payload) == 0;
+  guint32 err = validate(rd->conn, &r, &msg);
+  if (!err)
+    return start_request(rd, &r);
+  /* Consume a refused WRITE's payload unbuffered; beyond twice the maximum it is a DoS, not a
+   * client. */
+  if (r.type == NBD_CMD_WRITE
+      && (r.len > CBT_NBD_MAX_DISCARD_WRITE || !take_payload(rd, NULL, r.len)))
+    return FALSE;
+  g_debug("NBD request type %u flags 0x%x offset %" G_GUINT64_FORMAT " len %u refused: %s",
+          r.type, r.flags, r.offset, r.len, msg);
+  cbt_nbd_reply_error(rd->conn, r.cookie, err, msg);
+  return TRUE;
+}
+
+/* Batch the reader's replies only while more requests are waiting, and not too many. */
+static void
+cork_or_flush(Reader *rd)
+{
+  if (rd->end - rd->start < NBD_REQUEST_SIZE || rd->cork.replies >= CBT_NBD_CORK_REPLIES)
+    cbt_nbd_cork_flush(&rd->cork);
 }
 
 void
 cbt_nbd_transmit(CbtNbdConn *conn)
 {
-  while (serve_one(conn))
-    ;
+  Reader rd = { .conn = conn, .pool = cbt_nbd_pool_new(conn), .in = g_malloc(INBUF_SIZE) };
+
+  rd.cork = (CbtNbdCork){ .conn = conn };
+  cbt_nbd_cork_set(&rd.cork);
+  while (serve_one(&rd))
+    cork_or_flush(&rd);
+  cbt_nbd_cork_flush(&rd.cork);
+  cbt_nbd_cork_set(NULL);
+  g_free(rd.cork.buf);
+  /* DISC or the end: every admitted request is answered (or its reply dropped on a dead
+   * socket) before the connection goes. */
+  cbt_nbd_pool_free(rd.pool);
+  g_free(rd.in);
 }

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 
 /* Wait until @fd is readable or the handshake deadline passes. */
@@ -96,4 +97,39 @@ cbt_nbd_write_full(CbtNbdConn *conn, const void *buf, gsize len)
 {
   struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
   return cbt_nbd_writev_full(conn, &iov, 1);
+}
+
+/* Zeroes for the part of a zero-copy read past the end of a file that shrank under us. */
+static int
+write_zeroes(CbtNbdConn *conn, gsize len)
+{
+  static const guint8 zero[16384];
+
+  while (len > 0) {
+    gsize n = MIN(len, sizeof zero);
+    if (cbt_nbd_write_full(conn, zero, n) < 0)
+      return -1;
+    len -= n;
+  }
+  return 0;
+}
+
+int
+cbt_nbd_sendfile_full(CbtNbdConn *conn, int fd, guint64 offset, gsize len)
+{
+  off_t off = (off_t)offset;
+
+  while (len > 0) {
+    /* The daemon ignores SIGPIPE; sendfile has no MSG_NOSIGNAL. */
+    ssize_t r = sendfile(conn->fd, fd, &off, MIN(len, (gsize)1 << 30));
+    if (r < 0) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    if (r == 0)
+      return write_zeroes(conn, len);
+    len -= (gsize)r;
+  }
+  return 0;
 }

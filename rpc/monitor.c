@@ -260,10 +260,13 @@ void cbt_rpc_monitors_free(CbtRpcMonitors *mons)
 }
 
 /* A listening unix socket at @path, with QEMU's error texts. A stale socket file is replaced;
- * unlike QEMU, any other kind of file is left alone (bind then fails with EADDRINUSE). */
+ * unlike QEMU, any other kind of file is left alone (bind then fails with EADDRINUSE).
+ * The socket is bound and listening under a temporary name first and renamed into place, so a
+ * client that sees the path never gets "connection refused". */
 static GSocket *bind_unix(const char *path, GError **error)
 {
   struct sockaddr_un sa = { .sun_family = AF_UNIX };
+  g_autofree char *tmp = g_strdup_printf("%s.%d~", path, (int)getpid());
   GStatBuf st;
   int fd, err;
 
@@ -272,7 +275,11 @@ static GSocket *bind_unix(const char *path, GError **error)
                 "UNIX socket path '%s' is too long", path);
     return NULL;
   }
-  strcpy(sa.sun_path, path);
+  gboolean exists = g_lstat(path, &st) == 0;
+  /* Publish by rename only where that cannot clobber a non-socket file or overflow sun_path. */
+  const char *bind_path = strlen(tmp) < sizeof(sa.sun_path) && (!exists || S_ISSOCK(st.st_mode))
+                            ? tmp : path;
+  strcpy(sa.sun_path, bind_path);
   fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     err = errno;
@@ -280,8 +287,10 @@ static GSocket *bind_unix(const char *path, GError **error)
                 g_strerror(err));
     return NULL;
   }
-  if (g_lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+  if (bind_path == path && exists && S_ISSOCK(st.st_mode))
     g_unlink(path);
+  if (bind_path != path)
+    g_unlink(tmp);
   if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
     err = errno;
     close(fd);
@@ -289,10 +298,10 @@ static GSocket *bind_unix(const char *path, GError **error)
                 path, g_strerror(err));
     return NULL;
   }
-  if (listen(fd, 16) < 0) {
+  if (listen(fd, 16) < 0 || (bind_path != path && rename(tmp, path) < 0)) {
     err = errno;
     close(fd);
-    g_unlink(path);
+    g_unlink(bind_path);
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Failed to listen on socket: %s",
                 g_strerror(err));
     return NULL;

@@ -1,0 +1,225 @@
+/* nbd/reply.c — encoding and sending transmission replies.
+ *
+ * Several workers answer one connection, so each reply goes out whole under conn->send_lock:
+ * the chunks of one structured reply are never interleaved with another's. Header and payload
+ * leave in one sendmsg; zero-copy data follows its header with sendfile. Once a send fails the
+ * socket is shut down (the reader stops) and later replies on it are dropped.
+ *
+ * Corking: while the reader serves requests itself and more are already buffered, its replies
+ * are gathered (copied) into a batch and leave in one sendmsg: one syscall for many small
+ * replies. Only whole replies are batched, and any direct send by the corking thread flushes the
+ * batch first, so bytes of one reply stay in order and together.
+ */
+#include "nbd/nbd-internal.h"
+
+#include <sys/socket.h>
+
+static __thread CbtNbdCork *cork; /* the calling thread's batch, or NULL */
+
+static void
+sent(CbtNbdConn *conn, int r)
+{
+  if (r < 0 && !conn->send_failed) {
+    conn->send_failed = TRUE;
+    shutdown(conn->fd, SHUT_RDWR);
+  }
+}
+
+static void
+flush_locked(CbtNbdConn *conn)
+{
+  if (!cork || cork->conn != conn || cork->len == 0)
+    return;
+  if (!conn->send_failed)
+    sent(conn, cbt_nbd_write_full(conn, cork->buf, cork->len));
+  cork->len = 0;
+  cork->replies = 0;
+}
+
+void
+cbt_nbd_cork_set(CbtNbdCork *c)
+{
+  cork = c;
+}
+
+void
+cbt_nbd_cork_flush(CbtNbdCork *c)
+{
+  if (c->len == 0)
+    return;
+  CbtNbdCork *saved = cork;
+  cork = c;
+  pthread_mutex_lock(&c->conn->send_lock);
+  flush_locked(c->conn);
+  pthread_mutex_unlock(&c->conn->send_lock);
+  cork = saved;
+}
+
+static void
+sendv_locked(CbtNbdConn *conn, struct iovec *iov, int n)
+{
+  if (conn->send_failed)
+    return;
+  if (cork && cork->conn == conn) {
+    gsize total = 0;
+    for (int i = 0; i < n; i++)
+      total += iov[i].iov_len;
+    if (total > CBT_NBD_CORK_SIZE - cork->len)
+      flush_locked(conn);
+    if (!cork->buf)
+      cork->buf = g_malloc(CBT_NBD_CORK_SIZE); /* only connections that batch pay for it */
+    if (total <= CBT_NBD_CORK_SIZE / 2) {
+      for (int i = 0; i < n; i++) {
+        memcpy(cork->buf + cork->len, iov[i].iov_base, iov[i].iov_len);
+        cork->len += iov[i].iov_len;
+      }
+      cork->replies++;
+      return;
+    }
+  }
+  sent(conn, cbt_nbd_writev_full(conn, iov, n));
+}
+
+static void
+chunk_header(guint8 *h, gboolean done, guint16 type, guint64 cookie, guint32 len)
+{
+  cbt_nbd_put32(h, NBD_STRUCTURED_REPLY_MAGIC);
+  cbt_nbd_put16(h + 4, done ? NBD_REPLY_FLAG_DONE : 0);
+  cbt_nbd_put16(h + 6, type);
+  cbt_nbd_put64(h + 8, cookie);
+  cbt_nbd_put32(h + 16, len);
+}
+
+static void
+simple_header(guint8 *h, guint64 cookie, guint32 err)
+{
+  cbt_nbd_put32(h, NBD_SIMPLE_REPLY_MAGIC);
+  cbt_nbd_put32(h + 4, err);
+  cbt_nbd_put64(h + 8, cookie);
+}
+
+void
+cbt_nbd_reply_simple(CbtNbdConn *conn, guint64 cookie, guint32 err, const void *data, gsize len)
+{
+  guint8 h[NBD_SIMPLE_REPLY_SIZE];
+  struct iovec iov[2] = { { h, sizeof h }, { (void *)data, len } };
+
+  simple_header(h, cookie, err);
+  pthread_mutex_lock(&conn->send_lock);
+  sendv_locked(conn, iov, len ? 2 : 1);
+  pthread_mutex_unlock(&conn->send_lock);
+}
+
+void
+cbt_nbd_reply_error_locked(CbtNbdConn *conn, guint64 cookie, guint32 err, const char *msg)
+{
+  if (!conn->structured) {
+    guint8 s[NBD_SIMPLE_REPLY_SIZE];
+    struct iovec iov = { s, sizeof s };
+    simple_header(s, cookie, err);
+    sendv_locked(conn, &iov, 1);
+    return;
+  }
+  gsize ml = msg ? strlen(msg) : 0;
+  guint8 h[NBD_STRUCTURED_REPLY_SIZE + 6];
+  struct iovec iov[2] = { { h, sizeof h }, { (void *)msg, ml } };
+
+  chunk_header(h, TRUE, NBD_REPLY_TYPE_ERROR, cookie, 6 + ml);
+  cbt_nbd_put32(h + 20, err);
+  cbt_nbd_put16(h + 24, ml);
+  sendv_locked(conn, iov, ml ? 2 : 1);
+}
+
+void
+cbt_nbd_reply_error(CbtNbdConn *conn, guint64 cookie, guint32 err, const char *msg)
+{
+  pthread_mutex_lock(&conn->send_lock);
+  cbt_nbd_reply_error_locked(conn, cookie, err, msg);
+  pthread_mutex_unlock(&conn->send_lock);
+}
+
+void
+cbt_nbd_reply_data_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
+                          const void *data, gsize len)
+{
+  guint8 h[NBD_STRUCTURED_REPLY_SIZE + 8];
+  struct iovec iov[2] = { { h, sizeof h }, { (void *)data, len } };
+
+  chunk_header(h, done, NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + len);
+  cbt_nbd_put64(h + 20, offset);
+  sendv_locked(conn, iov, 2);
+}
+
+static void
+sendfile_locked(CbtNbdConn *conn, guint8 *h, gsize hlen, int fd, guint64 fd_offset, gsize len)
+{
+  flush_locked(conn);
+  if (conn->send_failed)
+    return;
+  /* The header cannot ride in the same call; a failure after it cannot be reported in-band,
+   * so the connection is dropped (nbd-server.md §8, READ). */
+  int r = cbt_nbd_write_full(conn, h, hlen);
+  if (r == 0)
+    r = cbt_nbd_sendfile_full(conn, fd, fd_offset, len);
+  sent(conn, r);
+}
+
+void
+cbt_nbd_reply_data_fd_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
+                             int fd, guint64 fd_offset, gsize len)
+{
+  guint8 h[NBD_STRUCTURED_REPLY_SIZE + 8];
+
+  chunk_header(h, done, NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + len);
+  cbt_nbd_put64(h + 20, offset);
+  sendfile_locked(conn, h, sizeof h, fd, fd_offset, len);
+}
+
+void
+cbt_nbd_reply_simple_fd_locked(CbtNbdConn *conn, guint64 cookie, int fd, guint64 fd_offset,
+                               gsize len)
+{
+  guint8 h[NBD_SIMPLE_REPLY_SIZE];
+
+  simple_header(h, cookie, 0);
+  sendfile_locked(conn, h, sizeof h, fd, fd_offset, len);
+}
+
+void
+cbt_nbd_reply_hole_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
+                          guint32 len)
+{
+  guint8 h[NBD_STRUCTURED_REPLY_SIZE + 12];
+  struct iovec iov = { h, sizeof h };
+
+  chunk_header(h, done, NBD_REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+  cbt_nbd_put64(h + 20, offset);
+  cbt_nbd_put32(h + 28, len);
+  sendv_locked(conn, &iov, 1);
+}
+
+/* Descriptors are encoded in pieces through a small buffer: no allocation per reply. */
+void
+cbt_nbd_reply_status_locked(CbtNbdConn *conn, guint64 cookie, guint32 id, GArray *ext,
+                            gboolean done)
+{
+  guint8 h[NBD_STRUCTURED_REPLY_SIZE + 4];
+  guint8 body[4096];
+  gsize n = ext->len, i = 0;
+  struct iovec iov[2] = { { h, sizeof h }, { body, 0 } };
+
+  chunk_header(h, done, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * n);
+  cbt_nbd_put32(h + 20, id);
+  do {
+    gsize k = MIN(n - i, sizeof body / 8);
+    for (gsize j = 0; j < k; j++) {
+      CbtNbdExtent *e = &g_array_index(ext, CbtNbdExtent, i + j);
+      cbt_nbd_put32(body + 8 * j, e->len);
+      cbt_nbd_put32(body + 8 * j + 4, e->flags);
+    }
+    iov[1] = (struct iovec){ body, 8 * k };
+    /* The header goes with the first piece only. */
+    sendv_locked(conn, i == 0 ? iov : iov + 1, i == 0 ? 2 : 1);
+    i += k;
+  } while (i < n && !conn->send_failed);
+}
