@@ -1,0 +1,529 @@
+#!/usr/bin/env python3
+"""The data-path benchmark: cbtd side by side with qemu-storage-daemon, qemu-nbd and nbdkit.
+
+Usage: nbd-bench.py --build BUILD_DIR [--quick] [--only cbtd,qsd,...] [--phases main,sparse]
+
+Every server runs on the same image behind a unix socket and is driven by the same clients
+(nbdcopy, nbdinfo, bench/nbd-loadgen, bench/qmp-ping). Each point is the median of REPS runs
+with [min-max]; the table ends with the ratio cbtd / reference and PASS/MISS against the
+targets of docs/performance.md. Everything lives in one temp dir, removed at exit; every server
+is stopped at exit, on a signal, and (PR_SET_PDEATHSIG) if this script itself is killed.
+"""
+import argparse
+import ctypes
+import json
+import os
+import signal
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+GiB = 1 << 30
+TiB = 1 << 40
+SERVERS = ("cbtd", "qsd", "qemu-nbd", "nbdkit")
+ANCHORS = ("qsd", "qemu-nbd", "nbdkit")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Cfg:
+    reps = 3            # repetitions per point
+    seq_reps = 2        # the QEMU servers need ~20 s per 4 GiB pass: 2 keep make bench < 10 min
+    rand_secs = 1.0     # fixed duration of each random-I/O point
+    seq_size = 4 * GiB  # the page-cached image
+    cycles = 1000       # connect/GO/disconnect cycles per point
+    qmp_rts = 10000     # QMP round trips per point
+    dirty = 100000      # scattered dirty chunks / data extents in the 1 TiB device
+    bitmaps = (0, 1, 8)
+    dmap_batch = 10     # dirty-bitmap maps per point (time and CPU are per map)
+
+
+def quick(cfg):
+    cfg.reps, cfg.seq_reps, cfg.rand_secs, cfg.seq_size = 1, 1, 0.5, 1 * GiB
+    cfg.cycles, cfg.qmp_rts, cfg.dirty, cfg.dmap_batch = 200, 1000, 10000, 2
+
+
+# ---- processes ----------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_live = []
+
+
+def _die_with_parent():
+    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no server outlives the benchmark
+
+
+def _on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def vm_hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+class Qmp:
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.f = self.sock.makefile("rwb")
+        json.loads(self.f.readline())  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, command, **args):
+        msg = {"execute": command}
+        if args:
+            msg["arguments"] = args
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        while True:
+            reply = json.loads(self.f.readline())
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"{command}: {reply['error']['desc']}")
+
+    def close(self):
+        self.f.close()
+        self.sock.close()
+
+
+class Server:
+    """One server process on one image; `argv` documents the exact command line."""
+
+    def __init__(self, kind, tmp, image, build, read_only=False):
+        self.kind, self.tmp, self.image = kind, tmp, image
+        self.sock = os.path.join(tmp, f"{kind}.nbd")
+        self.qmp_path = os.path.join(tmp, f"{kind}.qmp")
+        self.argv = self.command(build, read_only)
+        self.proc = None
+        self.qmp = None
+
+    def command(self, build, ro):
+        img, sock = self.image, self.sock
+        if self.kind in ("cbtd", "qsd"):
+            exe = os.path.join(build, "daemon", "cbtd") if self.kind == "cbtd" \
+                else "qemu-storage-daemon"
+            # Identical options: cbtd takes qemu-storage-daemon's command line.
+            return [exe,
+                    "--chardev", f"socket,id=m,path={self.qmp_path},server=on,wait=off",
+                    "--monitor", "chardev=m",
+                    # A QEMU chardev serves one client at a time: qmp-ping gets its own.
+                    "--chardev", f"socket,id=m2,path={self.qmp_path}2,server=on,wait=off",
+                    "--monitor", "chardev=m2",
+                    "--blockdev", f"driver=file,node-name=disk,filename={img}",
+                    "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                    "--export", "type=nbd,id=e,node-name=disk,name=e,"
+                    + ("writable=off" if ro else "writable=on"),
+                    # qsd 7.2 advertises multi-conn only on read-only exports.
+                    "--export", "type=nbd,id=ro,node-name=disk,name=ro,writable=off"]
+        if self.kind == "qemu-nbd":
+            return ["qemu-nbd", "-f", "raw", "-t", "--cache=writeback", "--aio=threads",
+                    "-e", "8", "-x", "e", "-k", sock] + (["-r"] if ro else []) + [img]
+        return ["nbdkit", "-f", "-U", sock] + (["-r"] if ro else []) + ["file", img]
+
+    def uri(self, export="e"):
+        if self.kind in ("qemu-nbd", "nbdkit"):
+            export = "e"  # one export; nbdkit's file plugin ignores the name
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def start(self):
+        for path in (self.sock, self.qmp_path, self.qmp_path + "2"):
+            if os.path.exists(path):  # left by the previous instance of this server
+                os.unlink(path)
+        self.log = open(os.path.join(self.tmp, f"{self.kind}.log"), "wb")
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        _live.append(self)
+        wait_for = [self.sock] + ([self.qmp_path] if self.kind in ("cbtd", "qsd") else [])
+        deadline = time.monotonic() + 20
+        while not all(self._accepts(p) for p in wait_for):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.kind} did not start: {' '.join(self.argv)}\n"
+                                   + self.tail())
+            time.sleep(0.02)
+        if self.kind in ("cbtd", "qsd"):
+            self.qmp = Qmp(self.qmp_path)
+        return self
+
+    @staticmethod
+    def _accepts(path):
+        if not os.path.exists(path):
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(path)
+                return True
+            except OSError:
+                return False
+
+    def tail(self):
+        with open(os.path.join(self.tmp, f"{self.kind}.log"), "rb") as f:
+            return f.read()[-2000:].decode(errors="replace")
+
+    def cpu(self):
+        return cpu_seconds(self.proc.pid)
+
+    def hwm_mib(self):
+        return vm_hwm_kib(self.proc.pid) / 1024
+
+    def stop(self):
+        if self.qmp:
+            self.qmp.close()
+            self.qmp = None
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self in _live:
+            _live.remove(self)
+        self.log.close()
+
+
+def stop_all():
+    for s in list(_live):
+        try:
+            s.stop()
+        except Exception as e:  # keep stopping the others
+            print(f"nbd-bench: stopping {s.kind}: {e}", file=sys.stderr)
+
+
+def run(argv, **kw):
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return r.stdout
+
+
+def kv(line):
+    return {k: float(v) for k, v in (w.split("=") for w in line.split() if "=" in w)}
+
+
+def timed(argv, server=None):
+    """Wall time of argv, and the server's CPU seconds over it."""
+    c0 = server.cpu() if server else 0
+    t0 = time.monotonic()
+    out = run(argv)
+    t = time.monotonic() - t0
+    return t, (server.cpu() - c0 if server else 0), out
+
+
+# ---- results ------------------------------------------------------------------------------
+
+class Results:
+    def __init__(self):
+        self.points = {}  # (row, server) -> [values]
+
+    def add(self, row, server, value):
+        self.points.setdefault((row, server), []).append(value)
+
+    def get(self, row, server):
+        v = self.points.get((row, server))
+        return statistics.median(v) if v else None
+
+    def cell(self, row, server, fmt):
+        v = self.points.get((row, server))
+        if not v:
+            return "-"
+        med = fmt.format(statistics.median(v))
+        return med if len(v) == 1 else f"{med} [{fmt.format(min(v))}-{fmt.format(max(v))}]"
+
+
+# ---- loads --------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args, cfg, tmp):
+        self.args, self.cfg, self.tmp = args, cfg, tmp
+        self.build = args.build
+        self.res = Results()
+        self.tool = lambda name: os.path.join(self.build, "bench", name)
+        self.cmdlines = {}
+
+    def loadgen(self, uri, *opts):
+        return kv(run([self.tool("nbd-loadgen"), uri] + list(opts)).splitlines()[-1])
+
+    def ceiling(self):
+        for _ in range(self.cfg.reps):
+            out = kv(run([self.tool("sock-ceiling"), str(self.cfg.seq_size // GiB)]))
+            self.res.add("ceiling", "-", out["gibps"])
+
+    def seq_read(self, srv):
+        for conns in (1, 4):
+            uri = srv.uri("ro" if conns > 1 else "e")
+            t, _, _ = timed(["nbdcopy", "--requests=8", "--request-size=1048576",
+                             f"--connections={conns}", uri, "null:"])
+            self.res.add(f"seq{conns}", srv.kind, self.cfg.seq_size / t / GiB)
+
+    def random_io(self, srv):
+        for op in ("read", "write"):
+            for depth in (1, 32):
+                r = self.loadgen(srv.uri(), f"--op={op}", f"--depth={depth}",
+                                 f"--seconds={self.cfg.rand_secs}", "--seed=7")
+                self.res.add(f"rand-{op}{depth}", srv.kind, r["iops"])
+
+    def connects(self, srv):
+        r = self.loadgen(srv.uri(), f"--connect-cycles={self.cfg.cycles}")
+        self.res.add("connect", srv.kind, r["per_cycle_us"])
+
+    def qmp_rtt(self, srv):
+        out = kv(run([self.tool("qmp-ping"), srv.qmp_path + "2", str(self.cfg.qmp_rts)]))
+        self.res.add("qmp", srv.kind, out["per_rt_us"])
+
+    def bitmap_writes(self, srv, have):
+        """Random 4 KiB writes, 32 in flight, with n recording bitmaps; `have` tracks them."""
+        for n in self.cfg.bitmaps:
+            while len(have) < n:
+                name = f"b{len(have)}"
+                srv.qmp.cmd("block-dirty-bitmap-add", node="disk", name=name,
+                            granularity=65536)
+                have.append(name)
+            while len(have) > n:
+                srv.qmp.cmd("block-dirty-bitmap-remove", node="disk", name=have.pop())
+            c0 = srv.cpu()
+            r = self.loadgen(srv.uri(), "--op=write", "--depth=32",
+                             f"--seconds={self.cfg.rand_secs}", "--seed=11")
+            cpu = srv.cpu() - c0
+            self.res.add(f"bm{n}-iops", srv.kind, r["iops"])
+            self.res.add(f"bm{n}-cpu", srv.kind, cpu * 1e6 / r["ops"])
+
+    def main_image(self, image):
+        """Every load on the 4 GiB page-cached image, one server at a time."""
+        for kind in self.kinds:
+            srv = Server(kind, self.tmp, image, self.build)
+            self.cmdlines[f"{kind} (4 GiB image)"] = srv.argv
+            srv.start()
+            try:
+                have = []
+                for rep in range(self.cfg.reps):
+                    if rep < self.cfg.seq_reps:
+                        self.seq_read(srv)
+                    self.random_io(srv)
+                    self.connects(srv)
+                    if kind in ("cbtd", "qsd"):
+                        self.qmp_rtt(srv)
+                        self.bitmap_writes(srv, have)
+                self.res.add("rss", kind, srv.hwm_mib())
+            finally:
+                srv.stop()
+            log(f"{kind}: 4 GiB image loads done")
+
+    def sparse_device(self, image):
+        """1 TiB: dirty 100,000 scattered chunks through NBD, then map bitmap and allocation."""
+        cfg = self.cfg
+        for kind in self.kinds:
+            ro = kind in ("qemu-nbd", "nbdkit")
+            srv = Server(kind, self.tmp, image, self.build, read_only=ro)
+            self.cmdlines[f"{kind} (1 TiB sparse)"] = srv.argv
+            srv.start()
+            try:
+                if not ro:
+                    self.dirty(srv)
+                for _ in range(cfg.reps):
+                    if not ro:
+                        # Several maps per point: the kernel counts CPU in 10 ms ticks.
+                        c0, t = srv.cpu(), 0
+                        for _ in range(cfg.dmap_batch):
+                            dt, _, out = timed(["nbdinfo", "--map=qemu:dirty-bitmap:d",
+                                                srv.uri("ro")])
+                            self.check_map(out, "dirty", kind)
+                            t += dt
+                        self.res.add("dmap-time", kind, t / cfg.dmap_batch)
+                        self.res.add("dmap-cpu", kind, (srv.cpu() - c0) * 1e3 / cfg.dmap_batch)
+                    t, cpu, out = timed(["nbdinfo", "--map", srv.uri("ro")], srv)
+                    self.check_map(out, "data", kind)
+                    self.res.add("amap-time", kind, t)
+                    self.res.add("amap-cpu", kind, cpu * 1e3)
+                if not ro:
+                    self.res.add("rss-tib", kind, srv.hwm_mib())
+            finally:
+                srv.stop()
+            log(f"{kind}: 1 TiB maps done")
+
+    def dirty(self, srv):
+        q = srv.qmp
+        q.cmd("block-dirty-bitmap-add", node="disk", name="d", granularity=65536)
+        self.loadgen(srv.uri(), "--op=write", "--depth=32", f"--spread={self.cfg.dirty}",
+                     f"--count={self.cfg.dirty}", "--seed=5")
+        q.cmd("block-dirty-bitmap-disable", node="disk", name="d")
+        # A backup's point-in-time view: a read-only export publishing the frozen bitmap.
+        q.cmd("block-export-del", id="ro")
+        deadline = time.monotonic() + 10
+        while any(e.get("id") == "ro" for e in q.cmd("query-block-exports")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("export ro did not go away")
+            time.sleep(0.01)
+        q.cmd("block-export-add", type="nbd", id="ro", **{"node-name": "disk"}, name="ro",
+              writable=False, bitmaps=["d"])
+
+    def check_map(self, out, what, kind):
+        """The map must cover exactly the chunks/extents written, or the timing means nothing.
+        (Two dirty chunks in neighbouring stripes may merge into one run: count bytes.)"""
+        want_type, unit = ("1", 65536) if what == "dirty" else ("0", 4096)
+        got = sum(int(f[1]) for f in (line.split() for line in out.splitlines())
+                  if len(f) >= 3 and f[2] == want_type)
+        if got != self.cfg.dirty * unit:
+            raise RuntimeError(f"{kind}: {what} map covers {got} bytes, "
+                               f"expected {self.cfg.dirty} x {unit}")
+
+
+def log(msg):
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_image(path, size):
+    """A fully written (not sparse), page-cached image of non-zero data."""
+    block = bytes(range(256)) * 4096  # 1 MiB
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+
+
+# ---- the table ----------------------------------------------------------------------------
+
+def ref_best(res, row, anchors, higher):
+    vals = [(res.get(row, a), a) for a in anchors if res.get(row, a) is not None]
+    if not vals:
+        return None, None
+    return (max if higher else min)(vals)
+
+
+def table(res, cfg):
+    rows = []  # (label, unit, fmt, row key, servers, ratio, ref name, target text, ok)
+
+    def vs_anchor(label, unit, fmt, key, higher, target, anchors=ANCHORS, servers=SERVERS):
+        ref, name = ref_best(res, key, anchors, higher)
+        mine = res.get(key, "cbtd")
+        ratio = mine / ref if mine is not None and ref else None
+        ok = None
+        if ratio is not None and target is not None:
+            ok = ratio >= target if target > 0 else ratio <= -target
+        rows.append((label, unit, fmt, key, servers, ratio, name, target, ok))
+
+    def vs_own(label, unit, fmt, key, base_key, target, higher):
+        mine, base = res.get(key, "cbtd"), res.get(base_key, "cbtd")
+        ratio = mine / base if mine is not None and base else None
+        ok = None
+        if ratio is not None and target is not None:
+            ok = ratio >= target if higher else ratio <= target
+        if target is not None and not higher:
+            target = -target
+        rows.append((label, unit, fmt, key, ("cbtd", "qsd"), ratio, "cbtd 0 bm", target, ok))
+
+    vs_anchor("seq read 1M x8, 1 conn", "GiB/s", "{:.2f}", "seq1", True, 1.2)
+    vs_anchor("seq read 1M x8, 4 conns", "GiB/s", "{:.2f}", "seq4", True, 1.2)
+    ceiling = res.get("ceiling", "-")
+    for conns in (1, 4):
+        mine = res.get(f"seq{conns}", "cbtd")
+        ratio = mine / ceiling if mine and ceiling else None
+        rows.append((f"  {conns} conn(s) / socket ceiling", "", "", None, (), ratio, "ceiling",
+                     0.7, None if ratio is None else ratio >= 0.7))
+    for op in ("read", "write"):
+        for depth in (1, 32):
+            vs_anchor(f"rand {op} 4K, {depth} in flight", "IOPS", "{:.0f}", f"rand-{op}{depth}",
+                      True, 1.2)
+    for n in cfg.bitmaps:
+        if n == 0:
+            vs_anchor("rand write 4K x32, 0 bitmaps", "IOPS", "{:.0f}", "bm0-iops", True, None,
+                      ("qsd",), ("cbtd", "qsd"))
+        else:
+            vs_own(f"rand write 4K x32, {n} bitmap(s)", "IOPS", "{:.0f}", f"bm{n}-iops",
+                   "bm0-iops", 0.98 if n == 8 else None, True)
+    for n in cfg.bitmaps:
+        if n == 0:
+            vs_anchor("  server CPU/write, 0 bitmaps", "us", "{:.2f}", "bm0-cpu", False, None,
+                      ("qsd",), ("cbtd", "qsd"))
+        else:
+            vs_own(f"  server CPU/write, {n} bitmap(s)", "us", "{:.2f}", f"bm{n}-cpu", "bm0-cpu",
+                   1.03 if n == 8 else None, False)
+    vs_anchor("map dirty-bitmap 1 TiB, time", "s", "{:.3f}", "dmap-time", False, -1.0,
+              ("qsd",), ("cbtd", "qsd"))
+    vs_anchor("  server CPU", "ms", "{:.1f}", "dmap-cpu", False, -0.5, ("qsd",), ("cbtd", "qsd"))
+    vs_anchor("map base:allocation 1 TiB, time", "s", "{:.3f}", "amap-time", False, -1 / 1.5)
+    vs_anchor("  server CPU", "ms", "{:.0f}", "amap-cpu", False, None)
+    vs_anchor("connect/GO/disconnect", "us", "{:.0f}", "connect", False, -1.0, ("qsd",))
+    vs_anchor("QMP query-version round trip", "us", "{:.1f}", "qmp", False, None, ("qsd",),
+              ("cbtd", "qsd"))
+    vs_anchor("peak RSS (VmHWM), 4 GiB image", "MiB", "{:.1f}", "rss", False, -1.0, ("qsd",))
+    vs_anchor("peak RSS (VmHWM), 1 TiB + bitmap", "MiB", "{:.1f}", "rss-tib", False, -1.0,
+              ("qsd",), ("cbtd", "qsd"))
+
+    head = f"{'load':34} {'unit':5}" + "".join(f" {s:>21}" for s in SERVERS) \
+        + f" {'cbtd/ref':>8} {'ref':>9} {'target':>7}"
+    lines = [head, "-" * len(head)]
+    for label, unit, fmt, key, servers, ratio, ref, target, ok in rows:
+        cells = "".join(f" {res.cell(key, s, fmt) if s in servers else '':>21}"
+                        for s in SERVERS)
+        tgt = "" if target is None else (f">={target:.2f}" if target > 0 else f"<={-target:.2f}")
+        verdict = "" if ok is None else ("PASS" if ok else "MISS")
+        rat = "-" if ratio is None else f"{ratio:.3f}"
+        lines.append(f"{label:34} {unit:5}{cells} {rat:>8} {ref or '':>9} {tgt:>7} {verdict}")
+    cell = res.cell("ceiling", "-", "{:.2f}")
+    lines.append(f"socket ceiling (2 processes, unix socket, 1 MiB writes): {cell} GiB/s")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=",".join(SERVERS), help="servers to run")
+    ap.add_argument("--phases", default="main,sparse", help="main (4 GiB image), sparse (1 TiB)")
+    args = ap.parse_args()
+    cfg = Cfg()
+    if args.quick or os.environ.get("BENCH_QUICK"):
+        quick(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+    tmp = tempfile.mkdtemp(prefix="cbt-bench-")
+    try:
+        b = Bench(args, cfg, tmp)
+        b.kinds = [k for k in SERVERS if k in args.only.split(",")]
+        print(f"reps={cfg.reps} (median [min-max]; seq read {cfg.seq_reps}); "
+              f"random points {cfg.rand_secs} s each; "
+              f"seq image {cfg.seq_size // GiB} GiB; {cfg.cycles} connects; "
+              f"{cfg.qmp_rts} QMP round trips; {cfg.dirty} dirty chunks in 1 TiB", flush=True)
+        t0 = time.monotonic()
+        b.ceiling()
+        image = os.path.join(tmp, "image.raw")
+        if "main" in args.phases:
+            make_image(image, cfg.seq_size)
+            log("image written")
+        try:
+            if "main" in args.phases:
+                b.main_image(image)
+            if os.path.exists(image):
+                os.unlink(image)
+            sparse = os.path.join(tmp, "sparse.raw")
+            with open(sparse, "wb") as f:
+                f.truncate(TiB)
+            if "sparse" in args.phases:
+                b.sparse_device(sparse)
+        finally:
+            print(table(b.res, cfg))  # what was measured, even when a later load failed
+        print(f"(total {time.monotonic() - t0:.0f} s)")
+        if os.environ.get("BENCH_CMDLINES"):
+            for what, argv in b.cmdlines.items():
+                print(f"{what}: {' '.join(argv)}")
+    finally:
+        stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
