@@ -432,36 +432,15 @@ fail:
   return FALSE;
 }
 
-const CbtBlockdevDriver cbt_blockdev_file_driver = {
-  .name = "file",
-  .protocol = TRUE,
-  .has_dirty_flag = TRUE,
-  .open = file_open,
-  .close = file_close,
-  .pread = file_pread,
-  .pwrite = file_pwrite,
-  .flush = file_flush,
-  .discard = file_discard,
-  .write_zeroes = file_write_zeroes,
-  .block_status = file_block_status,
-  .get_data_fd = file_get_data_fd,
-  .update_perms = file_update_perms,
-  .actual_size = file_actual_size,
-};
+/* file and host_device differ only in name: the backend checks what the path is. */
+#define FILE_DRIVER(drv_name)                                                                     \
+  {                                                                                               \
+    .name = drv_name, .protocol = TRUE, .has_dirty_flag = TRUE, .open = file_open,                \
+    .close = file_close, .pread = file_pread, .pwrite = file_pwrite, .flush = file_flush,         \
+    .discard = file_discard, .write_zeroes = file_write_zeroes,                                   \
+    .block_status = file_block_status, .get_data_fd = file_get_data_fd,                           \
+    .update_perms = file_update_perms, .actual_size = file_actual_size,                           \
+  }
 
-const CbtBlockdevDriver cbt_blockdev_host_device_driver = {
-  .name = "host_device",
-  .protocol = TRUE,
-  .has_dirty_flag = TRUE,
-  .open = file_open,
-  .close = file_close,
-  .pread = file_pread,
-  .pwrite = file_pwrite,
-  .flush = file_flush,
-  .discard = file_discard,
-  .write_zeroes = file_write_zeroes,
-  .block_status = file_block_status,
-  .get_data_fd = file_get_data_fd,
-  .update_perms = file_update_perms,
-  .actual_size = file_actual_size,
-};
+const CbtBlockdevDriver cbt_blockdev_file_driver = FILE_DRIVER("file");
+const CbtBlockdevDriver cbt_blockdev_host_device_driver = FILE_DRIVER("host_device");

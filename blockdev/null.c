@@ -93,28 +93,13 @@ null_close(CbtBlockdev *bd)
   bd->opaque = NULL;
 }
 
-const CbtBlockdevDriver cbt_blockdev_null_driver = {
-  .name = "null-co",
-  .protocol = TRUE,
-  .open = null_open,
-  .close = null_close,
-  .pread = null_pread,
-  .pwrite = null_pwrite,
-  .flush = null_flush,
-  .discard = null_discard,
-  .write_zeroes = null_write_zeroes,
-  .block_status = null_block_status,
-};
+/* null-co and null-aio behave the same here (QEMU's differ only in how they complete). */
+#define NULL_DRIVER(drv_name)                                                                     \
+  {                                                                                               \
+    .name = drv_name, .protocol = TRUE, .open = null_open, .close = null_close,                   \
+    .pread = null_pread, .pwrite = null_pwrite, .flush = null_flush, .discard = null_discard,     \
+    .write_zeroes = null_write_zeroes, .block_status = null_block_status,                         \
+  }
 
-const CbtBlockdevDriver cbt_blockdev_null_aio_driver = {
-  .name = "null-aio",
-  .protocol = TRUE,
-  .open = null_open,
-  .close = null_close,
-  .pread = null_pread,
-  .pwrite = null_pwrite,
-  .flush = null_flush,
-  .discard = null_discard,
-  .write_zeroes = null_write_zeroes,
-  .block_status = null_block_status,
-};
+const CbtBlockdevDriver cbt_blockdev_null_driver = NULL_DRIVER("null-co");
+const CbtBlockdevDriver cbt_blockdev_null_aio_driver = NULL_DRIVER("null-aio");
