@@ -638,8 +638,8 @@ test_memory_bounds(void)
   g_assert_cmpint(cbt_bitmap_next_clean(full, 40 * GiB + 65536, G_MAXUINT64), ==, -1);
 }
 
-/* next_dirty over a nearly empty 1 PiB bitmap must not scan: time it against a bound that a
- * scan of 2 GiB of bits could never meet. */
+/* next_dirty over a nearly empty 1 PiB bitmap must not scan. No timed assertion (speed lives in
+ * bench/): a scan of 2^34 bits per call, 4,000 calls, would run far past the test's timeout. */
 static void
 test_next_sparse(void)
 {
@@ -664,7 +664,6 @@ test_next_sparse(void)
   }
   gint64 us = g_get_monotonic_time() - t0;
   g_test_message("4000 next_dirty over 1 PiB: %" G_GINT64_FORMAT " us", us);
-  g_assert_cmpint(us, <, 2 * G_USEC_PER_SEC);
 }
 
 /* A zero-length device: every query answers "nothing"; the stream is one zero word, as QEMU's

@@ -100,8 +100,7 @@ class Stress(unittest.TestCase):
         back = os.path.join(self.dir, 'back.raw')
         run(['nbdcopy', uri(sock, 'w'), back], timeout=60)
         elapsed = time.monotonic() - t0
-        print('1 GiB there and back in %.1f s' % elapsed)
-        self.assertLess(elapsed, 60)
+        print('1 GiB there and back in %.1f s' % elapsed)  # a figure, not an assertion
         self.assertEqual(sha256_file(src), sha256_file(back))
 
 
