@@ -58,29 +58,37 @@ base_allocation(CbtNbdExport *exp, guint64 pos, Answer *a)
   return 0;
 }
 
+typedef struct {
+  Answer *a;
+  guint64 pos; /* answered up to here */
+  gboolean done;
+} BitmapWalk;
+
+/* One dirty run, after the clean gap before it. */
+static gboolean
+add_dirty_run(guint64 offset, guint64 len, gpointer user_data)
+{
+  BitmapWalk *w = user_data;
+
+  if (offset > w->pos && !add_extent(w->a, w->pos, offset - w->pos, 0))
+    return !(w->done = TRUE);
+  if (!add_extent(w->a, offset, len, NBD_STATE_DIRTY))
+    return !(w->done = TRUE);
+  w->pos = offset + len;
+  return TRUE;
+}
+
+/* One pass over the dirty runs; past a bitmap shorter than the export everything is clean. */
 static void
 dirty_bitmap(CbtBitmap *bm, guint64 pos, Answer *a)
 {
   guint64 bm_end = MIN(a->limit, cbt_bitmap_get_size(bm));
+  BitmapWalk w = { .a = a, .pos = pos };
 
-  while (pos < a->limit) {
-    guint64 next;
-    gboolean dirty = FALSE;
-
-    if (pos >= bm_end) {
-      next = a->limit; /* a bitmap shorter than the export: the rest is clean */
-    } else {
-      dirty = cbt_bitmap_get(bm, pos);
-      gint64 n
-          = dirty ? cbt_bitmap_next_clean(bm, pos, bm_end) : cbt_bitmap_next_dirty(bm, pos, bm_end);
-      next = n < 0 ? bm_end : (guint64)n;
-      if (next <= pos)
-        next = bm_end; /* defensive: never loop without progress */
-    }
-    if (!add_extent(a, pos, next - pos, dirty ? NBD_STATE_DIRTY : 0))
-      break;
-    pos = next;
-  }
+  if (pos < bm_end)
+    cbt_bitmap_foreach_dirty_run(bm, pos, bm_end - pos, add_dirty_run, &w);
+  if (!w.done && w.pos < a->limit)
+    add_extent(a, w.pos, a->limit - w.pos, 0);
 }
 
 int

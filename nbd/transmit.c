@@ -4,8 +4,9 @@
  * and replies as soon as it completes (execute.c), so replies may leave out of order.
  *
  * The reader serves a request itself, without a thread hand-off, only when it cannot block: a
- * short READ whose data is in the page cache (RWF_NOWAIT) or a short buffered WRITE. That keeps
- * a one-request-at-a-time client at one thread's latency.
+ * short READ whose data is in the page cache (RWF_NOWAIT), a short buffered WRITE or a
+ * BLOCK_STATUS answered from bitmaps alone. That keeps a one-request-at-a-time client at one
+ * thread's latency.
  *
  * On DISC, EOF, a protocol violation or a dead socket the reader stops, waits for every admitted
  * request to be answered and joins the workers before the connection may be freed (P14).
@@ -216,6 +217,18 @@ cheap_write(CbtNbdConn *conn, const CbtNbdReq *req)
          && !(req->flags & NBD_CMD_FLAG_FUA) && !conn->exp->writethrough;
 }
 
+/* BLOCK_STATUS whose contexts only walk in-memory state (bitmaps, the constant allocation
+ * depth): no syscall, so the reader answers it without a thread hand-off. base:allocation asks
+ * the file system (lseek), which may wait on its metadata: that goes to a worker. */
+static gboolean
+cheap_status(CbtNbdConn *conn)
+{
+  for (guint i = 0; i < conn->meta->len; i++)
+    if (g_array_index(conn->meta, CbtNbdMetaSel, i).kind == CBT_NBD_META_BASE_ALLOCATION)
+      return FALSE;
+  return TRUE;
+}
+
 /* Serve @req on the reader's thread when that cannot block; FALSE: a worker must. */
 static gboolean
 serve_inline(Reader *rd, CbtNbdReq *req, gboolean buffered)
@@ -223,7 +236,7 @@ serve_inline(Reader *rd, CbtNbdReq *req, gboolean buffered)
   if (req->type == NBD_CMD_READ)
     return buffered ? req->len <= CBT_NBD_INLINE_MAX && try_read_inline(req)
                     : try_send_inline(rd->pool, req);
-  if (!cheap_write(rd->conn, req))
+  if (req->type == NBD_CMD_BLOCK_STATUS ? !cheap_status(rd->conn) : !cheap_write(rd->conn, req))
     return FALSE;
   cbt_nbd_execute(rd->pool, req);
   return TRUE;
