@@ -96,6 +96,38 @@ class CommandLineErrors(unittest.TestCase):
         self.assert_same(['--blockdev', 'driver=null-co,node-name=n',
                           '--export', 'type=nbd,id=e,node-name=n'])
 
+    def cbtd_error(self, args):
+        """cbtd's one stderr line (without the program name) for options qsd has no text for."""
+        before = set(os.listdir(self.dir))
+        r = run([CBTD] + args)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(set(os.listdir(self.dir)), before)
+        lines = r.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, r.stderr)
+        self.assertTrue(lines[0].startswith('cbtd: '), lines[0])
+        return lines[0][len('cbtd: '):]
+
+    def test_unsupported_chardevs_and_objects(self):
+        sock = os.path.join(self.dir, 'c.sock')
+        self.assertEqual(self.cbtd_error(['--chardev', 'stdio,id=m']),
+                         "--chardev stdio,id=m: chardev backend 'stdio' is not supported "
+                         "(only socket)")
+        self.assertEqual(self.cbtd_error(['--chardev', 'socket,path=' + sock]),
+                         "--chardev socket,path=%s: Parameter 'id' is missing" % sock)
+        self.assertEqual(self.cbtd_error(['--chardev', 'socket,id=m,host=127.0.0.1,port=1']),
+                         '--chardev socket,id=m,host=127.0.0.1,port=1: only unix socket '
+                         'chardevs (path=...) are supported')
+        self.assertIn('only server=on sockets are supported',
+                      self.cbtd_error(['--chardev', 'socket,id=m,path=' + sock]))
+        self.assertEqual(self.cbtd_error(['--chardev', 'socket,id=m,path=%s,server=on' % sock,
+                                          '--monitor', 'm,mode=readline']),
+                         "--monitor m,mode=readline: Parameter 'mode' does not accept value "
+                         "'readline'")
+        self.assertEqual(self.cbtd_error(['--object', 'secret,id=s,data=x']),
+                         '--object secret,id=s,data=x: objects (--object) are not supported yet')
+        self.assertEqual(self.cbtd_error(['-T', 'nbd_*']),
+                         '-T nbd_*: tracing is not supported; use the logs on stderr')
+
     def test_later_failure_removes_sockets(self):
         """A failing option after a monitor and an NBD server were set up leaves no socket."""
         qmp = os.path.join(self.dir, 'q.sock')
