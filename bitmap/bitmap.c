@@ -511,24 +511,124 @@ cbt_bitmap_next_clean(const CbtBitmap *bm, guint64 offset, guint64 end)
   return next_offset(bm, offset, end, TRUE);
 }
 
+/* ---- runs: one walk over the tree -------------------------------------------------------- */
+
+/* State of cbt_bitmap_foreach_dirty_run(): a run is open from bit `start` while `in_run`. Each
+ * leaf is scanned once, word by word, and whole subtrees are taken from the summaries (a full
+ * child continues the run, a missing one ends it), so a run costs a few instructions rather
+ * than two searches from the root. */
+typedef struct {
+  const CbtBitmap *bm;
+  guint64 offset, end; /* byte range to report, runs clipped to it */
+  CbtBitmapRunFunc fn;
+  gpointer user_data;
+  gboolean in_run;
+  guint64 start;
+} RunWalk;
+
+/* Close the open run at bit @stop; FALSE when the caller's function asked to stop. */
+static gboolean
+run_close(RunWalk *w, guint64 stop)
+{
+  guint64 a = MAX(w->offset, w->start << w->bm->gran_shift);
+  guint64 b = MIN(w->end, stop << w->bm->gran_shift);
+
+  w->in_run = FALSE;
+  return w->fn(a, b - a, w->user_data);
+}
+
+static void
+run_open(RunWalk *w, guint64 bit)
+{
+  w->in_run = TRUE;
+  w->start = bit;
+}
+
+/* Runs in bits [from, to) of @leaf based at @base: each hit is the next transition. Between
+ * transitions whole words are skipped (all clear outside a run, all set inside one). */
+static gboolean
+leaf_runs(RunWalk *w, const Leaf *leaf, guint64 base, guint64 from, guint64 to)
+{
+  guint last = (to - 1 - base) / WORD_BITS;
+  guint64 pos = from;
+
+  while (pos < to) {
+    guint64 flip = w->in_run ? G_MAXUINT64 : 0;
+    guint i = (pos - base) / WORD_BITS;
+    guint64 word = (LOAD(&leaf->w[i]) ^ flip) & (G_MAXUINT64 << (pos - base) % WORD_BITS);
+
+    while (!word) {
+      if (++i > last)
+        return TRUE;
+      word = LOAD(&leaf->w[i]) ^ flip;
+    }
+    guint64 hit = base + (guint64)i * WORD_BITS + __builtin_ctzll(word);
+    if (hit >= to)
+      return TRUE;
+    if (w->in_run) {
+      if (!run_close(w, hit))
+        return FALSE;
+    } else {
+      run_open(w, hit);
+    }
+    pos = hit;
+  }
+  return TRUE;
+}
+
+static gboolean subtree_runs(RunWalk *w, gconstpointer p, guint level, guint64 base,
+                             guint64 from, guint64 to);
+
+/* Runs in bits [from, to) of @node at @level based at @base. Outside a run, empty children are
+ * skipped with one ctz over the summaries. */
+static gboolean
+node_runs(RunWalk *w, const Node *node, guint level, guint64 base, guint64 from, guint64 to)
+{
+  guint sh = level_shift(level - 1);
+  guint c1 = (to - 1 - base) >> sh;
+
+  for (guint c = (from - base) >> sh; c <= c1; c++) {
+    guint64 full = LOAD(&node->full);
+    if (!w->in_run) {
+      guint64 cand = (LOAD(&node->nonempty) | full) & range_mask(c, c1);
+      if (!cand)
+        return TRUE;
+      c = __builtin_ctzll(cand);
+    }
+    guint64 cbase = base + ((guint64)c << sh);
+    guint64 cfrom = MAX(from, cbase), cto = MIN(to, cbase + (G_GUINT64_CONSTANT(1) << sh));
+    if (full >> c & 1) {
+      if (!w->in_run)
+        run_open(w, cfrom);
+    } else if (!subtree_runs(w, LOAD(&node->child[c]), level - 1, cbase, cfrom, cto)) {
+      return FALSE;
+    }
+  }
+  return TRUE;
+}
+
+static gboolean
+subtree_runs(RunWalk *w, gconstpointer p, guint level, guint64 base, guint64 from, guint64 to)
+{
+  if (!p)
+    return !w->in_run || run_close(w, from);
+  if (level == 0)
+    return leaf_runs(w, p, base, from, to);
+  return node_runs(w, p, level, base, from, to);
+}
+
 void
 cbt_bitmap_foreach_dirty_run(const CbtBitmap *bm, guint64 offset, guint64 len,
                              CbtBitmapRunFunc fn, gpointer user_data)
 {
-  if (offset >= bm->size)
+  if (offset >= bm->size || len == 0)
     return;
   guint64 end = len > bm->size - offset ? bm->size : offset + len;
+  RunWalk w = { .bm = bm, .offset = offset, .end = end, .fn = fn, .user_data = user_data };
+  guint64 from = offset >> bm->gran_shift, to = ((end - 1) >> bm->gran_shift) + 1;
 
-  while (offset < end) {
-    gint64 start = cbt_bitmap_next_dirty(bm, offset, end);
-    if (start < 0)
-      return;
-    gint64 stop = cbt_bitmap_next_clean(bm, start, end);
-    guint64 run_end = stop < 0 ? end : (guint64)stop;
-    if (!fn(start, run_end - start, user_data))
-      return;
-    offset = run_end;
-  }
+  if (subtree_runs(&w, LOAD(&bm->root), bm->height, 0, from, to) && w.in_run)
+    run_close(&w, to);
 }
 
 /* ---- exclusive mutators ------------------------------------------------------------------ */

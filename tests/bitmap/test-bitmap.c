@@ -258,6 +258,31 @@ check_runs(const CbtBitmap *bm, const Shadow *s)
   g_assert_cmpuint(rc.chunks, ==, s->count);
 }
 
+/* Runs over a random part of the device: clipped to it, and covering exactly its set chunks
+ * (a chunk straddling either end counts once). */
+static void
+check_runs_in(const CbtBitmap *bm, const Shadow *s, GRand *r)
+{
+  guint64 lo = rand_offset(s, r), len = rand_len(s, r);
+  if (lo >= s->size || len == 0)
+    return;
+  guint64 hi = len > s->size - lo ? s->size : lo + len;
+  RunCheck rc = {s, 0, 0, lo, hi};
+  guint64 want = 0, a = lo / s->gran, b = (hi - 1) / s->gran + 1;
+  if (s->flat) {
+    for (gint64 i = shadow_next(s, a, b, FALSE); i >= 0; i = shadow_next(s, i + 1, b, FALSE))
+      want++;
+  } else {
+    GHashTableIter it;
+    gpointer key;
+    g_hash_table_iter_init(&it, s->set);
+    while (g_hash_table_iter_next(&it, &key, NULL))
+      want += *(guint64 *)key >= a && *(guint64 *)key < b;
+  }
+  cbt_bitmap_foreach_dirty_run(bm, lo, len, check_run, &rc);
+  g_assert_cmpuint(rc.chunks, ==, want);
+}
+
 typedef struct {
   const Shadow *s;
   guint64 pos;      /* bytes so far */
@@ -489,6 +514,7 @@ run_random(guint64 size, guint32 gran, guint32 seed, guint ops)
     }
     g_assert_cmpuint(cbt_bitmap_count(bm), ==, s.count);
     check_probes(bm, &s, r);
+    check_runs_in(bm, &s, r);
     if (op % 16 == 0 || op == ops - 1) {
       check_runs(bm, &s);
       check_stream(bm, &s);
