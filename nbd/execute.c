@@ -204,18 +204,59 @@ do_read(CbtNbdReq *r)
 
 /* --- BLOCK_STATUS -------------------------------------------------------------------------- */
 
+/* Each thread keeps its extent arrays across requests, so a status answer allocates nothing;
+ * an array that grew past CBT_NBD_STATUS_KEEP descriptors is let go after use. */
+#define CBT_NBD_STATUS_KEEP 65536u
+
+static void
+free_scratch(gpointer p)
+{
+  g_ptr_array_unref(p);
+}
+
+static GPrivate status_scratch = G_PRIVATE_INIT(free_scratch);
+
+static GArray *
+scratch_array(guint i)
+{
+  GPtrArray *all = g_private_get(&status_scratch);
+
+  if (!all) {
+    all = g_ptr_array_new_with_free_func((GDestroyNotify)g_array_unref);
+    g_private_set(&status_scratch, all);
+  }
+  while (all->len <= i)
+    g_ptr_array_add(all, g_array_sized_new(FALSE, FALSE, sizeof(CbtNbdExtent), 1024));
+  GArray *ext = g_ptr_array_index(all, i);
+  g_array_set_size(ext, 0);
+  return ext;
+}
+
+static void
+scratch_trim(guint n)
+{
+  GPtrArray *all = g_private_get(&status_scratch);
+
+  for (guint i = 0; i < n; i++) {
+    GArray *ext = g_ptr_array_index(all, i);
+    if (ext->len > CBT_NBD_STATUS_KEEP) {
+      g_array_unref(ext);
+      g_ptr_array_index(all, i) = g_array_sized_new(FALSE, FALSE, sizeof(CbtNbdExtent), 1024);
+    }
+  }
+}
+
 static void
 do_block_status(CbtNbdReq *r)
 {
   CbtNbdConn *conn = r->conn;
   gboolean one = (r->flags & NBD_CMD_FLAG_REQ_ONE) != 0;
   GArray *meta = conn->meta;
-  g_autoptr(GPtrArray) all = g_ptr_array_new_with_free_func((GDestroyNotify)g_array_unref);
 
   /* Every context first, so the chunks leave together under one hold of the send lock. */
   for (guint i = 0; i < meta->len; i++) {
     CbtNbdMetaSel *sel = &g_array_index(meta, CbtNbdMetaSel, i);
-    GArray *ext = g_array_new(FALSE, FALSE, sizeof(CbtNbdExtent));
+    GArray *ext = scratch_array(i);
     int err = cbt_nbd_status_extents(conn->exp, sel, r->offset, r->len, one, ext);
     if (err < 0 || ext->len == 0) {
       /* Status 0 ("data", "clean") is always a safe answer (nbd-server.md §10). */
@@ -223,13 +264,14 @@ do_block_status(CbtNbdReq *r)
       g_array_set_size(ext, 0);
       g_array_append_val(ext, e);
     }
-    g_ptr_array_add(all, ext);
   }
+  GPtrArray *all = g_private_get(&status_scratch);
   pthread_mutex_lock(&conn->send_lock);
   for (guint i = 0; i < meta->len; i++)
     cbt_nbd_reply_status_locked(conn, r->cookie, g_array_index(meta, CbtNbdMetaSel, i).id,
                                 g_ptr_array_index(all, i), i + 1 == meta->len);
   pthread_mutex_unlock(&conn->send_lock);
+  scratch_trim(meta->len);
 }
 
 /* --- the other commands -------------------------------------------------------------------- */

@@ -143,6 +143,8 @@ CbtNbdReq *cbt_nbd_pool_admit(CbtNbdPool *pool, guint16 type, gsize buf_len);
 /* Hand an admitted request to a worker; it executes it, replies and completes it. */
 void cbt_nbd_pool_submit(CbtNbdPool *pool, CbtNbdReq *req);
 /* The request is answered: its slot is free again. */
+/* Whether any admitted request is still unanswered. */
+gboolean cbt_nbd_pool_busy(CbtNbdPool *pool);
 void cbt_nbd_pool_complete(CbtNbdPool *pool, CbtNbdReq *req);
 /* FLUSH: wait until every write admitted before @req has finished. */
 void cbt_nbd_pool_wait_writes(CbtNbdPool *pool, const CbtNbdReq *req);
@@ -159,6 +161,9 @@ gboolean cbt_nbd_read_needs_buffer(CbtNbdConn *conn, guint32 len);
 /* reply.c: a batch of whole replies gathered by one thread (see reply.c). */
 #define CBT_NBD_CORK_SIZE (64u << 10)
 #define CBT_NBD_CORK_REPLIES 32u
+#define CBT_NBD_CORK_COPY_MAX (CBT_NBD_CORK_SIZE / 2) /* larger replies are not copied */
+#define CBT_NBD_CORK_SMALL (4096u + 64u)              /* a 4 KiB read's reply and header */
+#define CBT_NBD_CORK_IOV 4                            /* batch + a large reply's pieces */
 typedef struct {
   CbtNbdConn *conn;
   gsize len;

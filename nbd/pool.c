@@ -133,6 +133,15 @@ cbt_nbd_pool_admit(CbtNbdPool *pool, guint16 type, gsize buf_len)
   return r;
 }
 
+gboolean
+cbt_nbd_pool_busy(CbtNbdPool *pool)
+{
+  pthread_mutex_lock(&pool->lock);
+  gboolean busy = pool->inflight > 0;
+  pthread_mutex_unlock(&pool->lock);
+  return busy;
+}
+
 void
 cbt_nbd_pool_complete(CbtNbdPool *pool, CbtNbdReq *req)
 {

@@ -55,6 +55,9 @@ cbt_nbd_cork_flush(CbtNbdCork *c)
   cork = saved;
 }
 
+/* Batching copies a reply only when something can batch with it: a small one may be followed
+ * by more; a mid-sized one is copied only behind replies already waiting. Any other reply leaves
+ * directly, in one sendmsg with the batch before it. */
 static void
 sendv_locked(CbtNbdConn *conn, struct iovec *iov, int n)
 {
@@ -64,11 +67,11 @@ sendv_locked(CbtNbdConn *conn, struct iovec *iov, int n)
     gsize total = 0;
     for (int i = 0; i < n; i++)
       total += iov[i].iov_len;
-    if (total > CBT_NBD_CORK_SIZE - cork->len)
-      flush_locked(conn);
-    if (!cork->buf)
-      cork->buf = g_malloc(CBT_NBD_CORK_SIZE); /* only connections that batch pay for it */
-    if (total <= CBT_NBD_CORK_SIZE / 2) {
+    if (total <= CBT_NBD_CORK_SMALL || (cork->len > 0 && total <= CBT_NBD_CORK_COPY_MAX)) {
+      if (total > CBT_NBD_CORK_SIZE - cork->len)
+        flush_locked(conn);
+      if (!cork->buf)
+        cork->buf = g_malloc(CBT_NBD_CORK_SIZE); /* only connections that batch pay for it */
       for (int i = 0; i < n; i++) {
         memcpy(cork->buf + cork->len, iov[i].iov_base, iov[i].iov_len);
         cork->len += iov[i].iov_len;
@@ -76,6 +79,15 @@ sendv_locked(CbtNbdConn *conn, struct iovec *iov, int n)
       cork->replies++;
       return;
     }
+    if (cork->len > 0 && n < CBT_NBD_CORK_IOV) {
+      struct iovec all[CBT_NBD_CORK_IOV] = { { cork->buf, cork->len } };
+      memcpy(all + 1, iov, n * sizeof *iov);
+      sent(conn, cbt_nbd_writev_full(conn, all, n + 1));
+      cork->len = 0;
+      cork->replies = 0;
+      return;
+    }
+    flush_locked(conn);
   }
   sent(conn, cbt_nbd_writev_full(conn, iov, n));
 }
@@ -198,28 +210,22 @@ cbt_nbd_reply_hole_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint
   sendv_locked(conn, &iov, 1);
 }
 
-/* Descriptors are encoded in pieces through a small buffer: no allocation per reply. */
+/* The descriptors are turned into wire order where they lie and leave with their header in
+ * one sendmsg: no copy and no allocation. @ext is consumed (its contents are big-endian after). */
 void
 cbt_nbd_reply_status_locked(CbtNbdConn *conn, guint64 cookie, guint32 id, GArray *ext,
                             gboolean done)
 {
   guint8 h[NBD_STRUCTURED_REPLY_SIZE + 4];
-  guint8 body[4096];
-  gsize n = ext->len, i = 0;
-  struct iovec iov[2] = { { h, sizeof h }, { body, 0 } };
+  G_STATIC_ASSERT(sizeof(CbtNbdExtent) == 8);
+  struct iovec iov[2] = { { h, sizeof h }, { ext->data, 8 * ext->len } };
 
-  chunk_header(h, done, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * n);
+  chunk_header(h, done, NBD_REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * ext->len);
   cbt_nbd_put32(h + 20, id);
-  do {
-    gsize k = MIN(n - i, sizeof body / 8);
-    for (gsize j = 0; j < k; j++) {
-      CbtNbdExtent *e = &g_array_index(ext, CbtNbdExtent, i + j);
-      cbt_nbd_put32(body + 8 * j, e->len);
-      cbt_nbd_put32(body + 8 * j + 4, e->flags);
-    }
-    iov[1] = (struct iovec){ body, 8 * k };
-    /* The header goes with the first piece only. */
-    sendv_locked(conn, i == 0 ? iov : iov + 1, i == 0 ? 2 : 1);
-    i += k;
-  } while (i < n && !conn->send_failed);
+  for (guint i = 0; i < ext->len; i++) {
+    CbtNbdExtent *e = &g_array_index(ext, CbtNbdExtent, i);
+    cbt_nbd_put32((guint8 *)&e->len, e->len);
+    cbt_nbd_put32((guint8 *)&e->flags, e->flags);
+  }
+  sendv_locked(conn, iov, 2);
 }
