@@ -33,6 +33,8 @@
 #define CBT_NBD_MAX_INFLIGHT 64u
 #define CBT_NBD_MAX_WORKERS 8u
 #define CBT_NBD_BUFFER_BUDGET (64u << 20)
+/* Send buffer asked for on unix-socket connections (server.c). */
+#define CBT_NBD_UNIX_SNDBUF (2 << 20)
 /* Reads up to this size are copied through a buffer; longer ones go zero-copy (sendfile) from
  * the node's file when it has one. */
 #define CBT_NBD_COPY_MAX (64u << 10)

@@ -137,6 +137,13 @@ start_conn(int fd)
   conn->is_inet = srv.is_inet;
   if (conn->is_inet)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  /* A unix socket's default send buffer (~208 KiB) holds a fifth of one 1 MiB read reply, so a
+   * sender blocks and the client is woken many times per reply. Room for two replies lets the
+   * socket stream (sequential 1 MiB reads ~1.5x faster here); the kernel caps it at wmem_max.
+   * TCP keeps its autotuning. */
+  int sndbuf = CBT_NBD_UNIX_SNDBUF;
+  if (!conn->is_inet)
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
   conn->deadline = g_get_monotonic_time() + cbt_nbd_handshake_timeout_us();
   /* A client that stops reading cannot hold its handshake thread past the deadline either. */
   struct timeval tv
