@@ -1,8 +1,11 @@
 /* nbd/server.c — the listener and the connection threads.
  *
- * The main thread accepts (a GSource on the non-blocking listening socket) and starts one thread
- * per client. A thread owns its CbtNbdConn: handshake, transmission (where it is the reader and
- * starts the connection's workers, joined before it returns: transmit.c, pool.c), then cleanup.
+ * The main thread accepts (a GSource on the non-blocking listening socket) and gives each client
+ * a thread: a spare one parked after its last client, else a new one. A thread owns its
+ * CbtNbdConn: handshake, transmission (where it is the reader and starts the connection's
+ * workers, joined before it returns: transmit.c, pool.c), then cleanup; then it waits up to
+ * CBT_NBD_SPARE_WAIT_US for the next client (at most CBT_NBD_SPARE_THREADS wait), so a backup
+ * tool that connects once per step does not pay a thread's creation and exit each time.
  * Other threads only shutdown() its socket (under cbt_nbd_lock) to make it leave. With
  * max-connections set, the listener stops accepting at the limit, so further clients wait in the
  * backlog (as qsd).
@@ -32,7 +35,13 @@ static struct {
   guint n_current;  /* connections of the running server; under cbt_nbd_lock */
   GCond idle;
   guint handshake_ms;
+  GQueue spare_conns; /* accepted, for a parked thread to take; under cbt_nbd_lock */
+  guint n_parked;     /* threads waiting for spare_conns; under cbt_nbd_lock */
+  GCond spare;        /* a connection was queued, or the server stopped */
 } srv = { .listen_fd = -1, .handshake_ms = 10000 };
+
+#define CBT_NBD_SPARE_THREADS 4u
+#define CBT_NBD_SPARE_WAIT_US (10 * G_USEC_PER_SEC)
 
 static gboolean on_accept(gint fd, GIOCondition cond, gpointer data);
 
@@ -94,18 +103,11 @@ rearm_idle(gpointer data)
   return G_SOURCE_REMOVE;
 }
 
-static gpointer
-conn_thread(gpointer data)
+static void
+serve(CbtNbdConn *conn)
 {
-  CbtNbdConn *conn = data;
   gboolean current;
-  sigset_t pipe;
 
-  /* sendfile() cannot say MSG_NOSIGNAL: a client gone mid-reply must not kill the process
-   * (the workers inherit this mask). */
-  sigemptyset(&pipe);
-  sigaddset(&pipe, SIGPIPE);
-  pthread_sigmask(SIG_BLOCK, &pipe, NULL);
   if (cbt_nbd_handshake(conn))
     cbt_nbd_transmit(conn);
 
@@ -117,11 +119,50 @@ conn_thread(gpointer data)
   g_mutex_lock(&cbt_nbd_lock);
   if (current && srv.n_current > 0)
     srv.n_current--;
-  srv.n_threads--;
-  g_cond_broadcast(&srv.idle);
   g_mutex_unlock(&cbt_nbd_lock);
   if (current && srv.max_conn)
     g_idle_add(rearm_idle, NULL);
+}
+
+/* Park the calling thread until a connection is handed to it; NULL when none came in time, the
+ * server stopped or enough threads wait already. Under cbt_nbd_lock. */
+static CbtNbdConn *
+park_locked(void)
+{
+  gint64 end = g_get_monotonic_time() + CBT_NBD_SPARE_WAIT_US;
+
+  if (!srv.running || srv.n_parked >= CBT_NBD_SPARE_THREADS)
+    return NULL;
+  srv.n_parked++;
+  while (srv.running && g_queue_is_empty(&srv.spare_conns))
+    if (!g_cond_wait_until(&srv.spare, &cbt_nbd_lock, end))
+      break;
+  CbtNbdConn *conn = g_queue_pop_head(&srv.spare_conns);
+  srv.n_parked--;
+  return conn;
+}
+
+static gpointer
+conn_thread(gpointer data)
+{
+  CbtNbdConn *conn = data;
+  sigset_t pipe;
+
+  /* sendfile() cannot say MSG_NOSIGNAL: a client gone mid-reply must not kill the process
+   * (the workers inherit this mask). */
+  sigemptyset(&pipe);
+  sigaddset(&pipe, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe, NULL);
+  while (conn) {
+    serve(conn);
+    g_mutex_lock(&cbt_nbd_lock);
+    conn = park_locked();
+    if (!conn) {
+      srv.n_threads--;
+      g_cond_broadcast(&srv.idle);
+    }
+    g_mutex_unlock(&cbt_nbd_lock);
+  }
   return NULL;
 }
 
@@ -152,9 +193,18 @@ start_conn(int fd)
 
   g_mutex_lock(&cbt_nbd_lock);
   g_ptr_array_add(srv.conns, conn);
-  srv.n_threads++;
   srv.n_current++;
+  /* A parked thread that has not yet taken a queued connection is already spoken for. */
+  gboolean spare = srv.n_parked > g_queue_get_length(&srv.spare_conns);
+  if (spare) {
+    g_queue_push_tail(&srv.spare_conns, conn);
+    g_cond_signal(&srv.spare);
+  } else {
+    srv.n_threads++;
+  }
   g_mutex_unlock(&cbt_nbd_lock);
+  if (spare)
+    return;
 
   GThread *t = g_thread_try_new("nbd-conn", conn_thread, conn, &error);
   if (!t) {
@@ -235,6 +285,7 @@ cbt_nbd_server_stop_listening(void)
   for (guint i = 0; i < srv.conns->len; i++)
     cbt_nbd_conn_kick_locked(g_ptr_array_index(srv.conns, i));
   srv.n_current = 0;
+  g_cond_broadcast(&srv.spare); /* parked threads end (a queued connection is still served) */
   g_mutex_unlock(&cbt_nbd_lock);
 }
 
