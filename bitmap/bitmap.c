@@ -544,34 +544,42 @@ run_open(RunWalk *w, guint64 bit)
   w->start = bit;
 }
 
-/* Runs in bits [from, to) of @leaf based at @base: each hit is the next transition. Between
- * transitions whole words are skipped (all clear outside a run, all set inside one). */
+/* Runs in bits [from, to) of @leaf based at @base. A word's transitions are found all at once:
+ * bit k of w ^ (w << 1 | carry) is set where bit k differs from the bit before it (the carry
+ * being the state at the word's start), so each transition costs a ctz and no search, and a
+ * word without one (all clear outside a run, all set inside one) costs a compare. */
 static gboolean
 leaf_runs(RunWalk *w, const Leaf *leaf, guint64 base, guint64 from, guint64 to)
 {
-  guint last = (to - 1 - base) / WORD_BITS;
-  guint64 pos = from;
+  guint wa = (from - base) / WORD_BITS, wb = (to - 1 - base) / WORD_BITS;
 
-  while (pos < to) {
-    guint64 flip = w->in_run ? G_MAXUINT64 : 0;
-    guint i = (pos - base) / WORD_BITS;
-    guint64 word = (LOAD(&leaf->w[i]) ^ flip) & (G_MAXUINT64 << (pos - base) % WORD_BITS);
-
-    while (!word) {
-      if (++i > last)
-        return TRUE;
-      word = LOAD(&leaf->w[i]) ^ flip;
+  /* Leaves lie wherever they were allocated, in the order of the first writes: ask for every
+   * line of this one at once, so their misses overlap instead of following each other. */
+  for (guint i = wa; i <= wb; i += CACHE_LINE / sizeof(guint64))
+    __builtin_prefetch(&leaf->w[i]);
+  for (guint i = wa; i <= wb; i++) {
+    guint64 wbase = base + (guint64)i * WORD_BITS;
+    guint64 word = LOAD(&leaf->w[i]);
+    guint64 carry = w->in_run ? 1 : 0;
+    if (i == wa) {
+      /* Bits before @from continue the current state: no transition there. */
+      guint lo = (from - base) % WORD_BITS;
+      guint64 below = lo ? G_MAXUINT64 >> (WORD_BITS - lo) : 0;
+      word = (word & ~below) | (w->in_run ? below : 0);
     }
-    guint64 hit = base + (guint64)i * WORD_BITS + __builtin_ctzll(word);
-    if (hit >= to)
-      return TRUE;
-    if (w->in_run) {
-      if (!run_close(w, hit))
-        return FALSE;
-    } else {
-      run_open(w, hit);
+    guint64 t = word ^ (word << 1 | carry);
+    if (i == wb && (to - base) % WORD_BITS)
+      t &= G_MAXUINT64 >> (WORD_BITS - (to - base) % WORD_BITS);
+    while (t) {
+      guint64 hit = wbase + __builtin_ctzll(t);
+      t &= t - 1;
+      if (w->in_run) {
+        if (!run_close(w, hit))
+          return FALSE;
+      } else {
+        run_open(w, hit);
+      }
     }
-    pos = hit;
   }
   return TRUE;
 }
