@@ -544,6 +544,17 @@ run_open(RunWalk *w, guint64 bit)
   w->start = bit;
 }
 
+/* Leaves lie in memory in the order of the first writes to them, not in bit order, so the
+ * walk jumps from one to the next and each would start with a cache miss: the next leaf's lines
+ * are asked for while this one is scanned. */
+static inline void
+prefetch_leaf(const Leaf *leaf)
+{
+  if (leaf)
+    for (guint i = 0; i < LEAF_WORDS; i += CACHE_LINE / sizeof(guint64))
+      __builtin_prefetch(&leaf->w[i]);
+}
+
 /* Runs in bits [from, to) of @leaf based at @base. A word's transitions are found all at once:
  * bit k of w ^ (w << 1 | carry) is set where bit k differs from the bit before it (the carry
  * being the state at the word's start), so each transition costs a ctz and no search, and a
@@ -552,26 +563,21 @@ static gboolean
 leaf_runs(RunWalk *w, const Leaf *leaf, guint64 base, guint64 from, guint64 to)
 {
   guint wa = (from - base) / WORD_BITS, wb = (to - 1 - base) / WORD_BITS;
+  guint lo = (from - base) % WORD_BITS, hi = (to - base) % WORD_BITS;
+  guint64 below = lo ? G_MAXUINT64 >> (WORD_BITS - lo) : 0;
+  guint64 last = hi ? G_MAXUINT64 >> (WORD_BITS - hi) : G_MAXUINT64;
+  guint64 carry = w->in_run ? 1 : 0; /* the state before the word: a register, not w */
 
-  /* Leaves lie wherever they were allocated, in the order of the first writes: ask for every
-   * line of this one at once, so their misses overlap instead of following each other. */
-  for (guint i = wa; i <= wb; i += CACHE_LINE / sizeof(guint64))
-    __builtin_prefetch(&leaf->w[i]);
   for (guint i = wa; i <= wb; i++) {
-    guint64 wbase = base + (guint64)i * WORD_BITS;
-    guint64 word = LOAD(&leaf->w[i]);
-    guint64 carry = w->in_run ? 1 : 0;
-    if (i == wa) {
-      /* Bits before @from continue the current state: no transition there. */
-      guint lo = (from - base) % WORD_BITS;
-      guint64 below = lo ? G_MAXUINT64 >> (WORD_BITS - lo) : 0;
-      word = (word & ~below) | (w->in_run ? below : 0);
-    }
+    guint64 word = __atomic_load_n(&leaf->w[i], __ATOMIC_RELAXED);
+    if (i == wa) /* bits before @from continue the current state: no transition there */
+      word = (word & ~below) | (carry ? below : 0);
     guint64 t = word ^ (word << 1 | carry);
-    if (i == wb && (to - base) % WORD_BITS)
-      t &= G_MAXUINT64 >> (WORD_BITS - (to - base) % WORD_BITS);
+    if (i == wb)
+      t &= last;
+    carry = word >> (WORD_BITS - 1);
     while (t) {
-      guint64 hit = wbase + __builtin_ctzll(t);
+      guint64 hit = base + (guint64)i * WORD_BITS + __builtin_ctzll(t);
       t &= t - 1;
       if (w->in_run) {
         if (!run_close(w, hit))
@@ -603,6 +609,8 @@ node_runs(RunWalk *w, const Node *node, guint level, guint64 base, guint64 from,
         return TRUE;
       c = __builtin_ctzll(cand);
     }
+    if (level == 1 && c < c1)
+      prefetch_leaf(LOAD(&node->child[c + 1]));
     guint64 cbase = base + ((guint64)c << sh);
     guint64 cfrom = MAX(from, cbase), cto = MIN(to, cbase + (G_GUINT64_CONSTANT(1) << sh));
     if (full >> c & 1) {
