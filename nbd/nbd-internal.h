@@ -125,6 +125,10 @@ extern GMutex cbt_nbd_lock;
 gboolean cbt_nbd_server_running(void);
 guint32 cbt_nbd_server_max_connections(void);
 gint64 cbt_nbd_handshake_timeout_us(void);
+/* Adaptive polling's cap in ns (CBTD_NBD_POLL_MAX_NS; 0: never spin). The default is above the
+ * ~40 us a cross-vCPU wake-up was measured to cost on the development VM. */
+#define CBT_NBD_POLL_MAX_NS 100000
+gint64 cbt_nbd_poll_max_ns(void);
 
 /* wire.c: blocking socket I/O. Reads honour conn->deadline when it is set. Each returns 0, or
  * -1 on EOF/error (errno set; EOF at a message boundary gives errno 0 from read_full). */

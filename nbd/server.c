@@ -35,10 +35,11 @@ static struct {
   guint n_current;  /* connections of the running server; under cbt_nbd_lock */
   GCond idle;
   guint handshake_ms;
+  gint64 poll_max_ns; /* adaptive polling's cap (transmit.c); 0 turns it off */
   GQueue spare_conns; /* accepted, for a parked thread to take; under cbt_nbd_lock */
   guint n_parked;     /* threads waiting for spare_conns; under cbt_nbd_lock */
   GCond spare;        /* a connection was queued, or the server stopped */
-} srv = { .listen_fd = -1, .handshake_ms = 10000 };
+} srv = { .listen_fd = -1, .handshake_ms = 10000, .poll_max_ns = CBT_NBD_POLL_MAX_NS };
 
 #define CBT_NBD_SPARE_THREADS 4u
 #define CBT_NBD_SPARE_WAIT_US (10 * G_USEC_PER_SEC)
@@ -61,6 +62,12 @@ void
 cbt_nbd_set_handshake_timeout(guint ms)
 {
   srv.handshake_ms = ms;
+}
+
+gint64
+cbt_nbd_poll_max_ns(void)
+{
+  return srv.poll_max_ns;
 }
 
 gint64
@@ -249,6 +256,9 @@ cbt_nbd_server_listen(const char *what, int fd, gboolean is_inet, guint32 max_co
 
   if (env && *env)
     srv.handshake_ms = (guint)g_ascii_strtoull(env, NULL, 10);
+  env = g_getenv("CBTD_NBD_POLL_MAX_NS");
+  if (env && *env)
+    srv.poll_max_ns = (gint64)MIN(g_ascii_strtoull(env, NULL, 10), 10 * G_GUINT64_CONSTANT(1000000));
   if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) {
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Cannot use socket: %s",
                 g_strerror(errno));

@@ -29,7 +29,6 @@ typedef struct {
 } CacheStat;
 
 #define INBUF_SIZE (16u << 10) /* hundreds of request headers per recv */
-#define CBT_NBD_POLL_MAX_NS 100000 /* above a cross-vCPU wake-up, measured ~40 us here */
 #define CBT_NBD_POLL_MIN_NS 4000
 
 typedef struct {
@@ -112,7 +111,7 @@ validate(CbtNbdConn *conn, const Request *r, const char **msg)
  * sleeping. Sleeping costs two wake-ups per round trip, and on a virtual machine a wake-up of an
  * idle vCPU (an IPI and a VM exit) costs more than a cached 4 KiB read. The spin budget follows
  * the client: it doubles while waits end soon after it ran out and halves when a wait outlasts
- * CBT_NBD_POLL_MAX_NS, so a slow or idle client soon costs no CPU. Only data I/O spins: after a
+ * cbt_nbd_poll_max_ns(), so a slow or idle client soon costs no CPU. Only data I/O spins: after a
  * BLOCK_STATUS reply the client has hundreds of extents to digest, and a backup's map walk is
  * bound by that, not by our wake-up. */
 static ssize_t
@@ -123,7 +122,9 @@ receive(Reader *rd)
   gsize room = INBUF_SIZE - rd->end;
   gint64 t0 = 0;
 
-  if (!rd->last_was_data || cbt_nbd_pool_busy(rd->pool))
+  gint64 poll_max = cbt_nbd_poll_max_ns();
+
+  if (!rd->last_was_data || poll_max == 0 || cbt_nbd_pool_busy(rd->pool))
     return recv(fd, p, room, 0); /* workers have requests: their replies prompt the client */
   if (rd->poll_ns > 0) {
     t0 = g_get_monotonic_time();
@@ -141,10 +142,10 @@ receive(Reader *rd)
   }
   ssize_t r = recv(fd, p, room, 0);
   gint64 waited_ns = (g_get_monotonic_time() - t0) * 1000;
-  if (waited_ns > CBT_NBD_POLL_MAX_NS)
+  if (waited_ns > poll_max)
     rd->poll_ns = rd->poll_ns / 2 >= CBT_NBD_POLL_MIN_NS ? rd->poll_ns / 2 : 0;
   else if (waited_ns > rd->poll_ns)
-    rd->poll_ns = MIN(CBT_NBD_POLL_MAX_NS, MAX(rd->poll_ns * 2, CBT_NBD_POLL_MIN_NS));
+    rd->poll_ns = MIN(poll_max, MAX(rd->poll_ns * 2, CBT_NBD_POLL_MIN_NS));
   return r;
 }
 

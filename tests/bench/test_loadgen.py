@@ -85,6 +85,32 @@ class LoadgenTest(unittest.TestCase):
         written = sum(1 for o in range(0, SIZE, 4096) if data[o:o + 4096] != bytes(4096))
         self.assertEqual(written, 500)
 
+    def test_verify_one_at_a_time_polling_on_and_off(self):
+        # Depth 1 is where the server's reader spins on a non-blocking recv between requests
+        # (adaptive polling); CBTD_NBD_POLL_MAX_NS=0 turns that off. Both must keep every byte.
+        for poll in (None, '0'):
+            with self.subTest(poll=poll):
+                img = make_image(os.path.join(self.dir, 'img-%s' % poll), SIZE)
+                old = os.environ.pop('CBTD_NBD_POLL_MAX_NS', None)
+                if poll is not None:
+                    os.environ['CBTD_NBD_POLL_MAX_NS'] = poll
+                try:
+                    sock = os.path.join(self.dir, 'nbd-%s.sock' % poll)
+                    d = Daemon(['--blockdev', 'driver=file,node-name=n,filename=' + img,
+                                '--nbd-server', 'addr.type=unix,addr.path=' + sock,
+                                '--export', 'type=nbd,id=e,node-name=n,name=e,writable=on'],
+                               tmpdir=self.dir)
+                finally:
+                    os.environ.pop('CBTD_NBD_POLL_MAX_NS', None)
+                    if old is not None:
+                        os.environ['CBTD_NBD_POLL_MAX_NS'] = old
+                self.addCleanup(d.stop)
+                r = loadgen('nbd+unix:///e?socket=' + sock, '--verify', '--count=2000',
+                            '--depth=1', '--seed=9')
+                self.assertEqual(r.returncode, 0, r.stderr)
+                self.assertEqual(fields(r.stdout.splitlines()[-1]),
+                                 {'verified': '2000', 'mismatches': '0'})
+
     def test_lost_writes_are_caught(self):
         # null-co drops writes and reads zeroes: verify mode must report every block.
         uri = self.start('driver=null-co,node-name=n,size=%d,read-zeroes=on' % SIZE)
