@@ -73,6 +73,11 @@ struct CbtBlockdevDriver {
   int (*write_zeroes)(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags);
   int (*block_status)(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
                       guint32 *status);
+  /* Optional: report the runs of [offset, offset + len) in order through @fn, stopping when it
+   * returns FALSE (cbt_blockdev_block_status_walk checks the order and fills what was left out
+   * with data). Without it the walk calls block_status run by run. */
+  int (*block_status_walk)(CbtBlockdev *bd, guint64 offset, guint64 len,
+                           CbtBlockdevStatusFunc fn, gpointer user_data);
   int (*get_data_fd)(CbtBlockdev *bd, guint64 *fd_offset);
   /* Apply the node's permission counts to the medium (image locks). May be NULL. */
   gboolean (*update_perms)(CbtBlockdev *bd, GError **error);

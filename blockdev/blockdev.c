@@ -445,6 +445,82 @@ cbt_blockdev_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 
   return r;
 }
 
+/* ---- status walks ------------------------------------------------------------------------ */
+
+/* Between a driver's walk and the caller: the caller sees [pos, end) once, in order, whatever the
+ * driver reports (a file changing under the driver can make its runs overlap or skip). */
+typedef struct {
+  CbtBlockdevStatusFunc fn;
+  gpointer user_data;
+  guint64 pos;                 /* reported up to here */
+  guint64 end;
+  gboolean stopped;            /* fn returned FALSE */
+} StatusWalk;
+
+/* Report [w->pos, to) with @status. */
+static gboolean
+deliver(StatusWalk *w, guint64 to, guint32 status)
+{
+  guint64 from = w->pos;
+
+  w->pos = to;
+  if (!w->fn(from, to - from, status, w->user_data))
+    w->stopped = TRUE;
+  return !w->stopped;
+}
+
+/* FALSE once the caller stopped or the range is covered: the driver stops too. */
+static gboolean
+walk_report(guint64 offset, guint64 len, guint32 status, gpointer user_data)
+{
+  StatusWalk *w = user_data;
+  guint64 to = offset < w->end ? offset + MIN(len, w->end - offset) : w->end;
+
+  if (w->stopped)
+    return FALSE;
+  /* Left out by the driver: "data" is always safe. */
+  if (offset > w->pos && !deliver(w, MIN(offset, w->end), 0))
+    return FALSE;
+  if (to > w->pos && !deliver(w, to, status))
+    return FALSE;
+  return w->pos < w->end;
+}
+
+/* For drivers without a walk of their own: one block_status call per run. */
+static int
+walk_by_status(CbtBlockdev *bd, guint64 offset, guint64 len, CbtBlockdevStatusFunc fn,
+               gpointer user_data)
+{
+  for (guint64 pos = offset, end = offset + len; pos < end;) {
+    guint64 pnum = 0;
+    guint32 status = 0;
+    int r = cbt_blockdev_block_status(bd, pos, end - pos, &pnum, &status);
+    if (r < 0)
+      return r;
+    if (!fn(pos, pnum, status, user_data))
+      break;
+    pos += pnum;
+  }
+  return 0;
+}
+
+int
+cbt_blockdev_block_status_walk(CbtBlockdev *bd, guint64 offset, guint64 len,
+                               CbtBlockdevStatusFunc fn, gpointer user_data)
+{
+  StatusWalk w = { .fn = fn, .user_data = user_data, .pos = offset, .end = offset + len };
+  int r;
+
+  if (len == 0 || !in_bounds(bd, offset, len))
+    return -EINVAL;
+  r = bd->drv->block_status_walk
+        ? bd->drv->block_status_walk(bd, offset, len, walk_report, &w)
+        : walk_by_status(bd, offset, len, walk_report, &w);
+  if (r == 0 && !w.stopped && w.pos < w.end)
+    deliver(&w, w.end, 0);
+  return r;
+}
+
 int
 cbt_blockdev_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset)
 {

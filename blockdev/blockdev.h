@@ -72,6 +72,16 @@ int cbt_blockdev_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guin
  * starts at @offset and has status *status (CBT_BLOCKDEV_STATUS_*). Never returns *pnum == 0. */
 int cbt_blockdev_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
                               guint32 *status);
+/* One run of a status walk: [offset, offset + len) has @status. Return FALSE to stop the walk. */
+typedef gboolean (*CbtBlockdevStatusFunc)(guint64 offset, guint64 len, guint32 status,
+                                          gpointer user_data);
+/* The status of [offset, offset + len) as consecutive runs, in order, from @offset on: @fn sees
+ * every byte once until it returns FALSE. Neighbouring runs may have equal status. Cheaper than
+ * calling cbt_blockdev_block_status run by run where the backend can map many runs at once (a
+ * file's extents). Returns 0 (covered or stopped) or a negative errno, after which the runs
+ * already reported stand. */
+int cbt_blockdev_block_status_walk(CbtBlockdev *bd, guint64 offset, guint64 len,
+                                   CbtBlockdevStatusFunc fn, gpointer user_data);
 /* For zero-copy reads: the fd and the byte offset within it that holds @bd's offset 0, or -1
  * when the data does not live in one file (null-co). */
 int cbt_blockdev_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset);

@@ -9,17 +9,22 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/fiemap.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 #include "blockdev/blockdev-internal.h"
 
 #define SECTOR 512u
 #define DIRECT_ALIGN 4096u
 #define ZERO_CHUNK (1u << 20)
+#define FIEMAP_BATCH 256u      /* extents per FS_IOC_FIEMAP call (14 KiB) */
+#define HOLE_STATUS (CBT_BLOCKDEV_STATUS_HOLE | CBT_BLOCKDEV_STATUS_ZERO)
 
 typedef struct {
   int fd;                      /* the image, O_DIRECT with cache.direct */
@@ -33,6 +38,7 @@ typedef struct {
   int ro_fd, ro_fd_buffered;   /* -1 until such a reopen */
   gboolean is_device;
   gboolean tail_padded;        /* the file's size is not a multiple of 512 */
+  gint fiemap;                 /* status walks may map extents with FIEMAP (see fiemap_trusted) */
   CbtBlockdevLock *lock;       /* NULL with locking=off */
 } FileState;
 
@@ -212,12 +218,121 @@ file_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum, g
   if (data < 0 || (guint64)data > offset) {
     /* A hole up to the next data, or to the end (ENXIO: no data at or after @offset). */
     *pnum = data < 0 ? len : MIN((guint64)data, end) - offset;
-    *status = CBT_BLOCKDEV_STATUS_HOLE | CBT_BLOCKDEV_STATUS_ZERO;
+    *status = HOLE_STATUS;
     return 0;
   }
   hole = lseek(image_fd(s), (off_t)offset, SEEK_HOLE);
   if (hole > (off_t)offset)
     *pnum = MIN((guint64)hole, end) - offset;
+  return 0;
+}
+
+/* ---- status walks ------------------------------------------------------------------------ */
+
+/* A walk maps many extents per FS_IOC_FIEMAP call instead of two lseek() calls per run, and must
+ * still give exactly what SEEK_DATA/SEEK_HOLE give (file_block_status, and QEMU's answers):
+ * written, delayed and inline extents are data, gaps are holes, and an unwritten (preallocated)
+ * extent is asked of lseek, as it is data where the page cache holds its pages. */
+typedef struct {
+  CbtBlockdev *bd;
+  CbtBlockdevStatusFunc fn;
+  gpointer user_data;
+  guint64 pos;                 /* reported up to here */
+} FileWalk;
+
+enum { WALK_STOPPED, WALK_DONE, WALK_MORE };
+
+/* Report [w->pos, to) with @status; FALSE when the caller stops. */
+static gboolean
+walk_run(FileWalk *w, guint64 to, guint32 status)
+{
+  guint64 from = w->pos;
+
+  w->pos = to;
+  return w->fn(from, to - from, status, w->user_data);
+}
+
+/* [w->pos, to) the way file_block_status sees it, run by run. */
+static gboolean
+walk_seek(FileWalk *w, guint64 to)
+{
+  while (w->pos < to) {
+    guint64 pnum;
+    guint32 status;
+    file_block_status(w->bd, w->pos, to - w->pos, &pnum, &status);
+    if (!walk_run(w, w->pos + pnum, status))
+      return FALSE;
+  }
+  return TRUE;
+}
+
+/* One FS_IOC_FIEMAP call for [w->pos, eof) and its runs. Without FIEMAP_FLAG_SYNC: that would
+ * write back the whole file first, and delayed extents are reported as such anyway. Returns
+ * WALK_MORE when the batch was full, or a negative errno when the call failed. */
+static int
+walk_fiemap_batch(FileWalk *w, struct fiemap *fm, guint64 eof)
+{
+  gboolean last = FALSE;
+
+  memset(fm, 0, sizeof(*fm));
+  fm->fm_start = w->pos;
+  fm->fm_length = eof - w->pos;
+  fm->fm_extent_count = FIEMAP_BATCH;
+  if (ioctl(image_fd(state(w->bd)), FS_IOC_FIEMAP, fm) < 0)
+    return -errno;
+  for (guint32 i = 0; i < fm->fm_mapped_extents && !last; i++) {
+    const struct fiemap_extent *e = &fm->fm_extents[i];
+    guint64 from = MAX(e->fe_logical, w->pos);
+    guint64 to = MIN(e->fe_logical + e->fe_length, eof);
+
+    last = (e->fe_flags & FIEMAP_EXTENT_LAST) != 0;
+    if (from >= to)
+      continue; /* outside what is left (the file changed meanwhile) */
+    if (from > w->pos && !walk_run(w, from, HOLE_STATUS))
+      return WALK_STOPPED;
+    if (!((e->fe_flags & FIEMAP_EXTENT_UNWRITTEN) ? walk_seek(w, to) : walk_run(w, to, 0)))
+      return WALK_STOPPED;
+  }
+  if (!last && fm->fm_mapped_extents == FIEMAP_BATCH)
+    return WALK_MORE;
+  /* The call saw all of [w->pos, eof): what no extent covers is a hole. */
+  if (w->pos < eof && !walk_run(w, eof, HOLE_STATUS))
+    return WALK_STOPPED;
+  return WALK_DONE;
+}
+
+static int
+file_block_status_walk(CbtBlockdev *bd, guint64 offset, guint64 len, CbtBlockdevStatusFunc fn,
+                       gpointer user_data)
+{
+  FileState *s = state(bd);
+  FileWalk w = { .bd = bd, .fn = fn, .user_data = user_data, .pos = offset };
+  g_autofree struct fiemap *fm = NULL;
+  guint64 end = offset + len, eof;
+  int r = WALK_MORE;
+  struct stat st;
+
+  if (!g_atomic_int_get(&s->fiemap) || fstat(image_fd(s), &st) < 0) {
+    walk_seek(&w, end);
+    return 0;
+  }
+  /* SEEK_DATA finds nothing past the end of the file (the padding up to 512 bytes, or a file
+   * that shrank), whatever blocks are allocated there (fallocate with KEEP_SIZE). */
+  eof = CLAMP((guint64)st.st_size, offset, end);
+  fm = g_malloc(sizeof(*fm) + FIEMAP_BATCH * sizeof(struct fiemap_extent));
+  while (r == WALK_MORE && w.pos < eof) {
+    guint64 from = w.pos;
+    r = walk_fiemap_batch(&w, fm, eof);
+    if (r == WALK_MORE && w.pos == from)
+      r = -EIO; /* a full batch with nothing new: lseek finishes */
+  }
+  if (r < 0) {
+    if (r == -EOPNOTSUPP || r == -ENOTTY)
+      g_atomic_int_set(&s->fiemap, FALSE);
+    r = walk_seek(&w, eof) ? WALK_DONE : WALK_STOPPED;
+  }
+  if (r != WALK_STOPPED && w.pos < end)
+    walk_run(&w, end, HOLE_STATUS);
   return 0;
 }
 
@@ -386,6 +501,25 @@ get_size(FileState *s, const struct stat *st, guint64 *size, GError **error)
   return TRUE;
 }
 
+/* Only where FIEMAP reports delayed allocation (data written but not yet given blocks) does it
+ * show every byte SEEK_DATA calls data; elsewhere (tmpfs, NFS, ...) walks use lseek. */
+static gboolean
+fiemap_trusted(int fd)
+{
+  struct statfs sfs;
+
+  if (fstatfs(fd, &sfs) < 0)
+    return FALSE;
+  switch ((guint32)sfs.f_type) {
+  case EXT4_SUPER_MAGIC:
+  case XFS_SUPER_MAGIC:
+  case BTRFS_SUPER_MAGIC:
+    return TRUE;
+  default:
+    return FALSE;
+  }
+}
+
 static gboolean
 file_open(CbtBlockdev *bd, JsonObject *opts, GError **error)
 {
@@ -413,6 +547,7 @@ file_open(CbtBlockdev *bd, JsonObject *opts, GError **error)
   }
   s->writable = s->writable && buffered_writable;
   s->is_device = !S_ISREG(st.st_mode);
+  s->fiemap = !s->is_device && fiemap_trusted(s->fd);
   if (strcmp(locking, "off") != 0)
     s->lock = cbt_blockdev_lock_new(s->fd, filename);
   bd->size = (size + SECTOR - 1) / SECTOR * SECTOR;
@@ -438,7 +573,8 @@ fail:
     .name = drv_name, .protocol = TRUE, .has_dirty_flag = TRUE, .open = file_open,                \
     .close = file_close, .pread = file_pread, .pwrite = file_pwrite, .flush = file_flush,         \
     .discard = file_discard, .write_zeroes = file_write_zeroes,                                   \
-    .block_status = file_block_status, .get_data_fd = file_get_data_fd,                           \
+    .block_status = file_block_status, .block_status_walk = file_block_status_walk,               \
+    .get_data_fd = file_get_data_fd,                                                              \
     .update_perms = file_update_perms, .actual_size = file_actual_size,                           \
   }
 

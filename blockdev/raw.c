@@ -52,6 +52,32 @@ raw_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum, gu
   return cbt_blockdev_block_status(bd->child, base(bd) + offset, len, pnum, status);
 }
 
+typedef struct {
+  CbtBlockdevStatusFunc fn;
+  gpointer user_data;
+  guint64 base;
+} RawWalk;
+
+/* A run of the child, at the raw node's offset. */
+static gboolean
+raw_walk_run(guint64 offset, guint64 len, guint32 status, gpointer user_data)
+{
+  RawWalk *w = user_data;
+
+  return w->fn(offset - w->base, len, status, w->user_data);
+}
+
+static int
+raw_block_status_walk(CbtBlockdev *bd, guint64 offset, guint64 len, CbtBlockdevStatusFunc fn,
+                      gpointer user_data)
+{
+  RawWalk w = { .fn = fn, .user_data = user_data, .base = base(bd) };
+
+  /* The child's walk stays inside the range it is given: never past the window. */
+  len = MIN(len, bd->size - offset);
+  return cbt_blockdev_block_status_walk(bd->child, w.base + offset, len, raw_walk_run, &w);
+}
+
 static int
 raw_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset)
 {
@@ -158,5 +184,6 @@ const CbtBlockdevDriver cbt_blockdev_raw_driver = {
   .discard = raw_discard,
   .write_zeroes = raw_write_zeroes,
   .block_status = raw_block_status,
+  .block_status_walk = raw_block_status_walk,
   .get_data_fd = raw_get_data_fd,
 };

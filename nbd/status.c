@@ -40,22 +40,33 @@ add_extent(Answer *a, guint64 pos, guint64 len, guint32 flags)
   return TRUE;
 }
 
+typedef struct {
+  Answer *a;
+  guint64 pos; /* answered up to here */
+} AllocationWalk;
+
+static gboolean
+add_allocation_run(guint64 offset, guint64 len, guint32 status, gpointer user_data)
+{
+  AllocationWalk *w = user_data;
+
+  if (!add_extent(w->a, offset, len, status & (NBD_STATE_HOLE | NBD_STATE_ZERO)))
+    return FALSE;
+  w->pos = offset + len;
+  return TRUE;
+}
+
+/* One walk over the node's runs (a file maps many extents per call). */
 static int
 base_allocation(CbtNbdExport *exp, guint64 pos, Answer *a)
 {
-  while (pos < a->limit) {
-    guint64 pnum = 0;
-    guint32 status = 0;
-    int r = cbt_blockdev_block_status(exp->bd, pos, a->limit - pos, &pnum, &status);
-    if (r < 0)
-      return pos < a->req_end ? r : 0; /* beyond the request it was only a bonus */
-    if (pnum == 0 || pnum > a->limit - pos)
-      pnum = a->limit - pos;
-    if (!add_extent(a, pos, pnum, status & (NBD_STATE_HOLE | NBD_STATE_ZERO)))
-      break;
-    pos += pnum;
-  }
-  return 0;
+  AllocationWalk w = { .a = a, .pos = pos };
+  int r;
+
+  if (pos >= a->limit)
+    return 0;
+  r = cbt_blockdev_block_status_walk(exp->bd, pos, a->limit - pos, add_allocation_run, &w);
+  return r < 0 && w.pos < a->req_end ? r : 0; /* beyond the request it was only a bonus */
 }
 
 typedef struct {

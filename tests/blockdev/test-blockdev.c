@@ -1,7 +1,7 @@
 /* Unit tests for blockdev/: every backend through the C API on files in a temporary directory,
  * raw windows, null-co, host_device on a loop device, dirty tracking (marks before the backend,
  * failures included, discards only with discard=unmap), drain against concurrent I/O threads,
- * and the lock bytes.
+ * the lock bytes, and status walks against SEEK_DATA/SEEK_HOLE on ext4 (FIEMAP) and tmpfs.
  *
  * Nodes are created through blockdev-add (cbt_rpc_execute), so the schema validation and the
  * handler are the ones the daemon runs.
@@ -9,7 +9,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <glib/gstdio.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 #include "blockdev/blockdev-internal.h"
 
@@ -210,6 +214,267 @@ test_file_block_status(void)
   g_assert_cmpint(cbt_blockdev_block_status(bd, 0, 0, &pnum, &st), ==, -EINVAL);
   g_assert_cmpint(cbt_blockdev_block_status(bd, 4 * MiB, 1, &pnum, &st), ==, -EINVAL);
   del("s0");
+}
+
+/* ---- status walks ------------------------------------------------------------------------ */
+
+#define HOLE (CBT_BLOCKDEV_STATUS_HOLE | CBT_BLOCKDEV_STATUS_ZERO)
+#define WALK_SIZE (16 * MiB + 1000)  /* not a multiple of 512: the node has a tail */
+
+typedef struct {
+  guint64 start, end;
+  guint32 status;
+} Run;
+
+/* Append, merged into the last run when it continues it with the same status. */
+static void
+append_run(GArray *runs, guint64 start, guint64 end, guint32 status)
+{
+  Run *last = runs->len ? &g_array_index(runs, Run, runs->len - 1) : NULL;
+
+  g_assert_cmpuint(start, <, end);
+  if (last && last->end == start && last->status == status) {
+    last->end = end;
+    return;
+  }
+  g_array_append_val(runs, ((Run){ start, end, status }));
+}
+
+/* The reference: SEEK_DATA and SEEK_HOLE on the file itself over [0, size). */
+static GArray *
+seek_map(int fd, guint64 size)
+{
+  GArray *runs = g_array_new(FALSE, FALSE, sizeof(Run));
+
+  for (guint64 pos = 0; pos < size;) {
+    off_t data = lseek(fd, (off_t)pos, SEEK_DATA), hole;
+    guint64 end = size;
+    guint32 status = HOLE;
+
+    if (data < 0) {
+      g_assert_cmpint(errno, ==, ENXIO);
+    } else if ((guint64)data > pos) {
+      end = MIN((guint64)data, size);
+    } else {
+      hole = lseek(fd, (off_t)pos, SEEK_HOLE);
+      g_assert_cmpint(hole, >, (off_t)pos);
+      end = MIN((guint64)hole, size);
+      status = 0;
+    }
+    append_run(runs, pos, end, status);
+    pos = end;
+  }
+  return runs;
+}
+
+typedef struct {
+  GArray *runs;                /* what the walk reported, merged */
+  guint64 next;                /* where the next run must start */
+  guint calls, stop_after;     /* stop_after 0: never stop */
+  gboolean stopped;
+} Collected;
+
+static gboolean
+collect_run(guint64 offset, guint64 len, guint32 status, gpointer user_data)
+{
+  Collected *c = user_data;
+
+  g_assert_false(c->stopped); /* nothing after FALSE */
+  g_assert_cmpuint(offset, ==, c->next);
+  g_assert_cmpuint(len, >, 0);
+  append_run(c->runs, offset, offset + len, status);
+  c->next = offset + len;
+  c->stopped = ++c->calls == c->stop_after;
+  return !c->stopped;
+}
+
+/* Walk [off, off + len) of @bd, whose byte 0 is byte @shift of the reference @ref, stopping
+ * after @stop_after runs (0: never), and compare with the reference. */
+static void
+check_walk(CbtBlockdev *bd, GArray *ref, guint64 shift, guint64 off, guint64 len,
+           guint stop_after)
+{
+  g_autoptr(GArray) want = g_array_new(FALSE, FALSE, sizeof(Run));
+  g_autoptr(GArray) got = g_array_new(FALSE, FALSE, sizeof(Run));
+  Collected c = { .runs = got, .next = off, .stop_after = stop_after };
+
+  for (guint i = 0; i < ref->len; i++) {
+    const Run *r = &g_array_index(ref, Run, i);
+    guint64 from = MAX(r->start, shift + off), to = MIN(r->end, shift + off + len);
+    if (from < to)
+      append_run(want, from - shift, to - shift, r->status);
+  }
+  g_assert_cmpint(cbt_blockdev_block_status_walk(bd, off, len, collect_run, &c), ==, 0);
+  if (!c.stopped)
+    g_assert_cmpuint(c.next, ==, off + len);
+  /* Stopped, the last run may end inside the reference's. */
+  g_assert_cmpuint(got->len, <=, want->len);
+  g_assert_cmpuint(got->len, >, 0);
+  if (!c.stopped)
+    g_assert_cmpuint(got->len, ==, want->len);
+  for (guint i = 0; i < got->len; i++) {
+    const Run *g = &g_array_index(got, Run, i), *w = &g_array_index(want, Run, i);
+    if (g->start != w->start || g->status != w->status || g->end > w->end ||
+        (g->end < w->end && (i + 1 < got->len || !c.stopped)))
+      g_error("walk [%" G_GUINT64_FORMAT ", +%" G_GUINT64_FORMAT ") run %u: [%" G_GUINT64_FORMAT
+              ", %" G_GUINT64_FORMAT ") status %u, lseek says [%" G_GUINT64_FORMAT ", %"
+              G_GUINT64_FORMAT ") status %u", off, len, i, g->start, g->end, g->status,
+              w->start, w->end, w->status);
+  }
+}
+
+/* Whole, aligned, unaligned, tiny and random ranges, with and without an early stop. */
+static void
+check_walks(CbtBlockdev *bd, GArray *ref, guint64 shift)
+{
+  guint64 size = cbt_blockdev_get_size(bd);
+  g_autoptr(GRand) rnd = g_rand_new_with_seed(7);
+
+  check_walk(bd, ref, shift, 0, size, 0);
+  check_walk(bd, ref, shift, 0, size, 1);
+  check_walk(bd, ref, shift, 0, size, 700);
+  check_walk(bd, ref, shift, size - 1, 1, 0);
+  check_walk(bd, ref, shift, MiB + 4095, 3, 0);
+  for (guint i = 0; i < 300; i++) {
+    guint64 off = (guint64)g_rand_double_range(rnd, 0, (double)size);
+    guint64 room = size - off;
+    guint64 len = 1 + (guint64)g_rand_double_range(rnd, 0, (double)(i % 2 ? MIN(room, 256 * KiB)
+                                                                          : room));
+    check_walk(bd, ref, shift, off, MIN(len, room), i % 3 ? 0 : g_rand_int_range(rnd, 1, 6));
+  }
+}
+
+static void
+must(gboolean ok)
+{
+  g_assert_true(ok);
+}
+
+/* Every kind of range SEEK_DATA tells apart, in more extents than one FIEMAP call returns. */
+static void
+make_walk_layout(int fd)
+{
+  g_autofree guint8 *buf = g_malloc(64 * KiB);
+
+  memset(buf, 0x5a, 64 * KiB);
+  must(ftruncate(fd, WALK_SIZE) == 0);
+  /* Written back, with a hole punched into it. */
+  must(pwrite(fd, buf, 64 * KiB, 0) == 64 * KiB);
+  /* Preallocated (unwritten), with a range written back in the middle. */
+  must(fallocate(fd, 0, MiB, 2 * MiB) == 0);
+  must(fallocate(fd, 0, 3 * MiB + 512 * KiB, 256 * KiB) == 0);
+  must(pwrite(fd, buf, 8 * KiB, 2 * MiB + 256 * KiB) == 8 * KiB);
+  /* 600 small extents, the first half written back. */
+  for (guint i = 0; i < 300; i++)
+    must(pwrite(fd, buf, 4096, 5 * MiB + i * 16 * KiB + (i % 3) * 4096) == 4096);
+  must(fdatasync(fd) == 0);
+  must(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 16 * KiB, 16 * KiB) == 0);
+  /* From here on nothing is written back: delayed allocation, and dirty or cached pages of
+   * preallocated ranges (written, unaligned too; only read, so cached zeroes; untouched). */
+  for (guint i = 300; i < 600; i++)
+    must(pwrite(fd, buf, 4096, 5 * MiB + i * 16 * KiB + (i % 3) * 4096) == 4096);
+  must(pwrite(fd, buf, 4096, MiB + 8 * KiB) == 4096);
+  must(pwrite(fd, buf, 100, MiB + 512 * KiB + 300) == 100);
+  must(pread(fd, buf, 8 * KiB, 2 * MiB + 64 * KiB) == 8 * KiB);
+  memset(buf, 0x5a, 64 * KiB);
+  must(pwrite(fd, buf, 12 * KiB, 4 * MiB + 512) == 12 * KiB);
+  /* Data up to the end of the file, and blocks preallocated past it (apart, or the last block
+   * would become preallocated too). */
+  must(pwrite(fd, buf, 5096, WALK_SIZE - 5096) == 5096);
+  must(fallocate(fd, FALLOC_FL_KEEP_SIZE, 17 * MiB, MiB) == 0);
+}
+
+/* Unwritten extents are what the walk must ask lseek about: make sure there are some. Delayed
+ * ones are only reported (a sync elsewhere on the machine could write them back meanwhile). */
+static void
+report_extents(int fd)
+{
+  g_autofree struct fiemap *fm = g_malloc0(sizeof(*fm) + 2048 * sizeof(struct fiemap_extent));
+  struct statfs sfs;
+  guint unwritten = 0, delalloc = 0;
+
+  must(fstatfs(fd, &sfs) == 0);
+  fm->fm_length = FIEMAP_MAX_OFFSET;
+  fm->fm_extent_count = 2048;
+  if (ioctl(fd, FS_IOC_FIEMAP, fm) < 0) {
+    g_test_message("file system %#lx: no FIEMAP (%s)", (long)sfs.f_type, g_strerror(errno));
+    return;
+  }
+  for (guint i = 0; i < fm->fm_mapped_extents; i++) {
+    unwritten += (fm->fm_extents[i].fe_flags & FIEMAP_EXTENT_UNWRITTEN) != 0;
+    delalloc += (fm->fm_extents[i].fe_flags & FIEMAP_EXTENT_DELALLOC) != 0;
+  }
+  g_test_message("file system %#lx: %u extents, %u unwritten, %u delayed", (long)sfs.f_type,
+                 fm->fm_mapped_extents, unwritten, delalloc);
+  g_assert_cmpuint(unwritten, >, 0);
+}
+
+/* The walk over a file node in @dir, a raw window over it, and the node's tail, against lseek.
+ * The file is unlinked at once and opened through /proc, so nothing is left behind even when an
+ * assertion fails. */
+static void
+check_walk_file(const char *dir)
+{
+  g_autofree char *tmpl = g_build_filename(dir, "test-blockdev-walk-XXXXXX", NULL);
+  int fd = g_mkstemp(tmpl);
+  const guint64 win = MiB - 3000;
+
+  g_assert_cmpint(fd, >=, 0);
+  g_assert_cmpint(g_unlink(tmpl), ==, 0);
+  g_autofree char *path = g_strdup_printf("/proc/self/fd/%d", fd);
+  make_walk_layout(fd);
+  report_extents(fd);
+  CbtBlockdev *f = add("wk0", "{'driver':'file','node-name':'wk0','filename':'%s'}", path);
+  CbtBlockdev *r = add("wk1", "{'driver':'raw','node-name':'wk1','file':'wk0','offset':%"
+                       G_GUINT64_FORMAT ",'size':%u}", win, 12 * MiB);
+  g_assert_cmpuint(cbt_blockdev_get_size(f), ==, 16 * MiB + 1024);
+  g_autoptr(GArray) ref = seek_map(fd, cbt_blockdev_get_size(f));
+  g_assert_cmpuint(ref->len, >, 600);
+  check_walks(f, ref, 0);
+  check_walks(r, ref, win);
+  /* The reference did not move meanwhile (so both saw the same file). */
+  g_autoptr(GArray) again = seek_map(fd, cbt_blockdev_get_size(f));
+  g_assert_cmpuint(again->len, ==, ref->len);
+  for (guint i = 0; i < ref->len; i++) {
+    const Run *a = &g_array_index(again, Run, i), *b = &g_array_index(ref, Run, i);
+    g_assert_true(a->start == b->start && a->end == b->end && a->status == b->status);
+  }
+  del("wk1");
+  del("wk0");
+  close(fd);
+}
+
+/* The temporary directory's file system: ext4 here, where the walk maps extents with FIEMAP. */
+static void
+test_walk_file(void)
+{
+  check_walk_file(tmpdir);
+}
+
+/* tmpfs has no FIEMAP: the walk asks lseek. */
+static void
+test_walk_tmpfs(void)
+{
+  check_walk_file("/dev/shm");
+}
+
+/* Bounds as cbt_blockdev_block_status; a driver without a walk (null-co) is walked run by run. */
+static void
+test_walk_generic(void)
+{
+  CbtBlockdev *n = add("wn0", "{'driver':'null-co','node-name':'wn0','size':1048576,"
+                              "'read-zeroes':true}");
+  g_autoptr(GArray) runs = g_array_new(FALSE, FALSE, sizeof(Run));
+  Collected c = { .runs = runs, .next = 4096 };
+
+  g_assert_cmpint(cbt_blockdev_block_status_walk(n, 4096, MiB - 4096, collect_run, &c), ==, 0);
+  g_assert_cmpuint(runs->len, ==, 1);
+  g_assert_cmpuint(g_array_index(runs, Run, 0).end, ==, MiB);
+  g_assert_cmpuint(g_array_index(runs, Run, 0).status, ==, CBT_BLOCKDEV_STATUS_ZERO);
+  g_assert_cmpint(cbt_blockdev_block_status_walk(n, 0, 0, collect_run, &c), ==, -EINVAL);
+  g_assert_cmpint(cbt_blockdev_block_status_walk(n, MiB, 1, collect_run, &c), ==, -EINVAL);
+  g_assert_cmpint(cbt_blockdev_block_status_walk(n, 4096, MiB, collect_run, &c), ==, -EINVAL);
+  del("wn0");
 }
 
 static void
@@ -493,6 +758,11 @@ test_host_device(void)
   assert_bytes(bd, MiB, MiB, 0);
   g_assert_cmpint(cbt_blockdev_discard(bd, 2 * MiB, MiB, 0), ==, 0);
   assert_status(bd, 0, 4 * MiB, 4 * MiB, 0); /* devices report everything allocated */
+  g_autoptr(GArray) runs = g_array_new(FALSE, FALSE, sizeof(Run));
+  Collected c = { .runs = runs, .next = 512 };
+  g_assert_cmpint(cbt_blockdev_block_status_walk(bd, 512, 4 * MiB - 512, collect_run, &c), ==, 0);
+  g_assert_cmpuint(runs->len, ==, 1);
+  g_assert_cmpuint(g_array_index(runs, Run, 0).status, ==, 0);
   g_assert_cmpint(cbt_blockdev_flush(bd), ==, 0);
   del("h0");
   loop_detach(dev);
@@ -889,6 +1159,9 @@ main(int argc, char **argv)
   g_test_add_func("/blockdev/file/read-only", test_file_read_only);
   g_test_add_func("/blockdev/file/unaligned-size", test_file_unaligned_size);
   g_test_add_func("/blockdev/file/block-status", test_file_block_status);
+  g_test_add_func("/blockdev/walk/file", test_walk_file);
+  g_test_add_func("/blockdev/walk/tmpfs", test_walk_tmpfs);
+  g_test_add_func("/blockdev/walk/generic", test_walk_generic);
   g_test_add_func("/blockdev/file/discard", test_file_discard);
   g_test_add_func("/blockdev/file/write-zeroes", test_file_write_zeroes);
   g_test_add_func("/blockdev/file/direct", test_file_direct);

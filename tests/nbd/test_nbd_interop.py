@@ -196,6 +196,35 @@ class TestSideBySide(Base):
                       for s in socks]
             self.assertEqual(totals[0], totals[1], ctx)
 
+    def test_map_extents(self):
+        """Every kind of extent SEEK_DATA tells apart, in more extents than one FIEMAP call of
+        cbtd's maps: holes, data written back, data not yet written back (delayed allocation),
+        a preallocated range partly written (dirty), partly only read (cached zeroes) and partly
+        untouched, blocks preallocated past the end of the file, and an end of file that is not
+        a multiple of 512. Both daemons serve the same file at once, so they see the same page
+        cache, and must give the same base:allocation map."""
+        img = self.path('extents.img')
+        size = 24 * MiB + 1000
+        fd = os.open(img, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            os.pwrite(fd, b'\x11' * 65536, 0)
+            os.fsync(fd)
+            os.posix_fallocate(fd, 1 * MiB, 2 * MiB)
+            os.pwrite(fd, b'\x22' * 4096, 1 * MiB + 8192)
+            os.pwrite(fd, b'\x33' * 100, 2 * MiB + 300)
+            os.pread(fd, 8192, 2 * MiB + 65536)
+            os.pwrite(fd, b'\x44' * 12288, 4 * MiB)
+            for i in range(600):
+                os.pwrite(fd, b'\x55' * 4096, 5 * MiB + i * 16384 + (i % 3) * 4096)
+            os.pwrite(fd, b'\x66' * 5096, size - 5096)
+        finally:
+            os.close(fd)
+        socks = self.both([('f0', img, True)], ['id=e0,node-name=f0,name=disk'])
+        maps = [nbdinfo_json('--map', uri(s, 'disk')) for s in socks]
+        self.assertGreater(len(maps[1]), 600)
+        self.assertEqual(maps[0], maps[1])
+
     def test_qmp_errors(self):
         img = make_image(self.path('q.img'), 1 * MiB)
         long_name = 'x' * 4097
