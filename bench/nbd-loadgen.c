@@ -260,6 +260,19 @@ loadgen_new(const char *uri)
 }
 
 static void
+loadgen_free(Loadgen *lg)
+{
+  for (guint i = 0; i < lg->depth; i++)
+    g_free(lg->slots[i].buf);
+  g_free(lg->slots);
+  g_free(lg->free_slots);
+  if (lg->h)
+    nbd_close(lg->h);
+  g_free(lg);
+}
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(Loadgen, loadgen_free)
+
+static void
 report(const char *what, guint64 ops, double secs)
 {
   printf("%s ops=%" PRIu64 " seconds=%.6f iops=%.0f\n", what, ops, secs, ops / secs);
@@ -285,7 +298,7 @@ main(int argc, char **argv)
     return 2;
   }
 
-  Loadgen *lg = loadgen_new(argv[1]);
+  g_autoptr(Loadgen) lg = loadgen_new(argv[1]);
   if (opt_verify)
     setup_spread(lg, opt_spread ? opt_spread : opt_count);
   else if (opt_spread)
@@ -305,6 +318,5 @@ main(int argc, char **argv)
   }
   if (nbd_shutdown(lg->h, 0) == -1)
     die_nbd("nbd_shutdown");
-  nbd_close(lg->h);
   return lg->errors || lg->mismatches ? 1 : 0;
 }
