@@ -346,9 +346,9 @@ cmd_query_block_exports(JsonObject *args, gpointer user_data, GError **error)
   for (guint i = 0; i < list->len; i++) {
     CbtNbdExport *exp = g_ptr_array_index(list, i);
     JsonObject *o = json_object_new();
-    g_mutex_lock(&cbt_nbd_lock);
+    pthread_mutex_lock(&cbt_nbd_lock);
     gboolean down = exp->shutting_down;
-    g_mutex_unlock(&cbt_nbd_lock);
+    pthread_mutex_unlock(&cbt_nbd_lock);
     json_object_set_string_member(o, "id", exp->id);
     json_object_set_string_member(o, "type", "nbd");
     json_object_set_string_member(o, "node-name", cbt_blockdev_get_node_name(exp->bd));

@@ -40,14 +40,14 @@ export_bitmap_free(gpointer p)
 CbtNbdExport *
 cbt_nbd_export_ref(CbtNbdExport *exp)
 {
-  g_atomic_ref_count_inc(&exp->ref);
+  g_atomic_int_inc(&exp->ref);
   return exp;
 }
 
 void
 cbt_nbd_export_unref(CbtNbdExport *exp)
 {
-  if (!exp || !g_atomic_ref_count_dec(&exp->ref))
+  if (!exp || !g_atomic_int_dec_and_test(&exp->ref))
     return;
   g_ptr_array_unref(exp->conns);
   g_clear_pointer(&exp->bitmaps, g_ptr_array_unref);
@@ -97,11 +97,11 @@ find_name_locked(const char *name)
 CbtNbdExport *
 cbt_nbd_export_find_name(const char *name)
 {
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   CbtNbdExport *exp = find_name_locked(name);
   if (exp)
     cbt_nbd_export_ref(exp);
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   return exp;
 }
 
@@ -110,7 +110,7 @@ cbt_nbd_export_list(void)
 {
   GPtrArray *out = g_ptr_array_new_with_free_func(g_free);
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   for (guint i = 0; exports && i < exports->len; i++) {
     CbtNbdExport *exp = g_ptr_array_index(exports, i);
     if (exp->shutting_down)
@@ -118,7 +118,7 @@ cbt_nbd_export_list(void)
     g_ptr_array_add(out, g_strdup(exp->name));
     g_ptr_array_add(out, g_strdup(exp->description ? exp->description : ""));
   }
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   return out;
 }
 
@@ -127,13 +127,13 @@ cbt_nbd_export_query(void)
 {
   GPtrArray *out = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_nbd_export_unref);
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   for (guint i = exports ? exports->len : 0; i > 0; i--) {
     CbtNbdExport *exp = g_ptr_array_index(exports, i - 1);
     if (!exp->deleted)
       g_ptr_array_add(out, cbt_nbd_export_ref(exp));
   }
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   return out;
 }
 
@@ -157,14 +157,14 @@ cbt_nbd_export_eflags(CbtNbdExport *exp, gboolean structured)
 static void
 export_finalize(CbtNbdExport *exp)
 {
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   if (exp->deleted || exp->conns->len > 0) {
-    g_mutex_unlock(&cbt_nbd_lock);
+    pthread_mutex_unlock(&cbt_nbd_lock);
     return;
   }
   exp->deleted = TRUE;
   g_ptr_array_remove(exports, exp); /* drops the registry's reference later, below */
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
 
   /* Handshaking clients may still hold @exp and read its names: keep the array, give the
    * bitmaps back. */
@@ -199,11 +199,11 @@ cbt_nbd_export_attach(CbtNbdExport *exp, CbtNbdConn *conn)
 {
   gboolean ok;
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   ok = !exp->shutting_down && !conn->closing;
   if (ok)
     g_ptr_array_add(exp->conns, conn);
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   return ok;
 }
 
@@ -212,10 +212,10 @@ cbt_nbd_export_detach(CbtNbdExport *exp, CbtNbdConn *conn)
 {
   gboolean last;
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   g_ptr_array_remove(exp->conns, conn);
   last = exp->shutting_down && !exp->deleted && exp->conns->len == 0;
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   if (last)
     g_idle_add_full(G_PRIORITY_DEFAULT, finalize_idle, cbt_nbd_export_ref(exp),
                     (GDestroyNotify)cbt_nbd_export_unref);
@@ -284,9 +284,9 @@ check_common(const CbtNbdExportOptions *o, GError **error)
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Invalid block export id");
     return NULL;
   }
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   gboolean used = find_id_locked(o->id) != NULL;
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   if (used) {
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
                 "Block export id '%s' is already in use", o->id);
@@ -327,9 +327,9 @@ check_nbd(const CbtNbdExportOptions *o, const char *name, GError **error)
                 o->description);
     return FALSE;
   }
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   gboolean dup = find_name_locked(name) != NULL;
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   if (dup) {
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
                 "NBD server already has export named '%s'", name);
@@ -344,7 +344,7 @@ export_new(const CbtNbdExportOptions *o, const char *name, CbtBlockdev *bd)
   CbtNbdExport *exp = g_new0(CbtNbdExport, 1);
   guint64 fd_offset;
 
-  g_atomic_ref_count_init(&exp->ref);
+  exp->ref = 1;
   exp->id = g_strdup(o->id);
   exp->name = g_strdup(name);
   exp->description = g_strdup(o->description);
@@ -385,11 +385,11 @@ cbt_nbd_export_add(const CbtNbdExportOptions *o, GError **error)
   exp->bitmaps = g_steal_pointer(&bitmaps);
   cbt_blockdev_add_user(bd);
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   if (!exports)
     exports = g_ptr_array_new();
   g_ptr_array_add(exports, exp);
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   g_debug("export '%s' (name '%s', node '%s', %s) added", exp->id, exp->name, o->node_name,
           exp->writable ? "writable" : "read-only");
   return TRUE;
@@ -398,7 +398,7 @@ cbt_nbd_export_add(const CbtNbdExportOptions *o, GError **error)
 gboolean
 cbt_nbd_export_del(const char *id, gboolean hard, GError **error)
 {
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   CbtNbdExport *exp = find_id_locked(id);
   g_autofree char *fail = NULL;
 
@@ -409,13 +409,13 @@ cbt_nbd_export_del(const char *id, gboolean hard, GError **error)
   else if (!hard && exp->conns->len > 0)
     fail = g_strdup_printf("export '%s' still in use", id);
   if (fail) {
-    g_mutex_unlock(&cbt_nbd_lock);
+    pthread_mutex_unlock(&cbt_nbd_lock);
     g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, fail);
     return FALSE;
   }
   cbt_nbd_export_ref(exp);
   begin_shutdown_locked(exp);
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
 
   export_finalize(exp); /* at once when idle; otherwise when the last client detaches */
   cbt_nbd_export_unref(exp);
@@ -427,14 +427,14 @@ cbt_nbd_export_shutdown_all(gboolean wait_for_clients)
 {
   g_autoptr(GPtrArray) all = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_nbd_export_unref);
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   for (guint i = 0; exports && i < exports->len; i++) {
     CbtNbdExport *exp = g_ptr_array_index(exports, i);
     if (!exp->shutting_down)
       begin_shutdown_locked(exp);
     g_ptr_array_add(all, cbt_nbd_export_ref(exp));
   }
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
 
   /* Clients were kicked; their threads leave within milliseconds unless stuck in backend I/O.
    * Waiting a little keeps the events in creation order in the common case. */

@@ -51,7 +51,7 @@ typedef struct {
 } CbtNbdExportBitmap;
 
 struct CbtNbdExport {
-  gatomicrefcount ref;
+  gint ref; /* g_atomic_int_*: inline atomics, which ThreadSanitizer sees */
   char *id;
   char *name;
   char *description; /* NULL when none */
@@ -121,7 +121,7 @@ typedef struct {
 } CbtNbdReq;
 
 /* server.c */
-extern GMutex cbt_nbd_lock;
+extern pthread_mutex_t cbt_nbd_lock;
 gboolean cbt_nbd_server_running(void);
 guint32 cbt_nbd_server_max_connections(void);
 gint64 cbt_nbd_handshake_timeout_us(void);

@@ -20,9 +20,12 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
-GMutex cbt_nbd_lock;
+/* pthread's rather than GMutex/GCond (futex-based in glib, opaque to ThreadSanitizer): a
+ * connection handed to a parked thread is ordered through this lock alone. */
+pthread_mutex_t cbt_nbd_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static struct {
   gboolean running;
@@ -33,13 +36,42 @@ static struct {
   GPtrArray *conns; /* every live connection; under cbt_nbd_lock */
   guint n_threads;  /* under cbt_nbd_lock */
   guint n_current;  /* connections of the running server; under cbt_nbd_lock */
-  GCond idle;
+  pthread_cond_t idle; /* a thread ended */
   guint handshake_ms;
   gint64 poll_max_ns; /* adaptive polling's cap (transmit.c); 0 turns it off */
   GQueue spare_conns; /* accepted, for a parked thread to take; under cbt_nbd_lock */
   guint n_parked;     /* threads waiting for spare_conns; under cbt_nbd_lock */
-  GCond spare;        /* a connection was queued, or the server stopped */
+  pthread_cond_t spare; /* a connection was queued, or the server stopped */
 } srv = { .listen_fd = -1, .handshake_ms = 10000, .poll_max_ns = CBT_NBD_POLL_MAX_NS };
+
+/* The conditions wait on CLOCK_MONOTONIC deadlines, as g_get_monotonic_time() gives them. */
+static void
+init_conds_once(void)
+{
+  pthread_condattr_t a;
+
+  pthread_condattr_init(&a);
+  pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+  pthread_cond_init(&srv.idle, &a);
+  pthread_cond_init(&srv.spare, &a);
+  pthread_condattr_destroy(&a);
+}
+
+static void
+init_conds(void)
+{
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+  pthread_once(&once, init_conds_once);
+}
+
+/* Wait on @cond until signalled or g_get_monotonic_time() reaches @end; FALSE on timeout. */
+static gboolean
+cond_wait_until(pthread_cond_t *cond, gint64 end)
+{
+  struct timespec ts = { .tv_sec = end / G_USEC_PER_SEC, .tv_nsec = end % G_USEC_PER_SEC * 1000 };
+  return pthread_cond_timedwait(cond, &cbt_nbd_lock, &ts) != ETIMEDOUT;
+}
 
 #define CBT_NBD_SPARE_THREADS 4u
 #define CBT_NBD_SPARE_WAIT_US (10 * G_USEC_PER_SEC)
@@ -102,9 +134,9 @@ conn_free(CbtNbdConn *conn)
 static gboolean
 rearm_idle(gpointer data)
 {
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   gboolean below = srv.max_conn == 0 || srv.n_current < srv.max_conn;
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   if (srv.running && !srv.source_id && below)
     srv.source_id = g_unix_fd_add(srv.listen_fd, G_IO_IN, on_accept, NULL);
   return G_SOURCE_REMOVE;
@@ -118,16 +150,17 @@ serve(CbtNbdConn *conn)
   if (cbt_nbd_handshake(conn))
     cbt_nbd_transmit(conn);
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   current = g_ptr_array_remove(srv.conns, conn) && !conn->closing;
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   conn_free(conn);
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   if (current && srv.n_current > 0)
     srv.n_current--;
-  g_mutex_unlock(&cbt_nbd_lock);
-  if (current && srv.max_conn)
+  gboolean rearm = current && srv.max_conn;
+  pthread_mutex_unlock(&cbt_nbd_lock);
+  if (rearm)
     g_idle_add(rearm_idle, NULL);
 }
 
@@ -142,7 +175,7 @@ park_locked(void)
     return NULL;
   srv.n_parked++;
   while (srv.running && g_queue_is_empty(&srv.spare_conns))
-    if (!g_cond_wait_until(&srv.spare, &cbt_nbd_lock, end))
+    if (!cond_wait_until(&srv.spare, end))
       break;
   CbtNbdConn *conn = g_queue_pop_head(&srv.spare_conns);
   srv.n_parked--;
@@ -162,13 +195,13 @@ conn_thread(gpointer data)
   pthread_sigmask(SIG_BLOCK, &pipe, NULL);
   while (conn) {
     serve(conn);
-    g_mutex_lock(&cbt_nbd_lock);
+    pthread_mutex_lock(&cbt_nbd_lock);
     conn = park_locked();
     if (!conn) {
       srv.n_threads--;
-      g_cond_broadcast(&srv.idle);
+      pthread_cond_broadcast(&srv.idle);
     }
-    g_mutex_unlock(&cbt_nbd_lock);
+    pthread_mutex_unlock(&cbt_nbd_lock);
   }
   return NULL;
 }
@@ -198,29 +231,29 @@ start_conn(int fd)
       = { .tv_sec = srv.handshake_ms / 1000, .tv_usec = srv.handshake_ms % 1000 * 1000 };
   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   g_ptr_array_add(srv.conns, conn);
   srv.n_current++;
   /* A parked thread that has not yet taken a queued connection is already spoken for. */
   gboolean spare = srv.n_parked > g_queue_get_length(&srv.spare_conns);
   if (spare) {
     g_queue_push_tail(&srv.spare_conns, conn);
-    g_cond_signal(&srv.spare);
+    pthread_cond_signal(&srv.spare);
   } else {
     srv.n_threads++;
   }
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   if (spare)
     return;
 
   GThread *t = g_thread_try_new("nbd-conn", conn_thread, conn, &error);
   if (!t) {
     g_warning("cannot start a thread for an NBD client: %s", error->message);
-    g_mutex_lock(&cbt_nbd_lock);
+    pthread_mutex_lock(&cbt_nbd_lock);
     g_ptr_array_remove(srv.conns, conn);
     srv.n_threads--;
     srv.n_current--;
-    g_mutex_unlock(&cbt_nbd_lock);
+    pthread_mutex_unlock(&cbt_nbd_lock);
     conn_free(conn);
     return;
   }
@@ -239,9 +272,9 @@ on_accept(gint fd, GIOCondition cond, gpointer data)
   }
   start_conn(cfd);
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   gboolean full = srv.max_conn && srv.n_current >= srv.max_conn;
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
   if (full) {
     srv.source_id = 0;
     return G_SOURCE_REMOVE;
@@ -254,6 +287,7 @@ cbt_nbd_server_listen(const char *what, int fd, gboolean is_inet, guint32 max_co
 {
   const char *env = g_getenv("CBTD_NBD_HANDSHAKE_TIMEOUT_MS");
 
+  init_conds();
   if (env && *env)
     srv.handshake_ms = (guint)g_ascii_strtoull(env, NULL, 10);
   env = g_getenv("CBTD_NBD_POLL_MAX_NS");
@@ -265,15 +299,16 @@ cbt_nbd_server_listen(const char *what, int fd, gboolean is_inet, guint32 max_co
     return FALSE;
   }
   fcntl(fd, F_SETFD, FD_CLOEXEC);
-  g_mutex_lock(&cbt_nbd_lock);
+  srv.listen_fd = fd;
+  /* Under the lock: threads parked by an earlier server read these. */
+  pthread_mutex_lock(&cbt_nbd_lock);
   if (!srv.conns)
     srv.conns = g_ptr_array_new();
   srv.n_current = 0;
-  g_mutex_unlock(&cbt_nbd_lock);
-  srv.listen_fd = fd;
   srv.is_inet = is_inet;
   srv.max_conn = max_conn;
   srv.running = TRUE;
+  pthread_mutex_unlock(&cbt_nbd_lock);
   srv.source_id = g_unix_fd_add(fd, G_IO_IN, on_accept, NULL);
   g_debug("NBD server listening on %s", what);
   return TRUE;
@@ -284,19 +319,21 @@ cbt_nbd_server_stop_listening(void)
 {
   if (!srv.running)
     return;
+  pthread_mutex_lock(&cbt_nbd_lock); /* parked threads read it under the lock */
   srv.running = FALSE;
+  pthread_mutex_unlock(&cbt_nbd_lock);
   if (srv.source_id)
     g_source_remove(srv.source_id);
   srv.source_id = 0;
   close(srv.listen_fd);
   srv.listen_fd = -1;
 
-  g_mutex_lock(&cbt_nbd_lock);
+  pthread_mutex_lock(&cbt_nbd_lock);
   for (guint i = 0; i < srv.conns->len; i++)
     cbt_nbd_conn_kick_locked(g_ptr_array_index(srv.conns, i));
   srv.n_current = 0;
-  g_cond_broadcast(&srv.spare); /* parked threads end (a queued connection is still served) */
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_cond_broadcast(&srv.spare); /* parked threads end (a queued connection is still served) */
+  pthread_mutex_unlock(&cbt_nbd_lock);
 }
 
 void
@@ -304,10 +341,11 @@ cbt_nbd_server_wait_idle(gint64 timeout_us)
 {
   gint64 end = g_get_monotonic_time() + timeout_us;
 
-  g_mutex_lock(&cbt_nbd_lock);
+  init_conds();
+  pthread_mutex_lock(&cbt_nbd_lock);
   while (srv.n_threads > 0) {
-    if (!g_cond_wait_until(&srv.idle, &cbt_nbd_lock, end))
+    if (!cond_wait_until(&srv.idle, end))
       break;
   }
-  g_mutex_unlock(&cbt_nbd_lock);
+  pthread_mutex_unlock(&cbt_nbd_lock);
 }
