@@ -173,6 +173,27 @@ fill(Reader *rd, gsize want)
   return TRUE;
 }
 
+/* The rest of a message whose start has arrived: the client is sending it now (a header and its
+ * payload often leave in two sends), so it is spun for, up to the polling cap, rather than slept
+ * for. Advances *@dst and *@len; FALSE at EOF or on a socket error. */
+static gboolean
+spin_for(Reader *rd, guint8 **dst, guint64 *len)
+{
+  gint64 poll_max = cbt_nbd_poll_max_ns();
+  gint64 until = poll_max ? g_get_monotonic_time() + poll_max / 1000 : 0;
+
+  while (*len > 0 && poll_max && g_get_monotonic_time() < until) {
+    ssize_t r = recv(rd->conn->fd, *dst, *len, MSG_DONTWAIT);
+    if (r > 0) {
+      *dst += r;
+      *len -= (guint64)r;
+    } else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+      return FALSE;
+    }
+  }
+  return TRUE;
+}
+
 /* @len payload bytes into @dst (NULL: drop them), the buffered part first, the rest straight
  * from the socket. */
 static gboolean
@@ -191,7 +212,10 @@ take_payload(Reader *rd, guint8 *dst, guint64 len)
   cbt_nbd_cork_flush(&rd->cork);
   if (!dst)
     return cbt_nbd_discard(rd->conn, len) == 0;
-  return cbt_nbd_read_full(rd->conn, dst + have, len) == 0;
+  dst += have;
+  if (!spin_for(rd, &dst, &len))
+    return FALSE;
+  return len == 0 || cbt_nbd_read_full(rd->conn, dst, len) == 0;
 }
 
 /* --- serving --------------------------------------------------------------------------------- */

@@ -4,6 +4,7 @@ a temporary directory, talk QMP to it, and clean up every process and file after
 Run with Debian's /usr/bin/python3 (the only one with the `nbd` module). The build tree's
 programs come from the environment: CBTD (the daemon), CBTCTL (the client).
 """
+import ctypes
 import itertools
 import json
 import os
@@ -18,6 +19,14 @@ import unittest
 CBTD = os.environ.get('CBTD', 'build/daemon/cbtd')
 CBTCTL = os.environ.get('CBTCTL', 'build/tools/cbtctl')
 QSD = shutil.which('qemu-storage-daemon') or '/usr/bin/qemu-storage-daemon'
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_test():
+    # PR_SET_PDEATHSIG: a daemon must not outlive a test process that is itself killed (a
+    # meson timeout, ^C), when no teardown runs.
+    _libc.prctl(1, signal.SIGKILL)
 
 
 def wait_for(pred, timeout=10.0, what='condition'):
@@ -161,7 +170,8 @@ class Daemon:
         self.stderr_path = os.path.join(self.dir, 'stderr-%s-%d.log' % (kind, n))
         self.stderr = open(self.stderr_path, 'w+')
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=self.stderr)
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     preexec_fn=_die_with_test)
         self.clients = []
         if wait:
             try:
