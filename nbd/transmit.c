@@ -120,9 +120,8 @@ receive(Reader *rd)
   int fd = rd->conn->fd;
   guint8 *p = rd->in + rd->end;
   gsize room = INBUF_SIZE - rd->end;
-  gint64 t0 = 0;
-
   gint64 poll_max = cbt_nbd_poll_max_ns();
+  gint64 t0 = 0;
 
   if (!rd->last_was_data || poll_max == 0 || cbt_nbd_pool_busy(rd->pool))
     return recv(fd, p, room, 0); /* workers have requests: their replies prompt the client */
