@@ -295,7 +295,7 @@ class Bench:
         buffered write drifts with the page cache's state (which folios are dirty, how large
         they are) by +-15 % between neighbouring seconds, far more than 8 marks cost, while on
         null-co the server's own path is all there is, so tracking weighs the most there. Each
-        point is four slices of rand_secs/2 in mirrored order (0,1,8,8,1,0,0,1,8,8,1,0: a
+        point is four slices of rand_secs in mirrored order (0,1,8,8,1,0,0,1,8,8,1,0: a
         linear drift cancels), and each repetition starts the rotation one place further."""
         order = list(self.cfg.bitmaps)
         k = rep % len(order)
@@ -311,7 +311,7 @@ class Bench:
                 srv.qmp.cmd("block-dirty-bitmap-remove", node="nul", name=have.pop())
             c0 = srv.cpu()
             r = self.loadgen(srv.uri("n"), "--op=write", "--depth=32",
-                             f"--seconds={self.cfg.rand_secs / 2}", "--seed=11")
+                             f"--seconds={self.cfg.rand_secs}", "--seed=11")
             cpu[n] = cpu.get(n, 0) + srv.cpu() - c0
             ops[n] = ops.get(n, 0) + r["ops"]
             secs[n] = secs.get(n, 0) + r["seconds"]
