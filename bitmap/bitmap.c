@@ -375,14 +375,19 @@ mark_bits(CbtBitmap *bm, guint64 first, guint64 last)
     Leaf *leaf = leaf_lookup(bm, first, TRUE, path);
     guint wa = (first - base) / WORD_BITS, wb = (stop - base) / WORD_BITS;
     gboolean filled = FALSE;
+    guint64 leaf_changed = 0;
 
     for (guint i = wa; i <= wb; i++) {
       guint lo = i == wa ? (first - base) % WORD_BITS : 0;
       guint hi = i == wb ? (stop - base) % WORD_BITS : WORD_BITS - 1;
-      changed += word_or(bm, &leaf->w[i], base / WORD_BITS + i, range_mask(lo, hi), FALSE,
-                         &filled);
+      leaf_changed += word_or(bm, &leaf->w[i], base / WORD_BITS + i, range_mask(lo, hi), FALSE,
+                              &filled);
     }
-    propagate(bm, leaf, first, path, filled);
+    /* Bits that were set already were propagated by whoever set them: a rewrite of a dirty
+     * chunk, the common case, touches nothing above its leaf. */
+    if (leaf_changed)
+      propagate(bm, leaf, first, path, filled);
+    changed += leaf_changed;
     first = stop + 1;
   }
   if (changed)
