@@ -39,7 +39,7 @@ class Cfg:
     qmp_rts = 10000     # QMP round trips per point
     dirty = 100000      # scattered dirty chunks / data extents in the 1 TiB device
     bitmaps = (0, 1, 8)
-    dmap_batch = 10     # dirty-bitmap maps per point (time and CPU are per map)
+    dmap_batch = 30     # dirty-bitmap maps per point (time and CPU are per map)
 
 
 def quick(cfg):
