@@ -282,6 +282,25 @@ on_accept(gint fd, GIOCondition cond, gpointer data)
   return G_SOURCE_CONTINUE;
 }
 
+/* CBTD_NBD_POLL_MAX_NS: nanoseconds, 0 to 10 ms; anything else is refused with a warning and
+ * the default stays. */
+static void
+read_poll_max_ns(void)
+{
+  const char *env = g_getenv("CBTD_NBD_POLL_MAX_NS");
+  g_autoptr(GError) error = NULL;
+  guint64 ns;
+
+  if (!env)
+    return;
+  if (!g_ascii_string_to_unsigned(env, 10, 0, 10 * G_GUINT64_CONSTANT(1000000), &ns, &error)) {
+    g_warning("CBTD_NBD_POLL_MAX_NS ignored: %s (the cap stays %" G_GINT64_FORMAT " ns)",
+              error->message, srv.poll_max_ns);
+    return;
+  }
+  srv.poll_max_ns = (gint64)ns;
+}
+
 gboolean
 cbt_nbd_server_listen(const char *what, int fd, gboolean is_inet, guint32 max_conn, GError **error)
 {
@@ -290,9 +309,7 @@ cbt_nbd_server_listen(const char *what, int fd, gboolean is_inet, guint32 max_co
   init_conds();
   if (env && *env)
     srv.handshake_ms = (guint)g_ascii_strtoull(env, NULL, 10);
-  env = g_getenv("CBTD_NBD_POLL_MAX_NS");
-  if (env && *env)
-    srv.poll_max_ns = (gint64)MIN(g_ascii_strtoull(env, NULL, 10), 10 * G_GUINT64_CONSTANT(1000000));
+  read_poll_max_ns();
   if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) {
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Cannot use socket: %s",
                 g_strerror(errno));

@@ -87,8 +87,10 @@ class LoadgenTest(unittest.TestCase):
 
     def test_verify_one_at_a_time_polling_on_and_off(self):
         # Depth 1 is where the server's reader spins on a non-blocking recv between requests
-        # (adaptive polling); CBTD_NBD_POLL_MAX_NS=0 turns that off. Both must keep every byte.
-        for poll in (None, '0'):
+        # (adaptive polling); CBTD_NBD_POLL_MAX_NS=0 turns that off. Both must keep every byte,
+        # and a value that is not a number of nanoseconds up to 10 ms is refused with a warning
+        # (the default cap stays).
+        for poll in (None, '0', 'abc', '10000001'):
             with self.subTest(poll=poll):
                 img = make_image(os.path.join(self.dir, 'img-%s' % poll), SIZE)
                 old = os.environ.pop('CBTD_NBD_POLL_MAX_NS', None)
@@ -110,6 +112,8 @@ class LoadgenTest(unittest.TestCase):
                 self.assertEqual(r.returncode, 0, r.stderr)
                 self.assertEqual(fields(r.stdout.splitlines()[-1]),
                                  {'verified': '2000', 'mismatches': '0'})
+                warned = 'CBTD_NBD_POLL_MAX_NS ignored' in d.stderr_text()
+                self.assertEqual(warned, poll in ('abc', '10000001'), d.stderr_text())
 
     def test_lost_writes_are_caught(self):
         # null-co drops writes and reads zeroes: verify mode must report every block.
