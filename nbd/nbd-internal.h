@@ -148,9 +148,9 @@ CbtNbdPool *cbt_nbd_pool_new(CbtNbdConn *conn);
 CbtNbdReq *cbt_nbd_pool_admit(CbtNbdPool *pool, guint16 type, gsize buf_len);
 /* Hand an admitted request to a worker; it executes it, replies and completes it. */
 void cbt_nbd_pool_submit(CbtNbdPool *pool, CbtNbdReq *req);
-/* The request is answered: its slot is free again. */
 /* Whether any admitted request is still unanswered. */
 gboolean cbt_nbd_pool_busy(CbtNbdPool *pool);
+/* The request is answered: its slot is free again. */
 void cbt_nbd_pool_complete(CbtNbdPool *pool, CbtNbdReq *req);
 /* FLUSH: wait until every write admitted before @req has finished. */
 void cbt_nbd_pool_wait_writes(CbtNbdPool *pool, const CbtNbdReq *req);

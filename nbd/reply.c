@@ -5,10 +5,11 @@
  * leave in one sendmsg; zero-copy data follows its header with sendfile. Once a send fails the
  * socket is shut down (the reader stops) and later replies on it are dropped.
  *
- * Corking: while the reader serves requests itself and more are already buffered, its replies
- * are gathered (copied) into a batch and leave in one sendmsg: one syscall for many small
- * replies. Only whole replies are batched, and any direct send by the corking thread flushes the
- * batch first, so bytes of one reply stay in order and together.
+ * Corking: while the reader serves requests itself and more are already buffered, its small
+ * replies are gathered (copied) into a batch and leave in one sendmsg: one syscall for many.
+ * A larger reply is not copied: it leaves in the same sendmsg as the batch before it. Only whole
+ * replies are batched, and any other send by the corking thread flushes the batch first, so
+ * bytes of one reply stay in order and together.
  */
 #include "nbd/nbd-internal.h"
 
