@@ -212,31 +212,3 @@ cbt_dirty_bitmap_check(const CbtDirtyBitmap *dbm, CbtDirtyBitmapCheckFlags flags
   }
   return TRUE;
 }
-
-JsonNode *
-cbt_dirty_bitmap_info(const CbtDirtyBitmap *dbm)
-{
-  g_autoptr(JsonBuilder) b = json_builder_new();
-
-  json_builder_begin_object(b);
-  if (dbm->name) {
-    json_builder_set_member_name(b, "name");
-    json_builder_add_string_value(b, dbm->name);
-  }
-  json_builder_set_member_name(b, "recording");
-  json_builder_add_boolean_value(b, cbt_dirty_bitmap_is_recording(dbm));
-  json_builder_set_member_name(b, "persistent");
-  json_builder_add_boolean_value(b, dbm->persistent);
-  json_builder_set_member_name(b, "busy");
-  json_builder_add_boolean_value(b, dbm->busy > 0);
-  json_builder_set_member_name(b, "granularity");
-  json_builder_add_int_value(b, dbm->granularity);
-  json_builder_set_member_name(b, "count");
-  json_builder_add_int_value(b, (gint64)MIN(cbt_dirty_bitmap_get_count(dbm), G_MAXINT64));
-  if (dbm->inconsistent) {
-    json_builder_set_member_name(b, "inconsistent");
-    json_builder_add_boolean_value(b, TRUE);
-  }
-  json_builder_end_object(b);
-  return json_builder_get_root(b);
-}

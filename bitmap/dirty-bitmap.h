@@ -1,8 +1,8 @@
 /* bitmap/dirty-bitmap.h — CbtDirtyBitmap, a named dirty bitmap of one block node, and QEMU's
  * rules for it as pure functions (name and granularity checks, default granularity, state
- * checks with QEMU 7.2's error texts, BlockDirtyInfo).
+ * checks with QEMU 7.2's error texts).
  *
- * State (QEMU's model, qmp-surface.md §3.1):
+ * State (QEMU's model; docs/bitmaps.md, "States"):
  *   recording     !disabled: writes to the node set bits
  *   busy          busy count > 0: bound to an export/job; only queries and sha256 work
  *   read-only     loaded from a read-only qcow2: no clear, remove, merge-into
@@ -26,7 +26,6 @@
 #pragma once
 
 #include <glib.h>
-#include <json-glib/json-glib.h>
 
 #include "bitmap/bitmap.h"
 
@@ -101,9 +100,5 @@ void cbt_dirty_bitmap_set_inconsistent(CbtDirtyBitmap *dbm);
  * order) that @flags names and @dbm is in. */
 gboolean cbt_dirty_bitmap_check(const CbtDirtyBitmap *dbm, CbtDirtyBitmapCheckFlags flags,
                                 GError **error);
-
-/* QMP BlockDirtyInfo: {name?, recording, persistent, busy, granularity, count, inconsistent?}
- * (name absent when anonymous, inconsistent only when true). Transfer full. */
-JsonNode *cbt_dirty_bitmap_info(const CbtDirtyBitmap *dbm);
 
 G_END_DECLS

@@ -3,10 +3,8 @@
 
 #include <json-glib/json-glib.h>
 #include "blockdev/blockdev.h"
-
-/* Error texts are QEMU's; every blockdev error is a QMP GenericError. */
-#define CBT_BLOCKDEV_ERROR (cbt_blockdev_error_quark())
-GQuark cbt_blockdev_error_quark(void);
+#include "common/assert.h"
+#include "schemas/qmp-types.h"
 
 typedef struct CbtBlockdevDriver CbtBlockdevDriver;
 
@@ -16,12 +14,6 @@ typedef struct {
   guint n;
   CbtBitmap *bitmaps[];
 } CbtBlockdevTracked;
-
-typedef enum {
-  CBT_DETECT_ZEROES_OFF,
-  CBT_DETECT_ZEROES_ON,
-  CBT_DETECT_ZEROES_UNMAP,
-} CbtDetectZeroes;
 
 struct CbtBlockdev {
   gint refcnt;
@@ -42,7 +34,7 @@ struct CbtBlockdev {
   gboolean discard_unmap;
   gboolean cache_direct;
   gboolean cache_no_flush;
-  CbtDetectZeroes detect_zeroes;
+  CbtQmpBlockdevDetectZeroesOptions detect_zeroes;
 
   guint64 size;                /* bytes, a multiple of 512 for protocol nodes as in QEMU */
   guint32 min_io;
@@ -63,8 +55,9 @@ struct CbtBlockdevDriver {
   const char *name;
   gboolean protocol;           /* opens a file itself; a parent may borrow its file name */
   gboolean has_dirty_flag;     /* protocol: query reports image.dirty-flag: false */
-  /* Driver-specific members of @opts; common members and the child are already set. */
-  gboolean (*open)(CbtBlockdev *bd, JsonObject *opts, GError **error);
+  /* Driver-specific members of @opts (this driver's branch); common members and the child
+   * are already set. */
+  gboolean (*open)(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error);
   void (*close)(CbtBlockdev *bd);
   int (*pread)(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
   int (*pwrite)(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags);
@@ -97,16 +90,20 @@ CbtBlockdev *cbt_blockdev_new(const CbtBlockdevDriver *drv);
 void cbt_blockdev_register(CbtBlockdev *bd);
 /* Every published node, newest first (borrowed; main thread). */
 GList *cbt_blockdev_list(void);
-const CbtBlockdevHooks *cbt_blockdev_get_hooks(void);
+/* Run the notifiers of @event for @bd. */
+void cbt_blockdev_notify(CbtBlockdev *bd, CbtBlockdevEvent event, gpointer data);
 
 /* Re-apply permissions along @bd's chain after its counts changed. */
 gboolean cbt_blockdev_update_perms(CbtBlockdev *bd, GError **error);
 
-/* Opening from BlockdevOptions (open.c). @opts was validated against the schema. */
-CbtBlockdev *cbt_blockdev_open(JsonObject *opts, GError **error);
+/* The members of a file, host_device or host_cdrom node's options, else NULL (file.c). */
+const CbtQmpBlockdevOptionsFile *cbt_blockdev_file_options(const CbtQmpBlockdevOptions *opts);
 
-/* Query output (info.c). */
-JsonObject *cbt_blockdev_info(CbtBlockdev *bd);
+/* Opening from BlockdevOptions (open.c). */
+CbtBlockdev *cbt_blockdev_open(const CbtQmpBlockdevOptions *opts, GError **error);
+
+/* Query output (info.c, transfer full). */
+CbtQmpBlockDeviceInfo *cbt_blockdev_info(CbtBlockdev *bd);
 /* The node's file name as QEMU prints it (transfer full). */
 char *cbt_blockdev_filename(CbtBlockdev *bd);
 

@@ -14,20 +14,54 @@
 G_DEFINE_QUARK(cbt-blockdev-error-quark, cbt_blockdev_error)
 
 static GList *nodes;             /* published nodes, newest first */
-static CbtBlockdevHooks hooks;
 static GMutex admit_lock;
 static GCond admit_cond;
 
+typedef struct {
+  CbtBlockdevNotifyFunc fn;
+  gpointer user_data;
+} Notifier;
+
+static GArray *notifiers[CBT_BLOCKDEV_EVENT__MAX]; /* Notifier, in the order added */
+
 void
-cbt_blockdev_set_hooks(const CbtBlockdevHooks *h)
+cbt_blockdev_notifier_add(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn, gpointer user_data)
 {
-  hooks = h ? *h : (CbtBlockdevHooks){ 0 };
+  Notifier n = { fn, user_data };
+
+  CBT_ASSERT_MAIN_THREAD();
+  g_return_if_fail(event < CBT_BLOCKDEV_EVENT__MAX);
+  if (!notifiers[event])
+    notifiers[event] = g_array_new(FALSE, FALSE, sizeof(Notifier));
+  g_array_append_val(notifiers[event], n);
 }
 
-const CbtBlockdevHooks *
-cbt_blockdev_get_hooks(void)
+void
+cbt_blockdev_notifier_remove(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn,
+                             gpointer user_data)
 {
-  return &hooks;
+  GArray *list = event < CBT_BLOCKDEV_EVENT__MAX ? notifiers[event] : NULL;
+
+  CBT_ASSERT_MAIN_THREAD();
+  for (guint i = 0; list && i < list->len; i++) {
+    Notifier *n = &g_array_index(list, Notifier, i);
+    if (n->fn == fn && n->user_data == user_data) {
+      g_array_remove_index(list, i);
+      return;
+    }
+  }
+}
+
+void
+cbt_blockdev_notify(CbtBlockdev *bd, CbtBlockdevEvent event, gpointer data)
+{
+  GArray *list = notifiers[event];
+
+  CBT_ASSERT_MAIN_THREAD();
+  for (guint i = 0; list && i < list->len; i++) {
+    Notifier *n = &g_array_index(list, Notifier, i);
+    n->fn(bd, data, n->user_data);
+  }
 }
 
 CbtBlockdev *
@@ -44,18 +78,22 @@ cbt_blockdev_new(const CbtBlockdevDriver *drv)
 void
 cbt_blockdev_register(CbtBlockdev *bd)
 {
+  CBT_ASSERT_MAIN_THREAD();
   nodes = g_list_prepend(nodes, bd);
+  cbt_blockdev_notify(bd, CBT_BLOCKDEV_EVENT_OPENED, NULL);
 }
 
 GList *
 cbt_blockdev_list(void)
 {
+  CBT_ASSERT_MAIN_THREAD();
   return nodes;
 }
 
 CbtBlockdev *
 cbt_blockdev_find(const char *node_name)
 {
+  CBT_ASSERT_MAIN_THREAD();
   for (GList *l = nodes; l; l = l->next) {
     CbtBlockdev *bd = l->data;
     if (g_strcmp0(bd->node_name, node_name) == 0)
@@ -79,8 +117,8 @@ node_free(CbtBlockdev *bd)
   nodes = g_list_remove(nodes, bd);
   if (bd->drv && bd->drv->open) {
     cbt_blockdev_drain_begin(bd);
-    if (hooks.node_closing && bd->node_name)
-      hooks.node_closing(bd);
+    if (bd->node_name)
+      cbt_blockdev_notify(bd, CBT_BLOCKDEV_EVENT_CLOSING, NULL);
     cbt_blockdev_drain_end(bd);
   }
   if (bd->opaque && bd->drv->close)
@@ -106,6 +144,7 @@ cbt_blockdev_unref(CbtBlockdev *bd)
 void
 cbt_blockdev_close_all(void)
 {
+  CBT_ASSERT_MAIN_THREAD();
   /* Newest first: a parent is always newer than its children. */
   GList *owned = NULL;
   for (GList *l = nodes; l; l = l->next) {
@@ -178,6 +217,7 @@ cbt_blockdev_add_user(CbtBlockdev *bd)
 {
   g_autoptr(GError) error = NULL;
 
+  CBT_ASSERT_MAIN_THREAD();
   bd->users++;
   add_readers(bd, 1);
   /* QEMU would refuse the export; the callers cannot fail here, so the conflict is logged and
@@ -189,6 +229,7 @@ cbt_blockdev_add_user(CbtBlockdev *bd)
 void
 cbt_blockdev_remove_user(CbtBlockdev *bd)
 {
+  CBT_ASSERT_MAIN_THREAD();
   g_return_if_fail(bd->users > 0);
   bd->users--;
   add_readers(bd, -1);
@@ -207,6 +248,7 @@ add_writers(CbtBlockdev *bd, gint delta)
 gboolean
 cbt_blockdev_acquire_write(CbtBlockdev *bd, GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   for (CbtBlockdev *n = bd; n; n = n->child) {
     if (n->read_only) {
       g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Block node is read-only");
@@ -224,6 +266,7 @@ cbt_blockdev_acquire_write(CbtBlockdev *bd, GError **error)
 void
 cbt_blockdev_release_write(CbtBlockdev *bd)
 {
+  CBT_ASSERT_MAIN_THREAD();
   g_return_if_fail(bd->writers > 0);
   add_writers(bd, -1);
   cbt_blockdev_update_perms(bd, NULL);
@@ -277,6 +320,7 @@ cbt_blockdev_io_end(CbtBlockdev *bd)
 void
 cbt_blockdev_drain_begin(CbtBlockdev *bd)
 {
+  CBT_ASSERT_MAIN_THREAD();
   g_atomic_int_inc(&bd->draining);
   g_mutex_lock(&admit_lock);
   while (g_atomic_int_get(&bd->inflight) != 0)
@@ -287,6 +331,7 @@ cbt_blockdev_drain_begin(CbtBlockdev *bd)
 void
 cbt_blockdev_drain_end(CbtBlockdev *bd)
 {
+  CBT_ASSERT_MAIN_THREAD();
   g_return_if_fail(g_atomic_int_get(&bd->draining) > 0);
   g_mutex_lock(&admit_lock);
   if (g_atomic_int_dec_and_test(&bd->draining))
@@ -312,6 +357,7 @@ cbt_blockdev_track_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
   guint n = cur ? cur->n : 0;
   CbtBlockdevTracked *set = g_malloc(sizeof(*set) + (n + 1) * sizeof(CbtBitmap *));
 
+  CBT_ASSERT_MAIN_THREAD();
   set->n = n + 1;
   for (guint i = 0; i < n; i++)
     set->bitmaps[i] = cur->bitmaps[i];
@@ -326,6 +372,7 @@ cbt_blockdev_untrack_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
   CbtBlockdevTracked *set;
   guint j = 0;
 
+  CBT_ASSERT_MAIN_THREAD();
   if (!cur)
     return;
   set = g_malloc(sizeof(*set) + cur->n * sizeof(CbtBitmap *));
@@ -385,8 +432,8 @@ cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len,
     return 0;
   /* detect-zeroes, as QEMU: a write of zeroes becomes a zero-write (unmapping with "unmap",
    * which needs discard=unmap). */
-  if (bd->detect_zeroes != CBT_DETECT_ZEROES_OFF && is_zero(buf, len)) {
-    if (bd->detect_zeroes == CBT_DETECT_ZEROES_UNMAP)
+  if (bd->detect_zeroes != CBT_QMP_BLOCKDEV_DETECT_ZEROES_OPTIONS_OFF && is_zero(buf, len)) {
+    if (bd->detect_zeroes == CBT_QMP_BLOCKDEV_DETECT_ZEROES_OPTIONS_UNMAP)
       flags |= CBT_BLOCKDEV_MAY_UNMAP;
     return bd->drv->write_zeroes(bd, offset, len, flags);
   }

@@ -17,10 +17,15 @@
 #include <stdint.h>
 #include "bitmap/bitmap.h"
 #include "rpc/rpc.h"
+#include "schemas/qmp-types.h"
 
 G_BEGIN_DECLS
 
 typedef struct CbtBlockdev CbtBlockdev;
+
+/* Error texts are QEMU's; every blockdev error is a QMP GenericError. */
+#define CBT_BLOCKDEV_ERROR (cbt_blockdev_error_quark())
+GQuark cbt_blockdev_error_quark(void);
 
 /* I/O request flags. */
 #define CBT_BLOCKDEV_FUA          (1u << 0) /* durable before returning */
@@ -31,7 +36,6 @@ typedef struct CbtBlockdev CbtBlockdev;
 #define CBT_BLOCKDEV_STATUS_HOLE  (1u << 0) /* not allocated */
 #define CBT_BLOCKDEV_STATUS_ZERO  (1u << 1) /* reads as zeroes */
 
-void cbt_blockdev_register_commands(CbtRpc *rpc);
 /* Close every node (at exit), children after parents. */
 void cbt_blockdev_close_all(void);
 
@@ -92,15 +96,27 @@ int cbt_blockdev_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset);
 void cbt_blockdev_track_bitmap(CbtBlockdev *bd, CbtBitmap *bm);
 void cbt_blockdev_untrack_bitmap(CbtBlockdev *bd, CbtBitmap *bm);
 
-/* Hooks for the named-dirty-bitmap layer (blockdev/dirty-bitmap-cmds.c), main thread only:
- * node_info adds members (dirty-bitmaps) to the node's query-named-block-nodes entry;
- * node_closing runs, with the node drained, before a node is deleted or closed, so its bitmaps
- * are untracked and freed. Either may be NULL. */
-typedef struct {
-  void (*node_info)(CbtBlockdev *bd, JsonObject *info);
-  void (*node_closing)(CbtBlockdev *bd);
-} CbtBlockdevHooks;
-void cbt_blockdev_set_hooks(const CbtBlockdevHooks *hooks);
+/* Node events: notifier lists any module can join, main thread only. A notifier runs for every
+ * node, in the order the notifiers were added.
+ *   OPENED   a node was opened and is now visible to lookups (@data NULL)
+ *   CLOSING  a node is about to close, drained, and will not be visible again (@data NULL):
+ *            whatever a module keeps for it goes now
+ *   RESIZED  a node's size changed, drained (@data: the old size, a guint64 *); nothing in
+ *            cbtd changes a node's size yet, so nothing raises it today
+ *   QUERY    query-named-block-nodes is describing the node (@data: its CbtQmpBlockDeviceInfo
+ *            *): a module fills the members it owns (dirty-bitmaps) */
+typedef enum {
+  CBT_BLOCKDEV_EVENT_OPENED,
+  CBT_BLOCKDEV_EVENT_CLOSING,
+  CBT_BLOCKDEV_EVENT_RESIZED,
+  CBT_BLOCKDEV_EVENT_QUERY,
+  CBT_BLOCKDEV_EVENT__MAX,
+} CbtBlockdevEvent;
+typedef void (*CbtBlockdevNotifyFunc)(CbtBlockdev *bd, gpointer data, gpointer user_data);
+void cbt_blockdev_notifier_add(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn,
+                               gpointer user_data);
+void cbt_blockdev_notifier_remove(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn,
+                                  gpointer user_data);
 
 /* Drain: wait for in-flight requests on @bd (and nodes above it), admit none until _end. */
 void cbt_blockdev_drain_begin(CbtBlockdev *bd);

@@ -426,17 +426,14 @@ file_close(CbtBlockdev *bd)
 /* ---- opening ----------------------------------------------------------------------------- */
 
 static gboolean
-check_options(CbtBlockdev *bd, JsonObject *opts, GError **error)
+check_options(CbtBlockdev *bd, const CbtQmpBlockdevOptionsFile *o, GError **error)
 {
-  const char *aio = json_object_get_string_member_with_default(opts, "aio", "threads");
-  const char *pr = json_object_get_string_member_with_default(opts, "pr-manager", NULL);
-
-  if (pr) {
+  if (o->pr_manager) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "No persistent reservation manager with id '%s'",
-                pr);
+                o->pr_manager);
     return FALSE;
   }
-  if (strcmp(aio, "native") == 0 && !bd->cache_direct) {
+  if (o->aio == CBT_QMP_BLOCKDEV_AIO_OPTIONS_NATIVE && !bd->cache_direct) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "aio=native was specified, but it requires "
                 "cache.direct=on, which was not specified.");
     return FALSE;
@@ -520,17 +517,33 @@ fiemap_trusted(int fd)
   }
 }
 
-static gboolean
-file_open(CbtBlockdev *bd, JsonObject *opts, GError **error)
+/* file, host_device and host_cdrom share one branch type. */
+const CbtQmpBlockdevOptionsFile *
+cbt_blockdev_file_options(const CbtQmpBlockdevOptions *opts)
 {
-  const char *filename = json_object_get_string_member(opts, "filename");
-  const char *locking = json_object_get_string_member_with_default(opts, "locking", "auto");
+  switch (opts->driver) {
+  case CBT_QMP_BLOCKDEV_DRIVER_FILE:
+    return &opts->u.file;
+  case CBT_QMP_BLOCKDEV_DRIVER_HOST_DEVICE:
+    return &opts->u.host_device;
+  case CBT_QMP_BLOCKDEV_DRIVER_HOST_CDROM:
+    return &opts->u.host_cdrom;
+  default:
+    return NULL;
+  }
+}
+
+static gboolean
+file_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
+{
+  const CbtQmpBlockdevOptionsFile *o = cbt_blockdev_file_options(opts);
+  const char *filename = o->filename;
   g_autofree FileState *s = g_new0(FileState, 1);
   gboolean buffered_writable = TRUE;
   struct stat st;
   guint64 size;
 
-  if (!check_options(bd, opts, error))
+  if (!check_options(bd, o, error))
     return FALSE;
   s->ro_fd = s->ro_fd_buffered = -1;
   s->fd = open_image(bd, filename, bd->cache_direct, &s->writable, error);
@@ -548,7 +561,7 @@ file_open(CbtBlockdev *bd, JsonObject *opts, GError **error)
   s->writable = s->writable && buffered_writable;
   s->is_device = !S_ISREG(st.st_mode);
   s->fiemap = !s->is_device && fiemap_trusted(s->fd);
-  if (strcmp(locking, "off") != 0)
+  if (o->locking != CBT_QMP_ON_OFF_AUTO_OFF)
     s->lock = cbt_blockdev_lock_new(s->fd, filename);
   bd->size = (size + SECTOR - 1) / SECTOR * SECTOR;
   s->filename = g_strdup(filename);

@@ -72,51 +72,41 @@ actual_size(CbtBlockdev *bd)
   return bd->child ? actual_size(bd->child) : 0;
 }
 
-static JsonObject *
+static CbtQmpImageInfo *
 image_info(CbtBlockdev *bd, const char *filename)
 {
-  JsonObject *img = json_object_new();
+  CbtQmpImageInfo *img = g_new0(CbtQmpImageInfo, 1);
   gint64 actual = actual_size(bd);
 
-  json_object_set_string_member(img, "filename", filename);
-  json_object_set_string_member(img, "format", bd->drv->name);
-  json_object_set_int_member(img, "virtual-size", (gint64)bd->size);
-  if (actual >= 0)
-    json_object_set_int_member(img, "actual-size", actual);
+  img->filename = g_strdup(filename);
+  img->format = g_strdup(bd->drv->name);
+  img->virtual_size = (gint64)bd->size;
+  img->has_actual_size = actual >= 0;
+  img->actual_size = actual;
   /* Formats pass QEMU's image info request down: the protocol node decides. */
   CbtBlockdev *bottom = bd;
   while (bottom->child)
     bottom = bottom->child;
-  if (bottom->drv->has_dirty_flag)
-    json_object_set_boolean_member(img, "dirty-flag", FALSE);
+  img->has_dirty_flag = bottom->drv->has_dirty_flag;
   return img;
 }
 
-JsonObject *
+CbtQmpBlockDeviceInfo *
 cbt_blockdev_info(CbtBlockdev *bd)
 {
-  static const char *const zero[] = { "bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr" };
-  static const char *const dz[] = { "off", "on", "unmap" };
-  g_autofree char *filename = cbt_blockdev_filename(bd);
-  JsonObject *info = json_object_new();
-  JsonObject *cache = json_object_new();
+  CbtQmpBlockDeviceInfo *info = g_new0(CbtQmpBlockDeviceInfo, 1);
 
-  json_object_set_string_member(info, "file", filename);
-  json_object_set_string_member(info, "node-name", bd->node_name);
-  json_object_set_boolean_member(info, "ro", bd->read_only);
-  json_object_set_string_member(info, "drv", bd->drv->name);
-  json_object_set_int_member(info, "backing_file_depth", 0);
-  json_object_set_boolean_member(info, "encrypted", FALSE);
-  json_object_set_string_member(info, "detect_zeroes", dz[bd->detect_zeroes]);
-  for (gsize i = 0; i < G_N_ELEMENTS(zero); i++)
-    json_object_set_int_member(info, zero[i], 0);
-  json_object_set_object_member(info, "image", image_info(bd, filename));
-  json_object_set_boolean_member(cache, "writeback", TRUE);
-  json_object_set_boolean_member(cache, "direct", bd->cache_direct);
-  json_object_set_boolean_member(cache, "no-flush", bd->cache_no_flush);
-  json_object_set_object_member(info, "cache", cache);
-  json_object_set_int_member(info, "write_threshold", 0);
-  if (cbt_blockdev_get_hooks()->node_info)
-    cbt_blockdev_get_hooks()->node_info(bd, info);
+  info->file = cbt_blockdev_filename(bd);
+  info->node_name = g_strdup(bd->node_name);
+  info->ro = bd->read_only;
+  info->drv = g_strdup(bd->drv->name);
+  info->detect_zeroes = bd->detect_zeroes;
+  info->image = image_info(bd, info->file);
+  info->cache = g_new0(CbtQmpBlockdevCacheInfo, 1);
+  info->cache->writeback = TRUE;
+  info->cache->direct = bd->cache_direct;
+  info->cache->no_flush = bd->cache_no_flush;
+  /* Throttling and thresholds: cbtd has neither, so they stay 0. */
+  cbt_blockdev_notify(bd, CBT_BLOCKDEV_EVENT_QUERY, info);
   return info;
 }

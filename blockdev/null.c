@@ -4,8 +4,6 @@
 #include <string.h>
 #include "blockdev/blockdev-internal.h"
 
-#define NULL_DEFAULT_SIZE (G_GUINT64_CONSTANT(1) << 30)
-
 /* bd->opaque points at one of these: the node keeps no other state. */
 static const int read_zeroes_on = 1, read_zeroes_off = 0;
 
@@ -49,41 +47,32 @@ null_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum, g
   return 0;
 }
 
+/* null-co and null-aio share one branch type. */
 static gboolean
-null_open(CbtBlockdev *bd, JsonObject *opts, GError **error)
+null_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
 {
-  guint64 size = NULL_DEFAULT_SIZE;
-  gboolean named = FALSE;
-
-  if (json_object_has_member(opts, "size")) {
-    gint64 v = json_object_get_int_member(opts, "size");
-    /* qemu-storage-daemon 7.2 aborts on a negative size; we answer as its option parser does
-     * for other sizes. */
-    if (v < 0) {
-      g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
-                  "Parameter 'size' expects a non-negative number below 2^64");
-      return FALSE;
-    }
-    size = (guint64)v;
-    json_object_set_int_member(bd->full_opts, "size", v);
-    named = TRUE;
+  const CbtQmpBlockdevOptionsNull *o =
+    opts->driver == CBT_QMP_BLOCKDEV_DRIVER_NULL_AIO ? &opts->u.null_aio : &opts->u.null_co;
+  /* qemu-storage-daemon 7.2 aborts on a negative size; we answer as its option parser does
+   * for other sizes. */
+  if (o->size < 0) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "Parameter 'size' expects a non-negative number below 2^64");
+    return FALSE;
   }
-  if (json_object_has_member(opts, "latency-ns") &&
-      (guint64)json_object_get_int_member(opts, "latency-ns") > G_MAXINT64) {
+  if (o->has_size)
+    json_object_set_int_member(bd->full_opts, "size", o->size);
+  if (o->has_latency_ns && o->latency_ns > G_MAXINT64) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "latency-ns is invalid");
     return FALSE;
   }
-  if (json_object_has_member(opts, "read-zeroes")) {
-    json_object_set_boolean_member(bd->full_opts, "read-zeroes",
-                                   json_object_get_boolean_member(opts, "read-zeroes"));
-    named = TRUE;
-  }
-  bd->size = (size + 511) / 512 * 512;
+  if (o->has_read_zeroes)
+    json_object_set_boolean_member(bd->full_opts, "read-zeroes", o->read_zeroes);
+  bd->size = ((guint64)o->size + 511) / 512 * 512;
   /* Without size or read-zeroes QEMU names the node after its driver. */
-  if (!named)
+  if (!o->has_size && !o->has_read_zeroes)
     bd->exact_filename = g_strdup_printf("%s://", bd->drv->name);
-  bd->opaque = (gpointer)(json_object_get_boolean_member_with_default(opts, "read-zeroes", FALSE)
-                         ? &read_zeroes_on : &read_zeroes_off);
+  bd->opaque = (gpointer)(o->read_zeroes ? &read_zeroes_on : &read_zeroes_off);
   return TRUE;
 }
 

@@ -1,4 +1,4 @@
-/* open.c — from validated BlockdevOptions to an opened node, in QEMU's order: inline children
+/* open.c — from checked BlockdevOptions to an opened node, in QEMU's order: inline children
  * first, then the node name (generated as "#blockNNN" for unnamed children), then the driver.
  * Inline children inherit read-only, auto-read-only, force-share and the cache mode from their
  * parent, and default to discard=unmap (the parent's policy is checked first), as in QEMU.
@@ -65,58 +65,44 @@ assign_name(CbtBlockdev *bd, const char *name, GError **error)
   return TRUE;
 }
 
-static gboolean
-get_bool(JsonObject *o, const char *member, gboolean dflt)
+/* What an inline child takes from its parent when it does not set it itself (QEMU's
+ * inheritance): read-only, auto-read-only, force-share and the cache mode; discard defaults to
+ * unmap for children, so the parent's policy alone decides. */
+typedef struct {
+  gboolean read_only, auto_read_only, force_share;
+  gboolean cache_direct, cache_no_flush;
+  gboolean discard_unmap;
+} Inherited;
+
+static const Inherited root_defaults = { 0 };
+
+static CbtBlockdev *open_node(const CbtQmpBlockdevOptions *opts, const Inherited *from,
+                              gboolean root, GError **error);
+
+/* The common options of a node: its own where given, else what it inherited. */
+static Inherited
+resolve_common(const CbtQmpBlockdevOptions *opts, const Inherited *from)
 {
-  return json_object_has_member(o, member) ? json_object_get_boolean_member(o, member) : dflt;
+  const CbtQmpBlockdevCacheOptions *c = opts->cache;
+
+  return (Inherited){
+    .read_only = opts->has_read_only ? opts->read_only : from->read_only,
+    .auto_read_only = opts->has_auto_read_only ? opts->auto_read_only : from->auto_read_only,
+    .force_share = opts->has_force_share ? opts->force_share : from->force_share,
+    .cache_direct = c && c->has_direct ? c->direct : from->cache_direct,
+    .cache_no_flush = c && c->has_no_flush ? c->no_flush : from->cache_no_flush,
+    .discard_unmap = opts->has_discard ? opts->discard == CBT_QMP_BLOCKDEV_DISCARD_OPTIONS_UNMAP
+                                       : from->discard_unmap,
+  };
 }
 
-static void
-copy_default(JsonObject *child, JsonObject *parent, const char *member)
-{
-  if (!json_object_has_member(child, member) && json_object_has_member(parent, member))
-    json_object_set_member(child, member,
-                           json_node_copy(json_object_get_member(parent, member)));
-}
-
-/* The options an inline child is opened with: its own, completed by inheritance. */
-static JsonObject *
-child_options(JsonObject *parent, JsonObject *own)
-{
-  JsonObject *child = json_object_new();
-  JsonObjectIter it;
-  const char *name;
-  JsonNode *node;
-
-  json_object_iter_init(&it, own);
-  while (json_object_iter_next(&it, &name, &node))
-    json_object_set_member(child, name, json_node_copy(node));
-  if (json_object_has_member(parent, "cache")) {
-    JsonObject *pc = json_object_get_object_member(parent, "cache");
-    if (!json_object_has_member(child, "cache"))
-      json_object_set_object_member(child, "cache", json_object_new());
-    JsonObject *cc = json_object_get_object_member(child, "cache");
-    copy_default(cc, pc, "direct");
-    copy_default(cc, pc, "no-flush");
-  }
-  copy_default(child, parent, "force-share");
-  copy_default(child, parent, "read-only");
-  copy_default(child, parent, "auto-read-only");
-  if (!json_object_has_member(child, "discard"))
-    json_object_set_string_member(child, "discard", "unmap");
-  return child;
-}
-
-static CbtBlockdev *open_node(JsonObject *opts, gboolean root, GError **error);
-
-/* The "file" member: an existing node by name, or an inline definition. */
+/* The `file` member: an existing node by name, or an inline definition that inherits
+ * @parent's options. */
 static CbtBlockdev *
-open_child(JsonObject *opts, GError **error)
+open_child(const CbtQmpBlockdevRef *ref, const Inherited *parent, GError **error)
 {
-  JsonNode *ref = json_object_get_member(opts, "file");
-
-  if (JSON_NODE_HOLDS_VALUE(ref)) {
-    const char *name = json_node_get_string(ref);
+  if (ref->type == CBT_QMP_BLOCKDEV_REF_KIND_REFERENCE) {
+    const char *name = ref->u.reference;
     CbtBlockdev *bd = cbt_blockdev_find(name);
     if (!bd) {
       g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Cannot find device='%s' nor node-name='%s'",
@@ -125,50 +111,68 @@ open_child(JsonObject *opts, GError **error)
     }
     return cbt_blockdev_ref(bd);
   }
-  JsonObject *copts = child_options(opts, json_node_get_object(ref));
-  CbtBlockdev *bd = open_node(copts, FALSE, error);
-  json_object_unref(copts);
-  return bd;
+  Inherited from = *parent;
+  from.discard_unmap = TRUE;
+  return open_node(ref->u.definition, &from, FALSE, error);
+}
+
+/* The child reference of a format driver's options, or NULL for protocol drivers. */
+static const CbtQmpBlockdevRef *
+child_ref(const CbtQmpBlockdevOptions *opts)
+{
+  switch (opts->driver) {
+  case CBT_QMP_BLOCKDEV_DRIVER_RAW:
+    return opts->u.raw.file;
+  case CBT_QMP_BLOCKDEV_DRIVER_BOCHS:
+  case CBT_QMP_BLOCKDEV_DRIVER_CLOOP:
+  case CBT_QMP_BLOCKDEV_DRIVER_COMPRESS:
+  case CBT_QMP_BLOCKDEV_DRIVER_DMG:
+  case CBT_QMP_BLOCKDEV_DRIVER_PARALLELS:
+  case CBT_QMP_BLOCKDEV_DRIVER_SNAPSHOT_ACCESS:
+  case CBT_QMP_BLOCKDEV_DRIVER_VDI:
+  case CBT_QMP_BLOCKDEV_DRIVER_VHDX:
+  case CBT_QMP_BLOCKDEV_DRIVER_VPC:
+    return opts->u.bochs.file; /* every one is a BlockdevOptionsGenericFormat */
+  case CBT_QMP_BLOCKDEV_DRIVER_QCOW:
+  case CBT_QMP_BLOCKDEV_DRIVER_QCOW2:
+  case CBT_QMP_BLOCKDEV_DRIVER_QED:
+  case CBT_QMP_BLOCKDEV_DRIVER_VMDK:
+    return opts->u.qcow2.file; /* every one is a BlockdevOptionsGenericCOWFormat */
+  default:
+    return NULL;
+  }
 }
 
 static void
-parse_common(CbtBlockdev *bd, JsonObject *opts)
+set_common(CbtBlockdev *bd, const Inherited *c, const CbtQmpBlockdevOptions *opts)
 {
-  const char *dz = json_object_get_string_member_with_default(opts, "detect-zeroes", "off");
-
-  bd->read_only = get_bool(opts, "read-only", FALSE);
-  bd->auto_read_only = get_bool(opts, "auto-read-only", FALSE);
-  bd->force_share = get_bool(opts, "force-share", FALSE);
-  bd->discard_unmap =
-    g_strcmp0(json_object_get_string_member_with_default(opts, "discard", "ignore"),
-              "unmap") == 0;
-  if (json_object_has_member(opts, "cache")) {
-    JsonObject *c = json_object_get_object_member(opts, "cache");
-    bd->cache_direct = get_bool(c, "direct", FALSE);
-    bd->cache_no_flush = get_bool(c, "no-flush", FALSE);
-  }
-  bd->detect_zeroes = strcmp(dz, "unmap") == 0 ? CBT_DETECT_ZEROES_UNMAP :
-                      strcmp(dz, "on") == 0 ? CBT_DETECT_ZEROES_ON : CBT_DETECT_ZEROES_OFF;
+  bd->read_only = c->read_only;
+  bd->auto_read_only = c->auto_read_only;
+  bd->force_share = c->force_share;
+  bd->discard_unmap = c->discard_unmap;
+  bd->cache_direct = c->cache_direct;
+  bd->cache_no_flush = c->cache_no_flush;
+  bd->detect_zeroes = opts->detect_zeroes;
 }
 
 /* The generic checks QEMU makes after opening the children and before naming the node, in its
  * order. */
 static gboolean
-check_common(CbtBlockdev *bd, JsonObject *opts, GError **error)
+check_common(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
 {
-  const char *filename = json_object_get_string_member_with_default(opts, "filename", NULL);
+  const CbtQmpBlockdevOptionsFile *file = cbt_blockdev_file_options(opts);
 
   if (bd->force_share && !bd->read_only) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
                 "force-share=on can only be used with read-only images");
     return FALSE;
   }
-  if (filename && !filename[0]) {
+  if (file && !file->filename[0]) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "The '%s' block driver requires a file name",
                 bd->drv->name);
     return FALSE;
   }
-  if (bd->detect_zeroes == CBT_DETECT_ZEROES_UNMAP && !bd->discard_unmap) {
+  if (bd->detect_zeroes == CBT_QMP_BLOCKDEV_DETECT_ZEROES_OPTIONS_UNMAP && !bd->discard_unmap) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "setting detect-zeroes to unmap is not allowed "
                 "without setting discard operation to unmap");
     return FALSE;
@@ -177,9 +181,11 @@ check_common(CbtBlockdev *bd, JsonObject *opts, GError **error)
 }
 
 static CbtBlockdev *
-open_node(JsonObject *opts, gboolean root, GError **error)
+open_node(const CbtQmpBlockdevOptions *opts, const Inherited *from, gboolean root,
+          GError **error)
 {
-  const char *name = json_object_get_string_member_with_default(opts, "node-name", NULL);
+  const char *name = opts->node_name;
+  const CbtQmpBlockdevRef *ref = child_ref(opts);
   const CbtBlockdevDriver *drv;
   g_autoptr(CbtBlockdev) child = NULL;
 
@@ -187,17 +193,18 @@ open_node(JsonObject *opts, gboolean root, GError **error)
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "'node-name' must be specified for the root node");
     return NULL;
   }
+  Inherited common = resolve_common(opts, from);
   /* QEMU opens (or looks up) the children first. */
-  if (json_object_has_member(opts, "file") && !(child = open_child(opts, error)))
+  if (ref && !(child = open_child(ref, &common, error)))
     return NULL;
-  drv = find_driver(json_object_get_string_member(opts, "driver"), error);
+  drv = find_driver(cbt_qmp_blockdev_driver_to_string(opts->driver), error);
   if (!drv)
     return NULL;
 
   CbtBlockdev *bd = cbt_blockdev_new(drv);
   bd->full_opts = json_object_new();
   json_object_set_string_member(bd->full_opts, "driver", drv->name);
-  parse_common(bd, opts);
+  set_common(bd, &common, opts);
   if (!check_common(bd, opts, error) || !assign_name(bd, name, error))
     goto fail;
   if (child) {
@@ -224,10 +231,11 @@ fail:
 }
 
 CbtBlockdev *
-cbt_blockdev_open(JsonObject *opts, GError **error)
+cbt_blockdev_open(const CbtQmpBlockdevOptions *opts, GError **error)
 {
-  CbtBlockdev *bd = open_node(opts, TRUE, error);
+  CbtBlockdev *bd = open_node(opts, &root_defaults, TRUE, error);
 
+  CBT_ASSERT_MAIN_THREAD();
   if (bd)
     bd->monitor_owned = TRUE;
   return bd;

@@ -91,10 +91,8 @@ raw_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset)
 
 /* QEMU reads offset and size through its option parser, which refuses negative numbers. */
 static gboolean
-get_uint(JsonObject *opts, const char *member, guint64 *out, GError **error)
+get_uint(gint64 v, const char *member, guint64 *out, GError **error)
 {
-  gint64 v = json_object_get_int_member(opts, member);
-
   if (v < 0) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
                 "Parameter '%s' expects a non-negative number below 2^64", member);
@@ -105,21 +103,19 @@ get_uint(JsonObject *opts, const char *member, guint64 *out, GError **error)
 }
 
 static gboolean
-window(CbtBlockdev *bd, JsonObject *opts, RawState *s, GError **error)
+window(CbtBlockdev *bd, const CbtQmpBlockdevOptionsRaw *o, RawState *s, GError **error)
 {
   guint64 csize = cbt_blockdev_get_size(bd->child), size = 0;
-  gboolean has_offset = json_object_has_member(opts, "offset");
-  gboolean has_size = json_object_has_member(opts, "size");
 
-  if ((has_offset && !get_uint(opts, "offset", &s->offset, error)) ||
-      (has_size && !get_uint(opts, "size", &size, error)))
+  if ((o->has_offset && !get_uint(o->offset, "offset", &s->offset, error)) ||
+      (o->has_size && !get_uint(o->size, "size", &size, error)))
     return FALSE;
   if (s->offset > csize) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Offset (%" G_GUINT64_FORMAT ") cannot be greater "
                 "than size of the containing file (%" G_GUINT64_FORMAT ")", s->offset, csize);
     return FALSE;
   }
-  if (has_size && size > csize - s->offset) {
+  if (o->has_size && size > csize - s->offset) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "The sum of offset (%" G_GUINT64_FORMAT ") and "
                 "size (%" G_GUINT64_FORMAT ") has to be smaller or equal to the  actual size of "
                 "the containing file (%" G_GUINT64_FORMAT ")", s->offset, size, csize);
@@ -129,22 +125,22 @@ window(CbtBlockdev *bd, JsonObject *opts, RawState *s, GError **error)
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Specified size is not multiple of 512");
     return FALSE;
   }
-  bd->size = has_size ? size : csize - s->offset;
-  s->windowed = has_offset || has_size;
-  if (has_offset)
+  bd->size = o->has_size ? size : csize - s->offset;
+  s->windowed = o->has_offset || o->has_size;
+  if (o->has_offset)
     json_object_set_int_member(bd->full_opts, "offset", (gint64)s->offset);
-  if (has_size)
+  if (o->has_size)
     json_object_set_int_member(bd->full_opts, "size", (gint64)size);
   return TRUE;
 }
 
 static gboolean
-raw_open(CbtBlockdev *bd, JsonObject *opts, GError **error)
+raw_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
 {
   g_autofree RawState *s = g_new0(RawState, 1);
   CbtBlockdev *child = bd->child;
 
-  if (!window(bd, opts, s, error))
+  if (!window(bd, &opts->u.raw, s, error))
     return FALSE;
   if (s->windowed) {
     child->resize_unshared++;

@@ -13,10 +13,12 @@
 
 #include "cbt-config.h"
 #include "blockdev/blockdev.h"
-#include "blockdev/dirty-bitmap-cmds.h"
+#include "common/assert.h"
 #include "daemon/cbtd.h"
+#include "dirty-bitmaps/dirty-bitmaps.h"
 #include "nbd/nbd.h"
 #include "rpc/rpc.h"
+#include "schemas/qmp-commands.h"
 
 static GMainLoop *main_loop;
 
@@ -27,17 +29,13 @@ quit_now(gpointer data)
   return G_SOURCE_REMOVE;
 }
 
-static JsonNode *
-cmd_quit(JsonObject *args, gpointer user_data, GError **error)
+gboolean
+cbt_qmp_quit(GError **error)
 {
   /* Reply first (the monitor sends it before the idle runs), then exit. */
   g_idle_add(quit_now, NULL);
-  return cbt_rpc_empty_return();
+  return TRUE;
 }
-
-static const CbtRpcCommand daemon_commands[] = {
-  { "quit", cmd_quit },
-};
 
 static gboolean
 on_signal(gpointer data)
@@ -85,6 +83,7 @@ main(int argc, char **argv)
 
   g_set_prgname("cbtd");
   signal(SIGPIPE, SIG_IGN);
+  cbt_main_thread_init();
 
   int status = cbtd_options_early(argc, argv, &early);
   if (status >= 0)
@@ -101,12 +100,12 @@ main(int argc, char **argv)
     cbtd_daemonize_done(EXIT_FAILURE);
     return EXIT_FAILURE;
   }
-  cbt_rpc_register(rpc, daemon_commands, G_N_ELEMENTS(daemon_commands), NULL);
-  cbt_blockdev_register_commands(rpc);
-  cbt_blockdev_register_bitmap_commands(rpc);
-  cbt_nbd_register_commands(rpc);
-  cbt_nbd_set_bitmap_hooks(cbt_blockdev_dirty_bitmap_export_lookup,
-                           cbt_blockdev_dirty_bitmap_export_release);
+  /* Every schema file's commands: linking these needs every handler. */
+  cbt_qmp_register_control(rpc);
+  cbt_qmp_register_block_core(rpc);
+  cbt_qmp_register_block_export(rpc);
+  cbt_qmp_register_dirty_bitmap(rpc);
+  cbt_dirty_bitmaps_init();
   if (!cbt_rpc_check_complete(rpc, &error)) {
     fprintf(stderr, "cbtd: %s\n", error->message);
     cbtd_daemonize_done(EXIT_FAILURE);

@@ -11,8 +11,8 @@
 
 #include "cbt-config.h"
 #include "daemon/cbtd.h"
-#include "daemon/keyval.h"
 #include "nbd/nbd.h"
+#include "schemas/qmp-types.h"
 
 enum {
   OPT_BLOCKDEV = 256,
@@ -194,7 +194,8 @@ apply_nbd_server(CbtRpc *rpc, JsonObject *o, gboolean keyval, GError **error)
   g_autoptr(JsonNode) checked = cbt_rpc_check_type(rpc, "NbdServerOptions", in, keyval, error);
   if (!checked)
     return FALSE;
-  return cbt_nbd_server_start_options(json_node_get_object(checked), error);
+  g_autoptr(CbtQmpNbdServerOptions) opts = cbt_qmp_nbd_server_options_decode(checked, error);
+  return opts && cbt_nbd_server_start_options(opts, error);
 }
 
 static gboolean
@@ -235,7 +236,7 @@ apply_one(CbtRpc *rpc, int c, const char *arg, GError **error)
     break;
   }
 
-  o = cbtd_option_parse(arg, implied[c - OPT_BLOCKDEV], &is_json, error);
+  o = cbt_rpc_option_parse(arg, implied[c - OPT_BLOCKDEV], &is_json, error);
   if (!o)
     return FALSE;
   switch (c) {

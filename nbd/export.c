@@ -9,30 +9,17 @@
 
 #include <errno.h>
 
+#include "dirty-bitmaps/dirty-bitmaps.h"
+#include "schemas/qmp-events.h"
+
 static GPtrArray *exports; /* CbtNbdExport, creation order; under cbt_nbd_lock */
-static CbtRpc *nbd_rpc;
-static CbtNbdBitmapLookup bitmap_lookup;
-static CbtNbdBitmapRelease bitmap_release;
-
-void
-cbt_nbd_export_set_rpc(CbtRpc *rpc)
-{
-  nbd_rpc = rpc;
-}
-
-void
-cbt_nbd_set_bitmap_hooks(CbtNbdBitmapLookup lookup, CbtNbdBitmapRelease release)
-{
-  bitmap_lookup = lookup;
-  bitmap_release = release;
-}
 
 static void
 export_bitmap_free(gpointer p)
 {
   CbtNbdExportBitmap *eb = p;
-  if (eb->bm && bitmap_release)
-    bitmap_release(eb->bm);
+  if (eb->bm)
+    cbt_dirty_bitmaps_export_release(eb->bm);
   g_free(eb->name);
   g_free(eb);
 }
@@ -170,19 +157,15 @@ export_finalize(CbtNbdExport *exp)
    * bitmaps back. */
   for (guint i = 0; i < exp->bitmaps->len; i++) {
     CbtNbdExportBitmap *eb = g_ptr_array_index(exp->bitmaps, i);
-    if (eb->bm && bitmap_release)
-      bitmap_release(eb->bm);
+    if (eb->bm)
+      cbt_dirty_bitmaps_export_release(eb->bm);
     eb->bm = NULL;
   }
   if (exp->writable)
     cbt_blockdev_release_write(exp->bd);
   cbt_blockdev_remove_user(exp->bd);
   g_clear_pointer(&exp->bd, cbt_blockdev_unref);
-  if (nbd_rpc) {
-    JsonObject *data = json_object_new();
-    json_object_set_string_member(data, "id", exp->id);
-    cbt_rpc_emit_event(nbd_rpc, "BLOCK_EXPORT_DELETED", data);
-  }
+  cbt_qmp_event_block_export_deleted(exp->id);
   g_debug("export '%s' deleted", exp->id);
   cbt_nbd_export_unref(exp);
 }
@@ -232,29 +215,27 @@ begin_shutdown_locked(CbtNbdExport *exp)
 
 /* Resolve the `bitmaps` list; on failure the ones found so far are released with @out. */
 static gboolean
-resolve_bitmaps(const CbtNbdExportOptions *o, CbtBlockdev *bd, GPtrArray *out, GError **error)
+resolve_bitmaps(const CbtQmpBlockExportOptions *o, CbtBlockdev *bd, GPtrArray *out,
+                GError **error)
 {
-  for (gsize i = 0; i < o->n_bitmaps; i++) {
-    const CbtNbdBitmapRef *ref = &o->bitmaps[i];
+  GPtrArray *list = o->u.nbd.bitmaps;
+
+  for (guint i = 0; list && i < list->len; i++) {
+    const CbtQmpBlockDirtyBitmapOrStr *ref = g_ptr_array_index(list, i);
+    gboolean local = ref->type == CBT_QMP_BLOCK_DIRTY_BITMAP_OR_STR_KIND_LOCAL;
+    const char *node_name = local ? NULL : ref->u.external->node;
+    const char *name = local ? ref->u.local : ref->u.external->name;
     CbtBlockdev *node = bd;
 
-    if (ref->node) {
-      node = cbt_blockdev_find(ref->node);
+    if (node_name) {
+      node = cbt_blockdev_find(node_name);
       if (!node) {
-        g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Node '%s' not found", ref->node);
+        g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Node '%s' not found",
+                    node_name);
         return FALSE;
       }
     }
-    if (!bitmap_lookup) {
-      if (ref->node)
-        g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Dirty bitmap '%s' not found",
-                    ref->name);
-      else
-        g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Bitmap '%s' is not found",
-                    ref->name);
-      return FALSE;
-    }
-    CbtBitmap *bm = bitmap_lookup(node, ref->node, ref->name, !o->writable, error);
+    CbtBitmap *bm = cbt_dirty_bitmaps_export_lookup(node, node_name, name, !o->writable, error);
     if (!bm)
       return FALSE;
     /* qsd 7.2 accepts a {node, name} bitmap of another size and maps garbage; refuse it. */
@@ -262,14 +243,13 @@ resolve_bitmaps(const CbtNbdExportOptions *o, CbtBlockdev *bd, GPtrArray *out, G
       g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
                   "Bitmap '%s' covers %" G_GUINT64_FORMAT
                   " bytes but the export's node '%s' has %" G_GUINT64_FORMAT,
-                  ref->name, cbt_bitmap_get_size(bm), cbt_blockdev_get_node_name(bd),
+                  name, cbt_bitmap_get_size(bm), cbt_blockdev_get_node_name(bd),
                   cbt_blockdev_get_size(bd));
-      if (bitmap_release)
-        bitmap_release(bm);
+      cbt_dirty_bitmaps_export_release(bm);
       return FALSE;
     }
     CbtNbdExportBitmap *eb = g_new0(CbtNbdExportBitmap, 1);
-    eb->name = g_strdup(ref->name);
+    eb->name = g_strdup(name);
     eb->bm = bm;
     g_ptr_array_add(out, eb);
   }
@@ -278,7 +258,7 @@ resolve_bitmaps(const CbtNbdExportOptions *o, CbtBlockdev *bd, GPtrArray *out, G
 
 /* The checks of qsd 7.2's block-export-add that come before the NBD driver runs, in its order. */
 static CbtBlockdev *
-check_common(const CbtNbdExportOptions *o, GError **error)
+check_common(const CbtQmpBlockExportOptions *o, GError **error)
 {
   if (!id_wellformed(o->id)) {
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Invalid block export id");
@@ -316,15 +296,15 @@ check_common(const CbtNbdExportOptions *o, GError **error)
 }
 
 static gboolean
-check_nbd(const CbtNbdExportOptions *o, const char *name, GError **error)
+check_nbd(const CbtQmpBlockExportOptions *o, const char *name, GError **error)
 {
   if (strlen(name) > NBD_MAX_STRING) {
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "export name '%s' too long", name);
     return FALSE;
   }
-  if (o->description && strlen(o->description) > NBD_MAX_STRING) {
-    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "description '%s' too long",
-                o->description);
+  const char *desc = o->u.nbd.description;
+  if (desc && strlen(desc) > NBD_MAX_STRING) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "description '%s' too long", desc);
     return FALSE;
   }
   pthread_mutex_lock(&cbt_nbd_lock);
@@ -339,38 +319,39 @@ check_nbd(const CbtNbdExportOptions *o, const char *name, GError **error)
 }
 
 static CbtNbdExport *
-export_new(const CbtNbdExportOptions *o, const char *name, CbtBlockdev *bd)
+export_new(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd)
 {
   CbtNbdExport *exp = g_new0(CbtNbdExport, 1);
-  guint64 fd_offset;
 
   exp->ref = 1;
   exp->id = g_strdup(o->id);
   exp->name = g_strdup(name);
-  exp->description = g_strdup(o->description);
+  exp->description = g_strdup(o->u.nbd.description);
   exp->writable = o->writable;
   exp->writethrough = o->writethrough;
-  exp->allocation_depth = o->allocation_depth;
+  exp->allocation_depth = o->u.nbd.allocation_depth;
   exp->min_block = MAX(cbt_blockdev_get_min_io(bd), 1u);
   exp->pref_block = MAX(exp->min_block, 4096u);
   exp->max_payload = CBT_NBD_MAX_PAYLOAD;
-  /* Advertise only whole minimum blocks (nbd-server.md §12). */
+  /* Advertise only whole minimum blocks (docs/nbd-server.md, "Limits"). */
   exp->size = cbt_blockdev_get_size(bd) / exp->min_block * exp->min_block;
-  /* One backend fd (one page cache) serves every connection, so a flush on one covers writes
-   * acknowledged on the others. A single-connection server gains nothing by advertising it. */
-  exp->multi_conn = (!o->writable || cbt_blockdev_get_data_fd(bd, &fd_offset) >= 0)
-                    && cbt_nbd_server_max_connections() != 1;
+  /* Connections are consistent with each other (NBD_FLAG_CAN_MULTI_CONN) when nothing is cached
+   * per connection: every connection of an export reaches the same node, and every cbtd node
+   * keeps one state for all its users (a file node one descriptor, one page cache), so a flush
+   * on one connection covers writes acknowledged on the others. A single-connection server
+   * gains nothing by advertising it. */
+  exp->multi_conn = cbt_nbd_server_max_connections() != 1;
   exp->conns = g_ptr_array_new();
   return exp;
 }
 
 gboolean
-cbt_nbd_export_add(const CbtNbdExportOptions *o, GError **error)
+cbt_nbd_export_add(const CbtQmpBlockExportOptions *o, GError **error)
 {
   CbtBlockdev *bd = check_common(o, error);
   if (!bd)
     return FALSE;
-  const char *name = o->name ? o->name : o->node_name;
+  const char *name = o->u.nbd.name ? o->u.nbd.name : o->node_name;
   if (!check_nbd(o, name, error))
     return FALSE;
 

@@ -225,7 +225,6 @@ guint16 cbt_nbd_export_eflags(CbtNbdExport *exp, gboolean structured);
 /* Every export (main thread): stop them and drop their clients; finalize unattached ones. */
 void cbt_nbd_export_shutdown_all(gboolean wait_for_clients);
 GPtrArray *cbt_nbd_export_query(void); /* CbtNbdExport refs, newest first */
-void cbt_nbd_export_set_rpc(CbtRpc *rpc);
 
 /* server.c: ask a connection to end (under cbt_nbd_lock). */
 void cbt_nbd_conn_kick_locked(CbtNbdConn *conn);

@@ -159,6 +159,7 @@ JsonNode *cbt_rpc_dispatch(CbtRpc *rpc, CbtRpcSession *session, JsonNode *reques
   JsonNode *id = NULL;
   JsonNode *ret = NULL;
 
+  CBT_ASSERT_MAIN_THREAD();
   if (!JSON_NODE_HOLDS_OBJECT(request)) {
     g_set_error_literal(&error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
                         "QMP input must be a JSON object");

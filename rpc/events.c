@@ -1,7 +1,28 @@
 /* Events: built with their timestamp by whichever thread emits them, queued, and broadcast to
  * the negotiated monitor clients from the rpc's main context.
+ *
+ * The typed emitters generated from the schema (schemas/qmp-events.h) reach every live CbtRpc,
+ * as QEMU's events reach every monitor: the modules that raise events need no handle on the
+ * server.
  */
 #include "rpc/rpc-private.h"
+
+static GMutex live_lock;
+static GList *live; /* every CbtRpc between cbt_rpc_new() and cbt_rpc_free(); under live_lock */
+
+void cbt_rpc_events_attach(CbtRpc *rpc)
+{
+  g_mutex_lock(&live_lock);
+  live = g_list_prepend(live, rpc);
+  g_mutex_unlock(&live_lock);
+}
+
+void cbt_rpc_events_detach(CbtRpc *rpc)
+{
+  g_mutex_lock(&live_lock);
+  live = g_list_remove(live, rpc);
+  g_mutex_unlock(&live_lock);
+}
 
 gboolean cbt_rpc_events_pending(CbtRpc *rpc)
 {
@@ -54,4 +75,14 @@ void cbt_rpc_emit_event(CbtRpc *rpc, const char *name, JsonObject *data)
     g_source_attach(rpc->event_source, rpc->context);
   }
   g_mutex_unlock(&rpc->event_lock);
+}
+
+void cbt_rpc_broadcast_event(const char *name, JsonObject *data)
+{
+  g_mutex_lock(&live_lock);
+  for (GList *l = live; l; l = l->next)
+    cbt_rpc_emit_event(l->data, name, data ? json_object_ref(data) : NULL);
+  g_mutex_unlock(&live_lock);
+  if (data)
+    json_object_unref(data);
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "rpc/rpc.h"
+#include "common/assert.h"
 
 #include <gio/gio.h>
 
@@ -175,6 +176,9 @@ JsonNode *cbt_rpc_run_command(CbtRpc *rpc, CbtSchemaCommand *cmd, CbtRpcEntry *e
                               JsonNode *args, gboolean keyval, GError **error);
 /* events.c: TRUE while events wait for delivery. */
 gboolean cbt_rpc_events_pending(CbtRpc *rpc);
+/* events.c: join and leave the set of servers that cbt_rpc_broadcast_event() reaches. */
+void cbt_rpc_events_attach(CbtRpc *rpc);
+void cbt_rpc_events_detach(CbtRpc *rpc);
 
 /* cbt_rpc_new() with another schema (tests). */
 CbtRpc *cbt_rpc_new_with_schema(const char *schema_json, GError **error);

@@ -88,6 +88,9 @@ JsonNode *cbt_rpc_check_type(CbtRpc *rpc, const char *type_name, JsonNode *value
 /* Queue event @name with @data (transfer full; NULL for none) to every negotiated client, with
  * the current timestamp. Thread-safe: delivery happens on the main context. */
 void cbt_rpc_emit_event(CbtRpc *rpc, const char *name, JsonObject *data);
+/* The same for every live CbtRpc: what the generated emitters (schemas/qmp-events.h) call.
+ * Thread-safe. */
+void cbt_rpc_broadcast_event(const char *name, JsonObject *data);
 
 /* Helpers for handlers. */
 JsonNode *cbt_rpc_empty_return(void);
@@ -101,6 +104,12 @@ JsonNode *cbt_rpc_uint_new(guint64 value);
 /* Parse exactly one JSON value as the monitor does (QEMU's extensions and error texts: single
  * quotes, "JSON parse error, ..."). @len -1: @text is NUL-terminated. */
 JsonNode *cbt_rpc_json_parse(const char *text, gssize len, GError **error);
+
+/* An option value as the command line gives it: a JSON object (parsed as the monitor does) when
+ * it starts with '{' (then *is_json is TRUE), else QEMU's key=value syntax (common/keyval.h),
+ * whose first element without '=' is the value of @implied_key. */
+JsonObject *cbt_rpc_option_parse(const char *text, const char *implied_key, gboolean *is_json,
+                                 GError **error);
 
 /* @node as QMP prints it: ASCII only, ", "/": " separators; @pretty: 4-space indent, "\r\n"
  * line ends. No trailing line end. */

@@ -3,6 +3,7 @@
  */
 #include "rpc/rpc-private.h"
 #include "rpc/schema-data.h"
+#include "common/keyval.h"
 
 G_DEFINE_QUARK(cbt-rpc-error-quark, cbt_rpc_error)
 
@@ -47,6 +48,7 @@ CbtRpc *cbt_rpc_new_with_schema(const char *schema_json, GError **error)
     if (g_hash_table_contains(schema->commands, cbt_rpc_builtin_commands[i].name))
       cbt_rpc_register(rpc, &cbt_rpc_builtin_commands[i], 1, rpc);
   }
+  cbt_rpc_events_attach(rpc);
   return rpc;
 }
 
@@ -59,6 +61,7 @@ void cbt_rpc_free(CbtRpc *rpc)
 {
   if (!rpc)
     return;
+  cbt_rpc_events_detach(rpc);
   cbt_rpc_monitors_free(rpc->monitors);
   g_mutex_lock(&rpc->event_lock);
   if (rpc->event_source) {
@@ -77,6 +80,7 @@ void cbt_rpc_free(CbtRpc *rpc)
 
 void cbt_rpc_register(CbtRpc *rpc, const CbtRpcCommand *cmds, gsize n, gpointer user_data)
 {
+  CBT_ASSERT_MAIN_THREAD();
   for (gsize i = 0; i < n; i++) {
     if (!g_hash_table_contains(rpc->schema->commands, cmds[i].name)) {
       g_critical("rpc: command %s is not in the schema; not registered", cmds[i].name);
@@ -104,6 +108,7 @@ gboolean cbt_rpc_check_complete(CbtRpc *rpc, GError **error)
 
 gboolean cbt_rpc_listen_unix(CbtRpc *rpc, const char *path, gboolean pretty, GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   return cbt_rpc_monitors_listen(rpc->monitors, path, pretty, error);
 }
 
@@ -140,6 +145,7 @@ JsonNode *cbt_rpc_execute(CbtRpc *rpc, const char *command, JsonObject *args, gb
   CbtSchemaCommand *cmd = cbt_rpc_find_command(rpc, command, &entry);
   g_autoptr(JsonNode) args_node = NULL;
 
+  CBT_ASSERT_MAIN_THREAD();
   if (!cmd) {
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_COMMAND_NOT_FOUND,
                 "The command %s has not been found", command);
@@ -163,3 +169,25 @@ JsonNode *cbt_rpc_check_type(CbtRpc *rpc, const char *type_name, JsonNode *value
   return cbt_schema_check(type, value, keyval, error);
 }
 
+
+/* ---- command-line option values ----------------------------------------------------------- */
+
+JsonObject *cbt_rpc_option_parse(const char *text, const char *implied_key, gboolean *is_json,
+                                 GError **error)
+{
+  const char *p = text;
+
+  while (g_ascii_isspace(*p))
+    p++;
+  *is_json = *p == '{';
+  if (!*is_json)
+    return cbt_keyval_parse(text, implied_key, error);
+  g_autoptr(JsonNode) root = cbt_rpc_json_parse(text, -1, error);
+  if (!root)
+    return NULL;
+  if (!JSON_NODE_HOLDS_OBJECT(root)) {
+    g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Expecting a JSON object");
+    return NULL;
+  }
+  return json_object_ref(json_node_get_object(root));
+}

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Merge the schema files into the compiled-in schema (C) and the RPC reference (Markdown).
+"""Merge the schema files into the compiled-in schema, the RPC reference (Markdown) and the
+C types, marshallers and event emitters (gen_c.py).
 
-Usage: gen-schema.py OUT.c OUT.md SCHEMA.json...
+Usage: gen-schema.py OUTDIR SCHEMA.json...
+
+Writes OUTDIR/schema-data.c, OUTDIR/rpc.md and the files gen_c.generate() names.
 
 The check here is structural (every referenced type exists, no name twice, a union's
 discriminator is a required enum member of its base and its branches are structs named by
@@ -9,7 +12,10 @@ values of that enum, an alternate has at most one branch per JSON type, no membe
 runtime validator in rpc/ trusts it.
 """
 import json
+import os
 import sys
+
+import gen_c
 
 BUILTINS = {'str', 'int', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
             'uint64', 'size', 'number', 'bool', 'null', 'any'}
@@ -237,10 +243,10 @@ def c_source(doc):
 
 
 def main():
-    if len(sys.argv) < 4:
+    if len(sys.argv) < 3:
         raise SystemExit(__doc__)
-    out_c, out_md, files = sys.argv[1], sys.argv[2], sys.argv[3:]
-    entities = []
+    outdir, files = sys.argv[1], sys.argv[2:]
+    entities, groups = [], []
     for f in files:
         with open(f, encoding='utf-8') as fh:
             try:
@@ -250,11 +256,14 @@ def main():
         if not isinstance(part, list):
             raise SystemExit('%s: top level must be an array' % f)
         entities += part
+        group = os.path.splitext(os.path.basename(f))[0].replace('-', '_')
+        groups.append((group, [e for e in part if 'command' in e]))
     check(entities)
-    with open(out_c, 'w', encoding='utf-8') as fh:
-        fh.write(c_source(entities))
-    with open(out_md, 'w', encoding='utf-8') as fh:
-        fh.write(markdown(entities))
+    outputs = {'schema-data.c': c_source(entities), 'rpc.md': markdown(entities)}
+    outputs.update(gen_c.generate(entities, groups))
+    for name, text in outputs.items():
+        with open(os.path.join(outdir, name), 'w', encoding='utf-8') as fh:
+            fh.write(text)
 
 
 if __name__ == '__main__':

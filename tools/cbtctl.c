@@ -16,7 +16,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "daemon/keyval.h"
+#include "common/keyval.h"
+#include "rpc/rpc.h"
 
 typedef struct {
   int fd;
@@ -142,8 +143,9 @@ typed_leaves(JsonNode *node)
 static JsonObject *
 parse_arguments(int argc, char **argv, GError **error)
 {
+  gboolean is_json;
   if (argc == 1 && argv[0][0] == '{')
-    return cbtd_json_object_parse(argv[0], error);
+    return cbt_rpc_option_parse(argv[0], NULL, &is_json, error);
   g_autoptr(GString) s = g_string_new(NULL);
   for (int i = 0; i < argc; i++) {
     if (i)
@@ -154,7 +156,7 @@ parse_arguments(int argc, char **argv, GError **error)
       g_string_append_c(s, *p);
     }
   }
-  JsonObject *o = cbtd_keyval_parse(s->str, NULL, error);
+  JsonObject *o = cbt_keyval_parse(s->str, NULL, error);
   if (!o)
     return NULL;
   g_autoptr(JsonNode) n = json_node_init_object(json_node_alloc(), o);

@@ -129,61 +129,6 @@ test_matrix(void)
   }
 }
 
-static JsonObject *
-info(const CbtDirtyBitmap *dbm, JsonNode **node)
-{
-  *node = cbt_dirty_bitmap_info(dbm);
-  g_assert_true(JSON_NODE_HOLDS_OBJECT(*node));
-  return json_node_get_object(*node);
-}
-
-static void
-test_info(void)
-{
-  g_autoptr(CbtDirtyBitmap) dbm = cbt_dirty_bitmap_new("b0", 100000, 65536);
-  g_autoptr(JsonNode) n1 = NULL, n2 = NULL, n3 = NULL, n4 = NULL;
-
-  JsonObject *o = info(dbm, &n1);
-  g_assert_cmpuint(json_object_get_size(o), ==, 6);
-  g_assert_cmpstr(json_object_get_string_member(o, "name"), ==, "b0");
-  g_assert_true(json_object_get_boolean_member(o, "recording"));
-  g_assert_false(json_object_get_boolean_member(o, "persistent"));
-  g_assert_false(json_object_get_boolean_member(o, "busy"));
-  g_assert_cmpint(json_object_get_int_member(o, "granularity"), ==, 65536);
-  g_assert_cmpint(json_object_get_int_member(o, "count"), ==, 0);
-  g_assert_false(json_object_has_member(o, "inconsistent"));
-
-  /* count is bits x granularity, not clipped: a dirty partial last chunk counts 65536. */
-  cbt_bitmap_mark_range(cbt_dirty_bitmap_get_bitmap(dbm), 99999, 1);
-  cbt_dirty_bitmap_set_recording(dbm, FALSE);
-  cbt_dirty_bitmap_set_persistent(dbm, TRUE);
-  cbt_dirty_bitmap_busy_ref(dbm);
-  o = info(dbm, &n2);
-  g_assert_cmpint(json_object_get_int_member(o, "count"), ==, 65536);
-  g_assert_false(json_object_get_boolean_member(o, "recording"));
-  g_assert_true(json_object_get_boolean_member(o, "persistent"));
-  g_assert_true(json_object_get_boolean_member(o, "busy"));
-  cbt_dirty_bitmap_busy_unref(dbm);
-
-  /* One dirty bit of a 1 GiB node at 2 GiB granularity reports 2 GiB. */
-  g_autoptr(CbtDirtyBitmap) big = cbt_dirty_bitmap_new("b1", GiB, 1u << 31);
-  cbt_bitmap_mark_range(cbt_dirty_bitmap_get_bitmap(big), 5, 1);
-  o = info(big, &n3);
-  g_assert_cmpint(json_object_get_int_member(o, "count"), ==, 2 * GiB);
-  g_assert_cmpuint(cbt_dirty_bitmap_get_count(big), ==, 2 * GiB);
-
-  /* Inconsistent: not recording, count 0, the member present; anonymous: no name. */
-  g_autoptr(CbtDirtyBitmap) anon = cbt_dirty_bitmap_new(NULL, GiB, 4096);
-  cbt_bitmap_mark_range(cbt_dirty_bitmap_get_bitmap(anon), 0, GiB);
-  cbt_dirty_bitmap_set_inconsistent(anon);
-  o = info(anon, &n4);
-  g_assert_false(json_object_has_member(o, "name"));
-  g_assert_true(json_object_get_boolean_member(o, "inconsistent"));
-  g_assert_false(json_object_get_boolean_member(o, "recording"));
-  g_assert_cmpint(json_object_get_int_member(o, "count"), ==, 0);
-  g_assert_cmpuint(json_object_get_size(o), ==, 6);
-}
-
 static void
 test_swap(void)
 {
@@ -209,7 +154,6 @@ main(int argc, char **argv)
   g_test_add_func("/dirty-bitmap/granularity", test_granularity);
   g_test_add_func("/dirty-bitmap/check-order", test_check_order);
   g_test_add_func("/dirty-bitmap/matrix", test_matrix);
-  g_test_add_func("/dirty-bitmap/info", test_info);
   g_test_add_func("/dirty-bitmap/swap", test_swap);
   return g_test_run();
 }

@@ -16,6 +16,7 @@
 #include <sys/vfs.h>
 #include <unistd.h>
 #include "blockdev/blockdev-internal.h"
+#include "schemas/qmp-commands.h"
 
 #define KiB 1024u
 #define MiB (1024u * 1024u)
@@ -1149,11 +1150,12 @@ main(int argc, char **argv)
   int ret;
 
   g_test_init(&argc, &argv, NULL);
+  cbt_main_thread_init();
   tmpdir = g_dir_make_tmp("test-blockdev-XXXXXX", &error);
   g_assert_no_error(error);
   rpc = cbt_rpc_new(&error);
   g_assert_no_error(error);
-  cbt_blockdev_register_commands(rpc);
+  cbt_qmp_register_block_core(rpc);
 
   g_test_add_func("/blockdev/file/rw", test_file_rw);
   g_test_add_func("/blockdev/file/read-only", test_file_read_only);

@@ -9,7 +9,10 @@
 #include <unistd.h>
 
 #include "blockdev/blockdev.h"
+#include "common/assert.h"
+#include "dirty-bitmaps/dirty-bitmaps.h"
 #include "nbd/nbd.h"
+#include "schemas/qmp-commands.h"
 
 Harness harness;
 static GHashTable *bitmaps; /* name -> CbtBitmap (owned by the test) */
@@ -46,9 +49,11 @@ harness_qmp_fails(const char *command, const char *json_args, const char *desc)
   g_assert_cmpstr(error->message, ==, desc);
 }
 
-static CbtBitmap *
-lookup_bitmap(CbtBlockdev *node, const char *node_name, const char *name, gboolean readonly_export,
-              GError **error)
+/* The test double of dirty-bitmaps/, taken at link time instead of the module: nbd/ asks it for
+ * an export's bitmaps, and it serves the ones the test added. */
+CbtBitmap *
+cbt_dirty_bitmaps_export_lookup(CbtBlockdev *node, const char *node_name, const char *name,
+                                gboolean readonly_export, GError **error)
 {
   CbtBitmap *bm = bitmaps ? g_hash_table_lookup(bitmaps, name) : NULL;
   if (!bm)
@@ -56,8 +61,8 @@ lookup_bitmap(CbtBlockdev *node, const char *node_name, const char *name, gboole
   return bm;
 }
 
-static void
-release_bitmap(CbtBitmap *bm)
+void
+cbt_dirty_bitmaps_export_release(CbtBitmap *bm)
 {
   releases++;
 }
@@ -86,11 +91,11 @@ harness_init(void)
   g_assert_no_error(error);
   harness.sock = g_build_filename(harness.dir, "nbd.sock", NULL);
   harness.uri = g_strdup_printf("nbd+unix:///?socket=%s", harness.sock);
+  cbt_main_thread_init();
   harness.rpc = cbt_rpc_new(&error);
   g_assert_no_error(error);
-  cbt_blockdev_register_commands(harness.rpc);
-  cbt_nbd_register_commands(harness.rpc);
-  cbt_nbd_set_bitmap_hooks(lookup_bitmap, release_bitmap);
+  cbt_qmp_register_block_core(harness.rpc);
+  cbt_qmp_register_block_export(harness.rpc);
   g_autofree char *args = g_strdup_printf(
       "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"%s\"}}}", harness.sock);
   harness_qmp_ok("nbd-server-start", args);

@@ -46,7 +46,8 @@ void harness_run_client(GThreadFunc fn, gpointer data);
 /* Iterate the main loop for about @ms milliseconds. */
 void harness_spin(guint ms);
 
-/* Dirty bitmaps the test owns, found by name through the nbd bitmap lookup hook. */
+/* Dirty bitmaps the test owns, found by name through the test double of
+ * cbt_dirty_bitmaps_export_lookup() (harness.c). */
 void harness_add_bitmap(const char *name, CbtBitmap *bm);
 guint harness_bitmap_releases(void);
 

@@ -1,6 +1,7 @@
 /* The QMP monitor over a real unix socket, in-process: the rpc serves on the main thread's
  * GMainLoop; each test body runs in a client thread with blocking sockets (GSocketClient), so
  * a monitor that blocked the main loop would make the test time out. */
+#include "common/assert.h"
 #include "rpc/rpc-private.h"
 #include "cbt-config.h"
 
@@ -624,6 +625,7 @@ int main(int argc, char **argv)
   };
 
   g_test_init(&argc, &argv, NULL);
+  cbt_main_thread_init();
   for (guint i = 0; i < G_N_ELEMENTS(tests); i++)
     g_test_add(tests[i].path, Fixture, tests[i].body, fixture_setup, run, fixture_teardown);
   g_test_add("/monitor/flush", Fixture, NULL, fixture_setup, test_flush, fixture_teardown);

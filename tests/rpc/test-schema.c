@@ -1,6 +1,7 @@
 /* Schema model, argument validation (QEMU's texts and paths, checked against
  * qemu-storage-daemon 7.2 for the equivalent QAPI shapes), keyval conversion and the
  * query-qmp-schema shape, against a small schema written here. */
+#include "common/assert.h"
 #include "rpc/rpc-private.h"
 
 #include <string.h>
@@ -466,6 +467,7 @@ int main(int argc, char **argv)
   g_autoptr(GError) error = NULL;
 
   g_test_init(&argc, &argv, NULL);
+  cbt_main_thread_init();
   schema = cbt_schema_load(test_schema, &error);
   g_assert_no_error(error);
   g_test_add_func("/schema/check/json", test_json_mode);

@@ -40,13 +40,20 @@ BAD = [
     ('needs "boxed"', [ENUM, BASE, {'union': 'U', 'base': 'B', 'discriminator': 't',
                                     'data': {}}, {'command': 'c', 'data': 'U'}]),
     ('must name a struct', [ENUM, {'command': 'c', 'data': 'E'}]),
+    ('clashes with a type', [{'struct': 'CArg', 'data': {}}, {'command': 'c', 'data': {}}]),
+    ('clashes with', [{'struct': 'Foo', 'data': {}}, {'command': 'foo-free'}]),
+    ('not supported', [{'struct': 'S', 'data': {'*l': {'type': ['str'], 'default': []}}}]),
 ]
 
 
-def run(files):
+def read(path):
+    with open(path, encoding='utf-8') as fh:
+        return fh.read()
+
+
+def run(files, outdir=None):
     with tempfile.TemporaryDirectory() as d:
-        return subprocess.run([sys.executable, GEN, os.path.join(d, 'o.c'),
-                               os.path.join(d, 'o.md')] + files,
+        return subprocess.run([sys.executable, GEN, outdir or d] + files,
                               capture_output=True, text=True)
 
 
@@ -54,6 +61,39 @@ class GenSchemaTest(unittest.TestCase):
     def test_real_schema(self):
         r = run(REAL)
         self.assertEqual(r.returncode, 0, r.stderr)
+
+    def test_c_output(self):
+        """The C a small schema becomes: names, has_ flags, defaults, mangled C keywords, one
+        marshaller per command of its own file and none for builtins, typed emitters."""
+        ents = [ENUM, {'struct': 'S', 'data': {'x': 'str', '*n': 'uint32', '*unix': 'bool',
+                                             '*e': {'type': 'E', 'default': 'b'},
+                                             '*s': 'S'}},
+                {'command': 'do-it', 'data': 'S', 'returns': ['S']},
+                {'command': 'query-x', 'builtin': True},
+                {'event': 'SOMETHING_HAPPENED', 'data': {'id': 'str', '*n': 'int'}}]
+        with tempfile.TemporaryDirectory() as d, \
+                tempfile.NamedTemporaryFile('w', suffix='.json', dir=d) as f:
+            json.dump(ents, f)
+            f.flush()
+            r = run([f.name], d)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            group = os.path.splitext(os.path.basename(f.name))[0]
+            types_h = read(os.path.join(d, 'qmp-types.h'))
+            types_c = read(os.path.join(d, 'qmp-types.c'))
+            cmds_h = read(os.path.join(d, 'qmp-commands.h'))
+            cmds_c = read(os.path.join(d, 'qmp-commands-%s.c' % group.replace('_', '-')))
+            events_h = read(os.path.join(d, 'qmp-events.h'))
+        self.assertIn('  CBT_QMP_E_A,\n  CBT_QMP_E_B,\n  CBT_QMP_E__MAX,\n} CbtQmpE;', types_h)
+        self.assertIn('struct CbtQmpS {\n  char *x;\n  gboolean has_n;\n  guint32 n;\n'
+                      '  gboolean has_q_unix;\n  gboolean q_unix;\n  gboolean has_e;\n'
+                      '  CbtQmpE e;\n  CbtQmpS *s;\n};', types_h)
+        self.assertIn('typedef GPtrArray CbtQmpSList;', types_h)
+        self.assertIn('p->e = CBT_QMP_E_B;', types_c)
+        self.assertIn('CbtQmpSList *cbt_qmp_do_it(const CbtQmpS *args, GError **error);', cmds_h)
+        self.assertNotIn('query_x', cmds_h + cmds_c)
+        self.assertIn('{ "do-it", marshal_do_it },', cmds_c)
+        self.assertIn('void cbt_qmp_event_something_happened(const char *id, gboolean has_n, '
+                      'gint64 n);', events_h)
 
     def test_bad_schemas(self):
         for want, ents in BAD:

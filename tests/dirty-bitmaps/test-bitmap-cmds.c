@@ -1,11 +1,15 @@
-/* tests/bitmap-cmds/test-bitmap-cmds.c — unit test of blockdev/dirty-bitmap-cmds.c against
- * test doubles of blockdev/ (fake-blockdev.c): state, texts, tracking, drains, undo, and the NBD
- * export hooks. The daemon-level behaviour is compared with qemu-storage-daemon by the Python
- * tests next to this file. */
+/* tests/dirty-bitmaps/test-bitmap-cmds.c — unit test of dirty-bitmaps/ (and the `transaction`
+ * command of blockdev/transaction.c) against test doubles of blockdev/'s nodes
+ * (fake-blockdev.c), through the real rpc/ with the generated marshallers: state, texts,
+ * tracking, drains, undo, and the export holds. The daemon-level behaviour is compared with
+ * qemu-storage-daemon by the Python tests next to this file. */
 #include <stdarg.h>
 
-#include "blockdev/dirty-bitmap-cmds-private.h"
+#include "common/assert.h"
+#include "dirty-bitmaps/dirty-bitmaps-private.h"
 #include "fake-blockdev.h"
+#include "schemas/qmp-commands.h"
+#include "schemas/qmp-encode.h"
 
 #define GiB (G_GUINT64_CONSTANT(1) << 30)
 /* x-debug-block-dirty-bitmap-sha256 of an empty 1 GiB bitmap at 64 KiB, from qsd 7.2. */
@@ -341,30 +345,30 @@ test_export(void)
   ok("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"t2\"}");
   ok("block-dirty-bitmap-add", "{\"node\":\"r0\",\"name\":\"rec\"}");
 
-  g_assert_null(cbt_blockdev_dirty_bitmap_export_lookup(d0, NULL, "nope", TRUE, &error));
+  g_assert_null(cbt_dirty_bitmaps_export_lookup(d0, NULL, "nope", TRUE, &error));
   g_assert_cmpstr(error->message, ==, "Bitmap 'nope' is not found");
   g_clear_error(&error);
-  g_assert_null(cbt_blockdev_dirty_bitmap_export_lookup(d0, "d0", "nope", TRUE, &error));
+  g_assert_null(cbt_dirty_bitmaps_export_lookup(d0, "d0", "nope", TRUE, &error));
   g_assert_cmpstr(error->message, ==, "Dirty bitmap 'nope' not found");
   g_clear_error(&error);
-  g_assert_null(cbt_blockdev_dirty_bitmap_export_lookup(d0, NULL, "rec", TRUE, &error));
+  g_assert_null(cbt_dirty_bitmaps_export_lookup(d0, NULL, "rec", TRUE, &error));
   g_assert_cmpstr(error->message, ==, "Enabled bitmap 'rec' incompatible with readonly export");
   g_clear_error(&error);
-  g_assert_null(cbt_blockdev_dirty_bitmap_export_lookup(d0, "d0", "rec", TRUE, &error));
+  g_assert_null(cbt_dirty_bitmaps_export_lookup(d0, "d0", "rec", TRUE, &error));
   g_assert_cmpstr(error->message, ==, "Enabled bitmap 'rec' incompatible with readonly export");
   g_clear_error(&error);
 
   /* Recording bitmaps: writable exports, or read-only exports of read-only nodes. */
-  CbtBitmap *rec = cbt_blockdev_dirty_bitmap_export_lookup(d0, NULL, "rec", FALSE, &error);
+  CbtBitmap *rec = cbt_dirty_bitmaps_export_lookup(d0, NULL, "rec", FALSE, &error);
   g_assert_no_error(error);
-  CbtBitmap *off = cbt_blockdev_dirty_bitmap_export_lookup(d0, "d0", "off", TRUE, &error);
+  CbtBitmap *off = cbt_dirty_bitmaps_export_lookup(d0, "d0", "off", TRUE, &error);
   g_assert_no_error(error);
-  CbtBitmap *rrec = cbt_blockdev_dirty_bitmap_export_lookup(r0, NULL, "rec", TRUE, &error);
+  CbtBitmap *rrec = cbt_dirty_bitmaps_export_lookup(r0, NULL, "rec", TRUE, &error);
   g_assert_no_error(error);
   g_assert_cmpint(fake_blockdev_users(d0), ==, 2);
 
   const char *busy = "Bitmap 'off' is currently in use by another operation and cannot be used";
-  g_assert_null(cbt_blockdev_dirty_bitmap_export_lookup(d0, NULL, "off", TRUE, &error));
+  g_assert_null(cbt_dirty_bitmaps_export_lookup(d0, NULL, "off", TRUE, &error));
   g_assert_cmpstr(error->message, ==, busy);
   g_clear_error(&error);
   const char *cmds[] = { "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
@@ -384,9 +388,9 @@ test_export(void)
   g_assert_true(cbt_bitmap_get(rec, 0));
   g_assert_false(fake_blockdev_del("d0"));
 
-  cbt_blockdev_dirty_bitmap_export_release(rec);
-  cbt_blockdev_dirty_bitmap_export_release(off);
-  cbt_blockdev_dirty_bitmap_export_release(rrec);
+  cbt_dirty_bitmaps_export_release(rec);
+  cbt_dirty_bitmaps_export_release(off);
+  cbt_dirty_bitmaps_export_release(rrec);
   g_assert_cmpint(fake_blockdev_users(d0), ==, 0);
   ok("block-dirty-bitmap-remove", "{\"node\":\"d0\",\"name\":\"off\"}");
   /* Deleting the node drops its bitmaps (the fake asserts they are untracked). */
@@ -407,8 +411,8 @@ test_state_matrix(void)
   ok("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"ro\",\"disabled\":true}");
   ok("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"inc\",\"disabled\":true}");
   ok("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"t\"}");
-  cbt_dirty_bitmap_set_read_only(cbt_blockdev_bitmap_find(d0, "ro"), TRUE);
-  cbt_dirty_bitmap_set_inconsistent(cbt_blockdev_bitmap_find(d0, "inc"));
+  cbt_dirty_bitmap_set_read_only(cbt_dirty_bitmaps_find(d0, "ro"), TRUE);
+  cbt_dirty_bitmap_set_inconsistent(cbt_dirty_bitmaps_find(d0, "inc"));
 
   fails(ro, "block-dirty-bitmap-clear", "{\"node\":\"d0\",\"name\":\"ro\"}");
   fails(ro, "block-dirty-bitmap-remove", "{\"node\":\"d0\",\"name\":\"ro\"}");
@@ -416,9 +420,9 @@ test_state_matrix(void)
   ok("block-dirty-bitmap-enable", "{\"node\":\"d0\",\"name\":\"ro\"}");
   ok("block-dirty-bitmap-disable", "{\"node\":\"d0\",\"name\":\"ro\"}");
   ok("block-dirty-bitmap-merge", "{\"node\":\"d0\",\"target\":\"t\",\"bitmaps\":[\"ro\"]}");
-  CbtBitmap *bm = cbt_blockdev_dirty_bitmap_export_lookup(d0, NULL, "ro", TRUE, &error);
+  CbtBitmap *bm = cbt_dirty_bitmaps_export_lookup(d0, NULL, "ro", TRUE, &error);
   g_assert_no_error(error);
-  cbt_blockdev_dirty_bitmap_export_release(bm);
+  cbt_dirty_bitmaps_export_release(bm);
 
   fails(inc, "block-dirty-bitmap-clear", "{\"node\":\"d0\",\"name\":\"inc\"}");
   fails(inc, "block-dirty-bitmap-enable", "{\"node\":\"d0\",\"name\":\"inc\"}");
@@ -427,7 +431,7 @@ test_state_matrix(void)
         "{\"node\":\"d0\",\"target\":\"inc\",\"bitmaps\":[\"t\"]}");
   fails(inc, "block-dirty-bitmap-merge",
         "{\"node\":\"d0\",\"target\":\"t\",\"bitmaps\":[\"inc\"]}");
-  g_assert_null(cbt_blockdev_dirty_bitmap_export_lookup(d0, NULL, "inc", TRUE, &error));
+  g_assert_null(cbt_dirty_bitmaps_export_lookup(d0, NULL, "inc", TRUE, &error));
   g_assert_cmpstr(error->message, ==, inc);
   g_autofree char *h = sha("d0", "inc");
   g_assert_cmpstr(h, ==, EMPTY_1G_64K);
@@ -436,20 +440,81 @@ test_state_matrix(void)
                  "\"inconsistent\":true}," BM("ro", "false", "65536", "0") "]");
   /* The way out of an inconsistent bitmap is to remove it. */
   ok("block-dirty-bitmap-remove", "{\"node\":\"d0\",\"name\":\"inc\"}");
-  cbt_dirty_bitmap_set_read_only(cbt_blockdev_bitmap_find(d0, "ro"), FALSE);
+  cbt_dirty_bitmap_set_read_only(cbt_dirty_bitmaps_find(d0, "ro"), FALSE);
   teardown();
+}
+
+
+static JsonObject *
+info(const CbtDirtyBitmap *dbm, JsonNode **node)
+{
+  g_autoptr(CbtQmpBlockDirtyInfo) i = cbt_dirty_bitmaps_info(dbm);
+
+  *node = cbt_qmp_block_dirty_info_encode(i);
+  g_assert_true(JSON_NODE_HOLDS_OBJECT(*node));
+  return json_node_get_object(*node);
+}
+
+static void
+test_info(void)
+{
+  g_autoptr(CbtDirtyBitmap) dbm = cbt_dirty_bitmap_new("b0", 100000, 65536);
+  g_autoptr(JsonNode) n1 = NULL, n2 = NULL, n3 = NULL, n4 = NULL;
+
+  JsonObject *o = info(dbm, &n1);
+  g_assert_cmpuint(json_object_get_size(o), ==, 6);
+  g_assert_cmpstr(json_object_get_string_member(o, "name"), ==, "b0");
+  g_assert_true(json_object_get_boolean_member(o, "recording"));
+  g_assert_false(json_object_get_boolean_member(o, "persistent"));
+  g_assert_false(json_object_get_boolean_member(o, "busy"));
+  g_assert_cmpint(json_object_get_int_member(o, "granularity"), ==, 65536);
+  g_assert_cmpint(json_object_get_int_member(o, "count"), ==, 0);
+  g_assert_false(json_object_has_member(o, "inconsistent"));
+
+  /* count is bits x granularity, not clipped: a dirty partial last chunk counts 65536. */
+  cbt_bitmap_mark_range(cbt_dirty_bitmap_get_bitmap(dbm), 99999, 1);
+  cbt_dirty_bitmap_set_recording(dbm, FALSE);
+  cbt_dirty_bitmap_set_persistent(dbm, TRUE);
+  cbt_dirty_bitmap_busy_ref(dbm);
+  o = info(dbm, &n2);
+  g_assert_cmpint(json_object_get_int_member(o, "count"), ==, 65536);
+  g_assert_false(json_object_get_boolean_member(o, "recording"));
+  g_assert_true(json_object_get_boolean_member(o, "persistent"));
+  g_assert_true(json_object_get_boolean_member(o, "busy"));
+  cbt_dirty_bitmap_busy_unref(dbm);
+
+  /* One dirty bit of a 1 GiB node at 2 GiB granularity reports 2 GiB. */
+  g_autoptr(CbtDirtyBitmap) big = cbt_dirty_bitmap_new("b1", GiB, 1u << 31);
+  cbt_bitmap_mark_range(cbt_dirty_bitmap_get_bitmap(big), 5, 1);
+  o = info(big, &n3);
+  g_assert_cmpint(json_object_get_int_member(o, "count"), ==, 2 * GiB);
+  g_assert_cmpuint(cbt_dirty_bitmap_get_count(big), ==, 2 * GiB);
+
+  /* Inconsistent: not recording, count 0, the member present; anonymous: no name. */
+  g_autoptr(CbtDirtyBitmap) anon = cbt_dirty_bitmap_new(NULL, GiB, 4096);
+  cbt_bitmap_mark_range(cbt_dirty_bitmap_get_bitmap(anon), 0, GiB);
+  cbt_dirty_bitmap_set_inconsistent(anon);
+  o = info(anon, &n4);
+  g_assert_false(json_object_has_member(o, "name"));
+  g_assert_true(json_object_get_boolean_member(o, "inconsistent"));
+  g_assert_false(json_object_get_boolean_member(o, "recording"));
+  g_assert_cmpint(json_object_get_int_member(o, "count"), ==, 0);
+  g_assert_cmpuint(json_object_get_size(o), ==, 6);
 }
 
 int
 main(int argc, char **argv)
 {
   g_test_init(&argc, &argv, NULL);
-  cbt_blockdev_register_bitmap_commands(NULL);
+  cbt_main_thread_init();
+  fake_rpc_init();
+  cbt_dirty_bitmaps_init();
   g_test_add_func("/bitmap-cmds/add", test_add);
   g_test_add_func("/bitmap-cmds/recording", test_recording);
   g_test_add_func("/bitmap-cmds/merge", test_merge);
   g_test_add_func("/bitmap-cmds/transaction", test_transaction);
   g_test_add_func("/bitmap-cmds/export", test_export);
   g_test_add_func("/bitmap-cmds/state-matrix", test_state_matrix);
+  g_test_add_func("/bitmap-cmds/info", test_info);
   return g_test_run();
 }

@@ -1,10 +1,9 @@
-/* QEMU's key=value option syntax, parsed into a JSON object of strings.
+/* common/keyval.c — QEMU's key=value option syntax, parsed into a JSON object of strings.
  *
  * The typing (strings to integers, booleans, sizes) is not done here: the schema knows the
  * types, so rpc/ converts the strings when it validates (cbt_rpc_execute with keyval = TRUE).
  */
-#include "daemon/keyval.h"
-#include "rpc/rpc.h"
+#include "common/keyval.h"
 
 #include <string.h>
 
@@ -137,7 +136,7 @@ keyval_value(const char **pos)
 }
 
 JsonObject *
-cbtd_keyval_parse(const char *text, const char *implied_key, GError **error)
+cbt_keyval_parse(const char *text, const char *implied_key, GError **error)
 {
   g_autoptr(JsonObject) root = json_object_new();
   const char *p = text;
@@ -173,28 +172,4 @@ cbtd_keyval_parse(const char *text, const char *implied_key, GError **error)
   if (!out)
     return NULL;
   return json_object_ref(json_node_get_object(out));
-}
-
-JsonObject *
-cbtd_json_object_parse(const char *text, GError **error)
-{
-  g_autoptr(JsonNode) root = cbt_rpc_json_parse(text, -1, error);
-  if (!root)
-    return NULL;
-  if (!JSON_NODE_HOLDS_OBJECT(root)) {
-    g_set_error_literal(error, KEYVAL_ERROR, 0, "Expecting a JSON object");
-    return NULL;
-  }
-  return json_object_ref(json_node_get_object(root));
-}
-
-JsonObject *
-cbtd_option_parse(const char *text, const char *implied_key, gboolean *is_json, GError **error)
-{
-  const char *p = text;
-  while (g_ascii_isspace(*p))
-    p++;
-  *is_json = *p == '{';
-  return *is_json ? cbtd_json_object_parse(text, error)
-                  : cbtd_keyval_parse(text, implied_key, error);
 }

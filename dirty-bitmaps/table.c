@@ -1,11 +1,11 @@
-/* blockdev/dirty-bitmap-table.c — which named bitmaps each node has: lookup, attach/detach with
- * tracking, the query-named-block-nodes member, cleanup when a node goes away, and the NBD
- * export hooks that hold a bitmap busy while it is published.
+/* dirty-bitmaps/table.c — which named bitmaps each node has: lookup, attach/detach with
+ * tracking, the query-named-block-nodes member, cleanup when a node goes away, and the holds
+ * an NBD export takes on the bitmaps it publishes.
  *
  * The table is a side table keyed by node rather than a field of the node, so blockdev/'s core
  * knows bitmaps only as CbtBitmap pointers to mark (see blockdev.h).
  */
-#include "blockdev/dirty-bitmap-cmds-private.h"
+#include "dirty-bitmaps/dirty-bitmaps-private.h"
 
 /* CbtBlockdev * -> GPtrArray of CbtDirtyBitmap * (owned), oldest first. */
 static GHashTable *node_bitmaps;
@@ -32,10 +32,11 @@ bitmaps_of(CbtBlockdev *bd, gboolean create)
 }
 
 CbtDirtyBitmap *
-cbt_blockdev_bitmap_find(CbtBlockdev *bd, const char *name)
+cbt_dirty_bitmaps_find(CbtBlockdev *bd, const char *name)
 {
   GPtrArray *arr = bitmaps_of(bd, FALSE);
 
+  CBT_ASSERT_MAIN_THREAD();
   for (guint i = 0; arr && i < arr->len; i++) {
     CbtDirtyBitmap *dbm = g_ptr_array_index(arr, i);
     if (g_strcmp0(cbt_dirty_bitmap_get_name(dbm), name) == 0)
@@ -45,16 +46,17 @@ cbt_blockdev_bitmap_find(CbtBlockdev *bd, const char *name)
 }
 
 CbtDirtyBitmap *
-cbt_blockdev_bitmap_lookup(const char *node, const char *name, CbtBlockdev **pbd, GError **error)
+cbt_dirty_bitmaps_lookup(const char *node, const char *name, CbtBlockdev **pbd, GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   CbtBlockdev *bd = cbt_blockdev_find(node);
   if (!bd) {
-    cbt_blockdev_bitmap_error(error, "Node '%s' not found", node);
+    cbt_dirty_bitmaps_error(error, "Node '%s' not found", node);
     return NULL;
   }
-  CbtDirtyBitmap *dbm = cbt_blockdev_bitmap_find(bd, name);
+  CbtDirtyBitmap *dbm = cbt_dirty_bitmaps_find(bd, name);
   if (!dbm) {
-    cbt_blockdev_bitmap_error(error, "Dirty bitmap '%s' not found", name);
+    cbt_dirty_bitmaps_error(error, "Dirty bitmap '%s' not found", name);
     return NULL;
   }
   if (pbd)
@@ -63,19 +65,21 @@ cbt_blockdev_bitmap_lookup(const char *node, const char *name, CbtBlockdev **pbd
 }
 
 void
-cbt_blockdev_bitmap_attach(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
+cbt_dirty_bitmaps_attach(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
 {
+  CBT_ASSERT_MAIN_THREAD();
   g_ptr_array_add(bitmaps_of(bd, TRUE), dbm);
   if (cbt_dirty_bitmap_is_recording(dbm))
     cbt_blockdev_track_bitmap(bd, cbt_dirty_bitmap_get_bitmap(dbm));
 }
 
 void
-cbt_blockdev_bitmap_detach(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
+cbt_dirty_bitmaps_detach(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
 {
   GPtrArray *arr = bitmaps_of(bd, FALSE);
   guint idx;
 
+  CBT_ASSERT_MAIN_THREAD();
   g_return_if_fail(arr && g_ptr_array_find(arr, dbm, &idx));
   if (cbt_dirty_bitmap_is_recording(dbm))
     cbt_blockdev_untrack_bitmap(bd, cbt_dirty_bitmap_get_bitmap(dbm));
@@ -85,8 +89,9 @@ cbt_blockdev_bitmap_detach(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
 }
 
 void
-cbt_blockdev_bitmap_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gboolean recording)
+cbt_dirty_bitmaps_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gboolean recording)
 {
+  CBT_ASSERT_MAIN_THREAD();
   if (!cbt_dirty_bitmap_is_recording(dbm) == !recording)
     return;
   if (recording)
@@ -96,25 +101,41 @@ cbt_blockdev_bitmap_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gboolean
   cbt_dirty_bitmap_set_recording(dbm, recording);
 }
 
+CbtQmpBlockDirtyInfo *
+cbt_dirty_bitmaps_info(const CbtDirtyBitmap *dbm)
+{
+  CbtQmpBlockDirtyInfo *info = g_new0(CbtQmpBlockDirtyInfo, 1);
+
+  info->name = g_strdup(cbt_dirty_bitmap_get_name(dbm));
+  info->recording = cbt_dirty_bitmap_is_recording(dbm);
+  info->persistent = cbt_dirty_bitmap_is_persistent(dbm);
+  info->busy = cbt_dirty_bitmap_is_busy(dbm);
+  info->granularity = cbt_dirty_bitmap_get_granularity(dbm);
+  info->count = (gint64)MIN(cbt_dirty_bitmap_get_count(dbm), G_MAXINT64);
+  info->has_inconsistent = info->inconsistent = cbt_dirty_bitmap_is_inconsistent(dbm);
+  return info;
+}
+
 /* query-named-block-nodes: `dirty-bitmaps`, newest first, absent while there are none. */
 static void
-node_info(CbtBlockdev *bd, JsonObject *info)
+node_query(CbtBlockdev *bd, gpointer data, gpointer user_data)
 {
+  CbtQmpBlockDeviceInfo *info = data;
   GPtrArray *arr = bitmaps_of(bd, FALSE);
 
   if (!arr || arr->len == 0)
     return;
-  JsonArray *list = json_array_sized_new(arr->len);
+  info->dirty_bitmaps = g_ptr_array_new_full(arr->len,
+                                             (GDestroyNotify)cbt_qmp_block_dirty_info_free);
   for (guint i = arr->len; i-- > 0;)
-    json_array_add_element(list, cbt_dirty_bitmap_info(g_ptr_array_index(arr, i)));
-  json_object_set_array_member(info, "dirty-bitmaps", list);
+    g_ptr_array_add(info->dirty_bitmaps, cbt_dirty_bitmaps_info(g_ptr_array_index(arr, i)));
 }
 
 /* The node is going away (drained): its bitmaps go with it. An exported bitmap keeps its node
  * in use, so none should be busy here; if one is, leak it rather than free bits an export may
  * still read. */
 static void
-node_closing(CbtBlockdev *bd)
+node_closing(CbtBlockdev *bd, gpointer data, gpointer user_data)
 {
   GPtrArray *arr = bitmaps_of(bd, FALSE);
 
@@ -126,7 +147,7 @@ node_closing(CbtBlockdev *bd)
       g_critical("node '%s' closed while its bitmap '%s' is busy",
                  cbt_blockdev_get_node_name(bd), cbt_dirty_bitmap_get_name(dbm));
     gboolean last = arr->len == 1;
-    cbt_blockdev_bitmap_detach(bd, dbm);
+    cbt_dirty_bitmaps_detach(bd, dbm);
     if (!busy)
       cbt_dirty_bitmap_free(dbm);
     if (last)
@@ -135,45 +156,43 @@ node_closing(CbtBlockdev *bd)
 }
 
 void
-cbt_blockdev_bitmap_install_hooks(void)
+cbt_dirty_bitmaps_table_init(void)
 {
-  static const CbtBlockdevHooks hooks = {
-    .node_info = node_info,
-    .node_closing = node_closing,
-  };
-  cbt_blockdev_set_hooks(&hooks);
+  cbt_blockdev_notifier_add(CBT_BLOCKDEV_EVENT_QUERY, node_query, NULL);
+  cbt_blockdev_notifier_add(CBT_BLOCKDEV_EVENT_CLOSING, node_closing, NULL);
 }
 
-/* qsd's rules for one entry of an export's `bitmaps` (qmp-surface.md §4), plus the recording
- * check for the {node, name} form that 7.2 skips. */
+/* qemu-storage-daemon's rules for one entry of an export's `bitmaps` (docs/bitmaps.md,
+ * "Exporting a bitmap"), plus the recording check for the {node, name} form that 7.2 skips. */
 static gboolean
 check_exportable(CbtBlockdev *node, const char *node_name, CbtDirtyBitmap *dbm, const char *name,
                  gboolean readonly_export, GError **error)
 {
   if (!dbm) {
     if (node_name)
-      cbt_blockdev_bitmap_error(error, "Dirty bitmap '%s' not found", name);
+      cbt_dirty_bitmaps_error(error, "Dirty bitmap '%s' not found", name);
     else
-      cbt_blockdev_bitmap_error(error, "Bitmap '%s' is not found", name);
+      cbt_dirty_bitmaps_error(error, "Bitmap '%s' is not found", name);
     return FALSE;
   }
   /* A recording bitmap on a read-only export of a writable node would go on changing under a
    * client that believes it is looking at a frozen point in time. */
   if (readonly_export && cbt_dirty_bitmap_is_recording(dbm) && !cbt_blockdev_is_read_only(node)) {
-    cbt_blockdev_bitmap_error(error, "Enabled bitmap '%s' incompatible with readonly export", name);
+    cbt_dirty_bitmaps_error(error, "Enabled bitmap '%s' incompatible with readonly export", name);
     return FALSE;
   }
   return cbt_dirty_bitmap_check(dbm, CBT_DIRTY_BITMAP_CHECK_ALLOW_RO, error);
 }
 
 CbtBitmap *
-cbt_blockdev_dirty_bitmap_export_lookup(CbtBlockdev *node, const char *node_name,
+cbt_dirty_bitmaps_export_lookup(CbtBlockdev *node, const char *node_name,
                                         const char *name, gboolean readonly_export,
                                         GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   /* qsd also descends filter and backing children for a plain name; cbtd's nodes have neither
    * (raw's file child is not searched, as in qsd). */
-  CbtDirtyBitmap *dbm = cbt_blockdev_bitmap_find(node, name);
+  CbtDirtyBitmap *dbm = cbt_dirty_bitmaps_find(node, name);
 
   if (!check_exportable(node, node_name, dbm, name, readonly_export, error))
     return NULL;
@@ -194,10 +213,11 @@ cbt_blockdev_dirty_bitmap_export_lookup(CbtBlockdev *node, const char *node_name
 }
 
 void
-cbt_blockdev_dirty_bitmap_export_release(CbtBitmap *bm)
+cbt_dirty_bitmaps_export_release(CbtBitmap *bm)
 {
   ExportHold *hold = export_holds ? g_hash_table_lookup(export_holds, bm) : NULL;
 
+  CBT_ASSERT_MAIN_THREAD();
   g_return_if_fail(hold != NULL);
   cbt_dirty_bitmap_busy_unref(hold->dbm);
   cbt_blockdev_remove_user(hold->bd);

@@ -1,9 +1,11 @@
-/* tests/bitmap-cmds/fake-blockdev.c — test doubles for the unit test of the bitmap commands:
- * the parts of blockdev.h the bitmap layer calls, and a registry standing in for rpc/'s
- * cbt_rpc_register(). The doubles enforce blockdev.h's contract (tracking changes only while
- * drained, balanced drains, users and references) with assertions, so a contract breach in the
- * bitmap layer fails the test. */
+/* tests/dirty-bitmaps/fake-blockdev.c — test doubles for the unit test of the bitmap commands:
+ * the parts of blockdev.h the bitmap module calls. The doubles enforce blockdev.h's contract
+ * (tracking changes only while drained, balanced drains, users and references) with
+ * assertions, so a contract breach in the bitmap module fails the test. */
 #include "fake-blockdev.h"
+
+#include "schemas/qmp-commands.h"
+#include "schemas/qmp-encode.h"
 
 struct CbtBlockdev {
   char *name;
@@ -16,8 +18,15 @@ struct CbtBlockdev {
 };
 
 static GHashTable *nodes; /* name -> CbtBlockdev */
-static const CbtBlockdevHooks *hooks;
-static GHashTable *handlers; /* command name -> CbtRpcHandler */
+static GPtrArray *notifiers[CBT_BLOCKDEV_EVENT__MAX]; /* CbtBlockdevNotifyFunc */
+static CbtRpc *rpc;
+
+static void
+notify(CbtBlockdev *bd, CbtBlockdevEvent event, gpointer data)
+{
+  for (guint i = 0; notifiers[event] && i < notifiers[event]->len; i++)
+    ((CbtBlockdevNotifyFunc)g_ptr_array_index(notifiers[event], i))(bd, data, NULL);
+}
 
 CbtBlockdev *
 fake_blockdev_add(const char *name, guint64 size, gboolean read_only)
@@ -44,8 +53,7 @@ fake_blockdev_del(const char *name)
   if (bd->users)
     return FALSE;
   cbt_blockdev_drain_begin(bd);
-  if (hooks && hooks->node_closing)
-    hooks->node_closing(bd);
+  notify(bd, CBT_BLOCKDEV_EVENT_CLOSING, NULL);
   g_assert_cmpuint(bd->tracked->len, ==, 0);
   cbt_blockdev_drain_end(bd);
   g_hash_table_remove(nodes, name);
@@ -82,12 +90,17 @@ fake_blockdev_drained(CbtBlockdev *bd)
 JsonObject *
 fake_blockdev_info(CbtBlockdev *bd)
 {
-  JsonObject *info = json_object_new();
+  CbtQmpBlockDeviceInfo info = { .node_name = bd->name };
+  JsonObject *o = json_object_new();
 
-  json_object_set_string_member(info, "node-name", bd->name);
-  if (hooks && hooks->node_info)
-    hooks->node_info(bd, info);
-  return info;
+  notify(bd, CBT_BLOCKDEV_EVENT_QUERY, &info);
+  json_object_set_string_member(o, "node-name", bd->name);
+  if (info.dirty_bitmaps) {
+    json_object_set_member(o, "dirty-bitmaps",
+                           cbt_qmp_block_dirty_info_list_encode(info.dirty_bitmaps));
+    g_ptr_array_unref(info.dirty_bitmaps);
+  }
+  return o;
 }
 
 void
@@ -181,10 +194,15 @@ cbt_blockdev_untrack_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
 }
 
 void
-cbt_blockdev_set_hooks(const CbtBlockdevHooks *h)
+cbt_blockdev_notifier_add(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn, gpointer user_data)
 {
-  hooks = h;
+  g_assert_null(user_data);
+  if (!notifiers[event])
+    notifiers[event] = g_ptr_array_new();
+  g_ptr_array_add(notifiers[event], fn);
 }
+
+G_DEFINE_QUARK(cbt-blockdev-error-quark, cbt_blockdev_error)
 
 void
 cbt_blockdev_drain_begin(CbtBlockdev *bd)
@@ -199,32 +217,23 @@ cbt_blockdev_drain_end(CbtBlockdev *bd)
   bd->drained--;
 }
 
-/* rpc.h ------------------------------------------------------------------------------------ */
+/* rpc ------------------------------------------------------------------------------------- */
 
 void
-cbt_rpc_register(CbtRpc *rpc, const CbtRpcCommand *cmds, gsize n, gpointer user_data)
+fake_rpc_init(void)
 {
-  if (!handlers)
-    handlers = g_hash_table_new(g_str_hash, g_str_equal);
-  for (gsize i = 0; i < n; i++)
-    g_hash_table_insert(handlers, (gpointer)cmds[i].name, cmds[i].handler);
-}
+  g_autoptr(GError) error = NULL;
 
-JsonNode *
-cbt_rpc_empty_return(void)
-{
-  JsonNode *node = json_node_new(JSON_NODE_OBJECT);
-  json_node_take_object(node, json_object_new());
-  return node;
+  rpc = cbt_rpc_new(&error);
+  g_assert_no_error(error);
+  cbt_qmp_register_dirty_bitmap(rpc);
 }
 
 JsonNode *
 fake_rpc_call(const char *command, const char *json_args, GError **error)
 {
-  CbtRpcHandler handler = handlers ? g_hash_table_lookup(handlers, command) : NULL;
   g_autoptr(JsonNode) args = json_from_string(json_args ? json_args : "{}", NULL);
 
-  g_assert_nonnull(handler);
   g_assert_nonnull(args);
-  return handler(json_node_get_object(args), NULL, error);
+  return cbt_rpc_execute(rpc, command, json_node_get_object(args), FALSE, error);
 }

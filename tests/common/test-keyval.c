@@ -2,13 +2,14 @@
  * qemu-storage-daemon 7.2's answers to the same options). */
 #include <json-glib/json-glib.h>
 
-#include "daemon/keyval.h"
+#include "common/keyval.h"
+#include "rpc/rpc.h"
 
 static char *
 parse_to_json(const char *text, const char *implied, char **error_text)
 {
   g_autoptr(GError) error = NULL;
-  g_autoptr(JsonObject) o = cbtd_keyval_parse(text, implied, &error);
+  g_autoptr(JsonObject) o = cbt_keyval_parse(text, implied, &error);
   if (!o) {
     *error_text = g_strdup(error->message);
     return NULL;
@@ -76,13 +77,13 @@ test_option_json(void)
 {
   gboolean is_json = FALSE;
   g_autoptr(GError) error = NULL;
-  g_autoptr(JsonObject) o = cbtd_option_parse(" {\"driver\": \"null-co\", \"size\": 4096}",
+  g_autoptr(JsonObject) o = cbt_rpc_option_parse(" {\"driver\": \"null-co\", \"size\": 4096}",
                                               "driver", &is_json, &error);
   g_assert_no_error(error);
   g_assert_true(is_json);
   g_assert_cmpint(json_object_get_int_member(o, "size"), ==, 4096);
 
-  g_autoptr(JsonObject) bad = cbtd_option_parse("{\"driver\":\"file\"", NULL, &is_json, &error);
+  g_autoptr(JsonObject) bad = cbt_rpc_option_parse("{\"driver\":\"file\"", NULL, &is_json, &error);
   g_assert_null(bad);
   g_assert_true(g_str_has_prefix(error->message, "JSON parse error"));
 }

@@ -1,0 +1,391 @@
+/* dirty-bitmaps/cmds.c — the block-dirty-bitmap-* commands and their transaction actions.
+ *
+ * Every bitmap operation is a prepare function, as in QEMU: it does all its checks before it
+ * changes anything (a failing prepare leaves nothing to undo), makes the change, drains every
+ * node it touches until the transaction ends, and records its commit, abort and clean
+ * (common/txn.h). A `transaction` runs the prepares of its actions in order
+ * (blockdev/transaction.c); a plain command runs one in a transaction that needs no undo.
+ */
+#include "blockdev/transaction.h"
+#include "dirty-bitmaps/dirty-bitmaps-private.h"
+#include "schemas/qmp-commands.h"
+
+typedef struct {
+  CbtBlockdev *bd;
+  CbtDirtyBitmap *dbm;
+  CbtBitmap *backup; /* clear, merge: the bits before the action (only when it may abort) */
+  gboolean was_recording;
+} Action;
+
+static Action *
+action_new(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
+{
+  Action *a = g_new0(Action, 1);
+
+  a->bd = bd;
+  a->dbm = dbm;
+  return a;
+}
+
+static void
+action_free(gpointer opaque)
+{
+  Action *a = opaque;
+
+  g_clear_pointer(&a->backup, cbt_bitmap_free);
+  g_free(a);
+}
+
+/* The bitmap named by @node and @name, with the state checks of @flags; the node drained. */
+static CbtDirtyBitmap *
+lookup_checked(const char *node, const char *name, CbtDirtyBitmapCheckFlags flags,
+               CbtBlockdev **pbd, CbtTxn *txn, GError **error)
+{
+  CbtDirtyBitmap *dbm = cbt_dirty_bitmaps_lookup(node, name, pbd, error);
+
+  if (!dbm || !cbt_dirty_bitmap_check(dbm, flags, error))
+    return NULL;
+  cbt_blockdev_drain_in_txn(*pbd, txn);
+  return dbm;
+}
+
+/* add ---------------------------------------------------------------------------------------- */
+
+/* The checks of block-dirty-bitmap-add, in QEMU's order. */
+static CbtBlockdev *
+add_check(const CbtQmpBlockDirtyBitmapAdd *args, guint32 *granularity, GError **error)
+{
+  if (!cbt_dirty_bitmap_check_name_present(args->name, error))
+    return NULL;
+  CbtBlockdev *bd = cbt_blockdev_find(args->node);
+  if (!bd) {
+    cbt_dirty_bitmaps_error(error, "Cannot find device='%s' nor node-name='%s'", args->node,
+                            args->node);
+    return NULL;
+  }
+  *granularity = cbt_dirty_bitmap_default_granularity(0);
+  if (args->has_granularity) {
+    if (!cbt_dirty_bitmap_check_granularity(args->granularity, error))
+      return NULL;
+    *granularity = args->granularity;
+  }
+  /* Only qcow2 stores bitmaps in QEMU, and cbtd has no persistent store (yet). */
+  if (args->persistent) {
+    cbt_dirty_bitmaps_error(error, "Can't store persistent bitmaps to %s: Operation not "
+                            "supported", cbt_blockdev_get_node_name(bd));
+    return NULL;
+  }
+  if (cbt_dirty_bitmaps_find(bd, args->name)) {
+    cbt_dirty_bitmaps_error(error, "Bitmap already exists: %s", args->name);
+    return NULL;
+  }
+  if (!cbt_dirty_bitmap_check_name_length(args->name, error))
+    return NULL;
+  return bd;
+}
+
+static void
+add_abort(gpointer opaque)
+{
+  Action *a = opaque;
+
+  cbt_dirty_bitmaps_detach(a->bd, a->dbm);
+  cbt_dirty_bitmap_free(a->dbm);
+}
+
+static const CbtTxnActionOps add_ops = { "block-dirty-bitmap-add", NULL, add_abort, action_free };
+
+static gboolean
+add_prepare(const CbtQmpBlockDirtyBitmapAdd *args, CbtTxn *txn, GError **error)
+{
+  guint32 granularity;
+  CbtBlockdev *bd = add_check(args, &granularity, error);
+
+  if (!bd)
+    return FALSE;
+  CbtDirtyBitmap *dbm = cbt_dirty_bitmap_new(args->name, cbt_blockdev_get_size(bd), granularity);
+  if (args->disabled)
+    cbt_dirty_bitmap_set_recording(dbm, FALSE);
+  cbt_blockdev_drain_in_txn(bd, txn);
+  cbt_dirty_bitmaps_attach(bd, dbm);
+  cbt_txn_add(txn, &add_ops, action_new(bd, dbm));
+  return TRUE;
+}
+
+/* remove: busy until commit, so later actions of the transaction cannot use it -------------- */
+
+static void
+remove_commit(gpointer opaque)
+{
+  Action *a = opaque;
+
+  cbt_dirty_bitmap_busy_unref(a->dbm);
+  cbt_dirty_bitmaps_detach(a->bd, a->dbm);
+  cbt_dirty_bitmap_free(a->dbm);
+}
+
+static void
+remove_abort(gpointer opaque)
+{
+  cbt_dirty_bitmap_busy_unref(((Action *)opaque)->dbm);
+}
+
+static const CbtTxnActionOps remove_ops = { "block-dirty-bitmap-remove", remove_commit,
+                                            remove_abort, action_free };
+
+static gboolean
+remove_prepare(const CbtQmpBlockDirtyBitmap *args, CbtTxn *txn, GError **error)
+{
+  CbtBlockdev *bd;
+  CbtDirtyBitmap *dbm = lookup_checked(args->node, args->name, CBT_DIRTY_BITMAP_CHECK_BUSY |
+                                       CBT_DIRTY_BITMAP_CHECK_READ_ONLY, &bd, txn, error);
+
+  if (!dbm)
+    return FALSE;
+  cbt_dirty_bitmap_busy_ref(dbm);
+  cbt_txn_add(txn, &remove_ops, action_new(bd, dbm));
+  return TRUE;
+}
+
+/* clear, and the undo shared with merge ------------------------------------------------------ */
+
+/* Put the bits back in place (the node is still drained), so tracking is untouched. */
+static void
+restore_backup(gpointer opaque)
+{
+  Action *a = opaque;
+  CbtBitmap *bits = cbt_dirty_bitmap_get_bitmap(a->dbm);
+
+  cbt_bitmap_clear_all(bits);
+  cbt_bitmap_merge(bits, a->backup);
+}
+
+static const CbtTxnActionOps clear_ops = { "block-dirty-bitmap-clear", NULL, restore_backup,
+                                           action_free };
+static const CbtTxnActionOps merge_ops = { "block-dirty-bitmap-merge", NULL, restore_backup,
+                                           action_free };
+
+/* Record an action that changes @dbm's bits, keeping them first when it may be undone. */
+static void
+add_bits_action(const CbtTxnActionOps *ops, CbtBlockdev *bd, CbtDirtyBitmap *dbm, CbtTxn *txn)
+{
+  Action *a = action_new(bd, dbm);
+
+  if (cbt_txn_may_abort(txn))
+    a->backup = cbt_bitmap_copy(cbt_dirty_bitmap_get_bitmap(dbm));
+  cbt_txn_add(txn, ops, a);
+}
+
+static gboolean
+clear_prepare(const CbtQmpBlockDirtyBitmap *args, CbtTxn *txn, GError **error)
+{
+  CbtBlockdev *bd;
+  CbtDirtyBitmap *dbm = lookup_checked(args->node, args->name, CBT_DIRTY_BITMAP_CHECK_ALL, &bd,
+                                       txn, error);
+
+  if (!dbm)
+    return FALSE;
+  add_bits_action(&clear_ops, bd, dbm, txn);
+  cbt_bitmap_clear_all(cbt_dirty_bitmap_get_bitmap(dbm));
+  return TRUE;
+}
+
+/* enable, disable ---------------------------------------------------------------------------- */
+
+static void
+set_recording_abort(gpointer opaque)
+{
+  Action *a = opaque;
+
+  cbt_dirty_bitmaps_set_recording(a->bd, a->dbm, a->was_recording);
+}
+
+static const CbtTxnActionOps set_recording_ops = { "block-dirty-bitmap-enable/disable", NULL,
+                                                   set_recording_abort, action_free };
+
+static gboolean
+set_recording_prepare(const CbtQmpBlockDirtyBitmap *args, gboolean recording, CbtTxn *txn,
+                      GError **error)
+{
+  CbtBlockdev *bd;
+  CbtDirtyBitmap *dbm = lookup_checked(args->node, args->name, CBT_DIRTY_BITMAP_CHECK_ALLOW_RO,
+                                       &bd, txn, error);
+
+  if (!dbm)
+    return FALSE;
+  Action *a = action_new(bd, dbm);
+  a->was_recording = cbt_dirty_bitmap_is_recording(dbm);
+  cbt_txn_add(txn, &set_recording_ops, a);
+  cbt_dirty_bitmaps_set_recording(bd, dbm, recording);
+  return TRUE;
+}
+
+/* merge -------------------------------------------------------------------------------------- */
+
+/* Source @src (a name on the target's node @bd, or {node, name}), checked and drained. */
+static CbtDirtyBitmap *
+merge_source(CbtBlockdev *bd, CbtDirtyBitmap *target, const CbtQmpBlockDirtyBitmapOrStr *src,
+             CbtTxn *txn, GError **error)
+{
+  CbtDirtyBitmap *dbm;
+
+  if (src->type == CBT_QMP_BLOCK_DIRTY_BITMAP_OR_STR_KIND_LOCAL) {
+    dbm = cbt_dirty_bitmaps_find(bd, src->u.local);
+    if (!dbm)
+      cbt_dirty_bitmaps_error(error, "Dirty bitmap '%s' not found", src->u.local);
+  } else {
+    dbm = cbt_dirty_bitmaps_lookup(src->u.external->node, src->u.external->name, &bd, error);
+  }
+  if (!dbm || !cbt_dirty_bitmap_check(dbm, CBT_DIRTY_BITMAP_CHECK_ALLOW_RO, error))
+    return NULL;
+  if (cbt_dirty_bitmap_get_size(dbm) != cbt_dirty_bitmap_get_size(target)) {
+    cbt_dirty_bitmaps_error(error, "Bitmaps are of different sizes (destination size is %"
+                            G_GUINT64_FORMAT ", source size is %" G_GUINT64_FORMAT
+                            ") and can't be merged", cbt_dirty_bitmap_get_size(target),
+                            cbt_dirty_bitmap_get_size(dbm));
+    return NULL;
+  }
+  cbt_blockdev_drain_in_txn(bd, txn);
+  return dbm;
+}
+
+static gboolean
+merge_prepare(const CbtQmpBlockDirtyBitmapMerge *args, CbtTxn *txn, GError **error)
+{
+  CbtBlockdev *bd;
+  GPtrArray *sources = args->bitmaps;
+
+  /* qemu-storage-daemon 7.2 crashes here; an empty union would be a no-op that hides a
+   * caller's bug. */
+  if (sources->len == 0) {
+    cbt_dirty_bitmaps_error(error, "Parameter 'bitmaps' must not be empty");
+    return FALSE;
+  }
+  CbtDirtyBitmap *target = lookup_checked(args->node, args->target, CBT_DIRTY_BITMAP_CHECK_ALL,
+                                          &bd, txn, error);
+  if (!target)
+    return FALSE;
+
+  /* The union goes into scratch bits first: a failing source leaves the target untouched. */
+  g_autoptr(CbtBitmap) scratch = cbt_bitmap_new(cbt_dirty_bitmap_get_size(target),
+                                                cbt_dirty_bitmap_get_granularity(target));
+  for (guint i = 0; i < sources->len; i++) {
+    CbtDirtyBitmap *src = merge_source(bd, target, g_ptr_array_index(sources, i), txn, error);
+    if (!src)
+      return FALSE;
+    cbt_bitmap_merge(scratch, cbt_dirty_bitmap_get_bitmap(src));
+  }
+  add_bits_action(&merge_ops, bd, target, txn);
+  cbt_bitmap_merge(cbt_dirty_bitmap_get_bitmap(target), scratch);
+  return TRUE;
+}
+
+/* the transaction actions and the plain commands --------------------------------------------- */
+
+static gboolean
+txn_prepare(const CbtQmpTransactionAction *act, CbtTxn *txn, GError **error)
+{
+  switch (act->type) {
+  case CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_ADD:
+    return add_prepare(act->u.block_dirty_bitmap_add.data, txn, error);
+  case CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_REMOVE:
+    return remove_prepare(act->u.block_dirty_bitmap_remove.data, txn, error);
+  case CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_CLEAR:
+    return clear_prepare(act->u.block_dirty_bitmap_clear.data, txn, error);
+  case CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_ENABLE:
+    return set_recording_prepare(act->u.block_dirty_bitmap_enable.data, TRUE, txn, error);
+  case CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_DISABLE:
+    return set_recording_prepare(act->u.block_dirty_bitmap_disable.data, FALSE, txn, error);
+  case CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_MERGE:
+    return merge_prepare(act->u.block_dirty_bitmap_merge.data, txn, error);
+  default:
+    g_return_val_if_reached(FALSE);
+  }
+}
+
+void
+cbt_dirty_bitmaps_cmds_init(void)
+{
+  static const CbtQmpTransactionActionKind kinds[] = {
+    CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_ADD,
+    CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_REMOVE,
+    CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_CLEAR,
+    CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_ENABLE,
+    CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_DISABLE,
+    CBT_QMP_TRANSACTION_ACTION_KIND_BLOCK_DIRTY_BITMAP_MERGE,
+  };
+
+  for (gsize i = 0; i < G_N_ELEMENTS(kinds); i++)
+    cbt_blockdev_txn_register(kinds[i], txn_prepare);
+}
+
+/* The plain commands: one action each, in a transaction that keeps no undo. */
+
+gboolean
+cbt_qmp_block_dirty_bitmap_add(const CbtQmpBlockDirtyBitmapAdd *args, GError **error)
+{
+  CbtTxn *txn = cbt_txn_new(FALSE);
+
+  return cbt_txn_finish(txn, add_prepare(args, txn, error));
+}
+
+gboolean
+cbt_qmp_block_dirty_bitmap_remove(const CbtQmpBlockDirtyBitmap *args, GError **error)
+{
+  CbtTxn *txn = cbt_txn_new(FALSE);
+
+  return cbt_txn_finish(txn, remove_prepare(args, txn, error));
+}
+
+gboolean
+cbt_qmp_block_dirty_bitmap_clear(const CbtQmpBlockDirtyBitmap *args, GError **error)
+{
+  CbtTxn *txn = cbt_txn_new(FALSE);
+
+  return cbt_txn_finish(txn, clear_prepare(args, txn, error));
+}
+
+gboolean
+cbt_qmp_block_dirty_bitmap_enable(const CbtQmpBlockDirtyBitmap *args, GError **error)
+{
+  CbtTxn *txn = cbt_txn_new(FALSE);
+
+  return cbt_txn_finish(txn, set_recording_prepare(args, TRUE, txn, error));
+}
+
+gboolean
+cbt_qmp_block_dirty_bitmap_disable(const CbtQmpBlockDirtyBitmap *args, GError **error)
+{
+  CbtTxn *txn = cbt_txn_new(FALSE);
+
+  return cbt_txn_finish(txn, set_recording_prepare(args, FALSE, txn, error));
+}
+
+gboolean
+cbt_qmp_block_dirty_bitmap_merge(const CbtQmpBlockDirtyBitmapMerge *args, GError **error)
+{
+  CbtTxn *txn = cbt_txn_new(FALSE);
+
+  return cbt_txn_finish(txn, merge_prepare(args, txn, error));
+}
+
+/* No state check: the checksum works on busy and inconsistent bitmaps too. */
+CbtQmpBlockDirtyBitmapSha256 *
+cbt_qmp_x_debug_block_dirty_bitmap_sha256(const CbtQmpBlockDirtyBitmap *args, GError **error)
+{
+  CbtDirtyBitmap *dbm = cbt_dirty_bitmaps_lookup(args->node, args->name, NULL, error);
+
+  if (!dbm)
+    return NULL;
+  CbtQmpBlockDirtyBitmapSha256 *ret = g_new0(CbtQmpBlockDirtyBitmapSha256, 1);
+  ret->sha256 = cbt_bitmap_sha256(cbt_dirty_bitmap_get_bitmap(dbm));
+  return ret;
+}
+
+void
+cbt_dirty_bitmaps_init(void)
+{
+  CBT_ASSERT_MAIN_THREAD();
+  cbt_dirty_bitmaps_table_init();
+  cbt_dirty_bitmaps_cmds_init();
+}

@@ -1,0 +1,40 @@
+/* dirty-bitmaps/ — the named dirty bitmaps of block nodes: the block-dirty-bitmap-* commands and
+ * their transaction actions, the `dirty-bitmaps` member of query-named-block-nodes, and the
+ * bitmaps an NBD export publishes.
+ *
+ * The module sits above blockdev/: it keeps its own table of each node's bitmaps, joins the
+ * node notifiers (a closing node's bitmaps go with it; a query lists them) and registers its
+ * transaction actions, all in cbt_dirty_bitmaps_init().
+ *
+ * Threads: main thread only. Only the bits (CbtBitmap) are touched elsewhere: marked by the
+ * write path, read by NBD's block status.
+ */
+#pragma once
+
+#include <glib.h>
+
+#include "bitmap/bitmap.h"
+#include "bitmap/dirty-bitmap.h"
+#include "blockdev/blockdev.h"
+#include "schemas/qmp-types.h"
+
+G_BEGIN_DECLS
+
+/* Join blockdev's notifiers and the transaction; once, before any node opens. */
+void cbt_dirty_bitmaps_init(void);
+
+/* An export's `bitmaps` entry: find bitmap @name on @node (@node_name NULL: the export's node,
+ * plain-name form; else the node the {node, name} form named), check it may be exported in
+ * qemu-storage-daemon's words, then mark it busy and take a user on @node (so the node cannot
+ * be deleted under the export). The bits stay valid until cbt_dirty_bitmaps_export_release(). */
+CbtBitmap *cbt_dirty_bitmaps_export_lookup(CbtBlockdev *node, const char *node_name,
+                                           const char *name, gboolean readonly_export,
+                                           GError **error);
+/* Undo one successful lookup of @bm. */
+void cbt_dirty_bitmaps_export_release(CbtBitmap *bm);
+
+/* QMP BlockDirtyInfo of @dbm (transfer full): name absent when anonymous, inconsistent only
+ * when true, count not clipped to the node's size. */
+CbtQmpBlockDirtyInfo *cbt_dirty_bitmaps_info(const CbtDirtyBitmap *dbm);
+
+G_END_DECLS
