@@ -7,6 +7,7 @@
 #include "schemas/qmp-types.h"
 
 typedef struct CbtBlockdevDriver CbtBlockdevDriver;
+typedef struct CbtBlockdevChild CbtBlockdevChild;
 
 /* The dirty bitmaps a node marks on writes: immutable once published, replaced while the node
  * is drained, so the write path reads it with one atomic load and no lock. */
@@ -15,17 +16,45 @@ typedef struct {
   CbtBitmap *bitmaps[];
 } CbtBlockdevTracked;
 
+/* QEMU's permission bits (block.h), in lock-byte order. */
+#define CBT_PERM_CONSISTENT_READ (1u << 0)
+#define CBT_PERM_WRITE           (1u << 1)
+#define CBT_PERM_WRITE_UNCHANGED (1u << 2)
+#define CBT_PERM_RESIZE          (1u << 3)
+#define CBT_PERM_ALL             0xfu
+
+/* What a child is to its parent (QEMU's BdrvChildRole, the bits cbtd uses). */
+#define CBT_BLOCKDEV_CHILD_DATA     (1u << 0) /* holds the parent's data */
+#define CBT_BLOCKDEV_CHILD_PRIMARY  (1u << 1) /* the one the parent takes its properties from */
+#define CBT_BLOCKDEV_CHILD_FILTERED (1u << 2) /* a filter's child: the data passes unchanged */
+
+/* An edge of the graph: @parent uses @node as its child @name. The parent holds a reference on
+ * @node; @perm is what the parent needs of it and @shared what it lets others do (QEMU's
+ * permission model), both derived from the parent's own needs by its driver's child_perm. */
+struct CbtBlockdevChild {
+  CbtBlockdev *parent;
+  CbtBlockdev *node;
+  char *name;
+  guint role;
+  guint64 perm;
+  guint64 shared;
+};
+
 struct CbtBlockdev {
   gint refcnt;
   char *node_name;
   const CbtBlockdevDriver *drv;
-  CbtBlockdev *child;          /* raw's file; NULL for protocol nodes */
-  guint parents;               /* nodes that have this one as child */
+  /* The graph (graph.c), changed on the main thread only, with the nodes concerned drained
+   * whenever requests could be in flight. */
+  GPtrArray *children;         /* CbtBlockdevChild * (owned), in the order attached */
+  GPtrArray *parents;          /* CbtBlockdevChild * of the nodes above (borrowed) */
+  CbtBlockdevChild *file;      /* the child named "file" (formats, filters), or NULL */
   guint users;                 /* exports and jobs on this node */
-  /* Permissions needed by users of this node and of the nodes above it (QEMU's propagation). */
-  guint readers;               /* users: consistent read */
-  guint writers;               /* write permission holders */
-  guint resize_unshared;       /* windowed raw parents and readers refuse others' resizes */
+  guint writers;               /* users holding write permission */
+  /* Cumulative permissions: what this node's users and parents need of it, and what all of
+   * them let others do (graph.c, cbt_blockdev_refresh_perms). */
+  guint64 perm;
+  guint64 shared;
   gboolean monitor_owned;      /* added by blockdev-add, so blockdev-del may remove it */
 
   gboolean read_only;
@@ -37,7 +66,7 @@ struct CbtBlockdev {
   CbtQmpBlockdevDetectZeroesOptions detect_zeroes;
 
   guint64 size;                /* bytes, a multiple of 512 for protocol nodes as in QEMU */
-  guint32 min_io;
+  guint32 min_io;              /* limits (graph.c, cbt_blockdev_refresh_limits) */
   /* QEMU's strong options ({"driver": ..., ...}, children nested) and the file name derived
    * from them: the exact file name, or "json:{...}". */
   JsonObject *full_opts;
@@ -45,20 +74,40 @@ struct CbtBlockdev {
 
   gpointer opaque;             /* the driver's state */
 
-  /* I/O admission: requests in flight through this node, and nested drains of it. */
+  /* I/O admission (graph.c): requests that entered the graph at this node and are in flight,
+   * and the drains in effect on this node or any node below it. */
   gint inflight;
   gint draining;
+  gint drains_own;             /* drains of this node itself (main thread) */
   CbtBlockdevTracked *tracked;
 };
+
+/* A child a driver has (its driver table lists them, NULL-terminated by name). */
+typedef struct {
+  const char *name;
+  guint role;
+} CbtBlockdevChildSpec;
 
 struct CbtBlockdevDriver {
   const char *name;
   gboolean protocol;           /* opens a file itself; a parent may borrow its file name */
   gboolean has_dirty_flag;     /* protocol: query reports image.dirty-flag: false */
-  /* Driver-specific members of @opts (this driver's branch); common members and the child
+  gboolean is_filter;          /* passes its FILTERED child's data through unchanged */
+  const CbtBlockdevChildSpec *children; /* NULL for protocol drivers */
+  /* Request flags (CBT_BLOCKDEV_FUA, _MAY_UNMAP, _NO_FALLBACK) the driver honours itself. The
+   * I/O path carries out FUA for the others with a flush after the write, and drops the rest. */
+  guint supported_flags;
+  /* Driver-specific members of @opts (this driver's branch); common members and the children
    * are already set. */
   gboolean (*open)(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error);
   void (*close)(CbtBlockdev *bd);
+  /* What @bd needs of child @c and lets others do, given what @bd's own users and parents
+   * need of it (@perm) and share (@shared). NULL: pass both through (a format or filter that
+   * changes nothing about its data's size or content under others). */
+  void (*child_perm)(CbtBlockdev *bd, const CbtBlockdevChild *c, guint64 perm, guint64 shared,
+                     guint64 *ret_perm, guint64 *ret_shared);
+  /* Set @bd's limits (min_io) from its children; NULL: the largest of the DATA children's. */
+  void (*refresh_limits)(CbtBlockdev *bd);
   int (*pread)(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
   int (*pwrite)(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags);
   int (*flush)(CbtBlockdev *bd);
@@ -71,8 +120,15 @@ struct CbtBlockdevDriver {
    * with data). Without it the walk calls block_status run by run. */
   int (*block_status_walk)(CbtBlockdev *bd, guint64 offset, guint64 len,
                            CbtBlockdevStatusFunc fn, gpointer user_data);
+  /* The frozen view of a snapshot-style filter (a copy-before-write node), for the node that
+   * reads it (snapshot-access): data, status and discard of the point in time. Optional. */
+  int (*snapshot_pread)(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
+  int (*snapshot_block_status)(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
+                               guint32 *status);
+  int (*snapshot_discard)(CbtBlockdev *bd, guint64 offset, guint64 len);
   int (*get_data_fd)(CbtBlockdev *bd, guint64 *fd_offset);
-  /* Apply the node's permission counts to the medium (image locks). May be NULL. */
+  /* Apply the node's cumulative permissions (bd->perm, bd->shared) to the medium (image
+   * locks). May be NULL. */
   gboolean (*update_perms)(CbtBlockdev *bd, GError **error);
   /* Bytes allocated on the host, or -1 when unknown. */
   gint64 (*actual_size)(CbtBlockdev *bd);
@@ -93,8 +149,27 @@ GList *cbt_blockdev_list(void);
 /* Run the notifiers of @event for @bd. */
 void cbt_blockdev_notify(CbtBlockdev *bd, CbtBlockdevEvent event, gpointer data);
 
-/* Re-apply permissions along @bd's chain after its counts changed. */
-gboolean cbt_blockdev_update_perms(CbtBlockdev *bd, GError **error);
+/* The graph (graph.c). attach takes a reference on @child; detach drops it. Both on the main
+ * thread, refreshing drain counts and limits (permissions are the caller's to refresh). */
+CbtBlockdevChild *cbt_blockdev_attach_child(CbtBlockdev *parent, CbtBlockdev *child,
+                                            const char *name, guint role);
+void cbt_blockdev_detach_child(CbtBlockdevChild *c);
+/* Recompute the cumulative permissions of @bd and of every node below it, and apply them to
+ * the media. FALSE with @error when a medium refuses (another process holds a lock): the
+ * caller undoes the change that asked for them and refreshes again. */
+gboolean cbt_blockdev_refresh_perms(CbtBlockdev *bd, GError **error);
+void cbt_blockdev_refresh_limits(CbtBlockdev *bd);
+/* FALSE with "Block node is read-only" when @bd or a node below it is read-only. */
+gboolean cbt_blockdev_check_writable(CbtBlockdev *bd, GError **error);
+/* The node's primary child, or NULL. */
+CbtBlockdev *cbt_blockdev_primary_child(CbtBlockdev *bd);
+
+/* The frozen view of a snapshot-style filter @bd (its driver's snapshot_* operations), for the
+ * node that reads it; -ENOTSUP when @bd has none. Between io_begin and io_end on the reader. */
+int cbt_blockdev_snapshot_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
+int cbt_blockdev_snapshot_block_status(CbtBlockdev *bd, guint64 offset, guint64 len,
+                                       guint64 *pnum, guint32 *status);
+int cbt_blockdev_snapshot_discard(CbtBlockdev *bd, guint64 offset, guint64 len);
 
 /* The members of a file, host_device or host_cdrom node's options, else NULL (file.c). */
 const CbtQmpBlockdevOptionsFile *cbt_blockdev_file_options(const CbtQmpBlockdevOptions *opts);
@@ -115,10 +190,3 @@ void cbt_blockdev_lock_free(CbtBlockdevLock *lock);
  * that no other process conflicts: QEMU's "Failed to get \"write\" lock" errors. */
 gboolean cbt_blockdev_lock_set(CbtBlockdevLock *lock, guint64 perm, guint64 shared,
                                GError **error);
-
-/* QEMU's permission bits (block.h), in lock-byte order. */
-#define CBT_PERM_CONSISTENT_READ (1u << 0)
-#define CBT_PERM_WRITE           (1u << 1)
-#define CBT_PERM_WRITE_UNCHANGED (1u << 2)
-#define CBT_PERM_RESIZE          (1u << 3)
-#define CBT_PERM_ALL             0xfu

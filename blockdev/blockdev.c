@@ -1,11 +1,6 @@
-/* blockdev.c — the node registry, references, users and write permission, I/O admission and
- * drain, and the I/O entry points that mark tracked bitmaps before calling the driver.
- *
- * Admission is a Dekker-style handshake without a lock on the fast path: a request increments
- * the in-flight count of every node on its path, then looks for a drain on that path; a drain
- * raises its flag, then waits for the count to fall to zero. Both sides use sequentially
- * consistent atomics, so at least one of them sees the other. Only a request that meets a drain,
- * and a drain that must wait, touch the mutex and condition variable.
+/* blockdev.c — the node registry, references, node notifiers, users and write permission, and
+ * the I/O entry points that mark tracked bitmaps before calling the driver. The graph, drain and
+ * admission are graph.c's.
  */
 #include <errno.h>
 #include <string.h>
@@ -14,8 +9,6 @@
 G_DEFINE_QUARK(cbt-blockdev-error-quark, cbt_blockdev_error)
 
 static GList *nodes;             /* published nodes, newest first */
-static GMutex admit_lock;
-static GCond admit_cond;
 
 typedef struct {
   CbtBlockdevNotifyFunc fn;
@@ -72,6 +65,9 @@ cbt_blockdev_new(const CbtBlockdevDriver *drv)
   bd->refcnt = 1;
   bd->drv = drv;
   bd->min_io = 1;
+  bd->children = g_ptr_array_new();
+  bd->parents = g_ptr_array_new();
+  bd->shared = CBT_PERM_ALL;
   return bd;
 }
 
@@ -114,19 +110,20 @@ cbt_blockdev_ref(CbtBlockdev *bd)
 static void
 node_free(CbtBlockdev *bd)
 {
-  nodes = g_list_remove(nodes, bd);
-  if (bd->drv && bd->drv->open) {
+  GList *published = g_list_find(nodes, bd);
+
+  if (published) {
+    nodes = g_list_delete_link(nodes, published);
     cbt_blockdev_drain_begin(bd);
-    if (bd->node_name)
-      cbt_blockdev_notify(bd, CBT_BLOCKDEV_EVENT_CLOSING, NULL);
+    cbt_blockdev_notify(bd, CBT_BLOCKDEV_EVENT_CLOSING, NULL);
     cbt_blockdev_drain_end(bd);
   }
   if (bd->opaque && bd->drv->close)
     bd->drv->close(bd);
-  if (bd->child) {
-    bd->child->parents--;
-    cbt_blockdev_unref(bd->child);
-  }
+  while (bd->children->len)
+    cbt_blockdev_detach_child(g_ptr_array_index(bd->children, bd->children->len - 1));
+  g_ptr_array_unref(bd->children);
+  g_ptr_array_unref(bd->parents);
   g_free(bd->tracked);
   g_clear_pointer(&bd->full_opts, json_object_unref);
   g_free(bd->exact_filename);
@@ -190,28 +187,6 @@ cbt_blockdev_get_min_io(CbtBlockdev *bd)
   return bd->min_io;
 }
 
-CbtBlockdev *
-cbt_blockdev_get_child(CbtBlockdev *bd)
-{
-  return bd->child;
-}
-
-gboolean
-cbt_blockdev_update_perms(CbtBlockdev *bd, GError **error)
-{
-  for (CbtBlockdev *n = bd; n; n = n->child)
-    if (n->drv->update_perms && !n->drv->update_perms(n, error))
-      return FALSE;
-  return TRUE;
-}
-
-static void
-add_readers(CbtBlockdev *bd, gint delta)
-{
-  for (CbtBlockdev *n = bd; n; n = n->child)
-    n->readers += delta;
-}
-
 void
 cbt_blockdev_add_user(CbtBlockdev *bd)
 {
@@ -219,10 +194,9 @@ cbt_blockdev_add_user(CbtBlockdev *bd)
 
   CBT_ASSERT_MAIN_THREAD();
   bd->users++;
-  add_readers(bd, 1);
   /* QEMU would refuse the export; the callers cannot fail here, so the conflict is logged and
    * a writer is still excluded when it asks for write permission. */
-  if (!cbt_blockdev_update_perms(bd, &error))
+  if (!cbt_blockdev_refresh_perms(bd, &error))
     g_warning("node %s: %s", bd->node_name, error->message);
 }
 
@@ -232,34 +206,22 @@ cbt_blockdev_remove_user(CbtBlockdev *bd)
   CBT_ASSERT_MAIN_THREAD();
   g_return_if_fail(bd->users > 0);
   bd->users--;
-  add_readers(bd, -1);
-  cbt_blockdev_update_perms(bd, NULL);
+  cbt_blockdev_refresh_perms(bd, NULL);
 }
 
 /* ---- write permission ------------------------------------------------------------------- */
-
-static void
-add_writers(CbtBlockdev *bd, gint delta)
-{
-  for (CbtBlockdev *n = bd; n; n = n->child)
-    n->writers += delta;
-}
 
 gboolean
 cbt_blockdev_acquire_write(CbtBlockdev *bd, GError **error)
 {
   CBT_ASSERT_MAIN_THREAD();
-  for (CbtBlockdev *n = bd; n; n = n->child) {
-    if (n->read_only) {
-      g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Block node is read-only");
-      return FALSE;
-    }
-  }
-  add_writers(bd, 1);
-  if (cbt_blockdev_update_perms(bd, error))
+  if (!cbt_blockdev_check_writable(bd, error))
+    return FALSE;
+  bd->writers++;
+  if (cbt_blockdev_refresh_perms(bd, error))
     return TRUE;
-  add_writers(bd, -1);
-  cbt_blockdev_update_perms(bd, NULL);
+  bd->writers--;
+  cbt_blockdev_refresh_perms(bd, NULL);
   return FALSE;
 }
 
@@ -268,75 +230,8 @@ cbt_blockdev_release_write(CbtBlockdev *bd)
 {
   CBT_ASSERT_MAIN_THREAD();
   g_return_if_fail(bd->writers > 0);
-  add_writers(bd, -1);
-  cbt_blockdev_update_perms(bd, NULL);
-}
-
-/* ---- admission and drain ---------------------------------------------------------------- */
-
-static gboolean
-path_draining(CbtBlockdev *bd)
-{
-  for (CbtBlockdev *n = bd; n; n = n->child)
-    if (g_atomic_int_get(&n->draining))
-      return TRUE;
-  return FALSE;
-}
-
-static void
-path_add(CbtBlockdev *bd, gint delta)
-{
-  for (CbtBlockdev *n = bd; n; n = n->child) {
-    if (g_atomic_int_add(&n->inflight, delta) + delta == 0 && g_atomic_int_get(&n->draining)) {
-      g_mutex_lock(&admit_lock);
-      g_cond_broadcast(&admit_cond);
-      g_mutex_unlock(&admit_lock);
-    }
-  }
-}
-
-void
-cbt_blockdev_io_begin(CbtBlockdev *bd)
-{
-  for (;;) {
-    path_add(bd, 1);
-    if (G_LIKELY(!path_draining(bd)))
-      return;
-    /* Back off so the drain can finish, and wait for it to end. */
-    path_add(bd, -1);
-    g_mutex_lock(&admit_lock);
-    while (path_draining(bd))
-      g_cond_wait(&admit_cond, &admit_lock);
-    g_mutex_unlock(&admit_lock);
-  }
-}
-
-void
-cbt_blockdev_io_end(CbtBlockdev *bd)
-{
-  path_add(bd, -1);
-}
-
-void
-cbt_blockdev_drain_begin(CbtBlockdev *bd)
-{
-  CBT_ASSERT_MAIN_THREAD();
-  g_atomic_int_inc(&bd->draining);
-  g_mutex_lock(&admit_lock);
-  while (g_atomic_int_get(&bd->inflight) != 0)
-    g_cond_wait(&admit_cond, &admit_lock);
-  g_mutex_unlock(&admit_lock);
-}
-
-void
-cbt_blockdev_drain_end(CbtBlockdev *bd)
-{
-  CBT_ASSERT_MAIN_THREAD();
-  g_return_if_fail(g_atomic_int_get(&bd->draining) > 0);
-  g_mutex_lock(&admit_lock);
-  if (g_atomic_int_dec_and_test(&bd->draining))
-    g_cond_broadcast(&admit_cond);
-  g_mutex_unlock(&admit_lock);
+  bd->writers--;
+  cbt_blockdev_refresh_perms(bd, NULL);
 }
 
 /* ---- dirty tracking ---------------------------------------------------------------------- */
@@ -418,6 +313,33 @@ is_zero(const guint8 *buf, gsize len)
   return len == 0 || (buf[0] == 0 && memcmp(buf, buf + 1, len - 1) == 0);
 }
 
+/* A driver is given only the request flags it honours (its supported_flags): FUA is carried out
+ * for it with a flush after the request, a write-zeroes that must be cheap (NO_FALLBACK) is
+ * refused as not cheap, and MAY_UNMAP is dropped (zeroes are written instead). */
+static int
+zero_write(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
+{
+  guint own = bd->drv->supported_flags;
+
+  if ((flags & CBT_BLOCKDEV_NO_FALLBACK) && !(own & CBT_BLOCKDEV_NO_FALLBACK))
+    return -ENOTSUP;
+  int r = bd->drv->write_zeroes(bd, offset, len, flags & own);
+  if (r == 0 && (flags & CBT_BLOCKDEV_FUA) && !(own & CBT_BLOCKDEV_FUA))
+    r = bd->drv->flush(bd);
+  return r;
+}
+
+static int
+data_write(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
+{
+  guint own = bd->drv->supported_flags;
+  int r = bd->drv->pwrite(bd, buf, offset, len, flags & own);
+
+  if (r == 0 && (flags & CBT_BLOCKDEV_FUA) && !(own & CBT_BLOCKDEV_FUA))
+    r = bd->drv->flush(bd);
+  return r;
+}
+
 int
 cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
 {
@@ -435,9 +357,9 @@ cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len,
   if (bd->detect_zeroes != CBT_QMP_BLOCKDEV_DETECT_ZEROES_OPTIONS_OFF && is_zero(buf, len)) {
     if (bd->detect_zeroes == CBT_QMP_BLOCKDEV_DETECT_ZEROES_OPTIONS_UNMAP)
       flags |= CBT_BLOCKDEV_MAY_UNMAP;
-    return bd->drv->write_zeroes(bd, offset, len, flags);
+    return zero_write(bd, offset, len, flags);
   }
-  return bd->drv->pwrite(bd, buf, offset, len, flags);
+  return data_write(bd, buf, offset, len, flags);
 }
 
 int
@@ -474,7 +396,7 @@ cbt_blockdev_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint fl
     flags &= ~CBT_BLOCKDEV_MAY_UNMAP;
   if (bd->cache_no_flush)
     flags &= ~CBT_BLOCKDEV_FUA;
-  return len ? bd->drv->write_zeroes(bd, offset, len, flags) : 0;
+  return len ? zero_write(bd, offset, len, flags) : 0;
 }
 
 int
@@ -566,6 +488,44 @@ cbt_blockdev_block_status_walk(CbtBlockdev *bd, guint64 offset, guint64 len,
   if (r == 0 && !w.stopped && w.pos < w.end)
     deliver(&w, w.end, 0);
   return r;
+}
+
+/* ---- the frozen view of snapshot-style filters ------------------------------------------- */
+
+int
+cbt_blockdev_snapshot_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
+{
+  if (!bd->drv->snapshot_pread)
+    return -ENOTSUP;
+  if (!in_bounds(bd, offset, len))
+    return -EINVAL;
+  return len ? bd->drv->snapshot_pread(bd, buf, offset, len) : 0;
+}
+
+int
+cbt_blockdev_snapshot_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
+                                   guint32 *status)
+{
+  if (!bd->drv->snapshot_block_status)
+    return -ENOTSUP;
+  if (len == 0 || !in_bounds(bd, offset, len))
+    return -EINVAL;
+  int r = bd->drv->snapshot_block_status(bd, offset, len, pnum, status);
+  if (r == 0 && (*pnum == 0 || *pnum > len)) {
+    *pnum = len; /* as cbt_blockdev_block_status: "data" is always safe */
+    *status = 0;
+  }
+  return r;
+}
+
+int
+cbt_blockdev_snapshot_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
+{
+  if (!bd->drv->snapshot_discard)
+    return -ENOTSUP;
+  if (!in_bounds(bd, offset, len))
+    return -EINVAL;
+  return len ? bd->drv->snapshot_discard(bd, offset, len) : 0;
 }
 
 int

@@ -29,7 +29,7 @@ cbt_qmp_blockdev_del(const CbtQmpBlockdevDelArg *args, GError **error)
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Node %s is not owned by the monitor", name);
     return FALSE;
   }
-  if (bd->parents > 0) {
+  if (bd->parents->len > 0) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Block device %s is in use", name);
     return FALSE;
   }

@@ -386,19 +386,14 @@ static gboolean
 file_update_perms(CbtBlockdev *bd, GError **error)
 {
   FileState *s = state(bd);
-  guint64 perm = 0, unshared = 0;
 
-  if (bd->writers && !s->writable && !reopen_writable(bd, s, error))
+  if ((bd->perm & CBT_PERM_WRITE) && !s->writable && !reopen_writable(bd, s, error))
     return FALSE;
   if (!s->lock)
     return TRUE;
-  if (bd->readers)
-    perm |= CBT_PERM_CONSISTENT_READ;
-  if (bd->writers)
-    perm |= CBT_PERM_WRITE;
-  if ((bd->readers || bd->resize_unshared) && !bd->force_share)
-    unshared |= CBT_PERM_RESIZE;
-  return cbt_blockdev_lock_set(s->lock, perm, CBT_PERM_ALL & ~unshared, error);
+  /* force-share: this process refuses nobody anything (QEMU's BDRV_O_NO_SHARE off). */
+  return cbt_blockdev_lock_set(s->lock, bd->perm, bd->force_share ? CBT_PERM_ALL : bd->shared,
+                               error);
 }
 
 static void
@@ -583,7 +578,9 @@ fail:
 /* file and host_device differ only in name: the backend checks what the path is. */
 #define FILE_DRIVER(drv_name)                                                                     \
   {                                                                                               \
-    .name = drv_name, .protocol = TRUE, .has_dirty_flag = TRUE, .open = file_open,                \
+    .name = drv_name, .protocol = TRUE, .has_dirty_flag = TRUE,                                   \
+    .supported_flags = CBT_BLOCKDEV_FUA | CBT_BLOCKDEV_MAY_UNMAP | CBT_BLOCKDEV_NO_FALLBACK,      \
+    .open = file_open,                \
     .close = file_close, .pread = file_pread, .pwrite = file_pwrite, .flush = file_flush,         \
     .discard = file_discard, .write_zeroes = file_write_zeroes,                                   \
     .block_status = file_block_status, .block_status_walk = file_block_status_walk,               \

@@ -69,7 +69,8 @@ actual_size(CbtBlockdev *bd)
 {
   if (bd->drv->actual_size)
     return bd->drv->actual_size(bd);
-  return bd->child ? actual_size(bd->child) : 0;
+  CbtBlockdev *child = cbt_blockdev_primary_child(bd);
+  return child ? actual_size(child) : 0;
 }
 
 static CbtQmpImageInfo *
@@ -85,8 +86,8 @@ image_info(CbtBlockdev *bd, const char *filename)
   img->actual_size = actual;
   /* Formats pass QEMU's image info request down: the protocol node decides. */
   CbtBlockdev *bottom = bd;
-  while (bottom->child)
-    bottom = bottom->child;
+  while (cbt_blockdev_primary_child(bottom))
+    bottom = cbt_blockdev_primary_child(bottom);
   img->has_dirty_flag = bottom->drv->has_dirty_flag;
   return img;
 }

@@ -116,6 +116,16 @@ open_child(const CbtQmpBlockdevRef *ref, const Inherited *parent, GError **error
   return open_node(ref->u.definition, &from, FALSE, error);
 }
 
+/* The role a driver gives its child @name (its table of children). */
+static guint
+child_role(const CbtBlockdevDriver *drv, const char *name)
+{
+  for (const CbtBlockdevChildSpec *c = drv->children; c && c->name; c++)
+    if (g_str_equal(c->name, name))
+      return c->role;
+  return CBT_BLOCKDEV_CHILD_DATA | CBT_BLOCKDEV_CHILD_PRIMARY;
+}
+
 /* The child reference of a format driver's options, or NULL for protocol drivers. */
 static const CbtQmpBlockdevRef *
 child_ref(const CbtQmpBlockdevOptions *opts)
@@ -208,22 +218,26 @@ open_node(const CbtQmpBlockdevOptions *opts, const Inherited *from, gboolean roo
   if (!check_common(bd, opts, error) || !assign_name(bd, name, error))
     goto fail;
   if (child) {
-    bd->child = g_steal_pointer(&child);
-    bd->child->parents++;
-    json_object_set_object_member(bd->full_opts, "file",
-                                  json_object_ref(bd->child->full_opts));
+    cbt_blockdev_attach_child(bd, child, "file", child_role(drv, "file"));
+    json_object_set_object_member(bd->full_opts, "file", json_object_ref(child->full_opts));
   }
   if (!drv->open(bd, opts, error))
     goto fail;
+  /* What the driver needs of its children (a window unshares resize) takes effect now. */
+  if (!cbt_blockdev_refresh_perms(bd, error)) {
+    drv->close(bd);
+    goto fail;
+  }
+  cbt_blockdev_refresh_limits(bd);
   cbt_blockdev_register(bd);
   return bd;
 
 fail:
-  /* Never published: no hook may see it. */
-  if (bd->child) {
-    bd->child->parents--;
-    cbt_blockdev_unref(bd->child);
-  }
+  /* Never published: no notifier may see it. */
+  while (bd->children->len)
+    cbt_blockdev_detach_child(g_ptr_array_index(bd->children, 0));
+  g_ptr_array_unref(bd->children);
+  g_ptr_array_unref(bd->parents);
   json_object_unref(bd->full_opts);
   g_free(bd->node_name);
   g_free(bd);

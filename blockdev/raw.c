@@ -16,40 +16,46 @@ base(CbtBlockdev *bd)
   return ((RawState *)bd->opaque)->offset;
 }
 
+static CbtBlockdev *
+child(CbtBlockdev *bd)
+{
+  return bd->file->node;
+}
+
 static int
 raw_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
 {
-  return cbt_blockdev_pread(bd->child, buf, base(bd) + offset, len);
+  return cbt_blockdev_pread(child(bd), buf, base(bd) + offset, len);
 }
 
 static int
 raw_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
 {
-  return cbt_blockdev_pwrite(bd->child, buf, base(bd) + offset, len, flags);
+  return cbt_blockdev_pwrite(child(bd), buf, base(bd) + offset, len, flags);
 }
 
 static int
 raw_flush(CbtBlockdev *bd)
 {
-  return cbt_blockdev_flush(bd->child);
+  return cbt_blockdev_flush(child(bd));
 }
 
 static int
 raw_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
 {
-  return cbt_blockdev_discard(bd->child, base(bd) + offset, len, 0);
+  return cbt_blockdev_discard(child(bd), base(bd) + offset, len, 0);
 }
 
 static int
 raw_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
 {
-  return cbt_blockdev_write_zeroes(bd->child, base(bd) + offset, len, flags);
+  return cbt_blockdev_write_zeroes(child(bd), base(bd) + offset, len, flags);
 }
 
 static int
 raw_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum, guint32 *status)
 {
-  return cbt_blockdev_block_status(bd->child, base(bd) + offset, len, pnum, status);
+  return cbt_blockdev_block_status(child(bd), base(bd) + offset, len, pnum, status);
 }
 
 typedef struct {
@@ -75,14 +81,14 @@ raw_block_status_walk(CbtBlockdev *bd, guint64 offset, guint64 len, CbtBlockdevS
 
   /* The child's walk stays inside the range it is given: never past the window. */
   len = MIN(len, bd->size - offset);
-  return cbt_blockdev_block_status_walk(bd->child, w.base + offset, len, raw_walk_run, &w);
+  return cbt_blockdev_block_status_walk(child(bd), w.base + offset, len, raw_walk_run, &w);
 }
 
 static int
 raw_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset)
 {
   guint64 child_offset;
-  int fd = cbt_blockdev_get_data_fd(bd->child, &child_offset);
+  int fd = cbt_blockdev_get_data_fd(child(bd), &child_offset);
 
   if (fd >= 0)
     *fd_offset = child_offset + base(bd);
@@ -105,7 +111,7 @@ get_uint(gint64 v, const char *member, guint64 *out, GError **error)
 static gboolean
 window(CbtBlockdev *bd, const CbtQmpBlockdevOptionsRaw *o, RawState *s, GError **error)
 {
-  guint64 csize = cbt_blockdev_get_size(bd->child), size = 0;
+  guint64 csize = cbt_blockdev_get_size(child(bd)), size = 0;
 
   if ((o->has_offset && !get_uint(o->offset, "offset", &s->offset, error)) ||
       (o->has_size && !get_uint(o->size, "size", &size, error)))
@@ -134,25 +140,28 @@ window(CbtBlockdev *bd, const CbtQmpBlockdevOptionsRaw *o, RawState *s, GError *
   return TRUE;
 }
 
+/* A window fixes where the data is in the child: nobody else may resize it (QEMU's raw). */
+static void
+raw_child_perm(CbtBlockdev *bd, const CbtBlockdevChild *c, guint64 perm, guint64 shared,
+               guint64 *ret_perm, guint64 *ret_shared)
+{
+  RawState *s = bd->opaque;
+
+  *ret_perm = perm;
+  *ret_shared = s && s->windowed ? shared & ~CBT_PERM_RESIZE : shared;
+}
+
 static gboolean
 raw_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
 {
   g_autofree RawState *s = g_new0(RawState, 1);
-  CbtBlockdev *child = bd->child;
+  CbtBlockdev *file = child(bd);
 
   if (!window(bd, &opts->u.raw, s, error))
     return FALSE;
-  if (s->windowed) {
-    child->resize_unshared++;
-    if (!cbt_blockdev_update_perms(child, error)) {
-      child->resize_unshared--;
-      return FALSE;
-    }
-  }
   /* QEMU borrows the file name of a protocol child when no option of ours changes the data. */
-  if (!s->windowed && child->drv->protocol && child->exact_filename)
-    bd->exact_filename = g_strdup(child->exact_filename);
-  bd->min_io = child->min_io;
+  if (!s->windowed && file->drv->protocol && file->exact_filename)
+    bd->exact_filename = g_strdup(file->exact_filename);
   bd->opaque = g_steal_pointer(&s);
   return TRUE;
 }
@@ -160,20 +169,22 @@ raw_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
 static void
 raw_close(CbtBlockdev *bd)
 {
-  RawState *s = bd->opaque;
-
-  if (s->windowed) {
-    bd->child->resize_unshared--;
-    cbt_blockdev_update_perms(bd->child, NULL);
-  }
-  g_free(s);
+  g_free(bd->opaque);
   bd->opaque = NULL;
 }
 
+static const CbtBlockdevChildSpec raw_children[] = {
+  { "file", CBT_BLOCKDEV_CHILD_DATA | CBT_BLOCKDEV_CHILD_PRIMARY },
+  { NULL, 0 },
+};
+
 const CbtBlockdevDriver cbt_blockdev_raw_driver = {
   .name = "raw",
+  .children = raw_children,
+  .supported_flags = CBT_BLOCKDEV_FUA | CBT_BLOCKDEV_MAY_UNMAP | CBT_BLOCKDEV_NO_FALLBACK,
   .open = raw_open,
   .close = raw_close,
+  .child_perm = raw_child_perm,
   .pread = raw_pread,
   .pwrite = raw_pwrite,
   .flush = raw_flush,
