@@ -185,6 +185,29 @@ class TestSideBySide(Base):
                                 key=lambda e: e['export-name']))
         self.assertEqual(lists[0], lists[1])
 
+    def test_multi_conn(self):
+        """Connections to one export see one state, whatever the image's size: CAN_MULTI_CONN
+        on writable and read-only exports, also of an image whose size is not a multiple of
+        512 (the node pads it), withdrawn by max-connections=1, as on qemu-storage-daemon; and
+        nbdcopy then copies over four connections."""
+        odd = make_image(self.path('odd.img'), 1000000)
+        exports = ['id=e0,node-name=f0,name=w,writable=on', 'id=e1,node-name=f0,name=r']
+        for extra in ('', ',max-connections=1'):
+            flags = []
+            for qsd in (False, True):
+                _, sock = self.start([('f0', odd, False)], exports, qsd=qsd, extra=extra)
+                flags.append({e['export-name']: (e['can_multi_conn'],
+                                                 {k: e.get(k) for k in self.FIELDS})
+                              for e in nbdinfo_json('--list', uri(sock))['exports']})
+                self.daemons.pop().stop()
+            self.assertEqual(flags[0], flags[1], extra)
+            self.assertEqual(flags[0]['w'][0], extra == '', extra)
+        src = random_image(self.path('src.raw'), 1000000, seed=3)
+        _, sock = self.start([('f0', odd, False)], exports)
+        run(['nbdcopy', '--connections=4', src, uri(sock, 'w')])
+        with open(odd, 'rb') as f, open(src, 'rb') as g:
+            self.assertEqual(f.read(), g.read())
+
     def test_map(self):
         img = layout_image(self.path('a.img'))
         socks = self.both([('f0', img, True)],
