@@ -3,7 +3,7 @@
  * Contexts: base:allocation (always), qemu:allocation-depth (when the export enables it),
  * qemu:dirty-bitmap:NAME (one per published bitmap). LIST also takes the wildcards `base:`,
  * `qemu:`, `qemu:dirty-bitmap:` and an empty query list (everything); SET takes exact names only.
- * Unknown namespaces and leaves are skipped, not errors (nbd-server.md §5).
+ * Unknown namespaces and leaves are skipped, not errors (docs/nbd-server.md, "Meta contexts").
  */
 #include "nbd/nbd-internal.h"
 

@@ -1,6 +1,7 @@
 /* nbd/nbd-protocol.h — NBD wire constants, with the names the protocol document gives them.
  *
- * Numbers from shared/reference/nbd-server.md §2 (the spec, doc/proto.md). All multi-byte
+ * Numbers from the NBD protocol specification (doc/proto.md of the NetworkBlockDevice/nbd
+ * project, and its extension-ext-header branch for the extended headers). All multi-byte
  * fields on the wire are big-endian. Only nbd/ includes this header.
  */
 #pragma once

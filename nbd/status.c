@@ -2,10 +2,12 @@
  *
  * Extents start at the request's offset and merge neighbours with equal status. The answer
  * covers the request, and its last extent runs on past the request's end while the status stays
- * the same, up to CBT_NBD_STATUS_OVERSHOOT further (nbd-server.md §21.3: free knowledge saves the
- * client a round trip; REQ_ONE answers are always clipped). Never past the end of the export,
+ * the same, up to CBT_NBD_STATUS_OVERSHOOT further (docs/nbd-server.md, "Block status": free
+ * knowledge saves the client a round trip; REQ_ONE answers are always clipped). Never past the
+ * end of the export,
  * never more than CBT_NBD_MAX_EXTENTS descriptors, and never longer than CBT_NBD_MAX_STATUS_LEN
- * in total, rounded so the next query starts 4 KiB-aligned (pitfall P9).
+ * in total, rounded so the next query starts 4 KiB-aligned (an answer cut at 0xFFFFFFFF would
+ * send the client's next query to an odd offset).
  * Called between cbt_blockdev_io_begin/_end, so bitmaps cannot be cleared meanwhile.
  */
 #include "nbd/nbd-internal.h"

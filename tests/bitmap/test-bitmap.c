@@ -595,7 +595,8 @@ test_sha256_known(void)
   g_autofree char *wa = g_compute_checksum_for_data(G_CHECKSUM_SHA256, zeros, 2048);
   g_autofree char *wb = g_compute_checksum_for_data(G_CHECKSUM_SHA256, zeros, 8);
 
-  /* The values qemu-storage-daemon 7.2 reports (qmp-surface.md §3.2). */
+  /* The values qemu-storage-daemon 7.2 reports (docs/bitmaps.md, "Granularity, count,
+   * checksum"). */
   g_assert_cmpstr(ha, ==, wa);
   g_assert_true(g_str_has_prefix(ha, "e5a00aa9") && g_str_has_suffix(ha, "b183ad"));
   g_assert_cmpstr(hb, ==, wb);

@@ -101,7 +101,7 @@ test_check_order(void)
   expect_refusal(dbm, CBT_DIRTY_BITMAP_CHECK_ALL, RO);
 }
 
-/* The matrix of qmp-surface.md §3.1, row by row, through the flag presets callers use. */
+/* The matrix of docs/bitmaps.md ("States"), row by row, through the flag presets callers use. */
 static void
 test_matrix(void)
 {

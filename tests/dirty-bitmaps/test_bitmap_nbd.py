@@ -177,7 +177,7 @@ class BitmapNbd(unittest.TestCase):
         p.ok('block-dirty-bitmap-remove', {'node': 'f-d0', 'name': 'proto'})
 
     def test_cbtd_refuses_what_qsd_accepts(self):
-        # 7.2 accepts these silently (qmp-surface.md §7); cbtd refuses them.
+        # 7.2 accepts these silently (docs/bitmaps.md, "Where cbtd differs"); cbtd refuses them.
         p = self.p
         p.disk('d2', size=2 * GiB)
         self.add('d0', 'rec')

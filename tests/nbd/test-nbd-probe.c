@@ -3,7 +3,7 @@
  * mid-handshake and mid-request, the handshake timeout, max-connections, and a stress run.
  * After each, a fresh client must be served correctly.
  *
- * Expected answers are nbd-server.md §18's "cbtd choice" column.
+ * Expected answers are docs/nbd-server.md's (the handshake table's "cbtd" column).
  */
 #include <errno.h>
 #include <libnbd.h>
@@ -641,7 +641,8 @@ test_meta_selection(void)
   check_served();
 }
 
-/* On an 8 GiB hole the longest answer ends 4 KiB-aligned, never at 0xFFFFFFFF (pitfall P9). */
+/* On an 8 GiB hole the longest answer ends 4 KiB-aligned, never at 0xFFFFFFFF (docs/nbd-server.md,
+ * "Block status"). */
 static gpointer
 probe_status_cap(gpointer data)
 {

@@ -1,6 +1,6 @@
 /* tests/nbd/test-nbd-server.c — the NBD server through libnbd: handshake, info, listing, every
  * command and flag, the three meta contexts, errors a stock client can provoke, export deletion,
- * and the QMP commands' error texts (qsd 7.2's, see qmp-surface.md §2.4).
+ * and the QMP commands' error texts (qsd 7.2's, listed in docs/rpc.md).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -416,8 +416,8 @@ client_base_allocation(gpointer data)
   const guint32 first[] = { 64 * KiB, 3 };
   assert_extents(find_ctx(one, "base:allocation"), first, 1);
 
-  /* Unaligned start; the last extent runs on to the end of its run (nbd-server.md §21.3),
-   * but never past the export's end, and REQ_ONE answers stay inside the request. */
+  /* Unaligned start; the last extent runs on to the end of its run (docs/nbd-server.md, "Block
+   * status"), but never past the export's end, and REQ_ONE answers stay inside the request. */
   g_autoptr(GPtrArray) mid = block_status(h, 100 * KiB, 100, 0);
   const guint32 part[] = { 64 * KiB - 100, 3, 128 * KiB, 0 };
   assert_extents(find_ctx(mid, "base:allocation"), part, 2);

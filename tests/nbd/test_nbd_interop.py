@@ -336,8 +336,9 @@ class TestSideBySide(Base):
             self.assertEqual(a, b, 'step %d' % i)
 
     def test_raw_probe_answers(self):
-        """The same malformed requests get the same error codes, except where nbd-server.md
-        §21 chose otherwise (EPERM on a read-only export, EINVAL for a zero-length READ)."""
+        """The same malformed requests get the same error codes, except where cbtd chose
+        otherwise (docs/nbd-server.md: EPERM on a read-only export, EINVAL for a zero-length
+        READ)."""
         img = layout_image(self.path('a.img'))
         socks = self.both([('f0', img, True)], ['id=e0,node-name=f0,name=disk'])
         answers = []
