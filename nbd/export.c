@@ -9,6 +9,7 @@
 
 #include <errno.h>
 
+#include "common/assert.h"
 #include "dirty-bitmaps/dirty-bitmaps.h"
 #include "schemas/qmp-events.h"
 
@@ -112,6 +113,7 @@ cbt_nbd_export_list(void)
 GPtrArray *
 cbt_nbd_export_query(void)
 {
+  CBT_ASSERT_MAIN_THREAD();
   GPtrArray *out = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_nbd_export_unref);
 
   pthread_mutex_lock(&cbt_nbd_lock);
@@ -348,6 +350,7 @@ export_new(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd)
 gboolean
 cbt_nbd_export_add(const CbtQmpBlockExportOptions *o, GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   CbtBlockdev *bd = check_common(o, error);
   if (!bd)
     return FALSE;
@@ -379,6 +382,7 @@ cbt_nbd_export_add(const CbtQmpBlockExportOptions *o, GError **error)
 gboolean
 cbt_nbd_export_del(const char *id, gboolean hard, GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   pthread_mutex_lock(&cbt_nbd_lock);
   CbtNbdExport *exp = find_id_locked(id);
   g_autofree char *fail = NULL;
@@ -406,6 +410,7 @@ cbt_nbd_export_del(const char *id, gboolean hard, GError **error)
 void
 cbt_nbd_export_shutdown_all(gboolean wait_for_clients)
 {
+  CBT_ASSERT_MAIN_THREAD();
   g_autoptr(GPtrArray) all = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_nbd_export_unref);
 
   pthread_mutex_lock(&cbt_nbd_lock);
