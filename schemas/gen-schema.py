@@ -16,21 +16,10 @@ import os
 import sys
 
 import gen_c
+from gen_c import kind_of, member_type
 
 BUILTINS = {'str', 'int', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
             'uint64', 'size', 'number', 'bool', 'null', 'any'}
-KINDS = ('enum', 'struct', 'union', 'alternate', 'command', 'event')
-
-
-def kind_of(ent):
-    for k in KINDS:
-        if k in ent:
-            return k
-    raise SystemExit('schema: entity without a kind: %r' % ent)
-
-
-def member_type(spec):
-    return spec['type'] if isinstance(spec, dict) else spec
 
 
 def type_refs(t):
