@@ -7,13 +7,9 @@
  * OUTPUT_LIMIT is dropped.
  */
 #include "rpc/rpc-private.h"
+#include "common/sockets.h"
 
-#include <errno.h>
 #include <glib/gstdio.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #define READ_CHUNK (16 * 1024)  /* per client, allocated with it */
@@ -228,7 +224,8 @@ static void listener_free(gpointer p)
   g_socket_listener_close(G_SOCKET_LISTENER(l->service));
   g_signal_handlers_disconnect_by_data(l->service, l);
   g_object_unref(l->service);
-  g_unlink(l->path);
+  if (l->path)
+    g_unlink(l->path); /* a unix socket's file (NULL for other kinds) */
   g_free(l->path);
   g_free(l);
 }
@@ -259,70 +256,23 @@ void cbt_rpc_monitors_free(CbtRpcMonitors *mons)
   g_free(mons);
 }
 
-/* A listening unix socket at @path, with QEMU's error texts. A stale socket file is replaced;
- * unlike QEMU, any other kind of file is left alone (bind then fails with EADDRINUSE).
- * The socket is bound and listening under a temporary name first and renamed into place, so a
- * client that sees the path never gets "connection refused". */
-static GSocket *bind_unix(const char *path, GError **error)
+gboolean cbt_rpc_monitors_listen(CbtRpcMonitors *mons, const CbtQmpSocketAddress *addr,
+                                 gboolean pretty, GError **error)
 {
-  struct sockaddr_un sa = { .sun_family = AF_UNIX };
-  g_autofree char *tmp = g_strdup_printf("%s.%d~", path, (int)getpid());
-  GStatBuf st;
-  int fd, err;
-
-  if (strlen(path) >= sizeof(sa.sun_path)) {
-    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
-                "UNIX socket path '%s' is too long", path);
-    return NULL;
-  }
-  gboolean exists = g_lstat(path, &st) == 0;
-  /* Publish by rename only where that cannot clobber a non-socket file or overflow sun_path. */
-  const char *bind_path = strlen(tmp) < sizeof(sa.sun_path) && (!exists || S_ISSOCK(st.st_mode))
-                            ? tmp : path;
-  strcpy(sa.sun_path, bind_path);
-  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    err = errno;
-    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Failed to create Unix socket: %s",
-                g_strerror(err));
-    return NULL;
-  }
-  if (bind_path == path && exists && S_ISSOCK(st.st_mode))
-    g_unlink(path);
-  if (bind_path != path)
-    g_unlink(tmp);
-  if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-    err = errno;
-    close(fd);
-    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Failed to bind socket to %s: %s",
-                path, g_strerror(err));
-    return NULL;
-  }
-  if (listen(fd, 16) < 0 || (bind_path != path && rename(tmp, path) < 0)) {
-    err = errno;
-    close(fd);
-    g_unlink(bind_path);
-    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Failed to listen on socket: %s",
-                g_strerror(err));
-    return NULL;
-  }
-  GSocket *sock = g_socket_new_from_fd(fd, error);
-  if (!sock) {
-    close(fd);
-    g_unlink(path);
-  }
-  return sock;
-}
-
-gboolean cbt_rpc_monitors_listen(CbtRpcMonitors *mons, const char *path, gboolean pretty,
-                                 GError **error)
-{
-  g_autoptr(GSocket) sock = bind_unix(path, error);
+  int fd = cbt_socket_listen(addr, 0, error);
+  const char *path = cbt_socket_address_path(addr);
   Listener *l;
   gboolean ok;
 
-  if (!sock)
+  if (fd < 0)
     return FALSE;
+  g_autoptr(GSocket) sock = g_socket_new_from_fd(fd, error);
+  if (!sock) {
+    close(fd);
+    if (path)
+      g_unlink(path);
+    return FALSE;
+  }
   l = g_new0(Listener, 1);
   l->mons = mons;
   l->path = g_strdup(path);
@@ -338,7 +288,8 @@ gboolean cbt_rpc_monitors_listen(CbtRpcMonitors *mons, const char *path, gboolea
   g_main_context_pop_thread_default(mons->context);
   if (!ok) {
     g_object_unref(l->service);
-    g_unlink(l->path);
+    if (l->path)
+      g_unlink(l->path);
     g_free(l->path);
     g_free(l);
     return FALSE;

@@ -201,8 +201,8 @@ JsonNode *cbt_rpc_error_reply(const GError *error, JsonNode *id);
 
 CbtRpcMonitors *cbt_rpc_monitors_new(CbtRpc *rpc, GMainContext *context);
 void cbt_rpc_monitors_free(CbtRpcMonitors *mons);
-gboolean cbt_rpc_monitors_listen(CbtRpcMonitors *mons, const char *path, gboolean pretty,
-                                 GError **error);
+gboolean cbt_rpc_monitors_listen(CbtRpcMonitors *mons, const CbtQmpSocketAddress *addr,
+                                 gboolean pretty, GError **error);
 void cbt_rpc_monitors_close_all(CbtRpcMonitors *mons);
 /* TRUE while some client has output queued or being written. */
 gboolean cbt_rpc_monitors_busy(CbtRpcMonitors *mons);

@@ -13,6 +13,8 @@
 #include <glib.h>
 #include <json-glib/json-glib.h>
 
+#include "schemas/qmp-types.h"
+
 G_BEGIN_DECLS
 
 /* QMP error classes. A handler's GError in CBT_RPC_ERROR becomes {"class": <class>, "desc":
@@ -60,8 +62,11 @@ void cbt_rpc_register(CbtRpc *rpc, const CbtRpcCommand *cmds, gsize n, gpointer 
 /* FALSE with @error naming the first schema command that has no handler. */
 gboolean cbt_rpc_check_complete(CbtRpc *rpc, GError **error);
 
-/* Serve QMP on a listening unix socket at @path (created; an existing socket file is replaced).
- * Each connected client is served independently of every other. */
+/* Serve QMP on a socket listening at @addr (common/sockets.h: a unix socket's file is created,
+ * replacing a stale socket, and removed at close). Each connected client is served
+ * independently of every other. */
+gboolean cbt_rpc_listen(CbtRpc *rpc, const CbtQmpSocketAddress *addr, gboolean pretty,
+                        GError **error);
 gboolean cbt_rpc_listen_unix(CbtRpc *rpc, const char *path, gboolean pretty, GError **error);
 /* Stop listening and drop every client (the socket files are unlinked). Output not yet written
  * is lost: call cbt_rpc_flush() first for a clean exit. */

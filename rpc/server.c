@@ -4,6 +4,7 @@
 #include "rpc/rpc-private.h"
 #include "rpc/schema-data.h"
 #include "common/keyval.h"
+#include "common/sockets.h"
 
 G_DEFINE_QUARK(cbt-rpc-error-quark, cbt_rpc_error)
 
@@ -106,10 +107,18 @@ gboolean cbt_rpc_check_complete(CbtRpc *rpc, GError **error)
   return TRUE;
 }
 
-gboolean cbt_rpc_listen_unix(CbtRpc *rpc, const char *path, gboolean pretty, GError **error)
+gboolean cbt_rpc_listen(CbtRpc *rpc, const CbtQmpSocketAddress *addr, gboolean pretty,
+                        GError **error)
 {
   CBT_ASSERT_MAIN_THREAD();
-  return cbt_rpc_monitors_listen(rpc->monitors, path, pretty, error);
+  return cbt_rpc_monitors_listen(rpc->monitors, addr, pretty, error);
+}
+
+gboolean cbt_rpc_listen_unix(CbtRpc *rpc, const char *path, gboolean pretty, GError **error)
+{
+  g_autoptr(CbtQmpSocketAddress) addr = cbt_socket_address_unix(path);
+
+  return cbt_rpc_listen(rpc, addr, pretty, error);
 }
 
 void cbt_rpc_close_all(CbtRpc *rpc)

@@ -8,105 +8,13 @@
  * anything else as a string (use the JSON form to send a numeric-looking string).
  * Exit status: 0 on a "return", 1 on an "error" reply, 2 on usage or connection failure.
  */
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <unistd.h>
 
 #include "common/keyval.h"
+#include "common/qmp-client.h"
 #include "rpc/rpc.h"
-
-typedef struct {
-  int fd;
-  GString *buf;
-} Conn;
-
-static gboolean
-conn_open(Conn *c, const char *path, GError **error)
-{
-  struct sockaddr_un sa = { .sun_family = AF_UNIX };
-  if (strlen(path) >= sizeof(sa.sun_path)) {
-    g_set_error(error, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT, "socket path too long: %s",
-                path);
-    return FALSE;
-  }
-  strcpy(sa.sun_path, path);
-  c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (c->fd < 0 || connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-    g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "cannot connect to %s: %s",
-                path, g_strerror(errno));
-    return FALSE;
-  }
-  c->buf = g_string_new(NULL);
-  return TRUE;
-}
-
-/* The next message: one JSON object per line. */
-static JsonNode *
-conn_read(Conn *c, GError **error)
-{
-  for (;;) {
-    char *nl = memchr(c->buf->str, '\n', c->buf->len);
-    if (nl) {
-      gsize len = nl - c->buf->str + 1;
-      g_autofree char *line = g_strndup(c->buf->str, len);
-      g_string_erase(c->buf, 0, len);
-      g_autoptr(JsonParser) p = json_parser_new();
-      if (!json_parser_load_from_data(p, line, -1, error))
-        return NULL;
-      return json_node_copy(json_parser_get_root(p));
-    }
-    char tmp[65536];
-    ssize_t n = read(c->fd, tmp, sizeof(tmp));
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n <= 0) {
-      g_set_error_literal(error, G_IO_ERROR, G_IO_ERROR_CONNECTION_CLOSED,
-                          "connection closed by the server");
-      return NULL;
-    }
-    g_string_append_len(c->buf, tmp, n);
-  }
-}
-
-static gboolean
-conn_write(Conn *c, const char *text, GError **error)
-{
-  gsize len = strlen(text), done = 0;
-  while (done < len) {
-    ssize_t n = write(c->fd, text + done, len - done);
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n < 0) {
-      g_set_error(error, G_IO_ERROR, g_io_error_from_errno(errno), "write: %s",
-                  g_strerror(errno));
-      return FALSE;
-    }
-    done += n;
-  }
-  return TRUE;
-}
-
-/* Send @request and return the reply (events before it are skipped). */
-static JsonNode *
-conn_call(Conn *c, JsonNode *request, GError **error)
-{
-  g_autofree char *text = json_to_string(request, FALSE);
-  g_autofree char *line = g_strconcat(text, "\n", NULL);
-  if (!conn_write(c, line, error))
-    return NULL;
-  for (;;) {
-    g_autoptr(JsonNode) msg = conn_read(c, error);
-    if (!msg)
-      return NULL;
-    if (JSON_NODE_HOLDS_OBJECT(msg) && !json_object_has_member(json_node_get_object(msg),
-                                                                "event"))
-      return g_steal_pointer(&msg);
-  }
-}
 
 /* Give keyval's string leaves the JSON type they spell. */
 static JsonNode *
@@ -208,26 +116,19 @@ main(int argc, char **argv)
     return 2;
   }
 
-  Conn c = { -1, NULL };
-  g_autoptr(JsonNode) greeting = NULL, caps = NULL, reply = NULL;
-  g_autoptr(JsonObject) neg = json_object_new();
+  g_autoptr(CbtQmpClient) c = cbt_qmp_client_connect_unix(path, TRUE, 0, &error);
   g_autoptr(JsonObject) req = json_object_new();
-  json_object_set_string_member(neg, "execute", "qmp_capabilities");
+  g_autoptr(JsonObject) r = NULL;
+
   json_object_set_string_member(req, "execute", command);
   if (args)
     json_object_set_object_member(req, "arguments", json_object_ref(args));
-  g_autoptr(JsonNode) neg_node = json_node_init_object(json_node_alloc(), neg);
-  g_autoptr(JsonNode) req_node = json_node_init_object(json_node_alloc(), req);
-
-  if (!conn_open(&c, path, &error) || !(greeting = conn_read(&c, &error)) ||
-      !(caps = conn_call(&c, neg_node, &error)) || !(reply = conn_call(&c, req_node, &error))) {
+  if (!c || !(r = cbt_qmp_client_request(c, req, &error))) {
     fprintf(stderr, "cbtctl: %s\n", error->message);
     return 2;
   }
-  close(c.fd);
-  g_string_free(c.buf, TRUE);
+  g_autoptr(JsonNode) reply = json_node_init_object(json_node_alloc(), r);
 
-  JsonObject *r = json_node_get_object(reply);
   if (json_object_has_member(r, "error")) {
     JsonObject *e = json_object_get_object_member(r, "error");
     if (raw) {

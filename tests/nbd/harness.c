@@ -5,11 +5,11 @@
 #include <glib/gstdio.h>
 #include <stdio.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include "blockdev/blockdev.h"
 #include "common/assert.h"
+#include "common/sockets.h"
 #include "dirty-bitmaps/dirty-bitmaps.h"
 #include "nbd/nbd.h"
 #include "schemas/qmp-commands.h"
@@ -216,14 +216,9 @@ harness_spin(guint ms)
 int
 harness_connect_raw(void)
 {
-  struct sockaddr_un sun = { .sun_family = AF_UNIX };
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  g_strlcpy(sun.sun_path, harness.sock, sizeof sun.sun_path);
-  if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof sun) < 0) {
-    if (fd >= 0)
-      close(fd);
+  int fd = cbt_socket_connect_unix(harness.sock, NULL);
+  if (fd < 0)
     return -1;
-  }
   struct timeval tv = { .tv_sec = 10 };
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   return fd;
