@@ -14,7 +14,6 @@
 #include "nbd/nbd-internal.h"
 
 #include <errno.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -107,39 +106,42 @@ validate(CbtNbdConn *conn, const Request *r, const char **msg)
 /* --- buffered intake ----------------------------------------------------------------------- */
 
 /* Adaptive polling (the idea of QEMU's IOThread poll-max-ns): a client that sends its next
- * request within moments of our reply is waited for by spinning on a non-blocking recv, not by
- * sleeping. Sleeping costs two wake-ups per round trip, and on a virtual machine a wake-up of an
+ * request within moments of our reply is waited for by spinning on a non-blocking receive, not
+ * by sleeping. Sleeping costs two wake-ups per round trip, and on a virtual machine a wake-up of an
  * idle vCPU (an IPI and a VM exit) costs more than a cached 4 KiB read. The spin budget follows
  * the client: it doubles while waits end soon after it ran out and halves when a wait outlasts
  * cbt_nbd_poll_max_ns(), so a slow or idle client soon costs no CPU. Only data I/O spins: after a
  * BLOCK_STATUS reply the client has hundreds of extents to digest, and a backup's map walk is
- * bound by that, not by our wake-up. */
+ * bound by that, not by our wake-up. Bytes the transport already holds are no wait at all: they
+ * are taken at once and say nothing about the client's pace. */
 static ssize_t
 receive(Reader *rd)
 {
-  int fd = rd->conn->fd;
+  CbtNbdTransport *t = rd->conn->transport;
   guint8 *p = rd->in + rd->end;
   gsize room = INBUF_SIZE - rd->end;
   gint64 poll_max = cbt_nbd_poll_max_ns();
   gint64 t0 = 0;
 
+  if (t->ops->pending(t) > 0)
+    return t->ops->recv_nowait(t, p, room);
   if (!rd->last_was_data || poll_max == 0 || cbt_nbd_pool_busy(rd->pool))
-    return recv(fd, p, room, 0); /* workers have requests: their replies prompt the client */
+    return t->ops->recv(t, p, room); /* workers have requests: their replies prompt the client */
   if (rd->poll_ns > 0) {
     t0 = g_get_monotonic_time();
     gint64 until = t0 + rd->poll_ns / 1000;
     do {
-      ssize_t r = recv(fd, p, room, MSG_DONTWAIT);
+      ssize_t r = t->ops->recv_nowait(t, p, room);
       if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
         return r;
     } while (g_get_monotonic_time() < until);
   } else {
-    ssize_t r = recv(fd, p, room, MSG_DONTWAIT);
+    ssize_t r = t->ops->recv_nowait(t, p, room);
     if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
       return r;
     t0 = g_get_monotonic_time();
   }
-  ssize_t r = recv(fd, p, room, 0);
+  ssize_t r = t->ops->recv(t, p, room);
   gint64 waited_ns = (g_get_monotonic_time() - t0) * 1000;
   if (waited_ns > poll_max)
     rd->poll_ns = rd->poll_ns / 2 >= CBT_NBD_POLL_MIN_NS ? rd->poll_ns / 2 : 0;
@@ -174,15 +176,18 @@ fill(Reader *rd, gsize want)
 
 /* The rest of a message whose start has arrived: the client is sending it now (a header and its
  * payload often leave in two sends), so it is spun for, up to the polling cap, rather than slept
- * for. Advances *@dst and *@len; FALSE at EOF or on a socket error. */
+ * for; what the transport holds already is taken whatever the cap. Advances *@dst and *@len;
+ * FALSE at EOF or on a socket error. */
 static gboolean
 spin_for(Reader *rd, guint8 **dst, guint64 *len)
 {
+  CbtNbdTransport *t = rd->conn->transport;
   gint64 poll_max = cbt_nbd_poll_max_ns();
   gint64 until = poll_max ? g_get_monotonic_time() + poll_max / 1000 : 0;
 
-  while (*len > 0 && poll_max && g_get_monotonic_time() < until) {
-    ssize_t r = recv(rd->conn->fd, *dst, *len, MSG_DONTWAIT);
+  while (*len > 0
+         && (t->ops->pending(t) > 0 || (poll_max && g_get_monotonic_time() < until))) {
+    ssize_t r = t->ops->recv_nowait(t, *dst, *len);
     if (r > 0) {
       *dst += r;
       *len -= (guint64)r;
@@ -194,7 +199,7 @@ spin_for(Reader *rd, guint8 **dst, guint64 *len)
 }
 
 /* @len payload bytes into @dst (NULL: drop them), the buffered part first, the rest straight
- * from the socket. */
+ * from the transport. */
 static gboolean
 take_payload(Reader *rd, guint8 *dst, guint64 len)
 {
