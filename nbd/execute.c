@@ -3,7 +3,8 @@
  * Called by a worker, or by the reader for requests it serves itself; always between
  * cbt_blockdev_io_begin() and _end() so a drain of the node waits for it. READ data comes from
  * the request's pooled buffer, or, for long reads of a node backed by one file, straight from
- * the file to the socket (sendfile) after the chunk header: no copy through user space.
+ * the file to the socket (sendfile) after the chunk header: no copy through user space, on a
+ * transport that can send file data (else through the buffer).
  */
 #include "nbd/nbd-internal.h"
 
@@ -148,7 +149,8 @@ cbt_nbd_read_needs_buffer(CbtNbdConn *conn, guint32 len)
 {
   guint64 fd_offset;
 
-  return len <= CBT_NBD_COPY_MAX || cbt_blockdev_get_data_fd(conn->exp->bd, &fd_offset) < 0;
+  return len <= CBT_NBD_COPY_MAX || !cbt_nbd_transport_can_sendfile(conn->transport)
+         || cbt_blockdev_get_data_fd(conn->exp->bd, &fd_offset) < 0;
 }
 
 /* Long reads of a file-backed node: headers from here, data from the page cache. */
@@ -185,7 +187,10 @@ do_read(CbtNbdReq *r)
 {
   CbtBlockdev *bd = r->conn->exp->bd;
   guint64 fd_offset;
-  int fd = r->len > CBT_NBD_COPY_MAX ? cbt_blockdev_get_data_fd(bd, &fd_offset) : -1;
+  int fd = -1;
+
+  if (r->len > CBT_NBD_COPY_MAX && cbt_nbd_transport_can_sendfile(r->conn->transport))
+    fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
 
   if (fd >= 0) {
     read_zero_copy(r, fd, fd_offset);

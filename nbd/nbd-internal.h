@@ -164,7 +164,8 @@ void cbt_nbd_pool_free(CbtNbdPool *pool);
  * execute_read_prefilled: a READ whose data is already in req->buf. */
 void cbt_nbd_execute(CbtNbdPool *pool, CbtNbdReq *req);
 void cbt_nbd_execute_read_prefilled(CbtNbdReq *req);
-/* Whether a READ of @len bytes needs req->buf (FALSE: zero-copy from the node's file). */
+/* Whether a READ of @len bytes needs req->buf (FALSE: zero-copy from the node's file, which
+ * takes a long read, a node backed by one file and a transport that can send file data). */
 gboolean cbt_nbd_read_needs_buffer(CbtNbdConn *conn, guint32 len);
 
 /* reply.c: a batch of whole replies gathered by one thread (see reply.c). */

@@ -267,7 +267,7 @@ all_cached(int fd, guint64 offset, guint64 len)
 }
 
 /* A long READ sent zero-copy from the page cache by the reader; FALSE when it must go to a
- * worker (not all cached, or no file). */
+ * worker (not all cached, no file, or a transport that cannot send file data). */
 static gboolean
 try_send_inline(CbtNbdPool *pool, CbtNbdReq *req)
 {
@@ -275,6 +275,8 @@ try_send_inline(CbtNbdPool *pool, CbtNbdReq *req)
   guint64 fd_offset;
   gboolean ok = FALSE;
 
+  if (!cbt_nbd_transport_can_sendfile(req->conn->transport))
+    return FALSE;
   cbt_blockdev_io_begin(bd);
   int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
   ok = fd >= 0 && all_cached(fd, fd_offset + req->offset, req->len);
