@@ -185,8 +185,7 @@ spin_for(Reader *rd, guint8 **dst, guint64 *len)
   gint64 poll_max = cbt_nbd_poll_max_ns();
   gint64 until = poll_max ? g_get_monotonic_time() + poll_max / 1000 : 0;
 
-  while (*len > 0
-         && (t->ops->pending(t) > 0 || (poll_max && g_get_monotonic_time() < until))) {
+  while (*len > 0 && (t->ops->pending(t) > 0 || (poll_max && g_get_monotonic_time() < until))) {
     ssize_t r = t->ops->recv_nowait(t, *dst, *len);
     if (r > 0) {
       *dst += r;
