@@ -4,9 +4,9 @@
  * and replies as soon as it completes (execute.c), so replies may leave out of order.
  *
  * The reader serves a request itself, without a thread hand-off, only when it cannot block: a
- * short READ whose data is in the page cache (RWF_NOWAIT), a short buffered WRITE or a
- * BLOCK_STATUS answered from bitmaps alone. That keeps a one-request-at-a-time client at one
- * thread's latency.
+ * READ whose data cachestat() finds in the page cache, a short buffered WRITE or a BLOCK_STATUS
+ * answered from bitmaps alone. That keeps a one-request-at-a-time client at one thread's
+ * latency.
  *
  * On DISC, EOF, a protocol violation or a dead socket the reader stops, waits for every admitted
  * request to be answered and joins the workers before the connection may be freed (P14).
@@ -223,8 +223,39 @@ take_payload(Reader *rd, guint8 *dst, guint64 len)
 
 /* --- serving --------------------------------------------------------------------------------- */
 
+/* How much of a range the page cache holds, from cachestat(2). */
+typedef enum {
+  CACHE_UNKNOWN, /* the kernel cannot tell (before Linux 6.5) */
+  CACHE_PARTLY,  /* some pages, or none */
+  CACHE_ALL,
+} CacheState;
+
+static CacheState
+cache_state(int fd, guint64 offset, guint64 len)
+{
+  static gint unsupported;
+  guint64 page = (guint64)sysconf(_SC_PAGESIZE); /* cachestat counts pages */
+  guint64 first = offset / page, last = (offset + len - 1) / page;
+  CacheRange range = { first * page, (last - first + 1) * page };
+  CacheStat cs;
+
+  if (g_atomic_int_get(&unsupported))
+    return CACHE_UNKNOWN;
+  if (syscall(CBT_NR_CACHESTAT, fd, &range, &cs, 0) < 0) {
+    if (errno == ENOSYS)
+      g_atomic_int_set(&unsupported, 1);
+    return CACHE_UNKNOWN;
+  }
+  return cs.nr_cache == last - first + 1 ? CACHE_ALL : CACHE_PARTLY;
+}
+
 /* A short READ served from the page cache without blocking; FALSE when it must go to a
- * worker (not cached, no file, or a short read). */
+ * worker (not cached, no file, or a short read). The cache is asked first rather than a
+ * RWF_NOWAIT read tried: on a miss that read starts readahead, and readahead over an unwritten
+ * extent (zeroed with FALLOC_FL_ZERO_RANGE) fills zero pages at once, which SEEK_DATA then
+ * reports as data: base:allocation would turn a zeroed range into data where qsd, which
+ * never reads what block status calls zero, keeps it a hole. Where the kernel cannot tell, the
+ * attempt is still made: a worker hand-off for every short read would cost more. */
 static gboolean
 try_read_inline(CbtNbdReq *req)
 {
@@ -234,7 +265,7 @@ try_read_inline(CbtNbdReq *req)
 
   cbt_blockdev_io_begin(bd);
   int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
-  if (fd >= 0) {
+  if (fd >= 0 && cache_state(fd, fd_offset + req->offset, req->len) != CACHE_PARTLY) {
     struct iovec iov = { req->buf, req->len };
     ok = preadv2(fd, &iov, 1, (off_t)(fd_offset + req->offset), RWF_NOWAIT) == (ssize_t)req->len;
     if (ok)
@@ -242,27 +273,6 @@ try_read_inline(CbtNbdReq *req)
   }
   cbt_blockdev_io_end(bd);
   return ok;
-}
-
-/* Whether [offset, offset + len) of @fd is all in the page cache, so sending it cannot block on
- * the disk. FALSE when unknown. */
-static gboolean
-all_cached(int fd, guint64 offset, guint64 len)
-{
-  static gint unsupported;
-  guint64 page = (guint64)sysconf(_SC_PAGESIZE); /* cachestat counts pages */
-  guint64 first = offset / page, last = (offset + len - 1) / page;
-  CacheRange range = { first * page, (last - first + 1) * page };
-  CacheStat cs;
-
-  if (g_atomic_int_get(&unsupported))
-    return FALSE;
-  if (syscall(CBT_NR_CACHESTAT, fd, &range, &cs, 0) < 0) {
-    if (errno == ENOSYS)
-      g_atomic_int_set(&unsupported, 1);
-    return FALSE;
-  }
-  return cs.nr_cache == last - first + 1;
 }
 
 /* A long READ sent zero-copy from the page cache by the reader; FALSE when it must go to a
@@ -278,7 +288,7 @@ try_send_inline(CbtNbdPool *pool, CbtNbdReq *req)
     return FALSE;
   cbt_blockdev_io_begin(bd);
   int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
-  ok = fd >= 0 && all_cached(fd, fd_offset + req->offset, req->len);
+  ok = fd >= 0 && cache_state(fd, fd_offset + req->offset, req->len) == CACHE_ALL;
   cbt_blockdev_io_end(bd);
   if (ok)
     cbt_nbd_execute(pool, req);
