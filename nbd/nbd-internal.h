@@ -117,6 +117,7 @@ typedef struct {
   guint32 len;
   guint8 *buf;   /* pooled across requests: WRITE payload or READ data */
   gsize cap;
+  gboolean zero_copy; /* READ: sent from the node's file, not through buf (transmit.c) */
   guint64 write_seq;  /* write-type: admission order; 0 once finished (under the pool lock) */
   guint64 flush_upto; /* FLUSH: the last write admitted before it */
   gint next;          /* free-list / queue link */
@@ -164,9 +165,9 @@ void cbt_nbd_pool_free(CbtNbdPool *pool);
  * execute_read_prefilled: a READ whose data is already in req->buf. */
 void cbt_nbd_execute(CbtNbdPool *pool, CbtNbdReq *req);
 void cbt_nbd_execute_read_prefilled(CbtNbdReq *req);
-/* Whether a READ of @len bytes needs req->buf (FALSE: zero-copy from the node's file, which
- * takes a long read, a node backed by one file and a transport that can send file data). */
-gboolean cbt_nbd_read_needs_buffer(CbtNbdConn *conn, guint32 len);
+/* A READ sent zero-copy from @fd, the node's data file (@fd_offset: where the node starts in
+ * it); between io_begin and io_end. */
+void cbt_nbd_execute_read_zero_copy(CbtNbdReq *req, int fd, guint64 fd_offset);
 
 /* reply.c: a batch of whole replies gathered by one thread (see reply.c). */
 #define CBT_NBD_CORK_SIZE (64u << 10)

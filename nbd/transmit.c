@@ -275,24 +275,51 @@ try_read_inline(CbtNbdReq *req)
   return ok;
 }
 
-/* A long READ sent zero-copy from the page cache by the reader; FALSE when it must go to a
- * worker (not all cached, no file, or a transport that cannot send file data). */
+/* How a READ goes out. */
+typedef enum {
+  READ_BUFFERED,         /* through req->buf */
+  READ_ZERO_COPY,        /* sendfile from the node's file, by a worker */
+  READ_ZERO_COPY_INLINE, /* the same by the reader: all cached, so it cannot block */
+} ReadPath;
+
+/* Zero-copy takes a long read, a node backed by one file and a transport that can send file
+ * data, and then only a range all in the page cache. A range partly on the disk goes through
+ * the buffer, read as qsd reads it (execute.c read_sparse): sendfile reads in pipe-sized steps,
+ * which the kernel takes for a sequential stream and reads ahead of, well past the request,
+ * into zero pages of unwritten extents that SEEK_DATA then counts as data; one pread per data
+ * run is read ahead of as qsd's are. Where the kernel cannot tell, zero-copy stays. */
+static ReadPath
+read_path(CbtNbdConn *conn, const Request *r)
+{
+  CbtBlockdev *bd = conn->exp->bd;
+  guint64 fd_offset;
+  CacheState c = CACHE_PARTLY;
+
+  if (r->len <= CBT_NBD_COPY_MAX || !cbt_nbd_transport_can_sendfile(conn->transport))
+    return READ_BUFFERED;
+  cbt_blockdev_io_begin(bd);
+  int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
+  if (fd >= 0)
+    c = cache_state(fd, fd_offset + r->offset, r->len);
+  cbt_blockdev_io_end(bd);
+  if (c == CACHE_ALL)
+    return READ_ZERO_COPY_INLINE;
+  return c == CACHE_UNKNOWN ? READ_ZERO_COPY : READ_BUFFERED;
+}
+
+/* A long READ sent zero-copy from the page cache by the reader. */
 static gboolean
-try_send_inline(CbtNbdPool *pool, CbtNbdReq *req)
+try_send_inline(CbtNbdReq *req)
 {
   CbtBlockdev *bd = req->conn->exp->bd;
   guint64 fd_offset;
-  gboolean ok = FALSE;
 
-  if (!cbt_nbd_transport_can_sendfile(req->conn->transport))
-    return FALSE;
   cbt_blockdev_io_begin(bd);
   int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
-  ok = fd >= 0 && cache_state(fd, fd_offset + req->offset, req->len) == CACHE_ALL;
+  if (fd >= 0)
+    cbt_nbd_execute_read_zero_copy(req, fd, fd_offset);
   cbt_blockdev_io_end(bd);
-  if (ok)
-    cbt_nbd_execute(pool, req);
-  return ok;
+  return fd >= 0;
 }
 
 static gboolean
@@ -316,11 +343,12 @@ cheap_status(CbtNbdConn *conn)
 
 /* Serve @req on the reader's thread when that cannot block; FALSE: a worker must. */
 static gboolean
-serve_inline(Reader *rd, CbtNbdReq *req, gboolean buffered)
+serve_inline(Reader *rd, CbtNbdReq *req, ReadPath path)
 {
+  if (req->type == NBD_CMD_READ && path == READ_BUFFERED)
+    return req->len <= CBT_NBD_INLINE_MAX && try_read_inline(req);
   if (req->type == NBD_CMD_READ)
-    return buffered ? req->len <= CBT_NBD_INLINE_MAX && try_read_inline(req)
-                    : try_send_inline(rd->pool, req);
+    return path == READ_ZERO_COPY_INLINE && try_send_inline(req);
   if (req->type == NBD_CMD_BLOCK_STATUS ? !cheap_status(rd->conn) : !cheap_write(rd->conn, req))
     return FALSE;
   cbt_nbd_execute(rd->pool, req);
@@ -331,11 +359,10 @@ serve_inline(Reader *rd, CbtNbdReq *req, gboolean buffered)
 static gboolean
 start_request(Reader *rd, const Request *r)
 {
-  CbtNbdConn *conn = rd->conn;
+  ReadPath path = r->type == NBD_CMD_READ ? read_path(rd->conn, r) : READ_BUFFERED;
   gsize need = 0;
 
-  if (r->type == NBD_CMD_WRITE
-      || (r->type == NBD_CMD_READ && cbt_nbd_read_needs_buffer(conn, r->len)))
+  if (r->type == NBD_CMD_WRITE || (r->type == NBD_CMD_READ && path == READ_BUFFERED))
     need = r->len;
   rd->last_was_data = r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE;
   CbtNbdReq *req = cbt_nbd_pool_admit(rd->pool, r->type, need);
@@ -346,11 +373,12 @@ start_request(Reader *rd, const Request *r)
   req->cookie = r->cookie;
   req->offset = r->offset;
   req->len = r->len;
+  req->zero_copy = path != READ_BUFFERED;
   if (r->type == NBD_CMD_WRITE && !take_payload(rd, req->buf, r->len)) {
     cbt_nbd_pool_complete(rd->pool, req);
     return FALSE;
   }
-  if (serve_inline(rd, req, need != 0))
+  if (serve_inline(rd, req, path))
     cbt_nbd_pool_complete(rd->pool, req);
   else
     cbt_nbd_pool_submit(rd->pool, req);
