@@ -2,8 +2,9 @@
  *
  * Called by a worker, or by the reader for requests it serves itself; always between
  * cbt_blockdev_io_begin() and _end() so a drain of the node waits for it. READ data comes from
- * the request's pooled buffer, or, for long reads of a node backed by one file, straight from
- * the file to the socket (sendfile) after the chunk header: no copy through user space.
+ * the request's pooled buffer, or, for long reads the reader chose to send zero-copy (transmit.c
+ * read_path()), straight from the node's file to the transport (sendfile) after the chunk
+ * header: no copy through user space.
  */
 #include "nbd/nbd-internal.h"
 
@@ -56,10 +57,11 @@ typedef struct {
   gboolean hole;
 } Run;
 
-/* Split the request into data and hole runs from base:allocation. Failure to learn the status
- * only costs efficiency: the rest is data. */
+/* Split the request into data and hole runs from base:allocation; ZERO runs shorter than
+ * @min_hole count as data. Failure to learn the status only costs efficiency: the rest is
+ * data. */
 static GArray *
-read_runs(CbtNbdReq *r)
+read_runs(CbtNbdReq *r, guint32 min_hole)
 {
   GArray *runs = g_array_new(FALSE, FALSE, sizeof(Run));
   guint32 pos = 0;
@@ -73,7 +75,7 @@ read_runs(CbtNbdReq *r)
                                      &status)
                == 0
         && pnum > 0 && pnum <= r->len - pos)
-      hole = (status & CBT_BLOCKDEV_STATUS_ZERO) && pnum >= MIN_HOLE_CHUNK;
+      hole = (status & CBT_BLOCKDEV_STATUS_ZERO) && pnum >= min_hole;
     else
       pnum = r->len - pos;
     Run *last = runs->len ? &g_array_index(runs, Run, runs->len - 1) : NULL;
@@ -110,6 +112,21 @@ may_hold_hole(const guint8 *buf, gsize len)
   return FALSE;
 }
 
+/* The chunks of a structured READ whose data runs are in req->buf. */
+static void
+send_runs_locked(CbtNbdReq *r, GArray *runs)
+{
+  for (guint i = 0; i < runs->len; i++) {
+    Run *run = &g_array_index(runs, Run, i);
+    gboolean done = i + 1 == runs->len;
+    guint64 off = r->offset + run->start;
+    if (run->hole)
+      cbt_nbd_reply_hole_locked(r->conn, r->cookie, done, off, run->len);
+    else
+      cbt_nbd_reply_data_locked(r->conn, r->cookie, done, off, r->buf + run->start, run->len);
+  }
+}
+
 void
 cbt_nbd_execute_read_prefilled(CbtNbdReq *r)
 {
@@ -121,45 +138,49 @@ cbt_nbd_execute_read_prefilled(CbtNbdReq *r)
     return;
   }
   if (!(r->flags & NBD_CMD_FLAG_DF) && may_hold_hole(r->buf, r->len))
-    runs = read_runs(r);
+    runs = read_runs(r, MIN_HOLE_CHUNK);
   pthread_mutex_lock(&conn->send_lock);
-  if (!runs || runs->len == 1) {
-    Run *only = runs ? &g_array_index(runs, Run, 0) : NULL;
-    if (only && only->hole)
-      cbt_nbd_reply_hole_locked(conn, r->cookie, TRUE, r->offset, r->len);
-    else
-      cbt_nbd_reply_data_locked(conn, r->cookie, TRUE, r->offset, r->buf, r->len);
-  } else {
-    for (guint i = 0; i < runs->len; i++) {
-      Run *run = &g_array_index(runs, Run, i);
-      gboolean done = i + 1 == runs->len;
-      if (run->hole)
-        cbt_nbd_reply_hole_locked(conn, r->cookie, done, r->offset + run->start, run->len);
-      else
-        cbt_nbd_reply_data_locked(conn, r->cookie, done, r->offset + run->start,
-                                  r->buf + run->start, run->len);
-    }
-  }
+  if (runs)
+    send_runs_locked(r, runs);
+  else
+    cbt_nbd_reply_data_locked(conn, r->cookie, TRUE, r->offset, r->buf, r->len);
   pthread_mutex_unlock(&conn->send_lock);
 }
 
-gboolean
-cbt_nbd_read_needs_buffer(CbtNbdConn *conn, guint32 len)
+/* Structured READs whose range is not known to be cached are served as qsd serves every one:
+ * block status first, then one pread per data run, and every zero run, however short, goes out
+ * as a hole chunk unread. Reading zeroes would cache them, and SEEK_DATA counts cached pages of
+ * an unwritten extent (zeroed with FALLOC_FL_ZERO_RANGE) as data: the next map would call the
+ * range data because a client looked at it. */
+static void
+read_sparse(CbtNbdReq *r)
 {
-  guint64 fd_offset;
+  g_autoptr(GArray) runs = read_runs(r, 1);
 
-  return len <= CBT_NBD_COPY_MAX || cbt_blockdev_get_data_fd(conn->exp->bd, &fd_offset) < 0;
+  for (guint i = 0; i < runs->len; i++) {
+    Run *run = &g_array_index(runs, Run, i);
+    int err = run->hole ? 0
+                        : cbt_blockdev_pread(r->conn->exp->bd, r->buf + run->start,
+                                             r->offset + run->start, run->len);
+    if (err < 0) {
+      reply_errno(r, -err);
+      return;
+    }
+  }
+  pthread_mutex_lock(&r->conn->send_lock);
+  send_runs_locked(r, runs);
+  pthread_mutex_unlock(&r->conn->send_lock);
 }
 
 /* Long reads of a file-backed node: headers from here, data from the page cache. */
-static void
-read_zero_copy(CbtNbdReq *r, int fd, guint64 fd_offset)
+void
+cbt_nbd_execute_read_zero_copy(CbtNbdReq *r, int fd, guint64 fd_offset)
 {
   CbtNbdConn *conn = r->conn;
   g_autoptr(GArray) runs = NULL;
 
   if (conn->structured && !(r->flags & NBD_CMD_FLAG_DF))
-    runs = read_runs(r);
+    runs = read_runs(r, MIN_HOLE_CHUNK);
   pthread_mutex_lock(&conn->send_lock);
   if (!conn->structured) {
     cbt_nbd_reply_simple_fd_locked(conn, r->cookie, fd, fd_offset + r->offset, r->len);
@@ -185,16 +206,21 @@ do_read(CbtNbdReq *r)
 {
   CbtBlockdev *bd = r->conn->exp->bd;
   guint64 fd_offset;
-  int fd = r->len > CBT_NBD_COPY_MAX ? cbt_blockdev_get_data_fd(bd, &fd_offset) : -1;
+  int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
 
-  if (fd >= 0) {
-    read_zero_copy(r, fd, fd_offset);
+  if (r->zero_copy && fd >= 0) {
+    cbt_nbd_execute_read_zero_copy(r, fd, fd_offset);
     return;
   }
   if (!r->buf || r->cap < r->len) {
     reply_errno(r, ENOMEM);
     return;
   }
+  if (fd >= 0 && r->conn->structured && !(r->flags & NBD_CMD_FLAG_DF)) {
+    read_sparse(r);
+    return;
+  }
+  /* Simple replies and DF reads carry every byte as data, so they read it all, as qsd's do. */
   int err = cbt_blockdev_pread(bd, r->buf, r->offset, r->len);
   if (err < 0)
     reply_errno(r, -err);

@@ -7,7 +7,6 @@
 #include "nbd/nbd-internal.h"
 
 #include <errno.h>
-#include <sys/socket.h>
 
 typedef enum { OPT_CONTINUE, OPT_TRANSMIT, OPT_DROP } OptResult;
 
@@ -64,8 +63,7 @@ enter_transmission(CbtNbdConn *conn, CbtNbdExport *exp)
   conn->exp = exp;
   conn->eflags = cbt_nbd_export_eflags(exp, conn->structured);
   conn->deadline = 0;
-  struct timeval none = { 0 };
-  setsockopt(conn->fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
+  cbt_nbd_conn_set_send_timeout(conn, 0);
 }
 
 static OptResult

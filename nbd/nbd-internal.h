@@ -16,6 +16,7 @@
 #include <sys/uio.h>
 #include "nbd/nbd.h"
 #include "nbd/nbd-protocol.h"
+#include "nbd/transport.h"
 
 /* Limits (nbd-server.md §12). */
 #define CBT_NBD_MAX_OPTION_PAYLOAD (1u << 20)  /* larger options are discarded unread */
@@ -84,12 +85,13 @@ typedef struct {
   guint bitmap; /* index into exp->bitmaps for DIRTY_BITMAP */
 } CbtNbdMetaSel;
 
-/* One client connection, owned by its thread. Only `fd` (for shutdown()) and `exp` are looked
- * at by other threads, under cbt_nbd_lock; in transmission the connection's workers also read
- * the negotiated fields (immutable by then) and send under `send_lock`. The connection thread
- * joins its workers before the connection is freed. */
+/* One client connection, owned by its thread. Only `transport` (for its shutdown) and `exp` are
+ * looked at by other threads, under cbt_nbd_lock; in transmission the connection's workers also
+ * read the negotiated fields (immutable by then) and send under `send_lock`. The connection
+ * thread joins its workers before the connection is freed. */
 struct CbtNbdConn {
-  int fd;
+  CbtNbdTransport *transport; /* every byte to and from the client; owns the socket */
+  int fd;                     /* the socket itself: for socket options only (server.c) */
   gboolean is_inet;
   gint64 deadline; /* g_get_monotonic_time() limit while handshaking, 0 afterwards */
   gboolean no_zeroes;
@@ -115,6 +117,7 @@ typedef struct {
   guint32 len;
   guint8 *buf;   /* pooled across requests: WRITE payload or READ data */
   gsize cap;
+  gboolean zero_copy; /* READ: sent from the node's file, not through buf (transmit.c) */
   guint64 write_seq;  /* write-type: admission order; 0 once finished (under the pool lock) */
   guint64 flush_upto; /* FLUSH: the last write admitted before it */
   gint next;          /* free-list / queue link */
@@ -130,14 +133,15 @@ gint64 cbt_nbd_handshake_timeout_us(void);
 #define CBT_NBD_POLL_MAX_NS 100000
 gint64 cbt_nbd_poll_max_ns(void);
 
-/* wire.c: blocking socket I/O. Reads honour conn->deadline when it is set. Each returns 0, or
- * -1 on EOF/error (errno set; EOF at a message boundary gives errno 0 from read_full). */
+/* wire.c: whole messages through conn->transport, blocking. Reads honour conn->deadline when it
+ * is set. Each returns 0, or -1 on EOF/error (errno set; EOF at a message boundary gives errno 0
+ * from read_full). */
 int cbt_nbd_read_full(CbtNbdConn *conn, void *buf, gsize len);
 int cbt_nbd_discard(CbtNbdConn *conn, guint64 len);
 int cbt_nbd_write_full(CbtNbdConn *conn, const void *buf, gsize len);
 int cbt_nbd_writev_full(CbtNbdConn *conn, struct iovec *iov, int n);
 /* Send @len bytes of @fd from @offset (zero-copy); bytes past the end of the file go out as
- * zeroes. */
+ * zeroes. Only on a transport that can (cbt_nbd_transport_can_sendfile). */
 int cbt_nbd_sendfile_full(CbtNbdConn *conn, int fd, guint64 offset, gsize len);
 
 /* pool.c: the requests of one connection in transmission and the workers that serve them. */
@@ -161,8 +165,9 @@ void cbt_nbd_pool_free(CbtNbdPool *pool);
  * execute_read_prefilled: a READ whose data is already in req->buf. */
 void cbt_nbd_execute(CbtNbdPool *pool, CbtNbdReq *req);
 void cbt_nbd_execute_read_prefilled(CbtNbdReq *req);
-/* Whether a READ of @len bytes needs req->buf (FALSE: zero-copy from the node's file). */
-gboolean cbt_nbd_read_needs_buffer(CbtNbdConn *conn, guint32 len);
+/* A READ sent zero-copy from @fd, the node's data file (@fd_offset: where the node starts in
+ * it); between io_begin and io_end. */
+void cbt_nbd_execute_read_zero_copy(CbtNbdReq *req, int fd, guint64 fd_offset);
 
 /* reply.c: a batch of whole replies gathered by one thread (see reply.c). */
 #define CBT_NBD_CORK_SIZE (64u << 10)
@@ -228,6 +233,8 @@ GPtrArray *cbt_nbd_export_query(void); /* CbtNbdExport refs, newest first */
 
 /* server.c: ask a connection to end (under cbt_nbd_lock). */
 void cbt_nbd_conn_kick_locked(CbtNbdConn *conn);
+/* server.c: a send that cannot finish within @ms fails (0: sends may wait for ever). */
+void cbt_nbd_conn_set_send_timeout(CbtNbdConn *conn, guint ms);
 /* Wait (main thread) until every connection thread has exited or @timeout_us passed. */
 void cbt_nbd_server_wait_idle(gint64 timeout_us);
 void cbt_nbd_server_stop_listening(void);

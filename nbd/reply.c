@@ -2,18 +2,16 @@
  *
  * Several workers answer one connection, so each reply goes out whole under conn->send_lock:
  * the chunks of one structured reply are never interleaved with another's. Header and payload
- * leave in one sendmsg; zero-copy data follows its header with sendfile. Once a send fails the
- * socket is shut down (the reader stops) and later replies on it are dropped.
+ * leave in one send; zero-copy data follows its header with the transport's sendfile. Once a
+ * send fails the transport is shut down (the reader stops) and later replies on it are dropped.
  *
  * Corking: while the reader serves requests itself and more are already buffered, its small
- * replies are gathered (copied) into a batch and leave in one sendmsg: one syscall for many.
- * A larger reply is not copied: it leaves in the same sendmsg as the batch before it. Only whole
+ * replies are gathered (copied) into a batch and leave in one send: one syscall for many.
+ * A larger reply is not copied: it leaves in the same send as the batch before it. Only whole
  * replies are batched, and any other send by the corking thread flushes the batch first, so
  * bytes of one reply stay in order and together.
  */
 #include "nbd/nbd-internal.h"
-
-#include <sys/socket.h>
 
 static __thread CbtNbdCork *cork; /* the calling thread's batch, or NULL */
 
@@ -22,7 +20,7 @@ sent(CbtNbdConn *conn, int r)
 {
   if (r < 0 && !conn->send_failed) {
     conn->send_failed = TRUE;
-    shutdown(conn->fd, SHUT_RDWR);
+    cbt_nbd_transport_shutdown(conn->transport);
   }
 }
 
@@ -58,7 +56,7 @@ cbt_nbd_cork_flush(CbtNbdCork *c)
 
 /* Batching copies a reply only when something can batch with it: a small one may be followed
  * by more; a mid-sized one is copied only behind replies already waiting. Any other reply leaves
- * directly, in one sendmsg with the batch before it. */
+ * directly, in one send with the batch before it. */
 static void
 sendv_locked(CbtNbdConn *conn, struct iovec *iov, int n)
 {
@@ -212,7 +210,7 @@ cbt_nbd_reply_hole_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint
 }
 
 /* The descriptors are turned into wire order where they lie and leave with their header in
- * one sendmsg: no copy and no allocation. @ext is consumed (its contents are big-endian after). */
+ * one send: no copy and no allocation. @ext is consumed (its contents are big-endian after). */
 void
 cbt_nbd_reply_status_locked(CbtNbdConn *conn, guint64 cookie, guint32 id, GArray *ext,
                             gboolean done)

@@ -6,7 +6,7 @@
  * workers, joined before it returns: transmit.c, pool.c), then cleanup; then it waits up to
  * CBT_NBD_SPARE_WAIT_US for the next client (at most CBT_NBD_SPARE_THREADS wait), so a backup
  * tool that connects once per step does not pay a thread's creation and exit each time.
- * Other threads only shutdown() its socket (under cbt_nbd_lock) to make it leave. With
+ * Other threads only shut its transport down (under cbt_nbd_lock) to make it leave. With
  * max-connections set, the listener stops accepting at the limit, so further clients wait in the
  * backlog (as qsd).
  */
@@ -42,6 +42,7 @@ static struct {
   GQueue spare_conns; /* accepted, for a parked thread to take; under cbt_nbd_lock */
   guint n_parked;     /* threads waiting for spare_conns; under cbt_nbd_lock */
   pthread_cond_t spare; /* a connection was queued, or the server stopped */
+  CbtNbdTransportNew transport_new; /* NULL: plain (tests set another) */
 } srv = { .listen_fd = -1, .handshake_ms = 10000, .poll_max_ns = CBT_NBD_POLL_MAX_NS };
 
 /* The conditions wait on CLOCK_MONOTONIC deadlines, as g_get_monotonic_time() gives them. */
@@ -109,10 +110,26 @@ cbt_nbd_handshake_timeout_us(void)
 }
 
 void
+cbt_nbd_set_transport_new(CbtNbdTransportNew fn)
+{
+  srv.transport_new = fn;
+}
+
+void
 cbt_nbd_conn_kick_locked(CbtNbdConn *conn)
 {
   conn->closing = TRUE;
-  shutdown(conn->fd, SHUT_RDWR);
+  cbt_nbd_transport_shutdown(conn->transport);
+}
+
+/* A socket option rather than a transport's business: a TLS session runs over the same
+ * socket and its sends block in the same place. */
+void
+cbt_nbd_conn_set_send_timeout(CbtNbdConn *conn, guint ms)
+{
+  struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = ms % 1000 * 1000 };
+
+  setsockopt(conn->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
 static void
@@ -126,7 +143,7 @@ conn_free(CbtNbdConn *conn)
     cbt_nbd_export_unref(conn->meta_exp);
   if (conn->meta)
     g_array_unref(conn->meta);
-  close(conn->fd);
+  cbt_nbd_transport_free(conn->transport);
   pthread_mutex_destroy(&conn->send_lock);
   g_free(conn);
 }
@@ -214,6 +231,7 @@ start_conn(int fd)
   int one = 1;
 
   conn->fd = fd;
+  conn->transport = srv.transport_new ? srv.transport_new(fd) : cbt_nbd_transport_plain_new(fd);
   pthread_mutex_init(&conn->send_lock, NULL);
   conn->is_inet = srv.is_inet;
   if (conn->is_inet)
@@ -227,9 +245,7 @@ start_conn(int fd)
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
   conn->deadline = g_get_monotonic_time() + cbt_nbd_handshake_timeout_us();
   /* A client that stops reading cannot hold its handshake thread past the deadline either. */
-  struct timeval tv
-      = { .tv_sec = srv.handshake_ms / 1000, .tv_usec = srv.handshake_ms % 1000 * 1000 };
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  cbt_nbd_conn_set_send_timeout(conn, srv.handshake_ms);
 
   pthread_mutex_lock(&cbt_nbd_lock);
   g_ptr_array_add(srv.conns, conn);

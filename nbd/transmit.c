@@ -4,9 +4,9 @@
  * and replies as soon as it completes (execute.c), so replies may leave out of order.
  *
  * The reader serves a request itself, without a thread hand-off, only when it cannot block: a
- * short READ whose data is in the page cache (RWF_NOWAIT), a short buffered WRITE or a
- * BLOCK_STATUS answered from bitmaps alone. That keeps a one-request-at-a-time client at one
- * thread's latency.
+ * READ whose data cachestat() finds in the page cache, a short buffered WRITE or a BLOCK_STATUS
+ * answered from bitmaps alone. That keeps a one-request-at-a-time client at one thread's
+ * latency.
  *
  * On DISC, EOF, a protocol violation or a dead socket the reader stops, waits for every admitted
  * request to be answered and joins the workers before the connection may be freed (P14).
@@ -14,7 +14,6 @@
 #include "nbd/nbd-internal.h"
 
 #include <errno.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -107,39 +106,42 @@ validate(CbtNbdConn *conn, const Request *r, const char **msg)
 /* --- buffered intake ----------------------------------------------------------------------- */
 
 /* Adaptive polling (the idea of QEMU's IOThread poll-max-ns): a client that sends its next
- * request within moments of our reply is waited for by spinning on a non-blocking recv, not by
- * sleeping. Sleeping costs two wake-ups per round trip, and on a virtual machine a wake-up of an
+ * request within moments of our reply is waited for by spinning on a non-blocking receive, not
+ * by sleeping. Sleeping costs two wake-ups per round trip, and on a virtual machine a wake-up of an
  * idle vCPU (an IPI and a VM exit) costs more than a cached 4 KiB read. The spin budget follows
  * the client: it doubles while waits end soon after it ran out and halves when a wait outlasts
  * cbt_nbd_poll_max_ns(), so a slow or idle client soon costs no CPU. Only data I/O spins: after a
  * BLOCK_STATUS reply the client has hundreds of extents to digest, and a backup's map walk is
- * bound by that, not by our wake-up. */
+ * bound by that, not by our wake-up. Bytes the transport already holds are no wait at all: they
+ * are taken at once and say nothing about the client's pace. */
 static ssize_t
 receive(Reader *rd)
 {
-  int fd = rd->conn->fd;
+  CbtNbdTransport *t = rd->conn->transport;
   guint8 *p = rd->in + rd->end;
   gsize room = INBUF_SIZE - rd->end;
   gint64 poll_max = cbt_nbd_poll_max_ns();
   gint64 t0 = 0;
 
+  if (t->ops->pending(t) > 0)
+    return t->ops->recv_nowait(t, p, room);
   if (!rd->last_was_data || poll_max == 0 || cbt_nbd_pool_busy(rd->pool))
-    return recv(fd, p, room, 0); /* workers have requests: their replies prompt the client */
+    return t->ops->recv(t, p, room); /* workers have requests: their replies prompt the client */
   if (rd->poll_ns > 0) {
     t0 = g_get_monotonic_time();
     gint64 until = t0 + rd->poll_ns / 1000;
     do {
-      ssize_t r = recv(fd, p, room, MSG_DONTWAIT);
+      ssize_t r = t->ops->recv_nowait(t, p, room);
       if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
         return r;
     } while (g_get_monotonic_time() < until);
   } else {
-    ssize_t r = recv(fd, p, room, MSG_DONTWAIT);
+    ssize_t r = t->ops->recv_nowait(t, p, room);
     if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
       return r;
     t0 = g_get_monotonic_time();
   }
-  ssize_t r = recv(fd, p, room, 0);
+  ssize_t r = t->ops->recv(t, p, room);
   gint64 waited_ns = (g_get_monotonic_time() - t0) * 1000;
   if (waited_ns > poll_max)
     rd->poll_ns = rd->poll_ns / 2 >= CBT_NBD_POLL_MIN_NS ? rd->poll_ns / 2 : 0;
@@ -174,15 +176,17 @@ fill(Reader *rd, gsize want)
 
 /* The rest of a message whose start has arrived: the client is sending it now (a header and its
  * payload often leave in two sends), so it is spun for, up to the polling cap, rather than slept
- * for. Advances *@dst and *@len; FALSE at EOF or on a socket error. */
+ * for; what the transport holds already is taken whatever the cap. Advances *@dst and *@len;
+ * FALSE at EOF or on a socket error. */
 static gboolean
 spin_for(Reader *rd, guint8 **dst, guint64 *len)
 {
+  CbtNbdTransport *t = rd->conn->transport;
   gint64 poll_max = cbt_nbd_poll_max_ns();
   gint64 until = poll_max ? g_get_monotonic_time() + poll_max / 1000 : 0;
 
-  while (*len > 0 && poll_max && g_get_monotonic_time() < until) {
-    ssize_t r = recv(rd->conn->fd, *dst, *len, MSG_DONTWAIT);
+  while (*len > 0 && (t->ops->pending(t) > 0 || (poll_max && g_get_monotonic_time() < until))) {
+    ssize_t r = t->ops->recv_nowait(t, *dst, *len);
     if (r > 0) {
       *dst += r;
       *len -= (guint64)r;
@@ -194,7 +198,7 @@ spin_for(Reader *rd, guint8 **dst, guint64 *len)
 }
 
 /* @len payload bytes into @dst (NULL: drop them), the buffered part first, the rest straight
- * from the socket. */
+ * from the transport. */
 static gboolean
 take_payload(Reader *rd, guint8 *dst, guint64 len)
 {
@@ -219,8 +223,39 @@ take_payload(Reader *rd, guint8 *dst, guint64 len)
 
 /* --- serving --------------------------------------------------------------------------------- */
 
+/* How much of a range the page cache holds, from cachestat(2). */
+typedef enum {
+  CACHE_UNKNOWN, /* the kernel cannot tell (before Linux 6.5) */
+  CACHE_PARTLY,  /* some pages, or none */
+  CACHE_ALL,
+} CacheState;
+
+static CacheState
+cache_state(int fd, guint64 offset, guint64 len)
+{
+  static gint unsupported;
+  guint64 page = (guint64)sysconf(_SC_PAGESIZE); /* cachestat counts pages */
+  guint64 first = offset / page, last = (offset + len - 1) / page;
+  CacheRange range = { first * page, (last - first + 1) * page };
+  CacheStat cs;
+
+  if (g_atomic_int_get(&unsupported))
+    return CACHE_UNKNOWN;
+  if (syscall(CBT_NR_CACHESTAT, fd, &range, &cs, 0) < 0) {
+    if (errno == ENOSYS)
+      g_atomic_int_set(&unsupported, 1);
+    return CACHE_UNKNOWN;
+  }
+  return cs.nr_cache == last - first + 1 ? CACHE_ALL : CACHE_PARTLY;
+}
+
 /* A short READ served from the page cache without blocking; FALSE when it must go to a
- * worker (not cached, no file, or a short read). */
+ * worker (not cached, no file, or a short read). The cache is asked first rather than a
+ * RWF_NOWAIT read tried: on a miss that read starts readahead, and readahead over an unwritten
+ * extent (zeroed with FALLOC_FL_ZERO_RANGE) fills zero pages at once, which SEEK_DATA then
+ * reports as data: base:allocation would turn a zeroed range into data where qsd, which
+ * never reads what block status calls zero, keeps it a hole. Where the kernel cannot tell, the
+ * attempt is still made: a worker hand-off for every short read would cost more. */
 static gboolean
 try_read_inline(CbtNbdReq *req)
 {
@@ -230,7 +265,7 @@ try_read_inline(CbtNbdReq *req)
 
   cbt_blockdev_io_begin(bd);
   int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
-  if (fd >= 0) {
+  if (fd >= 0 && cache_state(fd, fd_offset + req->offset, req->len) != CACHE_PARTLY) {
     struct iovec iov = { req->buf, req->len };
     ok = preadv2(fd, &iov, 1, (off_t)(fd_offset + req->offset), RWF_NOWAIT) == (ssize_t)req->len;
     if (ok)
@@ -240,43 +275,51 @@ try_read_inline(CbtNbdReq *req)
   return ok;
 }
 
-/* Whether [offset, offset + len) of @fd is all in the page cache, so sending it cannot block on
- * the disk. FALSE when unknown. */
-static gboolean
-all_cached(int fd, guint64 offset, guint64 len)
-{
-  static gint unsupported;
-  guint64 page = (guint64)sysconf(_SC_PAGESIZE); /* cachestat counts pages */
-  guint64 first = offset / page, last = (offset + len - 1) / page;
-  CacheRange range = { first * page, (last - first + 1) * page };
-  CacheStat cs;
+/* How a READ goes out. */
+typedef enum {
+  READ_BUFFERED,         /* through req->buf */
+  READ_ZERO_COPY,        /* sendfile from the node's file, by a worker */
+  READ_ZERO_COPY_INLINE, /* the same by the reader: all cached, so it cannot block */
+} ReadPath;
 
-  if (g_atomic_int_get(&unsupported))
-    return FALSE;
-  if (syscall(CBT_NR_CACHESTAT, fd, &range, &cs, 0) < 0) {
-    if (errno == ENOSYS)
-      g_atomic_int_set(&unsupported, 1);
-    return FALSE;
-  }
-  return cs.nr_cache == last - first + 1;
+/* Zero-copy takes a long read, a node backed by one file and a transport that can send file
+ * data, and then only a range all in the page cache. A range partly on the disk goes through
+ * the buffer, read as qsd reads it (execute.c read_sparse): sendfile reads in pipe-sized steps,
+ * which the kernel takes for a sequential stream and reads ahead of, well past the request,
+ * into zero pages of unwritten extents that SEEK_DATA then counts as data; one pread per data
+ * run is read ahead of as qsd's are. Where the kernel cannot tell, zero-copy stays. */
+static ReadPath
+read_path(CbtNbdConn *conn, const Request *r)
+{
+  CbtBlockdev *bd = conn->exp->bd;
+  guint64 fd_offset;
+  CacheState c = CACHE_PARTLY;
+
+  if (r->len <= CBT_NBD_COPY_MAX || !cbt_nbd_transport_can_sendfile(conn->transport))
+    return READ_BUFFERED;
+  cbt_blockdev_io_begin(bd);
+  int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
+  if (fd >= 0)
+    c = cache_state(fd, fd_offset + r->offset, r->len);
+  cbt_blockdev_io_end(bd);
+  if (c == CACHE_ALL)
+    return READ_ZERO_COPY_INLINE;
+  return c == CACHE_UNKNOWN ? READ_ZERO_COPY : READ_BUFFERED;
 }
 
-/* A long READ sent zero-copy from the page cache by the reader; FALSE when it must go to a
- * worker (not all cached, or no file). */
+/* A long READ sent zero-copy from the page cache by the reader. */
 static gboolean
-try_send_inline(CbtNbdPool *pool, CbtNbdReq *req)
+try_send_inline(CbtNbdReq *req)
 {
   CbtBlockdev *bd = req->conn->exp->bd;
   guint64 fd_offset;
-  gboolean ok = FALSE;
 
   cbt_blockdev_io_begin(bd);
   int fd = cbt_blockdev_get_data_fd(bd, &fd_offset);
-  ok = fd >= 0 && all_cached(fd, fd_offset + req->offset, req->len);
+  if (fd >= 0)
+    cbt_nbd_execute_read_zero_copy(req, fd, fd_offset);
   cbt_blockdev_io_end(bd);
-  if (ok)
-    cbt_nbd_execute(pool, req);
-  return ok;
+  return fd >= 0;
 }
 
 static gboolean
@@ -300,11 +343,12 @@ cheap_status(CbtNbdConn *conn)
 
 /* Serve @req on the reader's thread when that cannot block; FALSE: a worker must. */
 static gboolean
-serve_inline(Reader *rd, CbtNbdReq *req, gboolean buffered)
+serve_inline(Reader *rd, CbtNbdReq *req, ReadPath path)
 {
+  if (req->type == NBD_CMD_READ && path == READ_BUFFERED)
+    return req->len <= CBT_NBD_INLINE_MAX && try_read_inline(req);
   if (req->type == NBD_CMD_READ)
-    return buffered ? req->len <= CBT_NBD_INLINE_MAX && try_read_inline(req)
-                    : try_send_inline(rd->pool, req);
+    return path == READ_ZERO_COPY_INLINE && try_send_inline(req);
   if (req->type == NBD_CMD_BLOCK_STATUS ? !cheap_status(rd->conn) : !cheap_write(rd->conn, req))
     return FALSE;
   cbt_nbd_execute(rd->pool, req);
@@ -315,11 +359,10 @@ serve_inline(Reader *rd, CbtNbdReq *req, gboolean buffered)
 static gboolean
 start_request(Reader *rd, const Request *r)
 {
-  CbtNbdConn *conn = rd->conn;
+  ReadPath path = r->type == NBD_CMD_READ ? read_path(rd->conn, r) : READ_BUFFERED;
   gsize need = 0;
 
-  if (r->type == NBD_CMD_WRITE
-      || (r->type == NBD_CMD_READ && cbt_nbd_read_needs_buffer(conn, r->len)))
+  if (r->type == NBD_CMD_WRITE || (r->type == NBD_CMD_READ && path == READ_BUFFERED))
     need = r->len;
   rd->last_was_data = r->type == NBD_CMD_READ || r->type == NBD_CMD_WRITE;
   CbtNbdReq *req = cbt_nbd_pool_admit(rd->pool, r->type, need);
@@ -330,11 +373,12 @@ start_request(Reader *rd, const Request *r)
   req->cookie = r->cookie;
   req->offset = r->offset;
   req->len = r->len;
+  req->zero_copy = path != READ_BUFFERED;
   if (r->type == NBD_CMD_WRITE && !take_payload(rd, req->buf, r->len)) {
     cbt_nbd_pool_complete(rd->pool, req);
     return FALSE;
   }
-  if (serve_inline(rd, req, need != 0))
+  if (serve_inline(rd, req, path))
     cbt_nbd_pool_complete(rd->pool, req);
   else
     cbt_nbd_pool_submit(rd->pool, req);
