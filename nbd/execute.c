@@ -285,7 +285,7 @@ do_block_status(CbtNbdReq *r)
     GArray *ext = scratch_array(i);
     int err = cbt_nbd_status_extents(conn->exp, sel, r->offset, r->len, one, ext);
     if (err < 0 || ext->len == 0) {
-      /* Status 0 ("data", "clean") is always a safe answer (nbd-server.md §10). */
+      /* Status 0 ("data", "clean") is always a safe answer (docs/nbd-server.md, "Block status"). */
       CbtNbdExtent e = { (guint32)MIN(r->len, CBT_NBD_MAX_STATUS_LEN - (r->offset & 4095)), 0 };
       g_array_set_size(ext, 0);
       g_array_append_val(ext, e);

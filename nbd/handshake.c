@@ -1,4 +1,4 @@
-/* nbd/handshake.c — fixed-newstyle negotiation (nbd-server.md §4, §5, §18 "cbtd choice").
+/* nbd/handshake.c — fixed-newstyle negotiation (docs/nbd-server.md, "Handshake").
  *
  * Every option's payload is consumed whatever the answer, so the stream never desyncs; options
  * above CBT_NBD_MAX_OPTION_PAYLOAD are discarded without buffering. The loop ends with the

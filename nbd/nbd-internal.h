@@ -18,7 +18,7 @@
 #include "nbd/nbd-protocol.h"
 #include "nbd/transport.h"
 
-/* Limits (nbd-server.md §12). */
+/* Limits (docs/nbd-server.md, "Limits"). */
 #define CBT_NBD_MAX_OPTION_PAYLOAD (1u << 20)  /* larger options are discarded unread */
 #define CBT_NBD_MAX_OPTION_DISCARD (64u << 20) /* larger ones drop the client */
 #define CBT_NBD_OPTION_BUDGET 64u              /* options before GO (+1 per export listed) */
@@ -107,7 +107,8 @@ struct CbtNbdConn {
 };
 
 /* One request of a connection in transmission: a slot of its pool. The slot, and so the
- * request, belongs to one connection for its whole life and is answered there (pitfall P14). */
+ * request, belongs to one connection for its whole life and is answered there
+ * (docs/nbd-server.md, "Connections and their requests"). */
 typedef struct {
   CbtNbdConn *conn;
   guint16 flags;

@@ -6,7 +6,8 @@
  * take queued requests in order, execute and answer them, and free the slot. A slot keeps its
  * buffer for the next request, so the hot path allocates nothing; idle buffers are given back
  * only to make room under the budget. The connection thread frees the pool only after every
- * slot is free and every worker joined, so no worker outlives its connection (pitfall P14).
+ * slot is free and every worker joined, so no worker outlives its connection
+ * (docs/nbd-server.md, "Connections and their requests").
  * The lock and conditions are pthread's rather than GMutex/GCond (futex-based in glib, opaque to
  * ThreadSanitizer), so TSan checks the pool.
  */

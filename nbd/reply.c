@@ -168,7 +168,7 @@ sendfile_locked(CbtNbdConn *conn, guint8 *h, gsize hlen, int fd, guint64 fd_offs
   if (conn->send_failed)
     return;
   /* The header cannot ride in the same call; a failure after it cannot be reported in-band,
-   * so the connection is dropped (nbd-server.md §8, READ). */
+   * so the connection is dropped (docs/nbd-server.md, "Replies"). */
   int r = cbt_nbd_write_full(conn, h, hlen);
   if (r == 0)
     r = cbt_nbd_sendfile_full(conn, fd, fd_offset, len);

@@ -9,7 +9,8 @@
  * latency.
  *
  * On DISC, EOF, a protocol violation or a dead socket the reader stops, waits for every admitted
- * request to be answered and joins the workers before the connection may be freed (P14).
+ * request to be answered and joins the workers before the connection may be freed
+ * (docs/nbd-server.md, "Connections and their requests").
  */
 #include "nbd/nbd-internal.h"
 
@@ -63,8 +64,8 @@ refuse(const char **msg, const char *why, guint32 err)
   return err;
 }
 
-/* Every check before any backend call (nbd-server.md §7). Returns an NBD error (0 = valid) and
- * a message for the error chunk. */
+/* Every check before any backend call (docs/nbd-server.md, "Requests"). Returns an NBD error
+ * (0 = valid) and a message for the error chunk. */
 static guint32
 validate(CbtNbdConn *conn, const Request *r, const char **msg)
 {
