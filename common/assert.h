@@ -32,23 +32,51 @@ typedef struct {
 void cbt_mutex_init(CbtMutex *m);
 void cbt_mutex_clear(CbtMutex *m);
 
+/* The owner bookkeeping, done while the pthread mutex is held. */
+static inline void
+cbt_mutex_note_held_(CbtMutex *m, gboolean held)
+{
+#ifndef NDEBUG
+  if (held)
+    __atomic_store_n(&m->owner, pthread_self(), __ATOMIC_RELAXED);
+  __atomic_store_n(&m->held, held ? 1 : 0, __ATOMIC_RELAXED);
+#else
+  (void)m;
+  (void)held;
+#endif
+}
+
 static inline void
 cbt_mutex_lock(CbtMutex *m)
 {
   pthread_mutex_lock(&m->mutex);
-#ifndef NDEBUG
-  __atomic_store_n(&m->owner, pthread_self(), __ATOMIC_RELAXED);
-  __atomic_store_n(&m->held, 1, __ATOMIC_RELAXED);
-#endif
+  cbt_mutex_note_held_(m, TRUE);
 }
 
 static inline void
 cbt_mutex_unlock(CbtMutex *m)
 {
-#ifndef NDEBUG
-  __atomic_store_n(&m->held, 0, __ATOMIC_RELAXED);
-#endif
+  cbt_mutex_note_held_(m, FALSE);
   pthread_mutex_unlock(&m->mutex);
+}
+
+/* pthread_cond_wait() and _timedwait() on a CbtMutex: the mutex is not held while waiting. */
+static inline int
+cbt_mutex_cond_wait(CbtMutex *m, pthread_cond_t *cond)
+{
+  cbt_mutex_note_held_(m, FALSE);
+  int r = pthread_cond_wait(cond, &m->mutex);
+  cbt_mutex_note_held_(m, TRUE);
+  return r;
+}
+
+static inline int
+cbt_mutex_cond_timedwait(CbtMutex *m, pthread_cond_t *cond, const struct timespec *abstime)
+{
+  cbt_mutex_note_held_(m, FALSE);
+  int r = pthread_cond_timedwait(cond, &m->mutex, abstime);
+  cbt_mutex_note_held_(m, TRUE);
+  return r;
 }
 
 #ifdef NDEBUG

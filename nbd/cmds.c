@@ -124,9 +124,9 @@ cbt_qmp_query_block_exports(GError **error)
     CbtNbdExport *exp = g_ptr_array_index(list, i);
     CbtQmpBlockExportInfo *info = g_new0(CbtQmpBlockExportInfo, 1);
 
-    pthread_mutex_lock(&cbt_nbd_lock);
+    cbt_mutex_lock(&cbt_nbd_lock);
     info->shutting_down = exp->shutting_down;
-    pthread_mutex_unlock(&cbt_nbd_lock);
+    cbt_mutex_unlock(&cbt_nbd_lock);
     info->id = g_strdup(exp->id);
     info->type = CBT_QMP_BLOCK_EXPORT_TYPE_NBD;
     info->node_name = g_strdup(cbt_blockdev_get_node_name(exp->bd));

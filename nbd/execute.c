@@ -116,6 +116,7 @@ may_hold_hole(const guint8 *buf, gsize len)
 static void
 send_runs_locked(CbtNbdReq *r, GArray *runs)
 {
+  CBT_ASSERT_HELD(&r->conn->send_lock);
   for (guint i = 0; i < runs->len; i++) {
     Run *run = &g_array_index(runs, Run, i);
     gboolean done = i + 1 == runs->len;
@@ -139,12 +140,12 @@ cbt_nbd_execute_read_prefilled(CbtNbdReq *r)
   }
   if (!(r->flags & NBD_CMD_FLAG_DF) && may_hold_hole(r->buf, r->len))
     runs = read_runs(r, MIN_HOLE_CHUNK);
-  pthread_mutex_lock(&conn->send_lock);
+  cbt_mutex_lock(&conn->send_lock);
   if (runs)
     send_runs_locked(r, runs);
   else
     cbt_nbd_reply_data_locked(conn, r->cookie, TRUE, r->offset, r->buf, r->len);
-  pthread_mutex_unlock(&conn->send_lock);
+  cbt_mutex_unlock(&conn->send_lock);
 }
 
 /* Structured READs whose range is not known to be cached are served as qsd serves every one:
@@ -167,9 +168,9 @@ read_sparse(CbtNbdReq *r)
       return;
     }
   }
-  pthread_mutex_lock(&r->conn->send_lock);
+  cbt_mutex_lock(&r->conn->send_lock);
   send_runs_locked(r, runs);
-  pthread_mutex_unlock(&r->conn->send_lock);
+  cbt_mutex_unlock(&r->conn->send_lock);
 }
 
 /* Long reads of a file-backed node: headers from here, data from the page cache. */
@@ -181,7 +182,7 @@ cbt_nbd_execute_read_zero_copy(CbtNbdReq *r, int fd, guint64 fd_offset)
 
   if (conn->structured && !(r->flags & NBD_CMD_FLAG_DF))
     runs = read_runs(r, MIN_HOLE_CHUNK);
-  pthread_mutex_lock(&conn->send_lock);
+  cbt_mutex_lock(&conn->send_lock);
   if (!conn->structured) {
     cbt_nbd_reply_simple_fd_locked(conn, r->cookie, fd, fd_offset + r->offset, r->len);
   } else if (!runs) {
@@ -198,7 +199,7 @@ cbt_nbd_execute_read_zero_copy(CbtNbdReq *r, int fd, guint64 fd_offset)
         cbt_nbd_reply_data_fd_locked(conn, r->cookie, done, off, fd, fd_offset + off, run->len);
     }
   }
-  pthread_mutex_unlock(&conn->send_lock);
+  cbt_mutex_unlock(&conn->send_lock);
 }
 
 static void
@@ -292,11 +293,11 @@ do_block_status(CbtNbdReq *r)
     }
   }
   GPtrArray *all = g_private_get(&status_scratch);
-  pthread_mutex_lock(&conn->send_lock);
+  cbt_mutex_lock(&conn->send_lock);
   for (guint i = 0; i < meta->len; i++)
     cbt_nbd_reply_status_locked(conn, r->cookie, g_array_index(meta, CbtNbdMetaSel, i).id,
                                 g_ptr_array_index(all, i), i + 1 == meta->len);
-  pthread_mutex_unlock(&conn->send_lock);
+  cbt_mutex_unlock(&conn->send_lock);
   scratch_trim(meta->len);
 }
 

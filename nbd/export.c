@@ -62,6 +62,7 @@ id_wellformed(const char *id)
 static CbtNbdExport *
 find_id_locked(const char *id)
 {
+  CBT_ASSERT_HELD(&cbt_nbd_lock);
   for (guint i = 0; exports && i < exports->len; i++) {
     CbtNbdExport *exp = g_ptr_array_index(exports, i);
     if (!exp->deleted && strcmp(exp->id, id) == 0)
@@ -74,6 +75,7 @@ find_id_locked(const char *id)
 static CbtNbdExport *
 find_name_locked(const char *name)
 {
+  CBT_ASSERT_HELD(&cbt_nbd_lock);
   for (guint i = 0; exports && i < exports->len; i++) {
     CbtNbdExport *exp = g_ptr_array_index(exports, i);
     if (!exp->shutting_down && strcmp(exp->name, name) == 0)
@@ -85,11 +87,11 @@ find_name_locked(const char *name)
 CbtNbdExport *
 cbt_nbd_export_find_name(const char *name)
 {
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   CbtNbdExport *exp = find_name_locked(name);
   if (exp)
     cbt_nbd_export_ref(exp);
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   return exp;
 }
 
@@ -98,7 +100,7 @@ cbt_nbd_export_list(void)
 {
   GPtrArray *out = g_ptr_array_new_with_free_func(g_free);
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   for (guint i = 0; exports && i < exports->len; i++) {
     CbtNbdExport *exp = g_ptr_array_index(exports, i);
     if (exp->shutting_down)
@@ -106,7 +108,7 @@ cbt_nbd_export_list(void)
     g_ptr_array_add(out, g_strdup(exp->name));
     g_ptr_array_add(out, g_strdup(exp->description ? exp->description : ""));
   }
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   return out;
 }
 
@@ -116,13 +118,13 @@ cbt_nbd_export_query(void)
   CBT_ASSERT_MAIN_THREAD();
   GPtrArray *out = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_nbd_export_unref);
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   for (guint i = exports ? exports->len : 0; i > 0; i--) {
     CbtNbdExport *exp = g_ptr_array_index(exports, i - 1);
     if (!exp->deleted)
       g_ptr_array_add(out, cbt_nbd_export_ref(exp));
   }
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   return out;
 }
 
@@ -146,14 +148,14 @@ cbt_nbd_export_eflags(CbtNbdExport *exp, gboolean structured)
 static void
 export_finalize(CbtNbdExport *exp)
 {
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   if (exp->deleted || exp->conns->len > 0) {
-    pthread_mutex_unlock(&cbt_nbd_lock);
+    cbt_mutex_unlock(&cbt_nbd_lock);
     return;
   }
   exp->deleted = TRUE;
   g_ptr_array_remove(exports, exp); /* drops the registry's reference later, below */
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
 
   /* Handshaking clients may still hold @exp and read its names: keep the array, give the
    * bitmaps back. */
@@ -184,11 +186,11 @@ cbt_nbd_export_attach(CbtNbdExport *exp, CbtNbdConn *conn)
 {
   gboolean ok;
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   ok = !exp->shutting_down && !conn->closing;
   if (ok)
     g_ptr_array_add(exp->conns, conn);
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   return ok;
 }
 
@@ -197,10 +199,10 @@ cbt_nbd_export_detach(CbtNbdExport *exp, CbtNbdConn *conn)
 {
   gboolean last;
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   g_ptr_array_remove(exp->conns, conn);
   last = exp->shutting_down && !exp->deleted && exp->conns->len == 0;
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   if (last)
     g_idle_add_full(G_PRIORITY_DEFAULT, finalize_idle, cbt_nbd_export_ref(exp),
                     (GDestroyNotify)cbt_nbd_export_unref);
@@ -210,6 +212,7 @@ cbt_nbd_export_detach(CbtNbdExport *exp, CbtNbdConn *conn)
 static void
 begin_shutdown_locked(CbtNbdExport *exp)
 {
+  CBT_ASSERT_HELD(&cbt_nbd_lock);
   exp->shutting_down = TRUE;
   for (guint i = 0; i < exp->conns->len; i++)
     cbt_nbd_conn_kick_locked(g_ptr_array_index(exp->conns, i));
@@ -266,9 +269,9 @@ check_common(const CbtQmpBlockExportOptions *o, GError **error)
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Invalid block export id");
     return NULL;
   }
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   gboolean used = find_id_locked(o->id) != NULL;
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   if (used) {
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
                 "Block export id '%s' is already in use", o->id);
@@ -309,9 +312,9 @@ check_nbd(const CbtQmpBlockExportOptions *o, const char *name, GError **error)
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "description '%s' too long", desc);
     return FALSE;
   }
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   gboolean dup = find_name_locked(name) != NULL;
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   if (dup) {
     g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
                 "NBD server already has export named '%s'", name);
@@ -369,11 +372,11 @@ cbt_nbd_export_add(const CbtQmpBlockExportOptions *o, GError **error)
   exp->bitmaps = g_steal_pointer(&bitmaps);
   cbt_blockdev_add_user(bd);
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   if (!exports)
     exports = g_ptr_array_new();
   g_ptr_array_add(exports, exp);
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   g_debug("export '%s' (name '%s', node '%s', %s) added", exp->id, exp->name, o->node_name,
           exp->writable ? "writable" : "read-only");
   return TRUE;
@@ -383,7 +386,7 @@ gboolean
 cbt_nbd_export_del(const char *id, gboolean hard, GError **error)
 {
   CBT_ASSERT_MAIN_THREAD();
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   CbtNbdExport *exp = find_id_locked(id);
   g_autofree char *fail = NULL;
 
@@ -394,13 +397,13 @@ cbt_nbd_export_del(const char *id, gboolean hard, GError **error)
   else if (!hard && exp->conns->len > 0)
     fail = g_strdup_printf("export '%s' still in use", id);
   if (fail) {
-    pthread_mutex_unlock(&cbt_nbd_lock);
+    cbt_mutex_unlock(&cbt_nbd_lock);
     g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, fail);
     return FALSE;
   }
   cbt_nbd_export_ref(exp);
   begin_shutdown_locked(exp);
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
 
   export_finalize(exp); /* at once when idle; otherwise when the last client detaches */
   cbt_nbd_export_unref(exp);
@@ -413,14 +416,14 @@ cbt_nbd_export_shutdown_all(gboolean wait_for_clients)
   CBT_ASSERT_MAIN_THREAD();
   g_autoptr(GPtrArray) all = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_nbd_export_unref);
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   for (guint i = 0; exports && i < exports->len; i++) {
     CbtNbdExport *exp = g_ptr_array_index(exports, i);
     if (!exp->shutting_down)
       begin_shutdown_locked(exp);
     g_ptr_array_add(all, cbt_nbd_export_ref(exp));
   }
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
 
   /* Clients were kicked; their threads leave within milliseconds unless stuck in backend I/O.
    * Waiting a little keeps the events in creation order in the common case. */

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include "common/assert.h"
 #include "nbd/nbd.h"
 #include "nbd/nbd-protocol.h"
 #include "nbd/transport.h"
@@ -102,7 +103,7 @@ struct CbtNbdConn {
   GArray *meta;           /* CbtNbdMetaSel */
   guint16 eflags;
   gboolean closing; /* under cbt_nbd_lock: the server asked this connection to end */
-  pthread_mutex_t send_lock; /* one reply at a time on the socket (pthread: visible to TSan) */
+  CbtMutex send_lock; /* one reply at a time on the socket */
   gboolean send_failed; /* under send_lock: the socket is unusable, replies are dropped */
 };
 
@@ -125,7 +126,7 @@ typedef struct {
 } CbtNbdReq;
 
 /* server.c */
-extern pthread_mutex_t cbt_nbd_lock;
+extern CbtMutex cbt_nbd_lock;
 gboolean cbt_nbd_server_running(void);
 guint32 cbt_nbd_server_max_connections(void);
 gint64 cbt_nbd_handshake_timeout_us(void);

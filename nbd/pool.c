@@ -21,7 +21,7 @@
 
 struct CbtNbdPool {
   CbtNbdConn *conn;
-  pthread_mutex_t lock;
+  CbtMutex lock;
   pthread_cond_t work; /* a request was queued, or the pool is stopping */
   pthread_cond_t done; /* a request completed */
   CbtNbdReq slots[CBT_NBD_MAX_INFLIGHT];
@@ -43,7 +43,7 @@ cbt_nbd_pool_new(CbtNbdConn *conn)
   CbtNbdPool *pool = g_new0(CbtNbdPool, 1);
 
   pool->conn = conn;
-  pthread_mutex_init(&pool->lock, NULL);
+  cbt_mutex_init(&pool->lock);
   pthread_cond_init(&pool->work, NULL);
   pthread_cond_init(&pool->done, NULL);
   for (guint i = 0; i < CBT_NBD_MAX_INFLIGHT; i++) {
@@ -58,8 +58,9 @@ cbt_nbd_pool_new(CbtNbdConn *conn)
 static void
 wait_done_locked(CbtNbdPool *pool)
 {
+  CBT_ASSERT_HELD(&pool->lock);
   pool->waiters++;
-  pthread_cond_wait(&pool->done, &pool->lock);
+  cbt_mutex_cond_wait(&pool->lock, &pool->done);
   pool->waiters--;
 }
 
@@ -67,6 +68,7 @@ wait_done_locked(CbtNbdPool *pool)
 static gboolean
 release_idle_locked(CbtNbdPool *pool, CbtNbdReq *keep)
 {
+  CBT_ASSERT_HELD(&pool->lock);
   for (gint i = pool->free; i >= 0; i = pool->slots[i].next) {
     CbtNbdReq *r = &pool->slots[i];
     if (r != keep && r->buf) {
@@ -89,6 +91,7 @@ round_cap(gsize len)
 static CbtNbdReq *
 take_slot_locked(CbtNbdPool *pool, gsize need)
 {
+  CBT_ASSERT_HELD(&pool->lock);
   for (;;) {
     if (pool->free >= 0) {
       CbtNbdReq *r = &pool->slots[pool->free];
@@ -108,7 +111,7 @@ cbt_nbd_pool_admit(CbtNbdPool *pool, guint16 type, gsize buf_len)
 {
   gboolean write = type == NBD_CMD_WRITE || type == NBD_CMD_TRIM || type == NBD_CMD_WRITE_ZEROES;
 
-  pthread_mutex_lock(&pool->lock);
+  cbt_mutex_lock(&pool->lock);
   CbtNbdReq *r = take_slot_locked(pool, buf_len);
   pool->inflight++;
   r->write_seq = write ? ++pool->write_seq : 0;
@@ -119,15 +122,15 @@ cbt_nbd_pool_admit(CbtNbdPool *pool, guint16 type, gsize buf_len)
     g_clear_pointer(&r->buf, free);
     r->cap = grow;
   }
-  pthread_mutex_unlock(&pool->lock);
+  cbt_mutex_unlock(&pool->lock);
 
   /* Page-aligned, so cache.direct nodes can use O_DIRECT on it. */
   if (grow && posix_memalign((void **)&r->buf, 4096, grow) != 0) {
     r->buf = NULL;
-    pthread_mutex_lock(&pool->lock);
+    cbt_mutex_lock(&pool->lock);
     pool->bytes -= r->cap;
     r->cap = 0;
-    pthread_mutex_unlock(&pool->lock);
+    cbt_mutex_unlock(&pool->lock);
     cbt_nbd_pool_complete(pool, r);
     return NULL;
   }
@@ -137,29 +140,29 @@ cbt_nbd_pool_admit(CbtNbdPool *pool, guint16 type, gsize buf_len)
 gboolean
 cbt_nbd_pool_busy(CbtNbdPool *pool)
 {
-  pthread_mutex_lock(&pool->lock);
+  cbt_mutex_lock(&pool->lock);
   gboolean busy = pool->inflight > 0;
-  pthread_mutex_unlock(&pool->lock);
+  cbt_mutex_unlock(&pool->lock);
   return busy;
 }
 
 void
 cbt_nbd_pool_complete(CbtNbdPool *pool, CbtNbdReq *req)
 {
-  pthread_mutex_lock(&pool->lock);
+  cbt_mutex_lock(&pool->lock);
   req->write_seq = 0;
   req->next = pool->free;
   pool->free = (gint)(req - pool->slots);
   pool->inflight--;
   if (pool->waiters)
     pthread_cond_broadcast(&pool->done);
-  pthread_mutex_unlock(&pool->lock);
+  cbt_mutex_unlock(&pool->lock);
 }
 
 void
 cbt_nbd_pool_wait_writes(CbtNbdPool *pool, const CbtNbdReq *req)
 {
-  pthread_mutex_lock(&pool->lock);
+  cbt_mutex_lock(&pool->lock);
   for (;;) {
     gboolean pending = FALSE;
     for (guint i = 0; i < CBT_NBD_MAX_INFLIGHT && !pending; i++) {
@@ -170,7 +173,7 @@ cbt_nbd_pool_wait_writes(CbtNbdPool *pool, const CbtNbdReq *req)
       break;
     wait_done_locked(pool);
   }
-  pthread_mutex_unlock(&pool->lock);
+  cbt_mutex_unlock(&pool->lock);
 }
 
 static gpointer
@@ -178,11 +181,11 @@ worker(gpointer data)
 {
   CbtNbdPool *pool = data;
 
-  pthread_mutex_lock(&pool->lock);
+  cbt_mutex_lock(&pool->lock);
   for (;;) {
     while (pool->head < 0 && !pool->stopping) {
       pool->idle++;
-      pthread_cond_wait(&pool->work, &pool->lock);
+      cbt_mutex_cond_wait(&pool->lock, &pool->work);
       pool->idle--;
     }
     if (pool->head < 0)
@@ -191,12 +194,12 @@ worker(gpointer data)
     pool->head = r->next;
     if (pool->head < 0)
       pool->tail = -1;
-    pthread_mutex_unlock(&pool->lock);
+    cbt_mutex_unlock(&pool->lock);
     cbt_nbd_execute(pool, r);
     cbt_nbd_pool_complete(pool, r);
-    pthread_mutex_lock(&pool->lock);
+    cbt_mutex_lock(&pool->lock);
   }
-  pthread_mutex_unlock(&pool->lock);
+  cbt_mutex_unlock(&pool->lock);
   return NULL;
 }
 
@@ -205,7 +208,7 @@ cbt_nbd_pool_submit(CbtNbdPool *pool, CbtNbdReq *req)
 {
   GThread *t = NULL;
 
-  pthread_mutex_lock(&pool->lock);
+  cbt_mutex_lock(&pool->lock);
   req->next = -1;
   if (pool->tail >= 0)
     pool->slots[pool->tail].next = (gint)(req - pool->slots);
@@ -220,13 +223,13 @@ cbt_nbd_pool_submit(CbtNbdPool *pool, CbtNbdReq *req)
       pool->workers[pool->n_workers++] = t;
   }
   gboolean stranded = pool->n_workers == 0;
-  pthread_mutex_unlock(&pool->lock);
+  cbt_mutex_unlock(&pool->lock);
 
   if (stranded) {
     /* No thread could be started: serve it here rather than never. */
-    pthread_mutex_lock(&pool->lock);
+    cbt_mutex_lock(&pool->lock);
     pool->head = pool->tail = -1;
-    pthread_mutex_unlock(&pool->lock);
+    cbt_mutex_unlock(&pool->lock);
     cbt_nbd_execute(pool, req);
     cbt_nbd_pool_complete(pool, req);
   }
@@ -235,18 +238,18 @@ cbt_nbd_pool_submit(CbtNbdPool *pool, CbtNbdReq *req)
 void
 cbt_nbd_pool_free(CbtNbdPool *pool)
 {
-  pthread_mutex_lock(&pool->lock);
+  cbt_mutex_lock(&pool->lock);
   while (pool->inflight > 0)
     wait_done_locked(pool);
   pool->stopping = TRUE;
   pthread_cond_broadcast(&pool->work);
-  pthread_mutex_unlock(&pool->lock);
+  cbt_mutex_unlock(&pool->lock);
 
   for (guint i = 0; i < pool->n_workers; i++)
     g_thread_join(pool->workers[i]);
   for (guint i = 0; i < CBT_NBD_MAX_INFLIGHT; i++)
     free(pool->slots[i].buf);
-  pthread_mutex_destroy(&pool->lock);
+  cbt_mutex_clear(&pool->lock);
   pthread_cond_destroy(&pool->work);
   pthread_cond_destroy(&pool->done);
   g_free(pool);

@@ -27,6 +27,7 @@ sent(CbtNbdConn *conn, int r)
 static void
 flush_locked(CbtNbdConn *conn)
 {
+  CBT_ASSERT_HELD(&conn->send_lock);
   if (!cork || cork->conn != conn || cork->len == 0)
     return;
   if (!conn->send_failed)
@@ -48,9 +49,9 @@ cbt_nbd_cork_flush(CbtNbdCork *c)
     return;
   CbtNbdCork *saved = cork;
   cork = c;
-  pthread_mutex_lock(&c->conn->send_lock);
+  cbt_mutex_lock(&c->conn->send_lock);
   flush_locked(c->conn);
-  pthread_mutex_unlock(&c->conn->send_lock);
+  cbt_mutex_unlock(&c->conn->send_lock);
   cork = saved;
 }
 
@@ -60,6 +61,7 @@ cbt_nbd_cork_flush(CbtNbdCork *c)
 static void
 sendv_locked(CbtNbdConn *conn, struct iovec *iov, int n)
 {
+  CBT_ASSERT_HELD(&conn->send_lock);
   if (conn->send_failed)
     return;
   if (cork && cork->conn == conn) {
@@ -116,14 +118,15 @@ cbt_nbd_reply_simple(CbtNbdConn *conn, guint64 cookie, guint32 err, const void *
   struct iovec iov[2] = { { h, sizeof h }, { (void *)data, len } };
 
   simple_header(h, cookie, err);
-  pthread_mutex_lock(&conn->send_lock);
+  cbt_mutex_lock(&conn->send_lock);
   sendv_locked(conn, iov, len ? 2 : 1);
-  pthread_mutex_unlock(&conn->send_lock);
+  cbt_mutex_unlock(&conn->send_lock);
 }
 
 void
 cbt_nbd_reply_error_locked(CbtNbdConn *conn, guint64 cookie, guint32 err, const char *msg)
 {
+  CBT_ASSERT_HELD(&conn->send_lock);
   if (!conn->structured) {
     guint8 s[NBD_SIMPLE_REPLY_SIZE];
     struct iovec iov = { s, sizeof s };
@@ -144,15 +147,16 @@ cbt_nbd_reply_error_locked(CbtNbdConn *conn, guint64 cookie, guint32 err, const 
 void
 cbt_nbd_reply_error(CbtNbdConn *conn, guint64 cookie, guint32 err, const char *msg)
 {
-  pthread_mutex_lock(&conn->send_lock);
+  cbt_mutex_lock(&conn->send_lock);
   cbt_nbd_reply_error_locked(conn, cookie, err, msg);
-  pthread_mutex_unlock(&conn->send_lock);
+  cbt_mutex_unlock(&conn->send_lock);
 }
 
 void
 cbt_nbd_reply_data_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
                           const void *data, gsize len)
 {
+  CBT_ASSERT_HELD(&conn->send_lock);
   guint8 h[NBD_STRUCTURED_REPLY_SIZE + 8];
   struct iovec iov[2] = { { h, sizeof h }, { (void *)data, len } };
 
@@ -164,6 +168,7 @@ cbt_nbd_reply_data_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint
 static void
 sendfile_locked(CbtNbdConn *conn, guint8 *h, gsize hlen, int fd, guint64 fd_offset, gsize len)
 {
+  CBT_ASSERT_HELD(&conn->send_lock);
   flush_locked(conn);
   if (conn->send_failed)
     return;
@@ -179,6 +184,7 @@ void
 cbt_nbd_reply_data_fd_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
                              int fd, guint64 fd_offset, gsize len)
 {
+  CBT_ASSERT_HELD(&conn->send_lock);
   guint8 h[NBD_STRUCTURED_REPLY_SIZE + 8];
 
   chunk_header(h, done, NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + len);
@@ -190,6 +196,7 @@ void
 cbt_nbd_reply_simple_fd_locked(CbtNbdConn *conn, guint64 cookie, int fd, guint64 fd_offset,
                                gsize len)
 {
+  CBT_ASSERT_HELD(&conn->send_lock);
   guint8 h[NBD_SIMPLE_REPLY_SIZE];
 
   simple_header(h, cookie, 0);
@@ -200,6 +207,7 @@ void
 cbt_nbd_reply_hole_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
                           guint32 len)
 {
+  CBT_ASSERT_HELD(&conn->send_lock);
   guint8 h[NBD_STRUCTURED_REPLY_SIZE + 12];
   struct iovec iov = { h, sizeof h };
 
@@ -215,6 +223,7 @@ void
 cbt_nbd_reply_status_locked(CbtNbdConn *conn, guint64 cookie, guint32 id, GArray *ext,
                             gboolean done)
 {
+  CBT_ASSERT_HELD(&conn->send_lock);
   guint8 h[NBD_STRUCTURED_REPLY_SIZE + 4];
   G_STATIC_ASSERT(sizeof(CbtNbdExtent) == 8);
   struct iovec iov[2] = { { h, sizeof h }, { ext->data, 8 * ext->len } };

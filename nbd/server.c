@@ -25,7 +25,7 @@
 
 /* pthread's rather than GMutex/GCond (futex-based in glib, opaque to ThreadSanitizer): a
  * connection handed to a parked thread is ordered through this lock alone. */
-pthread_mutex_t cbt_nbd_lock = PTHREAD_MUTEX_INITIALIZER;
+CbtMutex cbt_nbd_lock = CBT_MUTEX_INIT;
 
 static struct {
   gboolean running;
@@ -71,7 +71,7 @@ static gboolean
 cond_wait_until(pthread_cond_t *cond, gint64 end)
 {
   struct timespec ts = { .tv_sec = end / G_USEC_PER_SEC, .tv_nsec = end % G_USEC_PER_SEC * 1000 };
-  return pthread_cond_timedwait(cond, &cbt_nbd_lock, &ts) != ETIMEDOUT;
+  return cbt_mutex_cond_timedwait(&cbt_nbd_lock, cond, &ts) != ETIMEDOUT;
 }
 
 #define CBT_NBD_SPARE_THREADS 4u
@@ -118,6 +118,7 @@ cbt_nbd_set_transport_new(CbtNbdTransportNew fn)
 void
 cbt_nbd_conn_kick_locked(CbtNbdConn *conn)
 {
+  CBT_ASSERT_HELD(&cbt_nbd_lock);
   conn->closing = TRUE;
   cbt_nbd_transport_shutdown(conn->transport);
 }
@@ -144,16 +145,16 @@ conn_free(CbtNbdConn *conn)
   if (conn->meta)
     g_array_unref(conn->meta);
   cbt_nbd_transport_free(conn->transport);
-  pthread_mutex_destroy(&conn->send_lock);
+  cbt_mutex_clear(&conn->send_lock);
   g_free(conn);
 }
 
 static gboolean
 rearm_idle(gpointer data)
 {
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   gboolean below = srv.max_conn == 0 || srv.n_current < srv.max_conn;
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   if (srv.running && !srv.source_id && below)
     srv.source_id = g_unix_fd_add(srv.listen_fd, G_IO_IN, on_accept, NULL);
   return G_SOURCE_REMOVE;
@@ -167,16 +168,16 @@ serve(CbtNbdConn *conn)
   if (cbt_nbd_handshake(conn))
     cbt_nbd_transmit(conn);
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   current = g_ptr_array_remove(srv.conns, conn) && !conn->closing;
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   conn_free(conn);
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   if (current && srv.n_current > 0)
     srv.n_current--;
   gboolean rearm = current && srv.max_conn;
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   if (rearm)
     g_idle_add(rearm_idle, NULL);
 }
@@ -186,6 +187,7 @@ serve(CbtNbdConn *conn)
 static CbtNbdConn *
 park_locked(void)
 {
+  CBT_ASSERT_HELD(&cbt_nbd_lock);
   gint64 end = g_get_monotonic_time() + CBT_NBD_SPARE_WAIT_US;
 
   if (!srv.running || srv.n_parked >= CBT_NBD_SPARE_THREADS)
@@ -212,13 +214,13 @@ conn_thread(gpointer data)
   pthread_sigmask(SIG_BLOCK, &pipe, NULL);
   while (conn) {
     serve(conn);
-    pthread_mutex_lock(&cbt_nbd_lock);
+    cbt_mutex_lock(&cbt_nbd_lock);
     conn = park_locked();
     if (!conn) {
       srv.n_threads--;
       pthread_cond_broadcast(&srv.idle);
     }
-    pthread_mutex_unlock(&cbt_nbd_lock);
+    cbt_mutex_unlock(&cbt_nbd_lock);
   }
   return NULL;
 }
@@ -232,7 +234,7 @@ start_conn(int fd)
 
   conn->fd = fd;
   conn->transport = srv.transport_new ? srv.transport_new(fd) : cbt_nbd_transport_plain_new(fd);
-  pthread_mutex_init(&conn->send_lock, NULL);
+  cbt_mutex_init(&conn->send_lock);
   conn->is_inet = srv.is_inet;
   if (conn->is_inet)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -247,7 +249,7 @@ start_conn(int fd)
   /* A client that stops reading cannot hold its handshake thread past the deadline either. */
   cbt_nbd_conn_set_send_timeout(conn, srv.handshake_ms);
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   g_ptr_array_add(srv.conns, conn);
   srv.n_current++;
   /* A parked thread that has not yet taken a queued connection is already spoken for. */
@@ -258,18 +260,18 @@ start_conn(int fd)
   } else {
     srv.n_threads++;
   }
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   if (spare)
     return;
 
   GThread *t = g_thread_try_new("nbd-conn", conn_thread, conn, &error);
   if (!t) {
     g_warning("cannot start a thread for an NBD client: %s", error->message);
-    pthread_mutex_lock(&cbt_nbd_lock);
+    cbt_mutex_lock(&cbt_nbd_lock);
     g_ptr_array_remove(srv.conns, conn);
     srv.n_threads--;
     srv.n_current--;
-    pthread_mutex_unlock(&cbt_nbd_lock);
+    cbt_mutex_unlock(&cbt_nbd_lock);
     conn_free(conn);
     return;
   }
@@ -279,6 +281,7 @@ start_conn(int fd)
 static gboolean
 on_accept(gint fd, GIOCondition cond, gpointer data)
 {
+  CBT_ASSERT_MAIN_THREAD();
   int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
 
   if (cfd < 0) {
@@ -288,9 +291,9 @@ on_accept(gint fd, GIOCondition cond, gpointer data)
   }
   start_conn(cfd);
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   gboolean full = srv.max_conn && srv.n_current >= srv.max_conn;
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   if (full) {
     srv.source_id = 0;
     return G_SOURCE_REMOVE;
@@ -320,6 +323,7 @@ read_poll_max_ns(void)
 gboolean
 cbt_nbd_server_listen(const char *what, int fd, gboolean is_inet, guint32 max_conn, GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   const char *env = g_getenv("CBTD_NBD_HANDSHAKE_TIMEOUT_MS");
 
   init_conds();
@@ -334,14 +338,14 @@ cbt_nbd_server_listen(const char *what, int fd, gboolean is_inet, guint32 max_co
   fcntl(fd, F_SETFD, FD_CLOEXEC);
   srv.listen_fd = fd;
   /* Under the lock: threads parked by an earlier server read these. */
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   if (!srv.conns)
     srv.conns = g_ptr_array_new();
   srv.n_current = 0;
   srv.is_inet = is_inet;
   srv.max_conn = max_conn;
   srv.running = TRUE;
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   srv.source_id = g_unix_fd_add(fd, G_IO_IN, on_accept, NULL);
   g_debug("NBD server listening on %s", what);
   return TRUE;
@@ -350,23 +354,24 @@ cbt_nbd_server_listen(const char *what, int fd, gboolean is_inet, guint32 max_co
 void
 cbt_nbd_server_stop_listening(void)
 {
+  CBT_ASSERT_MAIN_THREAD();
   if (!srv.running)
     return;
-  pthread_mutex_lock(&cbt_nbd_lock); /* parked threads read it under the lock */
+  cbt_mutex_lock(&cbt_nbd_lock); /* parked threads read it under the lock */
   srv.running = FALSE;
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
   if (srv.source_id)
     g_source_remove(srv.source_id);
   srv.source_id = 0;
   close(srv.listen_fd);
   srv.listen_fd = -1;
 
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   for (guint i = 0; i < srv.conns->len; i++)
     cbt_nbd_conn_kick_locked(g_ptr_array_index(srv.conns, i));
   srv.n_current = 0;
   pthread_cond_broadcast(&srv.spare); /* parked threads end (a queued connection is still served) */
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
 }
 
 void
@@ -375,10 +380,10 @@ cbt_nbd_server_wait_idle(gint64 timeout_us)
   gint64 end = g_get_monotonic_time() + timeout_us;
 
   init_conds();
-  pthread_mutex_lock(&cbt_nbd_lock);
+  cbt_mutex_lock(&cbt_nbd_lock);
   while (srv.n_threads > 0) {
     if (!cond_wait_until(&srv.idle, end))
       break;
   }
-  pthread_mutex_unlock(&cbt_nbd_lock);
+  cbt_mutex_unlock(&cbt_nbd_lock);
 }
