@@ -148,9 +148,8 @@ static void
 row_mem(const char *what, gsize cbt, gsize cbt_heap, gsize flat, gsize flat_rss)
 {
   char a[32], b[32], c[32], d[32];
-  printf("%-48s %14s %14s  %-8s %8.5f (malloc'd %s; flat RSS %s)\n", what,
-         human(a, sizeof(a), cbt), human(b, sizeof(b), flat), "memory",
-         flat ? (double)cbt / flat : 0,
+  printf("%-48s %14s %14s  %-8s %8.5f (malloc'd %s; flat RSS %s)\n", what, human(a, sizeof(a), cbt),
+         human(b, sizeof(b), flat), "memory", flat ? (double)cbt / flat : 0,
          human(c, sizeof(c), cbt_heap), human(d, sizeof(d), flat_rss));
 }
 
@@ -228,7 +227,7 @@ bench_mark_threads(gboolean disjoint)
   }
 
   g_autoptr(CbtBitmap) bm = cbt_bitmap_new(TiB, 65536);
-  MarkJob jobs[2] = {{bm, offs, n / 2}, {bm, offs + n / 2, n - n / 2}};
+  MarkJob jobs[2] = { { bm, offs, n / 2 }, { bm, offs + n / 2, n - n / 2 } };
   double t0 = now();
   GThread *t[2];
   for (int i = 0; i < 2; i++)
@@ -282,8 +281,8 @@ bench_find_next(void)
   double tf = now() - t0;
   g_assert_cmpuint(found, ==, found_flat);
 
-  g_autofree char *what = g_strdup_printf("find-next: all %" G_GUINT64_FORMAT
-                                          " runs, 1 PiB/64 KiB 0.01%%", found);
+  g_autofree char *what =
+    g_strdup_printf("find-next: all %" G_GUINT64_FORMAT " runs, 1 PiB/64 KiB 0.01%%", found);
   row(what, "ms", tc * 1e3, tf * 1e3);
   g_autofree char *mem = g_strdup_printf("memory: 1 PiB/64 KiB, 0.01%% dirty in 1 MiB runs");
   row_mem(mem, cbt_bitmap_get_memory(bm), cbt_heap, f->bytes, flat_rss);
@@ -343,8 +342,8 @@ bench_runs(void)
   g_assert_cmpuint(s.runs, ==, found_flat);
   flat_free(f);
 
-  g_autofree char *what = g_strdup_printf("runs: all %" G_GUINT64_FORMAT
-                                          " runs, 1 TiB/64 KiB, %u writes", s.runs, n);
+  g_autofree char *what =
+    g_strdup_printf("runs: all %" G_GUINT64_FORMAT " runs, 1 TiB/64 KiB, %u writes", s.runs, n);
   row(what, "ms", best * 1e3, best_flat * 1e3);
 }
 
@@ -382,8 +381,8 @@ bench_merge(guint32 src_gran)
   flat_free(fs);
   flat_free(fd);
 
-  g_autofree char *what = g_strdup_printf("merge: 1 TiB, %u writes each, %u KiB -> 64 KiB", n,
-                                          src_gran / 1024);
+  g_autofree char *what =
+    g_strdup_printf("merge: 1 TiB, %u writes each, %u KiB -> 64 KiB", n, src_gran / 1024);
   row(what, "ms", tc * 1e3, tf * 1e3);
 }
 
@@ -393,8 +392,7 @@ bench_memory(void)
   /* Empty 1 PiB. */
   gsize heap0 = heap();
   g_autoptr(CbtBitmap) empty = cbt_bitmap_new(PiB, 65536);
-  row_mem("memory: 1 PiB/64 KiB, empty", cbt_bitmap_get_memory(empty), heap() - heap0, 2 * GiB,
-          0);
+  row_mem("memory: 1 PiB/64 KiB, empty", cbt_bitmap_get_memory(empty), heap() - heap0, 2 * GiB, 0);
 
   /* 16,384 chunks, each alone in its region (64 GiB apart). */
   heap0 = heap();
@@ -430,13 +428,12 @@ bench_sha256(void)
 
   Flat *f = flat_new(size, 65536);
   t0 = now();
-  g_autofree char *fsum = g_compute_checksum_for_data(G_CHECKSUM_SHA256, (guint8 *)f->w,
-                                                      f->bytes);
+  g_autofree char *fsum = g_compute_checksum_for_data(G_CHECKSUM_SHA256, (guint8 *)f->w, f->bytes);
   double tf = now() - t0;
   g_assert_cmpstr(sum, ==, fsum);
   flat_free(f);
-  g_autofree char *what = g_strdup_printf("sha256: empty %" G_GUINT64_FORMAT " TiB/64 KiB",
-                                          size / TiB);
+  g_autofree char *what =
+    g_strdup_printf("sha256: empty %" G_GUINT64_FORMAT " TiB/64 KiB", size / TiB);
   row(what, "ms", tc * 1e3, tf * 1e3);
 }
 

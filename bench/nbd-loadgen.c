@@ -64,8 +64,7 @@ static GOptionEntry entries[] = {
   { "seed", 0, 0, G_OPTION_ARG_INT64, &opt_seed, "random seed(1)", "N" },
   { "verify", 0, 0, G_OPTION_ARG_NONE, &opt_verify, "write --count blocks, read back, check",
     NULL },
-  { "connect-cycles", 0, 0, G_OPTION_ARG_INT, &opt_cycles, "time N connect/GO/disconnect",
-    "N" },
+  { "connect-cycles", 0, 0, G_OPTION_ARG_INT, &opt_cycles, "time N connect/GO/disconnect", "N" },
   { NULL },
 };
 
@@ -139,8 +138,7 @@ on_complete(void *opaque, int *error)
 
   if (*error) {
     if (lg->errors++ == 0)
-      g_printerr("nbd-loadgen: request at %" PRIu64 " failed: %s\n", s->offset,
-                  g_strerror(*error));
+      g_printerr("nbd-loadgen: request at %" PRIu64 " failed: %s\n", s->offset, g_strerror(*error));
   } else if (lg->checking && !check_pattern(lg, s->offset, s->buf)) {
     if (lg->mismatches++ == 0)
       g_printerr("nbd-loadgen: data mismatch at offset %" PRIu64 "\n", s->offset);
@@ -292,8 +290,8 @@ main(int argc, char **argv)
   if (opt_cycles > 0)
     return connect_cycles(argv[1], opt_cycles);
   if (opt_bs <= 0 || opt_bs % 8 || opt_depth <= 0 || opt_depth > 1024 ||
-      (opt_seconds <= 0 && opt_count <= 0) || (opt_verify && opt_count <= 0) ||
-      opt_spread < 0 || (strcmp(opt_op, "read") && strcmp(opt_op, "write"))) {
+      (opt_seconds <= 0 && opt_count <= 0) || (opt_verify && opt_count <= 0) || opt_spread < 0 ||
+      (strcmp(opt_op, "read") && strcmp(opt_op, "write"))) {
     g_printerr("nbd-loadgen: bad options(see --help)\n");
     return 2;
   }
@@ -314,7 +312,7 @@ main(int argc, char **argv)
     secs = run_phase(lg, opt_count, 0);
     report("verify", lg->completed, secs);
     printf("verified=%" PRIu64 " mismatches=%" PRIu64 "\n",
-            lg->completed - lg->mismatches - lg->errors, lg->mismatches);
+           lg->completed - lg->mismatches - lg->errors, lg->mismatches);
   }
   if (nbd_shutdown(lg->h, 0) == -1)
     die_nbd("nbd_shutdown");

@@ -75,8 +75,7 @@ main(int argc, char **argv)
     got += n;
   }
   double secs = now() - start;
-  if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) ||
-      got != total) {
+  if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) || got != total) {
     fprintf(stderr, "sock-ceiling: short transfer(%lld of %lld bytes)\n", got, total);
     return 1;
   }

@@ -264,8 +264,7 @@ install_child(CbtBitmap *bm, gpointer *slot, guint level)
   gpointer fresh = level ? g_malloc0(sizeof(Node)) : g_malloc0(sizeof(Leaf));
   gpointer seen = NULL;
 
-  if (__atomic_compare_exchange_n(slot, &seen, fresh, FALSE, __ATOMIC_ACQ_REL,
-                                  __ATOMIC_ACQUIRE)) {
+  if (__atomic_compare_exchange_n(slot, &seen, fresh, FALSE, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
     if (level)
       ADD(&bm->nodes.n, 1);
     else
@@ -380,8 +379,8 @@ mark_bits(CbtBitmap *bm, guint64 first, guint64 last)
     for (guint i = wa; i <= wb; i++) {
       guint lo = i == wa ? (first - base) % WORD_BITS : 0;
       guint hi = i == wb ? (stop - base) % WORD_BITS : WORD_BITS - 1;
-      leaf_changed += word_or(bm, &leaf->w[i], base / WORD_BITS + i, range_mask(lo, hi), FALSE,
-                              &filled);
+      leaf_changed +=
+        word_or(bm, &leaf->w[i], base / WORD_BITS + i, range_mask(lo, hi), FALSE, &filled);
     }
     /* Bits that were set already were propagated by whoever set them: a rewrite of a dirty
      * chunk, the common case, touches nothing above its leaf. */
@@ -481,8 +480,8 @@ find_bit(gconstpointer p, guint level, guint64 base, guint64 from, guint64 to, g
     guint c = __builtin_ctzll(cand);
     guint64 cbase = base + ((guint64)c << sh);
     guint64 cend = cbase + (G_GUINT64_CONSTANT(1) << sh);
-    gint64 r = find_bit(LOAD(&node->child[c]), level - 1, cbase, MAX(from, cbase), MIN(to, cend),
-                        clean);
+    gint64 r =
+      find_bit(LOAD(&node->child[c]), level - 1, cbase, MAX(from, cbase), MIN(to, cend), clean);
     if (r >= 0)
       return r;
     cand &= cand - 1;
@@ -595,8 +594,8 @@ leaf_runs(RunWalk *w, const Leaf *leaf, guint64 base, guint64 from, guint64 to)
   return TRUE;
 }
 
-static gboolean subtree_runs(RunWalk *w, gconstpointer p, guint level, guint64 base,
-                             guint64 from, guint64 to);
+static gboolean subtree_runs(RunWalk *w, gconstpointer p, guint level, guint64 base, guint64 from,
+                             guint64 to);
 
 /* Runs in bits [from, to) of @node at @level based at @base. Outside a run, empty children are
  * skipped with one ctz over the summaries. */
@@ -639,8 +638,8 @@ subtree_runs(RunWalk *w, gconstpointer p, guint level, guint64 base, guint64 fro
 }
 
 void
-cbt_bitmap_foreach_dirty_run(const CbtBitmap *bm, guint64 offset, guint64 len,
-                             CbtBitmapRunFunc fn, gpointer user_data)
+cbt_bitmap_foreach_dirty_run(const CbtBitmap *bm, guint64 offset, guint64 len, CbtBitmapRunFunc fn,
+                             gpointer user_data)
 {
   if (offset >= bm->size || len == 0)
     return;
@@ -657,8 +656,7 @@ cbt_bitmap_foreach_dirty_run(const CbtBitmap *bm, guint64 offset, guint64 len,
 /* Clears bits [from, to) under *@slot (a node at @level based at @base, the range inside it);
  * frees whatever becomes empty. Returns the number of bits that were set. */
 static guint64
-clear_subtree(CbtBitmap *bm, gpointer *slot, guint level, guint64 base, guint64 from,
-              guint64 to)
+clear_subtree(CbtBitmap *bm, gpointer *slot, guint level, guint64 base, guint64 from, guint64 to)
 {
   gpointer p = *slot;
   guint64 n = 0;
@@ -694,8 +692,8 @@ clear_subtree(CbtBitmap *bm, gpointer *slot, guint level, guint64 base, guint64 
   for (guint c = (from - base) >> sh; c <= (to - 1 - base) >> sh; c++) {
     guint64 cbase = base + ((guint64)c << sh);
     guint64 cend = cbase + (G_GUINT64_CONSTANT(1) << sh);
-    guint64 k = clear_subtree(bm, &node->child[c], level - 1, cbase, MAX(from, cbase),
-                              MIN(to, cend));
+    guint64 k =
+      clear_subtree(bm, &node->child[c], level - 1, cbase, MAX(from, cbase), MIN(to, cend));
     if (k)
       node->full &= ~(G_GUINT64_CONSTANT(1) << c);
     if (!node->child[c])
@@ -738,8 +736,8 @@ cbt_bitmap_clear_all(CbtBitmap *bm)
  * moves on to another destination leaf. */
 typedef struct {
   CbtBitmap *dst;
-  guint shift;   /* log2(destination granularity / source granularity) */
-  guint64 base;  /* destination leaf gathered in buf, or G_MAXUINT64 */
+  guint shift;  /* log2(destination granularity / source granularity) */
+  guint64 base; /* destination leaf gathered in buf, or G_MAXUINT64 */
   guint64 buf[LEAF_WORDS];
 } Merger;
 
@@ -891,7 +889,7 @@ ser_subtree(const CbtBitmap *bm, Serializer *s, gconstpointer p, guint level, gu
 void
 cbt_bitmap_serialize(const CbtBitmap *bm, CbtBitmapSerializeFunc fn, gpointer user_data)
 {
-  Serializer s = {fn, user_data, 0};
+  Serializer s = { fn, user_data, 0 };
 
   /* QEMU's bitmap of a zero-length device still has one (zero) word, so its hash is that of
    * 8 zero bytes; match it. */
@@ -941,7 +939,7 @@ cbt_bitmap_deserialize_part(CbtBitmap *bm, guint64 byte_offset, const guint8 *da
     guint64 leaf_start = byte_offset & ~(leaf_bytes - 1);
     gsize at = byte_offset - leaf_start;
     gsize n = MIN(len, leaf_bytes - at);
-    guint64 words[LEAF_WORDS] = {0};
+    guint64 words[LEAF_WORDS] = { 0 };
     guint64 base = leaf_start * 8;
 
     memcpy((guint8 *)words + at, data, n);

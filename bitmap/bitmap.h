@@ -70,8 +70,7 @@ void cbt_bitmap_serialize(const CbtBitmap *bm, CbtBitmapSerializeFunc fn, gpoint
  * x-debug-block-dirty-bitmap-sha256 reports it. */
 char *cbt_bitmap_sha256(const CbtBitmap *bm);
 /* OR the serialized bytes [byte_offset, byte_offset + len) into the bitmap. */
-void cbt_bitmap_deserialize_part(CbtBitmap *bm, guint64 byte_offset, const guint8 *data,
-                                 gsize len);
+void cbt_bitmap_deserialize_part(CbtBitmap *bm, guint64 byte_offset, const guint8 *data, gsize len);
 
 /* Bytes of memory the bitmap holds now (for benchmarks and the memory targets). */
 gsize cbt_bitmap_get_memory(const CbtBitmap *bm);

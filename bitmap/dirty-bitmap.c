@@ -16,7 +16,7 @@ struct CbtDirtyBitmap {
   gboolean inconsistent;
 };
 
-G_DEFINE_QUARK(cbt-bitmap-error-quark, cbt_bitmap_error)
+G_DEFINE_QUARK(cbt - bitmap - error - quark, cbt_bitmap_error)
 
 gboolean
 cbt_dirty_bitmap_check_name_present(const char *name, GError **error)

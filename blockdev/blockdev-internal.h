@@ -18,14 +18,14 @@ typedef struct {
 
 /* QEMU's permission bits (block.h), in lock-byte order. */
 #define CBT_PERM_CONSISTENT_READ (1u << 0)
-#define CBT_PERM_WRITE           (1u << 1)
+#define CBT_PERM_WRITE (1u << 1)
 #define CBT_PERM_WRITE_UNCHANGED (1u << 2)
-#define CBT_PERM_RESIZE          (1u << 3)
-#define CBT_PERM_ALL             0xfu
+#define CBT_PERM_RESIZE (1u << 3)
+#define CBT_PERM_ALL 0xfu
 
 /* What a child is to its parent (QEMU's BdrvChildRole, the bits cbtd uses). */
-#define CBT_BLOCKDEV_CHILD_DATA     (1u << 0) /* holds the parent's data */
-#define CBT_BLOCKDEV_CHILD_PRIMARY  (1u << 1) /* the one the parent takes its properties from */
+#define CBT_BLOCKDEV_CHILD_DATA (1u << 0)     /* holds the parent's data */
+#define CBT_BLOCKDEV_CHILD_PRIMARY (1u << 1)  /* the one the parent takes its properties from */
 #define CBT_BLOCKDEV_CHILD_FILTERED (1u << 2) /* a filter's child: the data passes unchanged */
 
 /* An edge of the graph: @parent uses @node as its child @name. The parent holds a reference on
@@ -46,16 +46,16 @@ struct CbtBlockdev {
   const CbtBlockdevDriver *drv;
   /* The graph (graph.c), changed on the main thread only, with the nodes concerned drained
    * whenever requests could be in flight. */
-  GPtrArray *children;         /* CbtBlockdevChild * (owned), in the order attached */
-  GPtrArray *parents;          /* CbtBlockdevChild * of the nodes above (borrowed) */
-  CbtBlockdevChild *file;      /* the child named "file" (formats, filters), or NULL */
-  guint users;                 /* exports and jobs on this node */
-  guint writers;               /* users holding write permission */
+  GPtrArray *children;    /* CbtBlockdevChild * (owned), in the order attached */
+  GPtrArray *parents;     /* CbtBlockdevChild * of the nodes above (borrowed) */
+  CbtBlockdevChild *file; /* the child named "file" (formats, filters), or NULL */
+  guint users;            /* exports and jobs on this node */
+  guint writers;          /* users holding write permission */
   /* Cumulative permissions: what this node's users and parents need of it, and what all of
    * them let others do (graph.c, cbt_blockdev_refresh_perms). */
   guint64 perm;
   guint64 shared;
-  gboolean monitor_owned;      /* added by blockdev-add, so blockdev-del may remove it */
+  gboolean monitor_owned; /* added by blockdev-add, so blockdev-del may remove it */
 
   gboolean read_only;
   gboolean auto_read_only;
@@ -65,20 +65,20 @@ struct CbtBlockdev {
   gboolean cache_no_flush;
   CbtQmpBlockdevDetectZeroesOptions detect_zeroes;
 
-  guint64 size;                /* bytes, a multiple of 512 for protocol nodes as in QEMU */
-  guint32 min_io;              /* limits (graph.c, cbt_blockdev_refresh_limits) */
+  guint64 size;   /* bytes, a multiple of 512 for protocol nodes as in QEMU */
+  guint32 min_io; /* limits (graph.c, cbt_blockdev_refresh_limits) */
   /* QEMU's strong options ({"driver": ..., ...}, children nested) and the file name derived
    * from them: the exact file name, or "json:{...}". */
   JsonObject *full_opts;
-  char *exact_filename;        /* NULL when the node needs a json: name */
+  char *exact_filename; /* NULL when the node needs a json: name */
 
-  gpointer opaque;             /* the driver's state */
+  gpointer opaque; /* the driver's state */
 
   /* I/O admission (graph.c): requests that entered the graph at this node and are in flight,
    * and the drains in effect on this node or any node below it. */
   gint inflight;
   gint draining;
-  gint drains_own;             /* drains of this node itself (main thread) */
+  gint drains_own; /* drains of this node itself (main thread) */
   CbtBlockdevTracked *tracked;
 };
 
@@ -90,9 +90,9 @@ typedef struct {
 
 struct CbtBlockdevDriver {
   const char *name;
-  gboolean protocol;           /* opens a file itself; a parent may borrow its file name */
-  gboolean has_dirty_flag;     /* protocol: query reports image.dirty-flag: false */
-  gboolean is_filter;          /* passes its FILTERED child's data through unchanged */
+  gboolean protocol;                    /* opens a file itself; a parent may borrow its file name */
+  gboolean has_dirty_flag;              /* protocol: query reports image.dirty-flag: false */
+  gboolean is_filter;                   /* passes its FILTERED child's data through unchanged */
   const CbtBlockdevChildSpec *children; /* NULL for protocol drivers */
   /* Request flags (CBT_BLOCKDEV_FUA, _MAY_UNMAP, _NO_FALLBACK) the driver honours itself. The
    * I/O path carries out FUA for the others with a flush after the write, and drops the rest. */
@@ -113,13 +113,12 @@ struct CbtBlockdevDriver {
   int (*flush)(CbtBlockdev *bd);
   int (*discard)(CbtBlockdev *bd, guint64 offset, guint64 len);
   int (*write_zeroes)(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags);
-  int (*block_status)(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
-                      guint32 *status);
+  int (*block_status)(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum, guint32 *status);
   /* Optional: report the runs of [offset, offset + len) in order through @fn, stopping when it
    * returns FALSE (cbt_blockdev_block_status_walk checks the order and fills what was left out
    * with data). Without it the walk calls block_status run by run. */
-  int (*block_status_walk)(CbtBlockdev *bd, guint64 offset, guint64 len,
-                           CbtBlockdevStatusFunc fn, gpointer user_data);
+  int (*block_status_walk)(CbtBlockdev *bd, guint64 offset, guint64 len, CbtBlockdevStatusFunc fn,
+                           gpointer user_data);
   /* The frozen view of a snapshot-style filter (a copy-before-write node), for the node that
    * reads it (snapshot-access): data, status and discard of the point in time. Optional. */
   int (*snapshot_pread)(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
@@ -167,8 +166,8 @@ CbtBlockdev *cbt_blockdev_primary_child(CbtBlockdev *bd);
 /* The frozen view of a snapshot-style filter @bd (its driver's snapshot_* operations), for the
  * node that reads it; -ENOTSUP when @bd has none. Between io_begin and io_end on the reader. */
 int cbt_blockdev_snapshot_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
-int cbt_blockdev_snapshot_block_status(CbtBlockdev *bd, guint64 offset, guint64 len,
-                                       guint64 *pnum, guint32 *status);
+int cbt_blockdev_snapshot_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
+                                       guint32 *status);
 int cbt_blockdev_snapshot_discard(CbtBlockdev *bd, guint64 offset, guint64 len);
 
 /* The members of a file, host_device or host_cdrom node's options, else NULL (file.c). */
@@ -188,5 +187,4 @@ CbtBlockdevLock *cbt_blockdev_lock_new(int fd, const char *filename);
 void cbt_blockdev_lock_free(CbtBlockdevLock *lock);
 /* Apply the permissions this process needs and the ones it refuses to share, after checking
  * that no other process conflicts: QEMU's "Failed to get \"write\" lock" errors. */
-gboolean cbt_blockdev_lock_set(CbtBlockdevLock *lock, guint64 perm, guint64 shared,
-                               GError **error);
+gboolean cbt_blockdev_lock_set(CbtBlockdevLock *lock, guint64 perm, guint64 shared, GError **error);

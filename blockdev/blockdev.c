@@ -6,9 +6,9 @@
 #include <string.h>
 #include "blockdev/blockdev-internal.h"
 
-G_DEFINE_QUARK(cbt-blockdev-error-quark, cbt_blockdev_error)
+G_DEFINE_QUARK(cbt - blockdev - error - quark, cbt_blockdev_error)
 
-static GList *nodes;             /* published nodes, newest first */
+static GList *nodes; /* published nodes, newest first */
 
 typedef struct {
   CbtBlockdevNotifyFunc fn;
@@ -30,8 +30,7 @@ cbt_blockdev_notifier_add(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn, gpoi
 }
 
 void
-cbt_blockdev_notifier_remove(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn,
-                             gpointer user_data)
+cbt_blockdev_notifier_remove(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn, gpointer user_data)
 {
   GArray *list = event < CBT_BLOCKDEV_EVENT__MAX ? notifiers[event] : NULL;
 
@@ -421,9 +420,9 @@ cbt_blockdev_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 
 typedef struct {
   CbtBlockdevStatusFunc fn;
   gpointer user_data;
-  guint64 pos;                 /* reported up to here */
+  guint64 pos; /* reported up to here */
   guint64 end;
-  gboolean stopped;            /* fn returned FALSE */
+  gboolean stopped; /* fn returned FALSE */
 } StatusWalk;
 
 /* Report [w->pos, to) with @status. */
@@ -482,9 +481,8 @@ cbt_blockdev_block_status_walk(CbtBlockdev *bd, guint64 offset, guint64 len,
 
   if (len == 0 || !in_bounds(bd, offset, len))
     return -EINVAL;
-  r = bd->drv->block_status_walk
-        ? bd->drv->block_status_walk(bd, offset, len, walk_report, &w)
-        : walk_by_status(bd, offset, len, walk_report, &w);
+  r = bd->drv->block_status_walk ? bd->drv->block_status_walk(bd, offset, len, walk_report, &w)
+                                 : walk_by_status(bd, offset, len, walk_report, &w);
   if (r == 0 && !w.stopped && w.pos < w.end)
     deliver(&w, w.end, 0);
   return r;

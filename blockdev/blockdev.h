@@ -28,13 +28,13 @@ typedef struct CbtBlockdev CbtBlockdev;
 GQuark cbt_blockdev_error_quark(void);
 
 /* I/O request flags. */
-#define CBT_BLOCKDEV_FUA          (1u << 0) /* durable before returning */
-#define CBT_BLOCKDEV_MAY_UNMAP    (1u << 1) /* write_zeroes may deallocate */
-#define CBT_BLOCKDEV_NO_FALLBACK  (1u << 2) /* write_zeroes: -ENOTSUP unless it is cheap */
+#define CBT_BLOCKDEV_FUA (1u << 0)         /* durable before returning */
+#define CBT_BLOCKDEV_MAY_UNMAP (1u << 1)   /* write_zeroes may deallocate */
+#define CBT_BLOCKDEV_NO_FALLBACK (1u << 2) /* write_zeroes: -ENOTSUP unless it is cheap */
 
 /* Block status bits, as NBD base:allocation defines them. */
-#define CBT_BLOCKDEV_STATUS_HOLE  (1u << 0) /* not allocated */
-#define CBT_BLOCKDEV_STATUS_ZERO  (1u << 1) /* reads as zeroes */
+#define CBT_BLOCKDEV_STATUS_HOLE (1u << 0) /* not allocated */
+#define CBT_BLOCKDEV_STATUS_ZERO (1u << 1) /* reads as zeroes */
 
 /* Close every node (at exit), children after parents. */
 void cbt_blockdev_close_all(void);
@@ -67,8 +67,7 @@ void cbt_blockdev_release_write(CbtBlockdev *bd);
 void cbt_blockdev_io_begin(CbtBlockdev *bd);
 void cbt_blockdev_io_end(CbtBlockdev *bd);
 int cbt_blockdev_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
-int cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len,
-                        guint flags);
+int cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags);
 int cbt_blockdev_flush(CbtBlockdev *bd);
 int cbt_blockdev_discard(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags);
 int cbt_blockdev_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags);

@@ -23,23 +23,23 @@
 #define SECTOR 512u
 #define DIRECT_ALIGN 4096u
 #define ZERO_CHUNK (1u << 20)
-#define FIEMAP_BATCH 256u      /* extents per FS_IOC_FIEMAP call (14 KiB) */
+#define FIEMAP_BATCH 256u /* extents per FS_IOC_FIEMAP call (14 KiB) */
 #define HOLE_STATUS (CBT_BLOCKDEV_STATUS_HOLE | CBT_BLOCKDEV_STATUS_ZERO)
 
 typedef struct {
-  int fd;                      /* the image, O_DIRECT with cache.direct */
-  int fd_buffered;             /* == fd without cache.direct */
+  int fd;          /* the image, O_DIRECT with cache.direct */
+  int fd_buffered; /* == fd without cache.direct */
   char *filename;
   /* auto-read-only opens read-only when writing is refused, and reopens for writing when write
    * permission is asked for (QEMU's dynamic auto-read-only). The read-only descriptors stay
    * open until the node closes: a reader may still be using one, and the first holds the lock
    * bytes. */
   gboolean writable;
-  int ro_fd, ro_fd_buffered;   /* -1 until such a reopen */
+  int ro_fd, ro_fd_buffered; /* -1 until such a reopen */
   gboolean is_device;
-  gboolean tail_padded;        /* the file's size is not a multiple of 512 */
-  gint fiemap;                 /* status walks may map extents with FIEMAP (see fiemap_trusted) */
-  CbtBlockdevLock *lock;       /* NULL with locking=off */
+  gboolean tail_padded;  /* the file's size is not a multiple of 512 */
+  gint fiemap;           /* status walks may map extents with FIEMAP (see fiemap_trusted) */
+  CbtBlockdevLock *lock; /* NULL with locking=off */
 } FileState;
 
 static FileState *
@@ -116,8 +116,7 @@ write_all(int fd, const void *buf, guint64 offset, gsize len, gboolean dsync)
 static int
 file_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
 {
-  return write_all(fd_for(bd, buf, offset, len), buf, offset, len,
-                   (flags & CBT_BLOCKDEV_FUA) != 0);
+  return write_all(fd_for(bd, buf, offset, len), buf, offset, len, (flags & CBT_BLOCKDEV_FUA) != 0);
 }
 
 static int
@@ -136,8 +135,8 @@ file_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
     guint64 range[2] = { offset, len };
     r = ioctl(image_fd(s), BLKDISCARD, range);
   } else {
-    r = fallocate(image_fd(s), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset,
-                  (off_t)len);
+    r =
+      fallocate(image_fd(s), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len);
   }
   /* A discard is advisory: a medium that cannot do it has done nothing wrong. */
   if (r < 0 && (errno == EOPNOTSUPP || errno == ENOTTY || errno == EINVAL))
@@ -237,7 +236,7 @@ typedef struct {
   CbtBlockdev *bd;
   CbtBlockdevStatusFunc fn;
   gpointer user_data;
-  guint64 pos;                 /* reported up to here */
+  guint64 pos; /* reported up to here */
 } FileWalk;
 
 enum { WALK_STOPPED, WALK_DONE, WALK_MORE };
@@ -429,7 +428,8 @@ check_options(CbtBlockdev *bd, const CbtQmpBlockdevOptionsFile *o, GError **erro
     return FALSE;
   }
   if (o->aio == CBT_QMP_BLOCKDEV_AIO_OPTIONS_NATIVE && !bd->cache_direct) {
-    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "aio=native was specified, but it requires "
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "aio=native was specified, but it requires "
                 "cache.direct=on, which was not specified.");
     return FALSE;
   }
@@ -465,8 +465,10 @@ check_type(CbtBlockdev *bd, const char *filename, const struct stat *st, GError 
     return FALSE;
   }
   if (device && !S_ISBLK(st->st_mode) && !S_ISCHR(st->st_mode)) {
-    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "'host_device' driver requires '%s' to be either "
-                "a character or block device", filename);
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "'host_device' driver requires '%s' to be either "
+                "a character or block device",
+                filename);
     return FALSE;
   }
   return TRUE;
@@ -576,16 +578,15 @@ fail:
 }
 
 /* file and host_device differ only in name: the backend checks what the path is. */
-#define FILE_DRIVER(drv_name)                                                                     \
-  {                                                                                               \
-    .name = drv_name, .protocol = TRUE, .has_dirty_flag = TRUE,                                   \
-    .supported_flags = CBT_BLOCKDEV_FUA | CBT_BLOCKDEV_MAY_UNMAP | CBT_BLOCKDEV_NO_FALLBACK,      \
-    .open = file_open,                \
-    .close = file_close, .pread = file_pread, .pwrite = file_pwrite, .flush = file_flush,         \
-    .discard = file_discard, .write_zeroes = file_write_zeroes,                                   \
-    .block_status = file_block_status, .block_status_walk = file_block_status_walk,               \
-    .get_data_fd = file_get_data_fd,                                                              \
-    .update_perms = file_update_perms, .actual_size = file_actual_size,                           \
+#define FILE_DRIVER(drv_name)                                                                      \
+  {                                                                                                \
+    .name = drv_name, .protocol = TRUE, .has_dirty_flag = TRUE,                                    \
+    .supported_flags = CBT_BLOCKDEV_FUA | CBT_BLOCKDEV_MAY_UNMAP | CBT_BLOCKDEV_NO_FALLBACK,       \
+    .open = file_open, .close = file_close, .pread = file_pread, .pwrite = file_pwrite,            \
+    .flush = file_flush, .discard = file_discard, .write_zeroes = file_write_zeroes,               \
+    .block_status = file_block_status, .block_status_walk = file_block_status_walk,                \
+    .get_data_fd = file_get_data_fd, .update_perms = file_update_perms,                            \
+    .actual_size = file_actual_size,                                                               \
   }
 
 const CbtBlockdevDriver cbt_blockdev_file_driver = FILE_DRIVER("file");

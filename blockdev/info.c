@@ -45,8 +45,8 @@ qdict_ordered(JsonObject *o)
   for (guint i = 0; i < keys->len; i++) {
     node = json_object_get_member(o, keys->pdata[i]);
     json_object_set_member(out, keys->pdata[i],
-                           JSON_NODE_HOLDS_OBJECT(node) ?
-                           qdict_ordered(json_node_get_object(node)) : json_node_copy(node));
+                           JSON_NODE_HOLDS_OBJECT(node) ? qdict_ordered(json_node_get_object(node))
+                                                        : json_node_copy(node));
   }
   JsonNode *n = json_node_alloc();
   json_node_init_object(n, out);

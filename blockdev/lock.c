@@ -17,14 +17,17 @@
 #define NPERMS 4
 
 static const char *const perm_names[NPERMS] = {
-  "consistent read", "write", "write unchanged", "resize",
+  "consistent read",
+  "write",
+  "write unchanged",
+  "resize",
 };
 
 struct CbtBlockdevLock {
   int fd;
   char *filename;
-  guint64 perm;                /* permissions whose bytes we hold */
-  guint64 shared;              /* permissions we share (their bytes are not locked) */
+  guint64 perm;   /* permissions whose bytes we hold */
+  guint64 shared; /* permissions we share (their bytes are not locked) */
 };
 
 CbtBlockdevLock *
@@ -93,8 +96,7 @@ check(CbtBlockdevLock *lock, guint64 perm, guint64 shared, GError **error)
   }
   for (int i = 0; i < NPERMS; i++) {
     if (!(shared & (1ull << i)) && byte_taken(lock->fd, PERM_BASE + i)) {
-      g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Failed to get shared \"%s\" lock",
-                  perm_names[i]);
+      g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Failed to get shared \"%s\" lock", perm_names[i]);
       return FALSE;
     }
   }

@@ -83,13 +83,14 @@ null_close(CbtBlockdev *bd)
 }
 
 /* null-co and null-aio behave the same here (QEMU's differ only in how they complete). */
-#define NULL_DRIVER(drv_name)                                                                     \
-  {                                                                                               \
-    .name = drv_name, .protocol = TRUE, .open = null_open, .close = null_close,                   \
-    /* nothing is kept, so every request is as durable and as cheap as it can be */              \
-    .supported_flags = CBT_BLOCKDEV_FUA | CBT_BLOCKDEV_MAY_UNMAP | CBT_BLOCKDEV_NO_FALLBACK,      \
-    .pread = null_pread, .pwrite = null_pwrite, .flush = null_flush, .discard = null_discard,     \
-    .write_zeroes = null_write_zeroes, .block_status = null_block_status,                         \
+#define NULL_DRIVER(drv_name)                                                                      \
+  {                                                                                                \
+    .name = drv_name, .protocol = TRUE, .open = null_open,                                         \
+    .close =                                                                                       \
+      null_close, /* nothing is kept, so every request is as durable and as cheap as it can be */  \
+      .supported_flags = CBT_BLOCKDEV_FUA | CBT_BLOCKDEV_MAY_UNMAP | CBT_BLOCKDEV_NO_FALLBACK,     \
+    .pread = null_pread, .pwrite = null_pwrite, .flush = null_flush, .discard = null_discard,      \
+    .write_zeroes = null_write_zeroes, .block_status = null_block_status,                          \
   }
 
 const CbtBlockdevDriver cbt_blockdev_null_driver = NULL_DRIVER("null-co");

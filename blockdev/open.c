@@ -9,11 +9,8 @@
 #define NODE_NAME_MAX 31 /* QEMU keeps node names in char[32] */
 
 static const CbtBlockdevDriver *const drivers[] = {
-  &cbt_blockdev_file_driver,
-  &cbt_blockdev_host_device_driver,
-  &cbt_blockdev_raw_driver,
-  &cbt_blockdev_null_driver,
-  &cbt_blockdev_null_aio_driver,
+  &cbt_blockdev_file_driver, &cbt_blockdev_host_device_driver, &cbt_blockdev_raw_driver,
+  &cbt_blockdev_null_driver, &cbt_blockdev_null_aio_driver,
 };
 
 static guint64 generated_names;
@@ -105,8 +102,8 @@ open_child(const CbtQmpBlockdevRef *ref, const Inherited *parent, GError **error
     const char *name = ref->u.reference;
     CbtBlockdev *bd = cbt_blockdev_find(name);
     if (!bd) {
-      g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Cannot find device='%s' nor node-name='%s'",
-                  name, name);
+      g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Cannot find device='%s' nor node-name='%s'", name,
+                  name);
       return NULL;
     }
     return cbt_blockdev_ref(bd);
@@ -183,7 +180,8 @@ check_common(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
     return FALSE;
   }
   if (bd->detect_zeroes == CBT_QMP_BLOCKDEV_DETECT_ZEROES_OPTIONS_UNMAP && !bd->discard_unmap) {
-    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "setting detect-zeroes to unmap is not allowed "
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "setting detect-zeroes to unmap is not allowed "
                 "without setting discard operation to unmap");
     return FALSE;
   }
@@ -191,8 +189,7 @@ check_common(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
 }
 
 static CbtBlockdev *
-open_node(const CbtQmpBlockdevOptions *opts, const Inherited *from, gboolean root,
-          GError **error)
+open_node(const CbtQmpBlockdevOptions *opts, const Inherited *from, gboolean root, GError **error)
 {
   const char *name = opts->node_name;
   const CbtQmpBlockdevRef *ref = child_ref(opts);

@@ -7,7 +7,7 @@
 
 typedef struct {
   guint64 offset;
-  gboolean windowed;           /* offset or size given: others may not resize the child */
+  gboolean windowed; /* offset or size given: others may not resize the child */
 } RawState;
 
 static guint64
@@ -117,14 +117,18 @@ window(CbtBlockdev *bd, const CbtQmpBlockdevOptionsRaw *o, RawState *s, GError *
       (o->has_size && !get_uint(o->size, "size", &size, error)))
     return FALSE;
   if (s->offset > csize) {
-    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Offset (%" G_GUINT64_FORMAT ") cannot be greater "
-                "than size of the containing file (%" G_GUINT64_FORMAT ")", s->offset, csize);
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "Offset (%" G_GUINT64_FORMAT ") cannot be greater "
+                "than size of the containing file (%" G_GUINT64_FORMAT ")",
+                s->offset, csize);
     return FALSE;
   }
   if (o->has_size && size > csize - s->offset) {
-    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "The sum of offset (%" G_GUINT64_FORMAT ") and "
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "The sum of offset (%" G_GUINT64_FORMAT ") and "
                 "size (%" G_GUINT64_FORMAT ") has to be smaller or equal to the  actual size of "
-                "the containing file (%" G_GUINT64_FORMAT ")", s->offset, size, csize);
+                "the containing file (%" G_GUINT64_FORMAT ")",
+                s->offset, size, csize);
     return FALSE;
   }
   if (size % 512) {

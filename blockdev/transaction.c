@@ -53,8 +53,10 @@ prepare_one(const CbtQmpTransactionAction *act, gboolean grouped, CbtTxn *txn, G
   }
   /* No action of cbtd's belongs to a block job group yet. */
   if (grouped) {
-    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Action '%s' does not support Transaction "
-                "property completion-mode = grouped", kind);
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "Action '%s' does not support Transaction "
+                "property completion-mode = grouped",
+                kind);
     return FALSE;
   }
   return prepares[act->type](act, txn, error);

@@ -27,7 +27,10 @@ typedef struct {
 #endif
 } CbtMutex;
 
-#define CBT_MUTEX_INIT { .mutex = PTHREAD_MUTEX_INITIALIZER }
+#define CBT_MUTEX_INIT                                                                             \
+  {                                                                                                \
+    .mutex = PTHREAD_MUTEX_INITIALIZER                                                             \
+  }
 
 void cbt_mutex_init(CbtMutex *m);
 void cbt_mutex_clear(CbtMutex *m);
@@ -83,15 +86,15 @@ cbt_mutex_cond_timedwait(CbtMutex *m, pthread_cond_t *cond, const struct timespe
 #define CBT_ASSERT_MAIN_THREAD() ((void)0)
 #define CBT_ASSERT_HELD(m) ((void)0)
 #else
-#define CBT_ASSERT_MAIN_THREAD()                                                                  \
-  G_STMT_START                                                                                    \
-  {                                                                                               \
-    if (G_UNLIKELY(!g_main_context_is_owner(g_main_context_default())))                         \
-      cbt_assert_main_thread_failed(G_STRFUNC);                                                   \
-  }                                                                                               \
+#define CBT_ASSERT_MAIN_THREAD()                                                                   \
+  G_STMT_START                                                                                     \
+  {                                                                                                \
+    if (G_UNLIKELY(!g_main_context_is_owner(g_main_context_default())))                            \
+      cbt_assert_main_thread_failed(G_STRFUNC);                                                    \
+  }                                                                                                \
   G_STMT_END
-#define CBT_ASSERT_HELD(m)                                                                        \
-  g_assert(__atomic_load_n(&(m)->held, __ATOMIC_RELAXED) &&                                       \
+#define CBT_ASSERT_HELD(m)                                                                         \
+  g_assert(__atomic_load_n(&(m)->held, __ATOMIC_RELAXED) &&                                        \
            pthread_equal(__atomic_load_n(&(m)->owner, __ATOMIC_RELAXED), pthread_self()))
 #endif
 

@@ -89,8 +89,8 @@ keyval_listify(JsonNode *node, const char *path, GError **error)
   if (!all_index) {
     g_autoptr(JsonObject) out = json_object_new();
     for (GList *l = members; l; l = l->next) {
-      g_autofree char *sub = *path ? g_strdup_printf("%s.%s", path, (char *)l->data)
-                                   : g_strdup(l->data);
+      g_autofree char *sub =
+        *path ? g_strdup_printf("%s.%s", path, (char *)l->data) : g_strdup(l->data);
       JsonNode *child = keyval_listify(json_object_get_member(obj, l->data), sub, error);
       if (!child)
         return NULL;

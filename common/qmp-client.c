@@ -9,18 +9,18 @@
 
 #include "common/sockets.h"
 
-G_DEFINE_QUARK(cbt-qmp-client-error-quark, cbt_qmp_client_error)
+G_DEFINE_QUARK(cbt - qmp - client - error - quark, cbt_qmp_client_error)
 
 #define READ_CHUNK 65536
 
 struct CbtQmpClient {
   int fd;
   guint timeout_ms;
-  GString *in;         /* received, not yet framed */
-  GQueue events;       /* JsonObject *, oldest first */
+  GString *in;   /* received, not yet framed */
+  GQueue events; /* JsonObject *, oldest first */
   JsonObject *greeting;
-  char *error_class;   /* of the last error reply */
-  JsonParser *parser;  /* kept: one per message would cost more than the round trip's I/O */
+  char *error_class;  /* of the last error reply */
+  JsonParser *parser; /* kept: one per message would cost more than the round trip's I/O */
 };
 
 static const char *const classes[] = {
@@ -188,8 +188,8 @@ cbt_qmp_client_call(CbtQmpClient *c, const char *command, JsonObject *args, GErr
     return NULL;
   }
   g_free(c->error_class);
-  c->error_class = g_strdup(json_object_get_string_member_with_default(err, "class",
-                                                                       "GenericError"));
+  c->error_class =
+    g_strdup(json_object_get_string_member_with_default(err, "class", "GenericError"));
   g_set_error_literal(error, CBT_QMP_CLIENT_ERROR, class_code(c->error_class),
                       json_object_get_string_member_with_default(err, "desc", ""));
   return NULL;
@@ -203,13 +203,12 @@ cbt_qmp_client_next_event(CbtQmpClient *c, guint timeout_ms, GError **error)
   while (g_queue_is_empty(&c->events)) {
     gint64 left = (end - g_get_monotonic_time()) / 1000;
     if (left <= 0 && timeout_ms) {
-      g_set_error(error, CBT_QMP_CLIENT_ERROR, CBT_QMP_CLIENT_ERROR_IO,
-                  "no event within %u ms", timeout_ms);
+      g_set_error(error, CBT_QMP_CLIENT_ERROR, CBT_QMP_CLIENT_ERROR_IO, "no event within %u ms",
+                  timeout_ms);
       return NULL;
     }
     if (!timeout_ms && !wait_input(c, 1, NULL)) {
-      g_set_error_literal(error, CBT_QMP_CLIENT_ERROR, CBT_QMP_CLIENT_ERROR_IO,
-                          "no event queued");
+      g_set_error_literal(error, CBT_QMP_CLIENT_ERROR, CBT_QMP_CLIENT_ERROR_IO, "no event queued");
       return NULL;
     }
     JsonObject *msg = read_message(c, timeout_ms ? (guint)MAX(left, 1) : 1, error);
@@ -271,8 +270,7 @@ cbt_qmp_client_connect(const CbtQmpSocketAddress *addr, gboolean negotiate, guin
 }
 
 CbtQmpClient *
-cbt_qmp_client_connect_unix(const char *path, gboolean negotiate, guint timeout_ms,
-                            GError **error)
+cbt_qmp_client_connect_unix(const char *path, gboolean negotiate, guint timeout_ms, GError **error)
 {
   int fd = cbt_socket_connect_unix(path, error);
 

@@ -38,8 +38,8 @@ typedef struct CbtQmpClient CbtQmpClient;
  * @negotiate. @timeout_ms bounds every later wait for the server (0: none). */
 CbtQmpClient *cbt_qmp_client_connect(const CbtQmpSocketAddress *addr, gboolean negotiate,
                                      guint timeout_ms, GError **error);
-CbtQmpClient *cbt_qmp_client_connect_unix(const char *path, gboolean negotiate,
-                                          guint timeout_ms, GError **error);
+CbtQmpClient *cbt_qmp_client_connect_unix(const char *path, gboolean negotiate, guint timeout_ms,
+                                          GError **error);
 void cbt_qmp_client_free(CbtQmpClient *c);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(CbtQmpClient, cbt_qmp_client_free)
 

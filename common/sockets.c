@@ -16,8 +16,7 @@
 
 #define SOCKET_ERROR (g_quark_from_static_string("cbt-socket"))
 
-static int G_GNUC_PRINTF(2, 3)
-fail(GError **error, const char *fmt, ...)
+static int G_GNUC_PRINTF(2, 3) fail(GError **error, const char *fmt, ...)
 {
   va_list ap;
 
@@ -97,8 +96,8 @@ unix_listen(const CbtQmpUnixSocketAddress *u, GError **error)
   g_autofree char *tmp = g_strdup_printf("%s.%d~", u->path, (int)getpid());
   gboolean exists = lstat(u->path, &st) == 0;
   /* Publish by rename only where that cannot clobber a non-socket file or overflow sun_path. */
-  const char *bind_path = strlen(tmp) < sizeof sun.sun_path && (!exists || S_ISSOCK(st.st_mode))
-                            ? tmp : u->path;
+  const char *bind_path =
+    strlen(tmp) < sizeof sun.sun_path && (!exists || S_ISSOCK(st.st_mode)) ? tmp : u->path;
   if (bind_path == u->path && exists && S_ISSOCK(st.st_mode))
     unlink(u->path);
   if (bind_path != u->path)
@@ -211,9 +210,9 @@ vsock_listen_or_connect(const CbtQmpVsockSocketAddress *v, gboolean listen_on, G
   int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0)
     return fail(error, "Failed to create socket: %s", g_strerror(errno));
-  int r = listen_on ? bind(fd, (struct sockaddr *)&svm, sizeof svm) == 0 &&
-                        listen(fd, SOMAXCONN) == 0
-                    : connect(fd, (struct sockaddr *)&svm, sizeof svm) == 0;
+  int r = listen_on
+            ? bind(fd, (struct sockaddr *)&svm, sizeof svm) == 0 && listen(fd, SOMAXCONN) == 0
+            : connect(fd, (struct sockaddr *)&svm, sizeof svm) == 0;
   if (!r) {
     fail(error, listen_on ? "Failed to bind socket: %s" : "Failed to connect socket: %s",
          g_strerror(errno));

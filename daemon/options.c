@@ -141,18 +141,21 @@ apply_chardev(JsonObject *o, GError **error)
     return FALSE;
   }
   if (!path) {
-    g_set_error_literal(error, CBTD_ERROR, 0,
-                        "only unix socket chardevs (path=...) are supported");
+    g_set_error_literal(error, CBTD_ERROR, 0, "only unix socket chardevs (path=...) are supported");
     return FALSE;
   }
   if (strcmp(server, "on") != 0) {
-    g_set_error(error, CBTD_ERROR, 0, "Failed to connect to '%s': only server=on sockets "
-                "are supported", path);
+    g_set_error(error, CBTD_ERROR, 0,
+                "Failed to connect to '%s': only server=on sockets "
+                "are supported",
+                path);
     return FALSE;
   }
   if (g_hash_table_contains(chardevs, id)) {
-    g_set_error(error, CBTD_ERROR, 0, "attempt to add duplicate property '%s' to object "
-                "(type 'container')", id);
+    g_set_error(error, CBTD_ERROR, 0,
+                "attempt to add duplicate property '%s' to object "
+                "(type 'container')",
+                id);
     return FALSE;
   }
   g_hash_table_insert(chardevs, g_strdup(id), g_strdup(path));
@@ -199,8 +202,7 @@ apply_nbd_server(CbtRpc *rpc, JsonObject *o, gboolean keyval, GError **error)
 }
 
 static gboolean
-run_command(CbtRpc *rpc, const char *command, JsonObject *args, gboolean keyval,
-            GError **error)
+run_command(CbtRpc *rpc, const char *command, JsonObject *args, gboolean keyval, GError **error)
 {
   g_autoptr(JsonNode) ret = cbt_rpc_execute(rpc, command, args, keyval, error);
   return ret != NULL;
@@ -210,8 +212,8 @@ static gboolean
 apply_one(CbtRpc *rpc, int c, const char *arg, GError **error)
 {
   static const char *const implied[] = {
-    [OPT_BLOCKDEV - OPT_BLOCKDEV] = "driver",  [OPT_CHARDEV - OPT_BLOCKDEV] = "backend",
-    [OPT_EXPORT - OPT_BLOCKDEV] = "type",      [OPT_MONITOR - OPT_BLOCKDEV] = "chardev",
+    [OPT_BLOCKDEV - OPT_BLOCKDEV] = "driver", [OPT_CHARDEV - OPT_BLOCKDEV] = "backend",
+    [OPT_EXPORT - OPT_BLOCKDEV] = "type",     [OPT_MONITOR - OPT_BLOCKDEV] = "chardev",
     [OPT_OBJECT - OPT_BLOCKDEV] = "qom-type",
   };
   gboolean is_json = FALSE;
@@ -226,7 +228,8 @@ apply_one(CbtRpc *rpc, int c, const char *arg, GError **error)
   case OPT_PIDFILE:
     return TRUE; /* handled early */
   case 'T':
-    g_set_error_literal(error, CBTD_ERROR, 0, "tracing is not supported; use the logs on "
+    g_set_error_literal(error, CBTD_ERROR, 0,
+                        "tracing is not supported; use the logs on "
                         "stderr");
     return FALSE;
   case 1:

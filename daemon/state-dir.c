@@ -62,18 +62,19 @@ cbtd_state_dir_setup(CbtRpc *rpc, const char *dir, GError **error)
   g_autoptr(JsonNode) nbd_json = json_node_init_string(json_node_alloc(), nbd);
   g_autofree char *disk_q = json_to_string(disk_json, FALSE);
   g_autofree char *nbd_q = json_to_string(nbd_json, FALSE);
-  g_autofree char *add = g_strdup_printf(
-    "{\"driver\": \"file\", \"node-name\": \"disk0\", \"discard\": \"unmap\", "
-    "\"filename\": %s}", disk_q);
-  g_autofree char *start = g_strdup_printf(
-    "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": %s}}}", nbd_q);
+  g_autofree char *add =
+    g_strdup_printf("{\"driver\": \"file\", \"node-name\": \"disk0\", \"discard\": \"unmap\", "
+                    "\"filename\": %s}",
+                    disk_q);
+  g_autofree char *start =
+    g_strdup_printf("{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": %s}}}", nbd_q);
 
-  if (!execute(rpc, "blockdev-add", add, error) ||
-      !cbt_rpc_listen_unix(rpc, qmp, FALSE, error) ||
+  if (!execute(rpc, "blockdev-add", add, error) || !cbt_rpc_listen_unix(rpc, qmp, FALSE, error) ||
       !execute(rpc, "nbd-server-start", start, error) ||
       !execute(rpc, "block-export-add",
                "{\"type\": \"nbd\", \"id\": \"disk0\", \"node-name\": \"disk0\", "
-               "\"writable\": true}", error))
+               "\"writable\": true}",
+               error))
     return FALSE;
 
   printf("cbtd: state directory %s\n"

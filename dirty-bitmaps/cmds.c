@@ -71,8 +71,10 @@ add_check(const CbtQmpBlockDirtyBitmapAdd *args, guint32 *granularity, GError **
   }
   /* Only qcow2 stores bitmaps in QEMU, and cbtd has no persistent store (yet). */
   if (args->persistent) {
-    cbt_dirty_bitmaps_error(error, "Can't store persistent bitmaps to %s: Operation not "
-                            "supported", cbt_blockdev_get_node_name(bd));
+    cbt_dirty_bitmaps_error(error,
+                            "Can't store persistent bitmaps to %s: Operation not "
+                            "supported",
+                            cbt_blockdev_get_node_name(bd));
     return NULL;
   }
   if (cbt_dirty_bitmaps_find(bd, args->name)) {
@@ -137,8 +139,9 @@ static gboolean
 remove_prepare(const CbtQmpBlockDirtyBitmap *args, CbtTxn *txn, GError **error)
 {
   CbtBlockdev *bd;
-  CbtDirtyBitmap *dbm = lookup_checked(args->node, args->name, CBT_DIRTY_BITMAP_CHECK_BUSY |
-                                       CBT_DIRTY_BITMAP_CHECK_READ_ONLY, &bd, txn, error);
+  CbtDirtyBitmap *dbm =
+    lookup_checked(args->node, args->name,
+                   CBT_DIRTY_BITMAP_CHECK_BUSY | CBT_DIRTY_BITMAP_CHECK_READ_ONLY, &bd, txn, error);
 
   if (!dbm)
     return FALSE;
@@ -180,8 +183,8 @@ static gboolean
 clear_prepare(const CbtQmpBlockDirtyBitmap *args, CbtTxn *txn, GError **error)
 {
   CbtBlockdev *bd;
-  CbtDirtyBitmap *dbm = lookup_checked(args->node, args->name, CBT_DIRTY_BITMAP_CHECK_ALL, &bd,
-                                       txn, error);
+  CbtDirtyBitmap *dbm =
+    lookup_checked(args->node, args->name, CBT_DIRTY_BITMAP_CHECK_ALL, &bd, txn, error);
 
   if (!dbm)
     return FALSE;
@@ -208,8 +211,8 @@ set_recording_prepare(const CbtQmpBlockDirtyBitmap *args, gboolean recording, Cb
                       GError **error)
 {
   CbtBlockdev *bd;
-  CbtDirtyBitmap *dbm = lookup_checked(args->node, args->name, CBT_DIRTY_BITMAP_CHECK_ALLOW_RO,
-                                       &bd, txn, error);
+  CbtDirtyBitmap *dbm =
+    lookup_checked(args->node, args->name, CBT_DIRTY_BITMAP_CHECK_ALLOW_RO, &bd, txn, error);
 
   if (!dbm)
     return FALSE;
@@ -239,10 +242,10 @@ merge_source(CbtBlockdev *bd, CbtDirtyBitmap *target, const CbtQmpBlockDirtyBitm
   if (!dbm || !cbt_dirty_bitmap_check(dbm, CBT_DIRTY_BITMAP_CHECK_ALLOW_RO, error))
     return NULL;
   if (cbt_dirty_bitmap_get_size(dbm) != cbt_dirty_bitmap_get_size(target)) {
-    cbt_dirty_bitmaps_error(error, "Bitmaps are of different sizes (destination size is %"
-                            G_GUINT64_FORMAT ", source size is %" G_GUINT64_FORMAT
-                            ") and can't be merged", cbt_dirty_bitmap_get_size(target),
-                            cbt_dirty_bitmap_get_size(dbm));
+    cbt_dirty_bitmaps_error(error,
+                            "Bitmaps are of different sizes (destination size is %" G_GUINT64_FORMAT
+                            ", source size is %" G_GUINT64_FORMAT ") and can't be merged",
+                            cbt_dirty_bitmap_get_size(target), cbt_dirty_bitmap_get_size(dbm));
     return NULL;
   }
   cbt_blockdev_drain_in_txn(bd, txn);
@@ -261,14 +264,14 @@ merge_prepare(const CbtQmpBlockDirtyBitmapMerge *args, CbtTxn *txn, GError **err
     cbt_dirty_bitmaps_error(error, "Parameter 'bitmaps' must not be empty");
     return FALSE;
   }
-  CbtDirtyBitmap *target = lookup_checked(args->node, args->target, CBT_DIRTY_BITMAP_CHECK_ALL,
-                                          &bd, txn, error);
+  CbtDirtyBitmap *target =
+    lookup_checked(args->node, args->target, CBT_DIRTY_BITMAP_CHECK_ALL, &bd, txn, error);
   if (!target)
     return FALSE;
 
   /* The union goes into scratch bits first: a failing source leaves the target untouched. */
-  g_autoptr(CbtBitmap) scratch = cbt_bitmap_new(cbt_dirty_bitmap_get_size(target),
-                                                cbt_dirty_bitmap_get_granularity(target));
+  g_autoptr(CbtBitmap) scratch =
+    cbt_bitmap_new(cbt_dirty_bitmap_get_size(target), cbt_dirty_bitmap_get_granularity(target));
   for (guint i = 0; i < sources->len; i++) {
     CbtDirtyBitmap *src = merge_source(bd, target, g_ptr_array_index(sources, i), txn, error);
     if (!src)

@@ -30,7 +30,7 @@ void cbt_dirty_bitmaps_table_init(void);
 void cbt_dirty_bitmaps_cmds_init(void);
 
 /* Every error of this module is a GenericError in the bitmap domain. */
-#define cbt_dirty_bitmaps_error(error, ...) \
+#define cbt_dirty_bitmaps_error(error, ...)                                                        \
   g_set_error((error), CBT_BITMAP_ERROR, CBT_BITMAP_ERROR_FAILED, __VA_ARGS__)
 
 G_END_DECLS

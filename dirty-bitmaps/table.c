@@ -14,7 +14,7 @@ static GHashTable *node_bitmaps;
 typedef struct {
   CbtBlockdev *bd; /* referenced, and a user while held */
   CbtDirtyBitmap *dbm;
-  guint holds;     /* successful lookups not yet released */
+  guint holds; /* successful lookups not yet released */
 } ExportHold;
 static GHashTable *export_holds;
 
@@ -125,8 +125,8 @@ node_query(CbtBlockdev *bd, gpointer data, gpointer user_data)
 
   if (!arr || arr->len == 0)
     return;
-  info->dirty_bitmaps = g_ptr_array_new_full(arr->len,
-                                             (GDestroyNotify)cbt_qmp_block_dirty_info_free);
+  info->dirty_bitmaps =
+    g_ptr_array_new_full(arr->len, (GDestroyNotify)cbt_qmp_block_dirty_info_free);
   for (guint i = arr->len; i-- > 0;)
     g_ptr_array_add(info->dirty_bitmaps, cbt_dirty_bitmaps_info(g_ptr_array_index(arr, i)));
 }
@@ -144,8 +144,8 @@ node_closing(CbtBlockdev *bd, gpointer data, gpointer user_data)
     gboolean busy = cbt_dirty_bitmap_is_busy(dbm);
 
     if (busy)
-      g_critical("node '%s' closed while its bitmap '%s' is busy",
-                 cbt_blockdev_get_node_name(bd), cbt_dirty_bitmap_get_name(dbm));
+      g_critical("node '%s' closed while its bitmap '%s' is busy", cbt_blockdev_get_node_name(bd),
+                 cbt_dirty_bitmap_get_name(dbm));
     gboolean last = arr->len == 1;
     cbt_dirty_bitmaps_detach(bd, dbm);
     if (!busy)
@@ -185,9 +185,8 @@ check_exportable(CbtBlockdev *node, const char *node_name, CbtDirtyBitmap *dbm, 
 }
 
 CbtBitmap *
-cbt_dirty_bitmaps_export_lookup(CbtBlockdev *node, const char *node_name,
-                                        const char *name, gboolean readonly_export,
-                                        GError **error)
+cbt_dirty_bitmaps_export_lookup(CbtBlockdev *node, const char *node_name, const char *name,
+                                gboolean readonly_export, GError **error)
 {
   CBT_ASSERT_MAIN_THREAD();
   /* qsd also descends filter and backing children for a plain name; cbtd's nodes have neither

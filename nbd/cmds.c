@@ -12,8 +12,7 @@
 
 static char *unix_path; /* socket file to unlink when the server stops */
 
-static gboolean G_GNUC_PRINTF(2, 3)
-fail(GError **error, const char *fmt, ...)
+static gboolean G_GNUC_PRINTF(2, 3) fail(GError **error, const char *fmt, ...)
 {
   va_list ap;
   va_start(ap, fmt);
@@ -25,8 +24,8 @@ fail(GError **error, const char *fmt, ...)
 
 /* @flags: CBT_SOCKET_ALLOW_FD on the command line. */
 static gboolean
-server_start(const CbtQmpSocketAddress *addr, const char *tls_creds, gboolean has_max,
-             guint32 max, CbtSocketFlags flags, GError **error)
+server_start(const CbtQmpSocketAddress *addr, const char *tls_creds, gboolean has_max, guint32 max,
+             CbtSocketFlags flags, GError **error)
 {
   if (cbt_nbd_server_running())
     return fail(error, "NBD server already running");
@@ -41,15 +40,15 @@ server_start(const CbtQmpSocketAddress *addr, const char *tls_creds, gboolean ha
     unix_path = g_strdup(path);
   }
   return cbt_nbd_server_listen(cbt_qmp_socket_address_type_to_string(addr->type), fd,
-                               addr->type == CBT_QMP_SOCKET_ADDRESS_TYPE_INET,
-                               has_max ? max : 0, error);
+                               addr->type == CBT_QMP_SOCKET_ADDRESS_TYPE_INET, has_max ? max : 0,
+                               error);
 }
 
 gboolean
 cbt_nbd_server_start_options(const CbtQmpNbdServerOptions *opts, GError **error)
 {
-  return server_start(opts->addr, opts->tls_creds, opts->has_max_connections,
-                      opts->max_connections, CBT_SOCKET_ALLOW_FD, error);
+  return server_start(opts->addr, opts->tls_creds, opts->has_max_connections, opts->max_connections,
+                      CBT_SOCKET_ALLOW_FD, error);
 }
 
 gboolean
@@ -86,8 +85,8 @@ cbt_qmp_nbd_server_start(const CbtQmpNbdServerStartArg *args, GError **error)
   CbtQmpSocketAddress addr;
 
   cbt_socket_address_from_legacy(args->addr, &addr);
-  return server_start(&addr, args->tls_creds, args->has_max_connections, args->max_connections,
-                      0, error);
+  return server_start(&addr, args->tls_creds, args->has_max_connections, args->max_connections, 0,
+                      error);
 }
 
 gboolean
@@ -164,6 +163,5 @@ cbt_qmp_nbd_server_add(const CbtQmpNbdServerAddOptions *args, GError **error)
 gboolean
 cbt_qmp_nbd_server_remove(const CbtQmpNbdServerRemoveArg *args, GError **error)
 {
-  return cbt_nbd_export_del(args->name, args->mode == CBT_QMP_BLOCK_EXPORT_REMOVE_MODE_HARD,
-                            error);
+  return cbt_nbd_export_del(args->name, args->mode == CBT_QMP_BLOCK_EXPORT_REMOVE_MODE_HARD, error);
 }

@@ -70,11 +70,10 @@ read_runs(CbtNbdReq *r, guint32 min_hole)
     guint64 pnum = 0;
     guint32 status = 0;
     gboolean hole = FALSE;
-    if (runs->len < MAX_READ_RUNS
-        && cbt_blockdev_block_status(r->conn->exp->bd, r->offset + pos, r->len - pos, &pnum,
-                                     &status)
-               == 0
-        && pnum > 0 && pnum <= r->len - pos)
+    if (runs->len < MAX_READ_RUNS &&
+        cbt_blockdev_block_status(r->conn->exp->bd, r->offset + pos, r->len - pos, &pnum,
+                                  &status) == 0 &&
+        pnum > 0 && pnum <= r->len - pos)
       hole = (status & CBT_BLOCKDEV_STATUS_ZERO) && pnum >= min_hole;
     else
       pnum = r->len - pos;

@@ -220,8 +220,7 @@ begin_shutdown_locked(CbtNbdExport *exp)
 
 /* Resolve the `bitmaps` list; on failure the ones found so far are released with @out. */
 static gboolean
-resolve_bitmaps(const CbtQmpBlockExportOptions *o, CbtBlockdev *bd, GPtrArray *out,
-                GError **error)
+resolve_bitmaps(const CbtQmpBlockExportOptions *o, CbtBlockdev *bd, GPtrArray *out, GError **error)
 {
   GPtrArray *list = o->u.nbd.bitmaps;
 
@@ -235,8 +234,7 @@ resolve_bitmaps(const CbtQmpBlockExportOptions *o, CbtBlockdev *bd, GPtrArray *o
     if (node_name) {
       node = cbt_blockdev_find(node_name);
       if (!node) {
-        g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Node '%s' not found",
-                    node_name);
+        g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Node '%s' not found", node_name);
         return FALSE;
       }
     }

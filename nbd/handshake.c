@@ -24,7 +24,7 @@ send_reply(CbtNbdConn *conn, guint32 opt, guint32 type, const void *data, gsize 
 }
 
 static OptResult send_error(CbtNbdConn *conn, guint32 opt, guint32 type, const char *fmt, ...)
-    G_GNUC_PRINTF(4, 5);
+  G_GNUC_PRINTF(4, 5);
 
 static OptResult
 send_error(CbtNbdConn *conn, guint32 opt, guint32 type, const char *fmt, ...)
@@ -122,8 +122,8 @@ send_infos(CbtNbdConn *conn, guint32 opt, CbtNbdExport *exp, gboolean want_name,
 
   if (want_name && !send_info(conn, opt, NBD_INFO_NAME, exp->name, strlen(exp->name)))
     return FALSE;
-  if (want_desc && exp->description
-      && !send_info(conn, opt, NBD_INFO_DESCRIPTION, exp->description, strlen(exp->description)))
+  if (want_desc && exp->description &&
+      !send_info(conn, opt, NBD_INFO_DESCRIPTION, exp->description, strlen(exp->description)))
     return FALSE;
   /* Always sent: the sizes are true for every client, asked for or not. */
   cbt_nbd_put32(sizes, exp->min_block);
@@ -303,8 +303,8 @@ next_option(CbtNbdConn *conn, guint *budget)
   guint32 opt = cbt_nbd_get32(hdr + 8), len = cbt_nbd_get32(hdr + 12);
 
   if (len > CBT_NBD_MAX_OPTION_PAYLOAD) {
-    if (opt == NBD_OPT_EXPORT_NAME || len > CBT_NBD_MAX_OPTION_DISCARD
-        || cbt_nbd_discard(conn, len) < 0)
+    if (opt == NBD_OPT_EXPORT_NAME || len > CBT_NBD_MAX_OPTION_DISCARD ||
+        cbt_nbd_discard(conn, len) < 0)
       return OPT_DROP;
     return send_error(conn, opt, NBD_REP_ERR_TOO_BIG, "option payload of %u bytes too large", len);
   }
@@ -323,8 +323,8 @@ cbt_nbd_handshake(CbtNbdConn *conn)
   cbt_nbd_put64(greet, NBD_MAGIC);
   cbt_nbd_put64(greet + 8, NBD_IHAVEOPT);
   cbt_nbd_put16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-  if (cbt_nbd_write_full(conn, greet, sizeof greet) < 0
-      || cbt_nbd_read_full(conn, cflags, sizeof cflags) < 0)
+  if (cbt_nbd_write_full(conn, greet, sizeof greet) < 0 ||
+      cbt_nbd_read_full(conn, cflags, sizeof cflags) < 0)
     return FALSE;
   guint32 f = cbt_nbd_get32(cflags);
   if (f & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))

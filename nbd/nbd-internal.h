@@ -102,8 +102,8 @@ struct CbtNbdConn {
   CbtNbdExport *meta_exp; /* export the meta selection was made for (ref held) */
   GArray *meta;           /* CbtNbdMetaSel */
   guint16 eflags;
-  gboolean closing; /* under cbt_nbd_lock: the server asked this connection to end */
-  CbtMutex send_lock; /* one reply at a time on the socket */
+  gboolean closing;     /* under cbt_nbd_lock: the server asked this connection to end */
+  CbtMutex send_lock;   /* one reply at a time on the socket */
   gboolean send_failed; /* under send_lock: the socket is unusable, replies are dropped */
 };
 
@@ -117,7 +117,7 @@ typedef struct {
   guint64 cookie;
   guint64 offset;
   guint32 len;
-  guint8 *buf;   /* pooled across requests: WRITE payload or READ data */
+  guint8 *buf; /* pooled across requests: WRITE payload or READ data */
   gsize cap;
   gboolean zero_copy; /* READ: sent from the node's file, not through buf (transmit.c) */
   guint64 write_seq;  /* write-type: admission order; 0 once finished (under the pool lock) */
@@ -195,8 +195,8 @@ void cbt_nbd_reply_error(CbtNbdConn *conn, guint64 cookie, guint32 err, const ch
 void cbt_nbd_reply_error_locked(CbtNbdConn *conn, guint64 cookie, guint32 err, const char *msg);
 void cbt_nbd_reply_data_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
                                const void *data, gsize len);
-void cbt_nbd_reply_data_fd_locked(CbtNbdConn *conn, guint64 cookie, gboolean done,
-                                  guint64 offset, int fd, guint64 fd_offset, gsize len);
+void cbt_nbd_reply_data_fd_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,
+                                  int fd, guint64 fd_offset, gsize len);
 void cbt_nbd_reply_simple_fd_locked(CbtNbdConn *conn, guint64 cookie, int fd, guint64 fd_offset,
                                     gsize len);
 void cbt_nbd_reply_hole_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, guint64 offset,

@@ -29,7 +29,8 @@ G_BEGIN_DECLS
 
 /* `--nbd-server` on the command line: nbd-server-start with a flat SocketAddress. Unlike the QMP
  * command, addr.type=fd takes a decimal file descriptor number here (as qsd does outside a
- * monitor). `--export` needs nothing special: it runs block-export-add through cbt_rpc_execute(). */
+ * monitor). `--export` needs nothing special: it runs block-export-add through cbt_rpc_execute().
+ */
 gboolean cbt_nbd_server_start_options(const CbtQmpNbdServerOptions *opts, GError **error);
 
 /* systemd socket activation: serve on an already listening socket (the daemon passes fd 3 when

@@ -25,7 +25,7 @@ struct CbtNbdPool {
   pthread_cond_t work; /* a request was queued, or the pool is stopping */
   pthread_cond_t done; /* a request completed */
   CbtNbdReq slots[CBT_NBD_MAX_INFLIGHT];
-  gint free;     /* free list (LIFO: the warm buffer comes back first) */
+  gint free;       /* free list (LIFO: the warm buffer comes back first) */
   gint head, tail; /* queue for the workers */
   guint inflight;
   guint waiters; /* threads waiting on `done` */

@@ -32,16 +32,16 @@ static struct {
   int listen_fd;
   gboolean is_inet;
   guint32 max_conn;
-  guint source_id;  /* main thread only */
-  GPtrArray *conns; /* every live connection; under cbt_nbd_lock */
-  guint n_threads;  /* under cbt_nbd_lock */
-  guint n_current;  /* connections of the running server; under cbt_nbd_lock */
+  guint source_id;     /* main thread only */
+  GPtrArray *conns;    /* every live connection; under cbt_nbd_lock */
+  guint n_threads;     /* under cbt_nbd_lock */
+  guint n_current;     /* connections of the running server; under cbt_nbd_lock */
   pthread_cond_t idle; /* a thread ended */
   guint handshake_ms;
-  gint64 poll_max_ns; /* adaptive polling's cap (transmit.c); 0 turns it off */
-  GQueue spare_conns; /* accepted, for a parked thread to take; under cbt_nbd_lock */
-  guint n_parked;     /* threads waiting for spare_conns; under cbt_nbd_lock */
-  pthread_cond_t spare; /* a connection was queued, or the server stopped */
+  gint64 poll_max_ns;               /* adaptive polling's cap (transmit.c); 0 turns it off */
+  GQueue spare_conns;               /* accepted, for a parked thread to take; under cbt_nbd_lock */
+  guint n_parked;                   /* threads waiting for spare_conns; under cbt_nbd_lock */
+  pthread_cond_t spare;             /* a connection was queued, or the server stopped */
   CbtNbdTransportNew transport_new; /* NULL: plain (tests set another) */
 } srv = { .listen_fd = -1, .handshake_ms = 10000, .poll_max_ns = CBT_NBD_POLL_MAX_NS };
 

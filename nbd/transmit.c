@@ -44,13 +44,13 @@ typedef struct {
   CbtNbdPool *pool;
   guint8 *in; /* received, not yet consumed: [start, end) */
   gsize start, end;
-  CbtNbdCork cork; /* replies of requests the reader served itself */
-  gint64 poll_ns;  /* spin this long for the next request before sleeping (receive()) */
+  CbtNbdCork cork;        /* replies of requests the reader served itself */
+  gint64 poll_ns;         /* spin this long for the next request before sleeping (receive()) */
   gboolean last_was_data; /* the last request admitted was a READ or WRITE */
 } Reader;
 
-static const guint16 known_flags = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF
-                                   | NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
+static const guint16 known_flags = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_DF |
+                                   NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FAST_ZERO;
 static gboolean
 is_write_type(guint16 type)
 {
@@ -326,8 +326,8 @@ try_send_inline(CbtNbdReq *req)
 static gboolean
 cheap_write(CbtNbdConn *conn, const CbtNbdReq *req)
 {
-  return req->type == NBD_CMD_WRITE && req->len <= CBT_NBD_INLINE_MAX
-         && !(req->flags & NBD_CMD_FLAG_FUA) && !conn->exp->writethrough;
+  return req->type == NBD_CMD_WRITE && req->len <= CBT_NBD_INLINE_MAX &&
+         !(req->flags & NBD_CMD_FLAG_FUA) && !conn->exp->writethrough;
 }
 
 /* BLOCK_STATUS whose contexts only walk in-memory state (bitmaps, the constant allocation
@@ -411,11 +411,11 @@ serve_one(Reader *rd)
     return start_request(rd, &r);
   /* Consume a refused WRITE's payload unbuffered; beyond twice the maximum it is a DoS, not a
    * client. */
-  if (r.type == NBD_CMD_WRITE
-      && (r.len > CBT_NBD_MAX_DISCARD_WRITE || !take_payload(rd, NULL, r.len)))
+  if (r.type == NBD_CMD_WRITE &&
+      (r.len > CBT_NBD_MAX_DISCARD_WRITE || !take_payload(rd, NULL, r.len)))
     return FALSE;
-  g_debug("NBD request type %u flags 0x%x offset %" G_GUINT64_FORMAT " len %u refused: %s",
-          r.type, r.flags, r.offset, r.len, msg);
+  g_debug("NBD request type %u flags 0x%x offset %" G_GUINT64_FORMAT " len %u refused: %s", r.type,
+          r.flags, r.offset, r.len, msg);
   cbt_nbd_reply_error(rd->conn, r.cookie, err, msg);
   return TRUE;
 }

@@ -5,7 +5,8 @@
 #include "rpc/rpc-private.h"
 #include "cbt-config.h"
 
-static JsonNode *version_info(void)
+static JsonNode *
+version_info(void)
 {
   JsonObject *qemu = json_object_new();
   JsonObject *info = json_object_new();
@@ -19,7 +20,8 @@ static JsonNode *version_info(void)
   return cbt_json_object_node(info);
 }
 
-JsonNode *cbt_rpc_greeting(void)
+JsonNode *
+cbt_rpc_greeting(void)
 {
   JsonObject *qmp = json_object_new();
   JsonObject *greeting = json_object_new();
@@ -32,12 +34,14 @@ JsonNode *cbt_rpc_greeting(void)
   return cbt_json_object_node(greeting);
 }
 
-static JsonNode *cmd_query_version(JsonObject *args, gpointer user_data, GError **error)
+static JsonNode *
+cmd_query_version(JsonObject *args, gpointer user_data, GError **error)
 {
   return version_info();
 }
 
-static JsonNode *cmd_query_commands(JsonObject *args, gpointer user_data, GError **error)
+static JsonNode *
+cmd_query_commands(JsonObject *args, gpointer user_data, GError **error)
 {
   CbtRpc *rpc = user_data;
   JsonArray *list = json_array_new();
@@ -55,7 +59,8 @@ static JsonNode *cmd_query_commands(JsonObject *args, gpointer user_data, GError
   return node;
 }
 
-static JsonNode *cmd_query_qmp_schema(JsonObject *args, gpointer user_data, GError **error)
+static JsonNode *
+cmd_query_qmp_schema(JsonObject *args, gpointer user_data, GError **error)
 {
   CbtRpc *rpc = user_data;
 
@@ -65,7 +70,8 @@ static JsonNode *cmd_query_qmp_schema(JsonObject *args, gpointer user_data, GErr
 }
 
 /* Outside a monitor (cbt_rpc_execute) there is nothing to negotiate. */
-static JsonNode *cmd_qmp_capabilities(JsonObject *args, gpointer user_data, GError **error)
+static JsonNode *
+cmd_qmp_capabilities(JsonObject *args, gpointer user_data, GError **error)
 {
   return cbt_rpc_empty_return();
 }

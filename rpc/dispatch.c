@@ -6,7 +6,8 @@
 
 /* ---- running a command -------------------------------------------------------------------- */
 
-CbtSchemaCommand *cbt_rpc_find_command(CbtRpc *rpc, const char *name, CbtRpcEntry **entry)
+CbtSchemaCommand *
+cbt_rpc_find_command(CbtRpc *rpc, const char *name, CbtRpcEntry **entry)
 {
   CbtSchemaCommand *cmd = g_hash_table_lookup(rpc->schema->commands, name);
 
@@ -14,11 +15,12 @@ CbtSchemaCommand *cbt_rpc_find_command(CbtRpc *rpc, const char *name, CbtRpcEntr
   return cmd && *entry ? cmd : NULL;
 }
 
-JsonNode *cbt_rpc_run_command(CbtRpc *rpc, CbtSchemaCommand *cmd, CbtRpcEntry *entry,
-                               JsonNode *args, gboolean keyval, GError **error)
+JsonNode *
+cbt_rpc_run_command(CbtRpc *rpc, CbtSchemaCommand *cmd, CbtRpcEntry *entry, JsonNode *args,
+                    gboolean keyval, GError **error)
 {
-  g_autoptr(JsonNode) checked = cbt_schema_check(cmd->args ? cmd->args : rpc->schema->empty,
-                                                 args, keyval, error);
+  g_autoptr(JsonNode) checked =
+    cbt_schema_check(cmd->args ? cmd->args : rpc->schema->empty, args, keyval, error);
   GError *err = NULL;
 
   if (!checked)
@@ -35,7 +37,8 @@ JsonNode *cbt_rpc_run_command(CbtRpc *rpc, CbtSchemaCommand *cmd, CbtRpcEntry *e
 
 /* ---- QMP requests ------------------------------------------------------------------------- */
 
-JsonNode *cbt_rpc_error_reply(const GError *error, JsonNode *id)
+JsonNode *
+cbt_rpc_error_reply(const GError *error, JsonNode *id)
 {
   JsonObject *reply = json_object_new();
   JsonObject *err = json_object_new();
@@ -50,7 +53,8 @@ JsonNode *cbt_rpc_error_reply(const GError *error, JsonNode *id)
   return cbt_json_object_node(reply);
 }
 
-static JsonNode *return_reply(JsonNode *ret, JsonNode *id)
+static JsonNode *
+return_reply(JsonNode *ret, JsonNode *id)
 {
   JsonObject *reply = json_object_new();
 
@@ -62,8 +66,8 @@ static JsonNode *return_reply(JsonNode *ret, JsonNode *id)
 
 /* The envelope: "execute" (or "exec-oob" once oob is on), "arguments", "id", nothing else.
  * Returns the command name and sets *oob. */
-static const char *check_envelope(JsonObject *req, gboolean allow_oob, gboolean *oob,
-                                  GError **error)
+static const char *
+check_envelope(JsonObject *req, gboolean allow_oob, gboolean *oob, GError **error)
 {
   guint n;
   g_autofree const char **keys = cbt_json_qdict_order(req, &n);
@@ -105,23 +109,24 @@ static const char *check_envelope(JsonObject *req, gboolean allow_oob, gboolean 
 }
 
 /* qmp_capabilities inside a monitor: validated like any command, then per-connection. */
-static JsonNode *negotiate(CbtRpcSession *session, JsonObject *args, GError **error)
+static JsonNode *
+negotiate(CbtRpcSession *session, JsonObject *args, GError **error)
 {
   if (session->negotiated) {
     g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_COMMAND_NOT_FOUND,
                         "Capabilities negotiation is already complete, command ignored");
     return NULL;
   }
-  JsonArray *enable = json_object_has_member(args, "enable") ?
-                      json_object_get_array_member(args, "enable") : NULL;
+  JsonArray *enable =
+    json_object_has_member(args, "enable") ? json_object_get_array_member(args, "enable") : NULL;
   for (guint i = 0; enable && i < json_array_get_length(enable); i++)
     session->oob |= g_str_equal(json_array_get_string_element(enable, i), "oob");
   session->negotiated = TRUE;
   return cbt_rpc_empty_return();
 }
 
-static JsonNode *dispatch_request(CbtRpc *rpc, CbtRpcSession *session, JsonObject *req,
-                                  GError **error)
+static JsonNode *
+dispatch_request(CbtRpc *rpc, CbtRpcSession *session, JsonObject *req, GError **error)
 {
   gboolean oob = FALSE;
   const char *name = check_envelope(req, session->oob, &oob, error);
@@ -137,8 +142,8 @@ static JsonNode *dispatch_request(CbtRpc *rpc, CbtRpcSession *session, JsonObjec
     return NULL;
   }
   if (oob) {
-    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
-                "The command %s does not support OOB", name);
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "The command %s does not support OOB",
+                name);
     return NULL;
   }
   if (!session->negotiated && !g_str_equal(name, CBT_RPC_NEGOTIATION_CMD)) {
@@ -153,7 +158,8 @@ static JsonNode *dispatch_request(CbtRpc *rpc, CbtRpcSession *session, JsonObjec
   return checked ? negotiate(session, json_node_get_object(checked), error) : NULL;
 }
 
-JsonNode *cbt_rpc_dispatch(CbtRpc *rpc, CbtRpcSession *session, JsonNode *request)
+JsonNode *
+cbt_rpc_dispatch(CbtRpc *rpc, CbtRpcSession *session, JsonNode *request)
 {
   g_autoptr(GError) error = NULL;
   JsonNode *id = NULL;
@@ -171,11 +177,10 @@ JsonNode *cbt_rpc_dispatch(CbtRpc *rpc, CbtRpcSession *session, JsonNode *reques
   if (ret)
     return return_reply(ret, id);
   /* Before negotiation every CommandNotFound says what is expected instead. */
-  if (!session->negotiated && g_error_matches(error, CBT_RPC_ERROR,
-                                              CBT_RPC_ERROR_COMMAND_NOT_FOUND)) {
+  if (!session->negotiated &&
+      g_error_matches(error, CBT_RPC_ERROR, CBT_RPC_ERROR_COMMAND_NOT_FOUND)) {
     g_free(error->message);
     error->message = g_strdup("Expecting capabilities negotiation with 'qmp_capabilities'");
   }
   return cbt_rpc_error_reply(error, id);
 }
-

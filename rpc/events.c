@@ -10,21 +10,24 @@
 static GMutex live_lock;
 static GList *live; /* every CbtRpc between cbt_rpc_new() and cbt_rpc_free(); under live_lock */
 
-void cbt_rpc_events_attach(CbtRpc *rpc)
+void
+cbt_rpc_events_attach(CbtRpc *rpc)
 {
   g_mutex_lock(&live_lock);
   live = g_list_prepend(live, rpc);
   g_mutex_unlock(&live_lock);
 }
 
-void cbt_rpc_events_detach(CbtRpc *rpc)
+void
+cbt_rpc_events_detach(CbtRpc *rpc)
 {
   g_mutex_lock(&live_lock);
   live = g_list_remove(live, rpc);
   g_mutex_unlock(&live_lock);
 }
 
-gboolean cbt_rpc_events_pending(CbtRpc *rpc)
+gboolean
+cbt_rpc_events_pending(CbtRpc *rpc)
 {
   g_mutex_lock(&rpc->event_lock);
   gboolean pending = !g_queue_is_empty(&rpc->event_queue);
@@ -32,7 +35,8 @@ gboolean cbt_rpc_events_pending(CbtRpc *rpc)
   return pending;
 }
 
-static gboolean deliver_events(gpointer user_data)
+static gboolean
+deliver_events(gpointer user_data)
 {
   CbtRpc *rpc = user_data;
   GQueue events = G_QUEUE_INIT;
@@ -51,7 +55,8 @@ static gboolean deliver_events(gpointer user_data)
   return G_SOURCE_REMOVE;
 }
 
-void cbt_rpc_emit_event(CbtRpc *rpc, const char *name, JsonObject *data)
+void
+cbt_rpc_emit_event(CbtRpc *rpc, const char *name, JsonObject *data)
 {
   JsonObject *ev = json_object_new();
   JsonObject *ts = json_object_new();
@@ -77,7 +82,8 @@ void cbt_rpc_emit_event(CbtRpc *rpc, const char *name, JsonObject *data)
   g_mutex_unlock(&rpc->event_lock);
 }
 
-void cbt_rpc_broadcast_event(const char *name, JsonObject *data)
+void
+cbt_rpc_broadcast_event(const char *name, JsonObject *data)
 {
   g_mutex_lock(&live_lock);
   for (GList *l = live; l; l = l->next)

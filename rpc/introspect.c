@@ -10,32 +10,41 @@
 
 typedef struct {
   CbtSchema *schema;
-  GPtrArray *used;        /* CbtSchemaType*, in order of first reference */
+  GPtrArray *used; /* CbtSchemaType*, in order of first reference */
   GHashTable *used_set;
-  GHashTable *emitted;    /* names already emitted (several int arrays share "[int]") */
+  GHashTable *emitted; /* names already emitted (several int arrays share "[int]") */
   int next_id;
   JsonArray *out;
 } Intro;
 
-static const char *json_type_of(CbtBuiltin b)
+static const char *
+json_type_of(CbtBuiltin b)
 {
   switch (b) {
-  case CBT_BUILTIN_STR: return "string";
-  case CBT_BUILTIN_NUMBER: return "number";
-  case CBT_BUILTIN_BOOL: return "boolean";
-  case CBT_BUILTIN_NULL: return "null";
-  case CBT_BUILTIN_ANY: return "value";
-  default: return "int";
+  case CBT_BUILTIN_STR:
+    return "string";
+  case CBT_BUILTIN_NUMBER:
+    return "number";
+  case CBT_BUILTIN_BOOL:
+    return "boolean";
+  case CBT_BUILTIN_NULL:
+    return "null";
+  case CBT_BUILTIN_ANY:
+    return "value";
+  default:
+    return "int";
   }
 }
 
-static gboolean is_int_type(CbtSchemaType *t)
+static gboolean
+is_int_type(CbtSchemaType *t)
 {
   return t->kind == CBT_TYPE_BUILTIN && g_str_equal(json_type_of(t->builtin), "int");
 }
 
 /* Record a use of @t and return the name clients see (transfer full). */
-static char *use_type(Intro *in, CbtSchemaType *t)
+static char *
+use_type(Intro *in, CbtSchemaType *t)
 {
   if (is_int_type(t))
     t = cbt_schema_lookup_type(in->schema, "int");
@@ -54,7 +63,8 @@ static char *use_type(Intro *in, CbtSchemaType *t)
   return g_strdup_printf("%d", t->intro_id);
 }
 
-static void add_features(JsonObject *o, char **features)
+static void
+add_features(JsonObject *o, char **features)
 {
   if (!features || !features[0])
     return;
@@ -64,13 +74,15 @@ static void add_features(JsonObject *o, char **features)
   json_object_set_array_member(o, "features", arr);
 }
 
-static void set_type(Intro *in, JsonObject *o, const char *key, CbtSchemaType *t)
+static void
+set_type(Intro *in, JsonObject *o, const char *key, CbtSchemaType *t)
 {
   g_autofree char *name = use_type(in, t ? t : in->schema->empty);
   json_object_set_string_member(o, key, name);
 }
 
-static JsonArray *object_members(Intro *in, CbtSchemaType *t)
+static JsonArray *
+object_members(Intro *in, CbtSchemaType *t)
 {
   JsonArray *arr = json_array_new();
 
@@ -88,7 +100,8 @@ static JsonArray *object_members(Intro *in, CbtSchemaType *t)
   return arr;
 }
 
-static void fill_union(Intro *in, JsonObject *o, CbtSchemaType *t)
+static void
+fill_union(Intro *in, JsonObject *o, CbtSchemaType *t)
 {
   JsonArray *arr = json_array_new();
 
@@ -104,7 +117,8 @@ static void fill_union(Intro *in, JsonObject *o, CbtSchemaType *t)
   json_object_set_array_member(o, "variants", arr);
 }
 
-static void fill_type(Intro *in, JsonObject *o, CbtSchemaType *t)
+static void
+fill_type(Intro *in, JsonObject *o, CbtSchemaType *t)
 {
   switch (t->kind) {
   case CBT_TYPE_BUILTIN:
@@ -149,7 +163,8 @@ static void fill_type(Intro *in, JsonObject *o, CbtSchemaType *t)
   }
 }
 
-static void emit_type(Intro *in, CbtSchemaType *t)
+static void
+emit_type(Intro *in, CbtSchemaType *t)
 {
   g_autofree char *name = use_type(in, t);
 
@@ -162,7 +177,8 @@ static void emit_type(Intro *in, CbtSchemaType *t)
   json_array_add_object_element(in->out, o);
 }
 
-static void emit_entity(Intro *in, CbtSchemaCommand *c)
+static void
+emit_entity(Intro *in, CbtSchemaCommand *c)
 {
   JsonObject *o = json_object_new();
 
@@ -175,23 +191,28 @@ static void emit_entity(Intro *in, CbtSchemaCommand *c)
   json_array_add_object_element(in->out, o);
 }
 
-static void clear_id(gpointer key, gpointer value, gpointer user_data)
+static void
+clear_id(gpointer key, gpointer value, gpointer user_data)
 {
   ((CbtSchemaType *)value)->intro_id = -1;
 }
 
-JsonNode *cbt_introspect_build(CbtSchema *schema)
+JsonNode *
+cbt_introspect_build(CbtSchema *schema)
 {
-  Intro in = { schema, g_ptr_array_new(), g_hash_table_new(NULL, NULL),
-               g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL), 0,
+  Intro in = { schema,
+               g_ptr_array_new(),
+               g_hash_table_new(NULL, NULL),
+               g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL),
+               0,
                json_array_new() };
   JsonNode *result;
 
   g_hash_table_foreach(schema->types, clear_id, NULL);
-  g_free(use_type(&in, schema->empty));  /* the empty object is "0" */
+  g_free(use_type(&in, schema->empty)); /* the empty object is "0" */
   for (guint i = 0; i < schema->entities->len; i++)
     emit_entity(&in, schema->entities->pdata[i]);
-  for (guint i = 0; i < in.used->len; i++)  /* grows while types reference others */
+  for (guint i = 0; i < in.used->len; i++) /* grows while types reference others */
     emit_type(&in, in.used->pdata[i]);
 
   result = json_node_init_array(json_node_alloc(), in.out);

@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-G_DEFINE_QUARK(cbt-json-error-quark, cbt_json_error)
+G_DEFINE_QUARK(cbt - json - error - quark, cbt_json_error)
 
 typedef enum {
   TOK_LCURLY,
@@ -51,7 +51,7 @@ typedef enum {
  * message of one-byte tokens costs a few bytes per token, not an allocation each. */
 typedef struct {
   guint32 type;
-  guint32 offset;  /* of the token's text in CbtJsonStream.text */
+  guint32 offset; /* of the token's text in CbtJsonStream.text */
 } Token;
 
 struct CbtJsonStream {
@@ -60,12 +60,12 @@ struct CbtJsonStream {
   gsize max_message;
 
   LexState state;
-  char quote;          /* the delimiter of the string being lexed */
-  GString *token;      /* text of the token being lexed */
+  char quote;     /* the delimiter of the string being lexed */
+  GString *token; /* text of the token being lexed */
 
-  GArray *tokens;      /* Token, the message being framed */
-  GString *text;       /* their texts, each NUL-terminated */
-  gsize message_size;  /* bytes of the tokens in @tokens */
+  GArray *tokens;     /* Token, the message being framed */
+  GString *text;      /* their texts, each NUL-terminated */
+  gsize message_size; /* bytes of the tokens in @tokens */
   int braces;
   int brackets;
 };
@@ -74,7 +74,8 @@ struct CbtJsonStream {
 /* QEMU's limit on tokens per message; it also bounds the tree a message can build. */
 #define MAX_TOKENS (2u << 20)
 
-CbtJsonStream *cbt_json_stream_new(gsize max_message, CbtJsonEmitFunc emit, gpointer user_data)
+CbtJsonStream *
+cbt_json_stream_new(gsize max_message, CbtJsonEmitFunc emit, gpointer user_data)
 {
   CbtJsonStream *js = g_new0(CbtJsonStream, 1);
 
@@ -88,7 +89,8 @@ CbtJsonStream *cbt_json_stream_new(gsize max_message, CbtJsonEmitFunc emit, gpoi
   return js;
 }
 
-void cbt_json_stream_free(CbtJsonStream *js)
+void
+cbt_json_stream_free(CbtJsonStream *js)
 {
   if (!js)
     return;
@@ -102,7 +104,8 @@ void cbt_json_stream_free(CbtJsonStream *js)
 
 #define BIG_UINT_MARK '\xFF'
 
-JsonNode *cbt_json_uint_new(guint64 v)
+JsonNode *
+cbt_json_uint_new(guint64 v)
 {
   char buf[32];
 
@@ -112,7 +115,8 @@ JsonNode *cbt_json_uint_new(guint64 v)
   return json_node_init_string(json_node_alloc(), buf);
 }
 
-gboolean cbt_json_get_big_uint(JsonNode *node, guint64 *value)
+gboolean
+cbt_json_get_big_uint(JsonNode *node, guint64 *value)
 {
   const char *s;
 
@@ -127,7 +131,8 @@ gboolean cbt_json_get_big_uint(JsonNode *node, guint64 *value)
 }
 
 /* An integer token is int64 if it fits, else uint64, else a double (as QEMU). */
-static JsonNode *number_node(const char *text, gboolean integer)
+static JsonNode *
+number_node(const char *text, gboolean integer)
 {
   if (integer) {
     char *end;
@@ -148,7 +153,8 @@ static JsonNode *number_node(const char *text, gboolean integer)
 
 /* ---- modified UTF-8 ----------------------------------------------------------------------- */
 
-gboolean cbt_json_codepoint_valid(int cp)
+gboolean
+cbt_json_codepoint_valid(int cp)
 {
   if (cp < 0 || cp > 0x10FFFF)
     return FALSE;
@@ -160,7 +166,8 @@ gboolean cbt_json_codepoint_valid(int cp)
   return TRUE;
 }
 
-int cbt_json_utf8_decode(const char *s, const char **end)
+int
+cbt_json_utf8_decode(const char *s, const char **end)
 {
   static const int min_cp[] = { 0x80, 0x800, 0x10000, 0x200000, 0x4000000 };
   const guchar *p = (const guchar *)s;
@@ -172,7 +179,7 @@ int cbt_json_utf8_decode(const char *s, const char **end)
     *end = (const char *)p;
     return byte;
   }
-  if (byte >= 0xFE || !(byte & 0x40)) {  /* impossible byte or stray continuation byte */
+  if (byte >= 0xFE || !(byte & 0x40)) { /* impossible byte or stray continuation byte */
     *end = (const char *)p;
     return -1;
   }
@@ -188,13 +195,14 @@ int cbt_json_utf8_decode(const char *s, const char **end)
   }
   *end = (const char *)p;
   if (cp == 0 && len == 2)
-    return 0;  /* "\xC0\x80": the modified UTF-8 form of U+0000 */
+    return 0; /* "\xC0\x80": the modified UTF-8 form of U+0000 */
   if (!cbt_json_codepoint_valid(cp) || cp < min_cp[len - 2])
     return -1;
   return cp;
 }
 
-static void utf8_append(GString *out, int cp)
+static void
+utf8_append(GString *out, int cp)
 {
   if (cp == 0)
     g_string_append_len(out, "\xC0\x80", 2);
@@ -209,7 +217,7 @@ typedef struct {
   const char *text;
   guint n;
   guint pos;
-  GError *error;  /* the first error only */
+  GError *error; /* the first error only */
 } Parser;
 
 static void G_GNUC_PRINTF(2, 3) parse_error(Parser *p, const char *fmt, ...)
@@ -224,22 +232,26 @@ static void G_GNUC_PRINTF(2, 3) parse_error(Parser *p, const char *fmt, ...)
   p->error = g_error_new(CBT_JSON_ERROR, CBT_JSON_ERROR_PARSE, "JSON parse error, %s", msg);
 }
 
-static Token *peek(Parser *p)
+static Token *
+peek(Parser *p)
 {
   return p->pos < p->n ? &p->tok[p->pos] : NULL;
 }
 
-static Token *next(Parser *p)
+static Token *
+next(Parser *p)
 {
   return p->pos < p->n ? &p->tok[p->pos++] : NULL;
 }
 
-static const char *token_text(Parser *p, Token *t)
+static const char *
+token_text(Parser *p, Token *t)
 {
   return p->text + t->offset;
 }
 
-static int hex4(const char *s)
+static int
+hex4(const char *s)
 {
   int v = 0;
 
@@ -253,7 +265,8 @@ static int hex4(const char *s)
 
 /* Decode a \u escape at @s (pointing at the backslash); surrogate pairs are joined. Returns the
  * code point or -1, and the end of what was consumed. */
-static int unicode_escape(const char *s, const char **end)
+static int
+unicode_escape(const char *s, const char **end)
 {
   const char *limit = s + strlen(s);
   const char *p = s + 2;
@@ -275,7 +288,8 @@ static int unicode_escape(const char *s, const char **end)
 }
 
 /* The escape sequence at *@text (a backslash) into @s; advances *@text. */
-static gboolean parse_escape(Parser *p, const char **text, GString *s)
+static gboolean
+parse_escape(Parser *p, const char **text, GString *s)
 {
   static const char simple[] = "\"\"''\\\\//b\bf\fn\nr\rt\t";
   const char *t = *text;
@@ -302,7 +316,8 @@ static gboolean parse_escape(Parser *p, const char **text, GString *s)
   return TRUE;
 }
 
-static JsonNode *parse_string(Parser *p, const char *text)
+static JsonNode *
+parse_string(Parser *p, const char *text)
 {
   char quote = *text++;
   g_autoptr(GString) s = g_string_new(NULL);
@@ -327,7 +342,8 @@ static JsonNode *parse_string(Parser *p, const char *text)
 
 static JsonNode *parse_value(Parser *p);
 
-static gboolean parse_member(Parser *p, JsonObject *obj)
+static gboolean
+parse_member(Parser *p, JsonObject *obj)
 {
   Token *key_tok = peek(p);
   g_autoptr(JsonNode) key = parse_value(p);
@@ -356,12 +372,13 @@ static gboolean parse_member(Parser *p, JsonObject *obj)
   return TRUE;
 }
 
-static JsonNode *parse_object(Parser *p)
+static JsonNode *
+parse_object(Parser *p)
 {
   g_autoptr(JsonObject) obj = json_object_new();
   Token *t;
 
-  next(p);  /* { */
+  next(p); /* { */
   t = peek(p);
   if (t && t->type == TOK_RCURLY) {
     next(p);
@@ -384,12 +401,13 @@ static JsonNode *parse_object(Parser *p)
   }
 }
 
-static JsonNode *parse_array(Parser *p)
+static JsonNode *
+parse_array(Parser *p)
 {
   g_autoptr(JsonArray) arr = json_array_new();
   Token *t;
 
-  next(p);  /* [ */
+  next(p); /* [ */
   t = peek(p);
   if (t && t->type == TOK_RSQUARE) {
     next(p);
@@ -417,7 +435,8 @@ static JsonNode *parse_array(Parser *p)
   }
 }
 
-static JsonNode *parse_keyword(Parser *p, const char *word)
+static JsonNode *
+parse_keyword(Parser *p, const char *word)
 {
   if (g_str_equal(word, "true"))
     return json_node_init_boolean(json_node_alloc(), TRUE);
@@ -429,7 +448,8 @@ static JsonNode *parse_keyword(Parser *p, const char *word)
   return NULL;
 }
 
-static JsonNode *parse_value(Parser *p)
+static JsonNode *
+parse_value(Parser *p)
 {
   Token *t = peek(p);
 
@@ -460,7 +480,8 @@ static JsonNode *parse_value(Parser *p)
 
 /* ---- framer ------------------------------------------------------------------------------- */
 
-static void stream_reset(CbtJsonStream *js)
+static void
+stream_reset(CbtJsonStream *js)
 {
   g_array_set_size(js->tokens, 0);
   g_string_truncate(js->text, 0);
@@ -469,13 +490,15 @@ static void stream_reset(CbtJsonStream *js)
   js->brackets = 0;
 }
 
-static void emit_error(CbtJsonStream *js, int code, const char *msg)
+static void
+emit_error(CbtJsonStream *js, int code, const char *msg)
 {
   stream_reset(js);
   js->emit(NULL, g_error_new_literal(CBT_JSON_ERROR, code, msg), js->user_data);
 }
 
-static void emit_message(CbtJsonStream *js)
+static void
+emit_message(CbtJsonStream *js)
 {
   Parser p = { (Token *)(void *)js->tokens->data, js->text->str, js->tokens->len, 0, NULL };
   JsonNode *value = parse_value(&p);
@@ -491,7 +514,8 @@ static void emit_message(CbtJsonStream *js)
   js->emit(value, p.error, js->user_data);
 }
 
-static void process_token(CbtJsonStream *js, TokenType type)
+static void
+process_token(CbtJsonStream *js, TokenType type)
 {
   Token t = { type, js->text->len };
 
@@ -523,7 +547,7 @@ static void process_token(CbtJsonStream *js, TokenType type)
     emit_error(js, CBT_JSON_ERROR_TOO_BIG, "JSON token count limit exceeded");
     return;
   }
-  g_string_append_len(js->text, js->token->str, js->token->len + 1);  /* with its NUL */
+  g_string_append_len(js->text, js->token->str, js->token->len + 1); /* with its NUL */
   js->message_size += js->token->len;
   g_string_truncate(js->token, 0);
   g_array_append_val(js->tokens, t);
@@ -535,23 +559,26 @@ static void process_token(CbtJsonStream *js, TokenType type)
 
 /* ---- lexer -------------------------------------------------------------------------------- */
 
-static void lex_error(CbtJsonStream *js)
+static void
+lex_error(CbtJsonStream *js)
 {
-  g_autofree char *msg = g_strdup_printf("JSON parse error, stray '%.*s'", (int)js->token->len,
-                                         js->token->str);
+  g_autofree char *msg =
+    g_strdup_printf("JSON parse error, stray '%.*s'", (int)js->token->len, js->token->str);
 
   g_string_truncate(js->token, 0);
   js->state = LEX_RECOVER;
   emit_error(js, CBT_JSON_ERROR_PARSE, msg);
 }
 
-static gboolean is_structural(guchar c)
+static gboolean
+is_structural(guchar c)
 {
   return c == '{' || c == '}' || c == '[' || c == ']' || c == ':' || c == ',';
 }
 
 /* The token in progress ends before @c; returns TRUE when @c must be looked at again. */
-static gboolean lex_finish(CbtJsonStream *js, TokenType type)
+static gboolean
+lex_finish(CbtJsonStream *js, TokenType type)
 {
   js->state = LEX_START;
   process_token(js, type);
@@ -559,14 +586,15 @@ static gboolean lex_finish(CbtJsonStream *js, TokenType type)
 }
 
 /* A byte at the start of a token. */
-static void lex_start(CbtJsonStream *js, guchar c)
+static void
+lex_start(CbtJsonStream *js, guchar c)
 {
   static const struct {
     char c;
     TokenType type;
   } punct[] = {
-    { '{', TOK_LCURLY }, { '}', TOK_RCURLY }, { '[', TOK_LSQUARE },
-    { ']', TOK_RSQUARE }, { ':', TOK_COLON }, { ',', TOK_COMMA },
+    { '{', TOK_LCURLY },  { '}', TOK_RCURLY }, { '[', TOK_LSQUARE },
+    { ']', TOK_RSQUARE }, { ':', TOK_COLON },  { ',', TOK_COMMA },
   };
 
   if (c == ' ' || c == '\t' || c == '\r' || c == '\n')
@@ -595,7 +623,8 @@ static void lex_start(CbtJsonStream *js, guchar c)
 }
 
 /* A byte inside a string: any byte 0x20..0xFD; validation is the parser's job. */
-static void lex_string(CbtJsonStream *js, guchar c)
+static void
+lex_string(CbtJsonStream *js, guchar c)
 {
   g_string_append_c(js->token, c);
   if (c < 0x20 || c > 0xFD) {
@@ -613,7 +642,8 @@ static void lex_string(CbtJsonStream *js, guchar c)
 /* A byte after the start of a number or keyword. One that cannot continue the token ends it
  * (and is looked at again: returns TRUE) where the grammar allows an end, and is a stray error
  * where it does not. */
-static gboolean lex_number_or_keyword(CbtJsonStream *js, guchar c)
+static gboolean
+lex_number_or_keyword(CbtJsonStream *js, guchar c)
 {
   gboolean digit = c >= '0' && c <= '9';
   gboolean exp = c == 'e' || c == 'E';
@@ -673,7 +703,8 @@ static gboolean lex_number_or_keyword(CbtJsonStream *js, guchar c)
 }
 
 /* One step of the lexer for byte @c; returns TRUE when @c was not consumed. */
-static gboolean lex_step(CbtJsonStream *js, guchar c)
+static gboolean
+lex_step(CbtJsonStream *js, guchar c)
 {
   switch (js->state) {
   case LEX_RECOVER:
@@ -695,7 +726,8 @@ static gboolean lex_step(CbtJsonStream *js, guchar c)
   }
 }
 
-void cbt_json_stream_feed(CbtJsonStream *js, const char *buf, gsize len)
+void
+cbt_json_stream_feed(CbtJsonStream *js, const char *buf, gsize len)
 {
   for (gsize i = 0; i < len; i++) {
     while (lex_step(js, (guchar)buf[i]))
@@ -708,7 +740,8 @@ void cbt_json_stream_feed(CbtJsonStream *js, const char *buf, gsize len)
   }
 }
 
-void cbt_json_stream_flush(CbtJsonStream *js)
+void
+cbt_json_stream_flush(CbtJsonStream *js)
 {
   switch (js->state) {
   case LEX_ZERO:
@@ -742,7 +775,8 @@ typedef struct {
   guint count;
 } OneShot;
 
-static void one_shot_emit(JsonNode *value, GError *error, gpointer user_data)
+static void
+one_shot_emit(JsonNode *value, GError *error, gpointer user_data)
 {
   OneShot *os = user_data;
 
@@ -763,7 +797,8 @@ static void one_shot_emit(JsonNode *value, GError *error, gpointer user_data)
   }
 }
 
-JsonNode *cbt_rpc_json_parse(const char *text, gssize len, GError **error)
+JsonNode *
+cbt_rpc_json_parse(const char *text, gssize len, GError **error)
 {
   OneShot os = { NULL, NULL, 0 };
   CbtJsonStream *js = cbt_json_stream_new(CBT_RPC_MAX_MESSAGE, one_shot_emit, &os);
@@ -772,8 +807,7 @@ JsonNode *cbt_rpc_json_parse(const char *text, gssize len, GError **error)
   cbt_json_stream_flush(js);
   cbt_json_stream_free(js);
   if (!os.error && !os.value)
-    os.error = g_error_new_literal(CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
-                                   "Expecting a JSON value");
+    os.error = g_error_new_literal(CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Expecting a JSON value");
   if (os.error) {
     g_clear_pointer(&os.value, json_node_unref);
     g_propagate_error(error, os.error);
@@ -782,7 +816,8 @@ JsonNode *cbt_rpc_json_parse(const char *text, gssize len, GError **error)
   return os.value;
 }
 
-JsonNode *cbt_rpc_uint_new(guint64 value)
+JsonNode *
+cbt_rpc_uint_new(guint64 value)
 {
   return cbt_json_uint_new(value);
 }

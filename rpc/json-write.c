@@ -14,7 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void write_string(GString *out, const char *s)
+static void
+write_string(GString *out, const char *s)
 {
   g_string_append_c(out, '"');
   while (*s) {
@@ -23,17 +24,32 @@ static void write_string(GString *out, const char *s)
 
     s = end;
     switch (cp) {
-    case '"': g_string_append(out, "\\\""); continue;
-    case '\\': g_string_append(out, "\\\\"); continue;
-    case '\b': g_string_append(out, "\\b"); continue;
-    case '\f': g_string_append(out, "\\f"); continue;
-    case '\n': g_string_append(out, "\\n"); continue;
-    case '\r': g_string_append(out, "\\r"); continue;
-    case '\t': g_string_append(out, "\\t"); continue;
-    default: break;
+    case '"':
+      g_string_append(out, "\\\"");
+      continue;
+    case '\\':
+      g_string_append(out, "\\\\");
+      continue;
+    case '\b':
+      g_string_append(out, "\\b");
+      continue;
+    case '\f':
+      g_string_append(out, "\\f");
+      continue;
+    case '\n':
+      g_string_append(out, "\\n");
+      continue;
+    case '\r':
+      g_string_append(out, "\\r");
+      continue;
+    case '\t':
+      g_string_append(out, "\\t");
+      continue;
+    default:
+      break;
     }
     if (cp < 0)
-      cp = 0xFFFD;  /* invalid UTF-8 from a handler or an error text */
+      cp = 0xFFFD; /* invalid UTF-8 from a handler or an error text */
     if (cp > 0xFFFF)
       g_string_append_printf(out, "\\u%04X\\u%04X", 0xD800 + ((cp - 0x10000) >> 10),
                              0xDC00 + ((cp - 0x10000) & 0x3FF));
@@ -45,7 +61,8 @@ static void write_string(GString *out, const char *s)
   g_string_append_c(out, '"');
 }
 
-static void write_double(GString *out, double v)
+static void
+write_double(GString *out, double v)
 {
   char buf[G_ASCII_DTOSTR_BUF_SIZE];
 
@@ -56,7 +73,8 @@ static void write_double(GString *out, double v)
   g_string_append(out, g_ascii_formatd(buf, sizeof(buf), "%.17g", v));
 }
 
-static void write_scalar(GString *out, JsonNode *node)
+static void
+write_scalar(GString *out, JsonNode *node)
 {
   guint64 big;
 
@@ -86,7 +104,8 @@ static void write_scalar(GString *out, JsonNode *node)
 /* QDict's hash (the gdbm/tdb string hash) and bucket count. */
 #define QDICT_BUCKETS 512
 
-static guint qdict_bucket(const char *key)
+static guint
+qdict_bucket(const char *key)
 {
   guint32 v = 0x238F13AFu * (guint32)strlen(key);
 
@@ -101,18 +120,20 @@ typedef struct {
   guint index;
 } OrderKey;
 
-static int order_cmp(const void *a, const void *b)
+static int
+order_cmp(const void *a, const void *b)
 {
   const OrderKey *x = a, *y = b;
 
   if (x->bucket != y->bucket)
     return x->bucket < y->bucket ? -1 : 1;
-  return x->index > y->index ? -1 : x->index < y->index;  /* newest first */
+  return x->index > y->index ? -1 : x->index < y->index; /* newest first */
 }
 
-const char **cbt_json_qdict_order(JsonObject *obj, guint *n)
+const char **
+cbt_json_qdict_order(JsonObject *obj, guint *n)
 {
-  GList *names = json_object_get_members(obj);  /* insertion order */
+  GList *names = json_object_get_members(obj); /* insertion order */
   guint len = g_list_length(names), i = 0;
   g_autofree OrderKey *keys = g_new(OrderKey, len + 1);
   const char **out = g_new(const char *, len + 1);
@@ -128,7 +149,8 @@ const char **cbt_json_qdict_order(JsonObject *obj, guint *n)
   return out;
 }
 
-static void newline(GString *out, gboolean pretty, guint depth)
+static void
+newline(GString *out, gboolean pretty, guint depth)
 {
   if (!pretty)
     return;
@@ -138,7 +160,8 @@ static void newline(GString *out, gboolean pretty, guint depth)
 }
 
 /* Between members: "," then a newline (pretty) or a space. */
-static void separator(GString *out, gboolean pretty, guint depth)
+static void
+separator(GString *out, gboolean pretty, guint depth)
 {
   g_string_append_c(out, ',');
   if (pretty)
@@ -149,7 +172,8 @@ static void separator(GString *out, gboolean pretty, guint depth)
 
 static void write_node(GString *out, JsonNode *node, gboolean pretty, guint depth);
 
-static void write_object(GString *out, JsonObject *obj, gboolean pretty, guint depth)
+static void
+write_object(GString *out, JsonObject *obj, gboolean pretty, guint depth)
 {
   guint n;
   g_autofree const char **names = cbt_json_qdict_order(obj, &n);
@@ -169,7 +193,8 @@ static void write_object(GString *out, JsonObject *obj, gboolean pretty, guint d
   g_string_append_c(out, '}');
 }
 
-static void write_array(GString *out, JsonArray *arr, gboolean pretty, guint depth)
+static void
+write_array(GString *out, JsonArray *arr, gboolean pretty, guint depth)
 {
   guint n = json_array_get_length(arr);
 
@@ -185,7 +210,8 @@ static void write_array(GString *out, JsonArray *arr, gboolean pretty, guint dep
   g_string_append_c(out, ']');
 }
 
-static void write_node(GString *out, JsonNode *node, gboolean pretty, guint depth)
+static void
+write_node(GString *out, JsonNode *node, gboolean pretty, guint depth)
 {
   if (!node) {
     g_string_append(out, "null");
@@ -208,12 +234,14 @@ static void write_node(GString *out, JsonNode *node, gboolean pretty, guint dept
   }
 }
 
-void cbt_json_write(GString *out, JsonNode *node, gboolean pretty)
+void
+cbt_json_write(GString *out, JsonNode *node, gboolean pretty)
 {
   write_node(out, node, pretty, 0);
 }
 
-char *cbt_json_to_string(JsonNode *node, gboolean pretty)
+char *
+cbt_json_to_string(JsonNode *node, gboolean pretty)
 {
   GString *out = g_string_new(NULL);
 
@@ -221,7 +249,8 @@ char *cbt_json_to_string(JsonNode *node, gboolean pretty)
   return g_string_free(out, FALSE);
 }
 
-char *cbt_rpc_json_to_string(JsonNode *node, gboolean pretty)
+char *
+cbt_rpc_json_to_string(JsonNode *node, gboolean pretty)
 {
   return cbt_json_to_string(node, pretty);
 }

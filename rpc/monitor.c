@@ -12,7 +12,7 @@
 #include <glib/gstdio.h>
 #include <unistd.h>
 
-#define READ_CHUNK (16 * 1024)  /* per client, allocated with it */
+#define READ_CHUNK (16 * 1024) /* per client, allocated with it */
 #define HIGH_WATER (1024 * 1024)
 #define OUTPUT_LIMIT (64 * 1024 * 1024)
 
@@ -39,22 +39,24 @@ typedef struct {
   CbtRpcSession session;
   gboolean pretty;
   guint8 buf[READ_CHUNK];
-  GQueue out;          /* GBytes* waiting to be written; the head may be partly written */
-  gsize out_offset;    /* bytes of the head already written */
-  gsize out_bytes;     /* bytes queued, not yet written */
+  GQueue out;       /* GBytes* waiting to be written; the head may be partly written */
+  gsize out_offset; /* bytes of the head already written */
+  gsize out_bytes;  /* bytes queued, not yet written */
   gboolean reading;
   gboolean writing;
-  gboolean closing;    /* close once the output queue is empty */
+  gboolean closing; /* close once the output queue is empty */
   gboolean dead;
 } Client;
 
-static Client *client_ref(Client *c)
+static Client *
+client_ref(Client *c)
 {
   c->ref++;
   return c;
 }
 
-static void client_unref(Client *c)
+static void
+client_unref(Client *c)
 {
   if (--c->ref > 0)
     return;
@@ -65,7 +67,8 @@ static void client_unref(Client *c)
   g_free(c);
 }
 
-static void client_drop(Client *c)
+static void
+client_drop(Client *c)
 {
   if (c->dead)
     return;
@@ -82,7 +85,8 @@ static void start_read(Client *c);
 
 static void on_write(GObject *src, GAsyncResult *res, gpointer user_data);
 
-static void start_write(Client *c)
+static void
+start_write(Client *c)
 {
   if (c->writing || c->dead)
     return;
@@ -100,7 +104,8 @@ static void start_write(Client *c)
                               c->cancel, on_write, client_ref(c));
 }
 
-static void on_write(GObject *src, GAsyncResult *res, gpointer user_data)
+static void
+on_write(GObject *src, GAsyncResult *res, gpointer user_data)
 {
   Client *c = user_data;
   gssize n = g_output_stream_write_finish(G_OUTPUT_STREAM(src), res, NULL);
@@ -111,7 +116,7 @@ static void on_write(GObject *src, GAsyncResult *res, gpointer user_data)
     return;
   }
   if (n <= 0) {
-    client_drop(c);  /* the peer went away; nothing to report to anyone */
+    client_drop(c); /* the peer went away; nothing to report to anyone */
     client_unref(c);
     return;
   }
@@ -127,7 +132,8 @@ static void on_write(GObject *src, GAsyncResult *res, gpointer user_data)
   client_unref(c);
 }
 
-static void client_send(Client *c, JsonNode *msg)
+static void
+client_send(Client *c, JsonNode *msg)
 {
   GString *s;
 
@@ -142,7 +148,8 @@ static void client_send(Client *c, JsonNode *msg)
 }
 
 /* One complete input message (or a framing/parse error) from the client's parser. */
-static void on_message(JsonNode *value, GError *error, gpointer user_data)
+static void
+on_message(JsonNode *value, GError *error, gpointer user_data)
 {
   Client *c = user_data;
   g_autoptr(JsonNode) reply = NULL;
@@ -167,7 +174,8 @@ static void on_message(JsonNode *value, GError *error, gpointer user_data)
   client_send(c, reply);
 }
 
-static void on_read(GObject *src, GAsyncResult *res, gpointer user_data)
+static void
+on_read(GObject *src, GAsyncResult *res, gpointer user_data)
 {
   Client *c = user_data;
   gssize n = g_input_stream_read_finish(G_INPUT_STREAM(src), res, NULL);
@@ -178,7 +186,7 @@ static void on_read(GObject *src, GAsyncResult *res, gpointer user_data)
     return;
   }
   if (n <= 0) {
-    client_drop(c);  /* EOF or error, possibly in the middle of a message: drop quietly */
+    client_drop(c); /* EOF or error, possibly in the middle of a message: drop quietly */
   } else {
     cbt_json_stream_feed(c->parser, (const char *)c->buf, n);
     start_read(c);
@@ -186,18 +194,18 @@ static void on_read(GObject *src, GAsyncResult *res, gpointer user_data)
   client_unref(c);
 }
 
-static void start_read(Client *c)
+static void
+start_read(Client *c)
 {
   if (c->reading || c->dead || c->closing || c->out_bytes >= HIGH_WATER)
     return;
   c->reading = TRUE;
   g_input_stream_read_async(g_io_stream_get_input_stream(G_IO_STREAM(c->conn)), c->buf,
-                            sizeof(c->buf), G_PRIORITY_DEFAULT, c->cancel, on_read,
-                            client_ref(c));
+                            sizeof(c->buf), G_PRIORITY_DEFAULT, c->cancel, on_read, client_ref(c));
 }
 
-static gboolean on_incoming(GSocketService *service, GSocketConnection *conn, GObject *source,
-                            gpointer user_data)
+static gboolean
+on_incoming(GSocketService *service, GSocketConnection *conn, GObject *source, gpointer user_data)
 {
   Listener *l = user_data;
   Client *c = g_new0(Client, 1);
@@ -216,7 +224,8 @@ static gboolean on_incoming(GSocketService *service, GSocketConnection *conn, GO
   return TRUE;
 }
 
-static void listener_free(gpointer p)
+static void
+listener_free(gpointer p)
 {
   Listener *l = p;
 
@@ -230,7 +239,8 @@ static void listener_free(gpointer p)
   g_free(l);
 }
 
-CbtRpcMonitors *cbt_rpc_monitors_new(CbtRpc *rpc, GMainContext *context)
+CbtRpcMonitors *
+cbt_rpc_monitors_new(CbtRpc *rpc, GMainContext *context)
 {
   CbtRpcMonitors *mons = g_new0(CbtRpcMonitors, 1);
 
@@ -240,14 +250,16 @@ CbtRpcMonitors *cbt_rpc_monitors_new(CbtRpc *rpc, GMainContext *context)
   return mons;
 }
 
-void cbt_rpc_monitors_close_all(CbtRpcMonitors *mons)
+void
+cbt_rpc_monitors_close_all(CbtRpcMonitors *mons)
 {
   g_ptr_array_set_size(mons->listeners, 0);
   while (mons->clients)
     client_drop(mons->clients->data);
 }
 
-void cbt_rpc_monitors_free(CbtRpcMonitors *mons)
+void
+cbt_rpc_monitors_free(CbtRpcMonitors *mons)
 {
   if (!mons)
     return;
@@ -256,8 +268,9 @@ void cbt_rpc_monitors_free(CbtRpcMonitors *mons)
   g_free(mons);
 }
 
-gboolean cbt_rpc_monitors_listen(CbtRpcMonitors *mons, const CbtQmpSocketAddress *addr,
-                                 gboolean pretty, GError **error)
+gboolean
+cbt_rpc_monitors_listen(CbtRpcMonitors *mons, const CbtQmpSocketAddress *addr, gboolean pretty,
+                        GError **error)
 {
   int fd = cbt_socket_listen(addr, 0, error);
   const char *path = cbt_socket_address_path(addr);
@@ -298,7 +311,8 @@ gboolean cbt_rpc_monitors_listen(CbtRpcMonitors *mons, const CbtQmpSocketAddress
   return TRUE;
 }
 
-void cbt_rpc_monitors_broadcast(CbtRpcMonitors *mons, JsonNode *event)
+void
+cbt_rpc_monitors_broadcast(CbtRpcMonitors *mons, JsonNode *event)
 {
   GList *next;
 
@@ -317,7 +331,8 @@ void cbt_rpc_monitors_broadcast(CbtRpcMonitors *mons, JsonNode *event)
   }
 }
 
-gboolean cbt_rpc_monitors_busy(CbtRpcMonitors *mons)
+gboolean
+cbt_rpc_monitors_busy(CbtRpcMonitors *mons)
 {
   for (GList *it = mons->clients; it; it = it->next) {
     Client *c = it->data;

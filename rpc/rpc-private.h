@@ -96,37 +96,37 @@ typedef struct {
 } CbtSchemaMember;
 
 typedef struct {
-  char *name;           /* union: the discriminator value; alternate: the branch name */
-  CbtSchemaType *type;  /* union: a struct, or NULL for a value without members */
+  char *name;          /* union: the discriminator value; alternate: the branch name */
+  CbtSchemaType *type; /* union: a struct, or NULL for a value without members */
 } CbtSchemaVariant;
 
 struct CbtSchemaType {
   CbtTypeKind kind;
   char *name;
   char **features;
-  CbtBuiltin builtin;      /* BUILTIN */
-  char **values;           /* ENUM */
-  GPtrArray *members;      /* STRUCT, UNION: CbtSchemaMember*, base members first */
-  char *discriminator;     /* UNION */
-  GPtrArray *variants;     /* UNION, ALTERNATE: CbtSchemaVariant* */
-  CbtSchemaType *element;  /* ARRAY */
-  int intro_id;            /* introspection number, -1 until assigned */
+  CbtBuiltin builtin;     /* BUILTIN */
+  char **values;          /* ENUM */
+  GPtrArray *members;     /* STRUCT, UNION: CbtSchemaMember*, base members first */
+  char *discriminator;    /* UNION */
+  GPtrArray *variants;    /* UNION, ALTERNATE: CbtSchemaVariant* */
+  CbtSchemaType *element; /* ARRAY */
+  int intro_id;           /* introspection number, -1 until assigned */
 };
 
 typedef struct {
   char *name;
   gboolean is_event;
-  CbtSchemaType *args;     /* STRUCT or UNION, or NULL when there are no arguments */
-  CbtSchemaType *ret;      /* NULL: returns {} (events: unused) */
+  CbtSchemaType *args; /* STRUCT or UNION, or NULL when there are no arguments */
+  CbtSchemaType *ret;  /* NULL: returns {} (events: unused) */
   char **features;
 } CbtSchemaCommand;
 
 typedef struct {
-  GHashTable *types;       /* name -> CbtSchemaType* (owned) */
-  GPtrArray *entities;     /* CbtSchemaCommand*, commands and events in schema order (owned) */
-  GHashTable *commands;    /* name -> CbtSchemaCommand* */
-  GHashTable *events;      /* name -> CbtSchemaCommand* */
-  CbtSchemaType *empty;    /* the empty object type */
+  GHashTable *types;    /* name -> CbtSchemaType* (owned) */
+  GPtrArray *entities;  /* CbtSchemaCommand*, commands and events in schema order (owned) */
+  GHashTable *commands; /* name -> CbtSchemaCommand* */
+  GHashTable *events;   /* name -> CbtSchemaCommand* */
+  CbtSchemaType *empty; /* the empty object type */
 } CbtSchema;
 
 CbtSchema *cbt_schema_load(const char *json_text, GError **error);
@@ -154,12 +154,12 @@ typedef struct {
 
 struct CbtRpc {
   CbtSchema *schema;
-  GHashTable *handlers;       /* command name -> CbtRpcEntry* */
-  JsonNode *introspection;    /* cached query-qmp-schema result */
-  GMainContext *context;      /* where monitors run and events are delivered */
+  GHashTable *handlers;    /* command name -> CbtRpcEntry* */
+  JsonNode *introspection; /* cached query-qmp-schema result */
+  GMainContext *context;   /* where monitors run and events are delivered */
   CbtRpcMonitors *monitors;
-  GMutex event_lock;          /* protects the two fields below (any thread emits) */
-  GQueue event_queue;         /* JsonNode* events not yet delivered */
+  GMutex event_lock;  /* protects the two fields below (any thread emits) */
+  GQueue event_queue; /* JsonNode* events not yet delivered */
   GSource *event_source;
 };
 

@@ -87,8 +87,8 @@ JsonNode *cbt_rpc_execute(CbtRpc *rpc, const char *command, JsonObject *args, gb
 /* Validate @value against schema type @type_name (with @keyval as above) and return the checked,
  * converted copy (transfer full), or NULL with @error set, in QEMU's words ("Parameter 'X' is
  * missing", …). For command-line options that are types rather than commands. */
-JsonNode *cbt_rpc_check_type(CbtRpc *rpc, const char *type_name, JsonNode *value,
-                             gboolean keyval, GError **error);
+JsonNode *cbt_rpc_check_type(CbtRpc *rpc, const char *type_name, JsonNode *value, gboolean keyval,
+                             GError **error);
 
 /* Queue event @name with @data (transfer full; NULL for none) to every negotiated client, with
  * the current timestamp. Thread-safe: delivery happens on the main context. */

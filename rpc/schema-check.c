@@ -15,14 +15,14 @@
 #include <string.h>
 
 typedef struct {
-  const char *name;  /* the container's name in its parent (NULL: root or list element) */
+  const char *name; /* the container's name in its parent (NULL: root or list element) */
   gboolean is_list;
-  guint index;       /* lists: index of the element being checked */
+  guint index; /* lists: index of the element being checked */
 } Frame;
 
 typedef struct {
   gboolean keyval;
-  GArray *stack;     /* Frame, innermost last */
+  GArray *stack; /* Frame, innermost last */
   GString *path;
   GError *error;
 } Check;
@@ -30,7 +30,8 @@ typedef struct {
 static JsonNode *check_value(Check *c, CbtSchemaType *type, const char *name, JsonNode *node);
 
 /* The full name of member @name of the innermost container. */
-static const char *full_name(Check *c, const char *name)
+static const char *
+full_name(Check *c, const char *name)
 {
   GString *s = c->path;
 
@@ -67,19 +68,22 @@ static void G_GNUC_PRINTF(2, 3) fail(Check *c, const char *fmt, ...)
   c->error = g_error_new_literal(CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, msg);
 }
 
-static JsonNode *wrong_type(Check *c, const char *name, const char *expected)
+static JsonNode *
+wrong_type(Check *c, const char *name, const char *expected)
 {
   fail(c, "Invalid parameter type for '%s', expected: %s", full_name(c, name), expected);
   return NULL;
 }
 
-static gboolean is_string(JsonNode *node)
+static gboolean
+is_string(JsonNode *node)
 {
   return JSON_NODE_HOLDS_VALUE(node) && json_node_get_value_type(node) == G_TYPE_STRING &&
          !cbt_json_get_big_uint(node, NULL);
 }
 
-static gboolean is_int(JsonNode *node)
+static gboolean
+is_int(JsonNode *node)
 {
   return JSON_NODE_HOLDS_VALUE(node) && json_node_get_value_type(node) == G_TYPE_INT64;
 }
@@ -87,7 +91,8 @@ static gboolean is_int(JsonNode *node)
 /* In keyval mode, the string value of a scalar; objects and arrays there are errors. A
  * non-string scalar (put there by a caller, not by the keyval parser) returns NULL without an
  * error: it is then checked as JSON. */
-static const char *keyval_string(Check *c, const char *name, JsonNode *node, gboolean *bad)
+static const char *
+keyval_string(Check *c, const char *name, JsonNode *node, gboolean *bad)
 {
   *bad = FALSE;
   if (!c->keyval)
@@ -115,7 +120,8 @@ static const struct {
   [CBT_BUILTIN_UINT32] = { "uint32_t", 0, G_MAXUINT32 },
 };
 
-static gboolean is_unsigned(CbtBuiltin b)
+static gboolean
+is_unsigned(CbtBuiltin b)
 {
   return b == CBT_BUILTIN_UINT8 || b == CBT_BUILTIN_UINT16 || b == CBT_BUILTIN_UINT32 ||
          b == CBT_BUILTIN_UINT64 || b == CBT_BUILTIN_SIZE;
@@ -123,7 +129,8 @@ static gboolean is_unsigned(CbtBuiltin b)
 
 /* QEMU's size syntax: decimal (fraction allowed with a suffix) or 0x hex, then an optional
  * B/K/M/G/T/P/E suffix in powers of 1024. */
-static gboolean parse_size(const char *s, guint64 *out)
+static gboolean
+parse_size(const char *s, guint64 *out)
 {
   static const char suffixes[] = "BKMGTPE";
   char *end;
@@ -165,8 +172,8 @@ static gboolean parse_size(const char *s, guint64 *out)
 
 /* The integer in @node per QEMU's JSON rules: signed wants int64; unsigned also takes a
  * negative int64 (its two's complement) for compatibility, as QEMU does. */
-static gboolean int_from_json(Check *c, CbtBuiltin b, const char *name, JsonNode *node,
-                              guint64 *bits)
+static gboolean
+int_from_json(Check *c, CbtBuiltin b, const char *name, JsonNode *node, guint64 *bits)
 {
   if (is_unsigned(b) && cbt_json_get_big_uint(node, bits))
     return TRUE;
@@ -181,8 +188,8 @@ static gboolean int_from_json(Check *c, CbtBuiltin b, const char *name, JsonNode
   return TRUE;
 }
 
-static gboolean int_from_keyval(Check *c, CbtBuiltin b, const char *name, const char *s,
-                                guint64 *bits)
+static gboolean
+int_from_keyval(Check *c, CbtBuiltin b, const char *name, const char *s, guint64 *bits)
 {
   char *end;
   gboolean ok;
@@ -205,7 +212,8 @@ static gboolean int_from_keyval(Check *c, CbtBuiltin b, const char *name, const 
   return ok;
 }
 
-static JsonNode *check_int(Check *c, CbtBuiltin b, const char *name, JsonNode *node)
+static JsonNode *
+check_int(Check *c, CbtBuiltin b, const char *name, JsonNode *node)
 {
   gboolean bad;
   const char *s = keyval_string(c, name, node, &bad);
@@ -216,8 +224,9 @@ static JsonNode *check_int(Check *c, CbtBuiltin b, const char *name, JsonNode *n
   if (!(s ? int_from_keyval(c, b, name, s, &bits) : int_from_json(c, b, name, node, &bits)))
     return NULL;
   if (b < G_N_ELEMENTS(int_ranges) && int_ranges[b].c_name) {
-    gboolean in_range = is_unsigned(b) ? bits <= int_ranges[b].max :
-                        (gint64)bits >= int_ranges[b].min && (gint64)bits <= (gint64)int_ranges[b].max;
+    gboolean in_range = is_unsigned(b) ? bits <= int_ranges[b].max
+                                       : (gint64)bits >= int_ranges[b].min &&
+                                           (gint64)bits <= (gint64)int_ranges[b].max;
     if (!in_range) {
       fail(c, "Parameter '%s' expects %s", name ? name : "null", int_ranges[b].c_name);
       return NULL;
@@ -229,7 +238,8 @@ static JsonNode *check_int(Check *c, CbtBuiltin b, const char *name, JsonNode *n
 
 /* ---- other scalars ------------------------------------------------------------------------ */
 
-static JsonNode *check_bool(Check *c, const char *name, JsonNode *node)
+static JsonNode *
+check_bool(Check *c, const char *name, JsonNode *node)
 {
   gboolean bad;
   const char *s = keyval_string(c, name, node, &bad);
@@ -247,7 +257,8 @@ static JsonNode *check_bool(Check *c, const char *name, JsonNode *node)
   return json_node_copy(node);
 }
 
-static JsonNode *check_number(Check *c, const char *name, JsonNode *node)
+static JsonNode *
+check_number(Check *c, const char *name, JsonNode *node)
 {
   gboolean bad;
   const char *s = keyval_string(c, name, node, &bad);
@@ -272,7 +283,8 @@ static JsonNode *check_number(Check *c, const char *name, JsonNode *node)
   return json_node_copy(node);
 }
 
-static JsonNode *check_str(Check *c, const char *name, JsonNode *node)
+static JsonNode *
+check_str(Check *c, const char *name, JsonNode *node)
 {
   gboolean bad;
 
@@ -284,7 +296,8 @@ static JsonNode *check_str(Check *c, const char *name, JsonNode *node)
   return json_node_copy(node);
 }
 
-static JsonNode *check_builtin(Check *c, CbtBuiltin b, const char *name, JsonNode *node)
+static JsonNode *
+check_builtin(Check *c, CbtBuiltin b, const char *name, JsonNode *node)
 {
   switch (b) {
   case CBT_BUILTIN_STR:
@@ -304,7 +317,8 @@ static JsonNode *check_builtin(Check *c, CbtBuiltin b, const char *name, JsonNod
   }
 }
 
-static JsonNode *check_enum(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
+static JsonNode *
+check_enum(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
 {
   g_autoptr(JsonNode) s = check_str(c, name, node);
 
@@ -323,8 +337,8 @@ static JsonNode *check_enum(Check *c, CbtSchemaType *type, const char *name, Jso
 /* @pending holds the members not visited yet, built and consumed exactly as QEMU's visitor
  * does with the same GLib hash table, so that with several unexpected members the one reported
  * is QEMU's choice. */
-static gboolean check_members(Check *c, GPtrArray *members, JsonObject *in, JsonObject *out,
-                              GHashTable *pending)
+static gboolean
+check_members(Check *c, GPtrArray *members, JsonObject *in, JsonObject *out, GHashTable *pending)
 {
   for (guint i = 0; i < members->len; i++) {
     CbtSchemaMember *m = members->pdata[i];
@@ -346,8 +360,8 @@ static gboolean check_members(Check *c, GPtrArray *members, JsonObject *in, Json
 }
 
 /* The branch members of a flat union, chosen by the (already checked) discriminator. */
-static gboolean check_variant(Check *c, CbtSchemaType *type, JsonObject *in, JsonObject *out,
-                              GHashTable *pending)
+static gboolean
+check_variant(Check *c, CbtSchemaType *type, JsonObject *in, JsonObject *out, GHashTable *pending)
 {
   const char *tag = json_object_get_string_member(out, type->discriminator);
 
@@ -359,7 +373,8 @@ static gboolean check_variant(Check *c, CbtSchemaType *type, JsonObject *in, Jso
   return TRUE;
 }
 
-static gboolean check_unexpected(Check *c, GHashTable *pending)
+static gboolean
+check_unexpected(Check *c, GHashTable *pending)
 {
   GHashTableIter iter;
   gpointer key;
@@ -372,7 +387,8 @@ static gboolean check_unexpected(Check *c, GHashTable *pending)
   return TRUE;
 }
 
-static GHashTable *pending_members(JsonObject *in)
+static GHashTable *
+pending_members(JsonObject *in)
 {
   GHashTable *pending = g_hash_table_new(g_str_hash, g_str_equal);
   guint n;
@@ -383,7 +399,8 @@ static GHashTable *pending_members(JsonObject *in)
   return pending;
 }
 
-static JsonNode *check_object(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
+static JsonNode *
+check_object(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
 {
   if (!JSON_NODE_HOLDS_OBJECT(node))
     return wrong_type(c, name, "object");
@@ -402,7 +419,8 @@ static JsonNode *check_object(Check *c, CbtSchemaType *type, const char *name, J
   return ok ? json_node_init_object(json_node_alloc(), out) : NULL;
 }
 
-static JsonNode *check_array(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
+static JsonNode *
+check_array(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
 {
   if (!JSON_NODE_HOLDS_ARRAY(node))
     return wrong_type(c, name, "array");
@@ -425,7 +443,8 @@ static JsonNode *check_array(Check *c, CbtSchemaType *type, const char *name, Js
 }
 
 /* Does alternate branch @t take a value of @node's JSON type? */
-static gboolean branch_fits(CbtSchemaType *t, JsonNode *node)
+static gboolean
+branch_fits(CbtSchemaType *t, JsonNode *node)
 {
   switch (JSON_NODE_TYPE(node)) {
   case JSON_NODE_OBJECT:
@@ -439,7 +458,8 @@ static gboolean branch_fits(CbtSchemaType *t, JsonNode *node)
   }
   GType vt = cbt_json_get_big_uint(node, NULL) ? G_TYPE_UINT64 : json_node_get_value_type(node);
   if (vt == G_TYPE_STRING)
-    return t->kind == CBT_TYPE_ENUM || (t->kind == CBT_TYPE_BUILTIN && t->builtin == CBT_BUILTIN_STR);
+    return t->kind == CBT_TYPE_ENUM ||
+           (t->kind == CBT_TYPE_BUILTIN && t->builtin == CBT_BUILTIN_STR);
   if (t->kind != CBT_TYPE_BUILTIN)
     return FALSE;
   if (vt == G_TYPE_BOOLEAN)
@@ -449,7 +469,8 @@ static gboolean branch_fits(CbtSchemaType *t, JsonNode *node)
          t->builtin != CBT_BUILTIN_NULL && t->builtin != CBT_BUILTIN_ANY;
 }
 
-static JsonNode *check_alternate(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
+static JsonNode *
+check_alternate(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
 {
   for (guint i = 0; i < type->variants->len; i++) {
     CbtSchemaVariant *v = type->variants->pdata[i];
@@ -460,7 +481,8 @@ static JsonNode *check_alternate(Check *c, CbtSchemaType *type, const char *name
   return NULL;
 }
 
-static JsonNode *check_value(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
+static JsonNode *
+check_value(Check *c, CbtSchemaType *type, const char *name, JsonNode *node)
 {
   switch (type->kind) {
   case CBT_TYPE_BUILTIN:
@@ -478,7 +500,8 @@ static JsonNode *check_value(Check *c, CbtSchemaType *type, const char *name, Js
   g_assert_not_reached();
 }
 
-JsonNode *cbt_schema_check(CbtSchemaType *type, JsonNode *value, gboolean keyval, GError **error)
+JsonNode *
+cbt_schema_check(CbtSchemaType *type, JsonNode *value, gboolean keyval, GError **error)
 {
   Check c = { keyval, g_array_new(FALSE, FALSE, sizeof(Frame)), g_string_new(NULL), NULL };
   g_autoptr(JsonNode) empty = NULL;

@@ -1,5 +1,5 @@
-/* The schema model: the files of schemas/ (merged by gen-schema.py and compiled in) turned into types
- * and commands that the validator (schema-check.c) and introspection walk.
+/* The schema model: the files of schemas/ (merged by gen-schema.py and compiled in) turned into
+ * types and commands that the validator (schema-check.c) and introspection walk.
  *
  * gen-schema.py has already checked the structure (names defined once, references resolve),
  * so a failure here is a build defect and reported as such.
@@ -22,7 +22,8 @@ static const struct {
   { "any", CBT_BUILTIN_ANY },
 };
 
-static void member_free(gpointer p)
+static void
+member_free(gpointer p)
 {
   CbtSchemaMember *m = p;
 
@@ -31,7 +32,8 @@ static void member_free(gpointer p)
   g_free(m);
 }
 
-static void variant_free(gpointer p)
+static void
+variant_free(gpointer p)
 {
   CbtSchemaVariant *v = p;
 
@@ -39,7 +41,8 @@ static void variant_free(gpointer p)
   g_free(v);
 }
 
-static void type_free(gpointer p)
+static void
+type_free(gpointer p)
 {
   CbtSchemaType *t = p;
 
@@ -52,7 +55,8 @@ static void type_free(gpointer p)
   g_free(t);
 }
 
-static void command_free(gpointer p)
+static void
+command_free(gpointer p)
 {
   CbtSchemaCommand *c = p;
 
@@ -61,7 +65,8 @@ static void command_free(gpointer p)
   g_free(c);
 }
 
-void cbt_schema_free(CbtSchema *schema)
+void
+cbt_schema_free(CbtSchema *schema)
 {
   if (!schema)
     return;
@@ -72,12 +77,14 @@ void cbt_schema_free(CbtSchema *schema)
   g_free(schema);
 }
 
-CbtSchemaType *cbt_schema_lookup_type(CbtSchema *schema, const char *name)
+CbtSchemaType *
+cbt_schema_lookup_type(CbtSchema *schema, const char *name)
 {
   return g_hash_table_lookup(schema->types, name);
 }
 
-static CbtSchemaType *type_new(CbtSchema *schema, CbtTypeKind kind, const char *name)
+static CbtSchemaType *
+type_new(CbtSchema *schema, CbtTypeKind kind, const char *name)
 {
   CbtSchemaType *t = g_new0(CbtSchemaType, 1);
 
@@ -92,10 +99,11 @@ static CbtSchemaType *type_new(CbtSchema *schema, CbtTypeKind kind, const char *
   return t;
 }
 
-static char **string_list(JsonObject *ent, const char *member)
+static char **
+string_list(JsonObject *ent, const char *member)
 {
-  JsonArray *arr = json_object_has_member(ent, member) ?
-                   json_object_get_array_member(ent, member) : NULL;
+  JsonArray *arr =
+    json_object_has_member(ent, member) ? json_object_get_array_member(ent, member) : NULL;
   guint n = arr ? json_array_get_length(arr) : 0;
   char **out = g_new0(char *, n + 1);
 
@@ -107,16 +115,17 @@ static char **string_list(JsonObject *ent, const char *member)
 typedef struct {
   CbtSchema *schema;
   GError **error;
-  GHashTable *entity_index;  /* type name -> its entity, to fill bases on demand */
+  GHashTable *entity_index; /* type name -> its entity, to fill bases on demand */
 } Loader;
 
 /* A type reference: a name, or a one-element array for a list. */
-static CbtSchemaType *resolve(Loader *ld, JsonNode *ref)
+static CbtSchemaType *
+resolve(Loader *ld, JsonNode *ref)
 {
   if (JSON_NODE_HOLDS_ARRAY(ref)) {
     JsonArray *arr = json_node_get_array(ref);
-    CbtSchemaType *elem = json_array_get_length(arr) == 1 ?
-                          resolve(ld, json_array_get_element(arr, 0)) : NULL;
+    CbtSchemaType *elem =
+      json_array_get_length(arr) == 1 ? resolve(ld, json_array_get_element(arr, 0)) : NULL;
     if (!elem)
       return NULL;
     g_autofree char *name = g_strdup_printf("[%s]", elem->name);
@@ -135,7 +144,8 @@ static CbtSchemaType *resolve(Loader *ld, JsonNode *ref)
   return t;
 }
 
-static gboolean add_member(Loader *ld, CbtSchemaType *t, const char *key, JsonNode *spec)
+static gboolean
+add_member(Loader *ld, CbtSchemaType *t, const char *key, JsonNode *spec)
 {
   CbtSchemaMember *m = g_new0(CbtSchemaMember, 1);
   JsonNode *ref = spec;
@@ -157,7 +167,8 @@ static gboolean add_member(Loader *ld, CbtSchemaType *t, const char *key, JsonNo
 static gboolean fill_type(Loader *ld, CbtSchemaType *t, JsonObject *ent);
 
 /* Members from an inline object or the name of a struct (whose members are copied). */
-static gboolean add_members(Loader *ld, CbtSchemaType *t, JsonNode *data)
+static gboolean
+add_members(Loader *ld, CbtSchemaType *t, JsonNode *data)
 {
   if (JSON_NODE_HOLDS_OBJECT(data)) {
     JsonObjectIter iter;
@@ -192,7 +203,8 @@ static gboolean add_members(Loader *ld, CbtSchemaType *t, JsonNode *data)
   return TRUE;
 }
 
-static CbtSchemaMember *find_member(CbtSchemaType *t, const char *name)
+static CbtSchemaMember *
+find_member(CbtSchemaType *t, const char *name)
 {
   for (guint i = 0; i < t->members->len; i++) {
     CbtSchemaMember *m = t->members->pdata[i];
@@ -202,7 +214,8 @@ static CbtSchemaMember *find_member(CbtSchemaType *t, const char *name)
   return NULL;
 }
 
-static gboolean fill_union(Loader *ld, CbtSchemaType *t, JsonObject *ent)
+static gboolean
+fill_union(Loader *ld, CbtSchemaType *t, JsonObject *ent)
 {
   t->discriminator = g_strdup(json_object_get_string_member(ent, "discriminator"));
   CbtSchemaMember *tag = find_member(t, t->discriminator);
@@ -233,7 +246,8 @@ static gboolean fill_union(Loader *ld, CbtSchemaType *t, JsonObject *ent)
   return TRUE;
 }
 
-static gboolean fill_alternate(Loader *ld, CbtSchemaType *t, JsonObject *ent)
+static gboolean
+fill_alternate(Loader *ld, CbtSchemaType *t, JsonObject *ent)
 {
   JsonObjectIter iter;
   const char *key;
@@ -251,7 +265,8 @@ static gboolean fill_alternate(Loader *ld, CbtSchemaType *t, JsonObject *ent)
   return TRUE;
 }
 
-static gboolean fill_base_first(Loader *ld, JsonNode *base)
+static gboolean
+fill_base_first(Loader *ld, JsonNode *base)
 {
   if (!JSON_NODE_HOLDS_VALUE(base))
     return TRUE;
@@ -260,10 +275,11 @@ static gboolean fill_base_first(Loader *ld, JsonNode *base)
   return !bent || fill_type(ld, bt, bent);
 }
 
-static gboolean fill_type(Loader *ld, CbtSchemaType *t, JsonObject *ent)
+static gboolean
+fill_type(Loader *ld, CbtSchemaType *t, JsonObject *ent)
 {
   if (t->intro_id != -1)
-    return TRUE;  /* already filled (bases are filled on demand) */
+    return TRUE; /* already filled (bases are filled on demand) */
   t->intro_id = -2;
   t->features = string_list(ent, "features");
   switch (t->kind) {
@@ -289,7 +305,8 @@ static gboolean fill_type(Loader *ld, CbtSchemaType *t, JsonObject *ent)
 }
 
 /* Arguments of a command or event: none, inline members, or a named struct/union. */
-static gboolean load_entity(Loader *ld, JsonObject *ent, const char *kind)
+static gboolean
+load_entity(Loader *ld, JsonObject *ent, const char *kind)
 {
   CbtSchemaCommand *c = g_new0(CbtSchemaCommand, 1);
   JsonNode *data = json_object_get_member(ent, "data");
@@ -321,7 +338,8 @@ static gboolean load_entity(Loader *ld, JsonObject *ent, const char *kind)
 
 static const char *const kinds[] = { "enum", "struct", "union", "alternate", "command", "event" };
 
-static const char *entity_kind(JsonObject *ent)
+static const char *
+entity_kind(JsonObject *ent)
 {
   for (guint i = 0; i < G_N_ELEMENTS(kinds); i++) {
     if (json_object_has_member(ent, kinds[i]))
@@ -330,13 +348,14 @@ static const char *entity_kind(JsonObject *ent)
   return NULL;
 }
 
-static gboolean load_all(Loader *ld, JsonArray *arr)
+static gboolean
+load_all(Loader *ld, JsonArray *arr)
 {
   guint n = json_array_get_length(arr);
   static const CbtTypeKind type_kinds[] = { CBT_TYPE_ENUM, CBT_TYPE_STRUCT, CBT_TYPE_UNION,
                                             CBT_TYPE_ALTERNATE };
 
-  for (guint i = 0; i < n; i++) {  /* declare every named type first */
+  for (guint i = 0; i < n; i++) { /* declare every named type first */
     JsonObject *ent = json_array_get_object_element(arr, i);
     const char *kind = entity_kind(ent);
     for (guint k = 0; kind && k < G_N_ELEMENTS(type_kinds); k++) {
@@ -360,20 +379,22 @@ static gboolean load_all(Loader *ld, JsonArray *arr)
     if (g_str_equal(kind, "command") || g_str_equal(kind, "event"))
       ok = load_entity(ld, ent, kind);
     else
-      ok = fill_type(ld, cbt_schema_lookup_type(ld->schema, json_object_get_string_member(ent,
-                                                                                       kind)), ent);
+      ok = fill_type(
+        ld, cbt_schema_lookup_type(ld->schema, json_object_get_string_member(ent, kind)), ent);
     if (!ok)
       return FALSE;
   }
   return TRUE;
 }
 
-static void reset_ids(gpointer key, gpointer value, gpointer user_data)
+static void
+reset_ids(gpointer key, gpointer value, gpointer user_data)
 {
   ((CbtSchemaType *)value)->intro_id = -1;
 }
 
-CbtSchema *cbt_schema_load(const char *json_text, GError **error)
+CbtSchema *
+cbt_schema_load(const char *json_text, GError **error)
 {
   g_autoptr(JsonParser) parser = json_parser_new();
   CbtSchema *schema = g_new0(CbtSchema, 1);

@@ -6,20 +6,26 @@
 #include "common/keyval.h"
 #include "common/sockets.h"
 
-G_DEFINE_QUARK(cbt-rpc-error-quark, cbt_rpc_error)
+G_DEFINE_QUARK(cbt - rpc - error - quark, cbt_rpc_error)
 
-const char *cbt_rpc_error_class_name(CbtRpcErrorClass cls)
+const char *
+cbt_rpc_error_class_name(CbtRpcErrorClass cls)
 {
   switch (cls) {
-  case CBT_RPC_ERROR_COMMAND_NOT_FOUND: return "CommandNotFound";
-  case CBT_RPC_ERROR_DEVICE_NOT_ACTIVE: return "DeviceNotActive";
-  case CBT_RPC_ERROR_DEVICE_NOT_FOUND: return "DeviceNotFound";
+  case CBT_RPC_ERROR_COMMAND_NOT_FOUND:
+    return "CommandNotFound";
+  case CBT_RPC_ERROR_DEVICE_NOT_ACTIVE:
+    return "DeviceNotActive";
+  case CBT_RPC_ERROR_DEVICE_NOT_FOUND:
+    return "DeviceNotFound";
   case CBT_RPC_ERROR_GENERIC:
-  default: return "GenericError";
+  default:
+    return "GenericError";
   }
 }
 
-JsonNode *cbt_json_object_node(JsonObject *obj)
+JsonNode *
+cbt_json_object_node(JsonObject *obj)
 {
   JsonNode *node = json_node_init_object(json_node_alloc(), obj);
 
@@ -27,12 +33,14 @@ JsonNode *cbt_json_object_node(JsonObject *obj)
   return node;
 }
 
-JsonNode *cbt_rpc_empty_return(void)
+JsonNode *
+cbt_rpc_empty_return(void)
 {
   return cbt_json_object_node(json_object_new());
 }
 
-CbtRpc *cbt_rpc_new_with_schema(const char *schema_json, GError **error)
+CbtRpc *
+cbt_rpc_new_with_schema(const char *schema_json, GError **error)
 {
   CbtSchema *schema = cbt_schema_load(schema_json, error);
 
@@ -53,12 +61,14 @@ CbtRpc *cbt_rpc_new_with_schema(const char *schema_json, GError **error)
   return rpc;
 }
 
-CbtRpc *cbt_rpc_new(GError **error)
+CbtRpc *
+cbt_rpc_new(GError **error)
 {
   return cbt_rpc_new_with_schema(cbt_schema_json, error);
 }
 
-void cbt_rpc_free(CbtRpc *rpc)
+void
+cbt_rpc_free(CbtRpc *rpc)
 {
   if (!rpc)
     return;
@@ -79,7 +89,8 @@ void cbt_rpc_free(CbtRpc *rpc)
   g_free(rpc);
 }
 
-void cbt_rpc_register(CbtRpc *rpc, const CbtRpcCommand *cmds, gsize n, gpointer user_data)
+void
+cbt_rpc_register(CbtRpc *rpc, const CbtRpcCommand *cmds, gsize n, gpointer user_data)
 {
   CBT_ASSERT_MAIN_THREAD();
   for (gsize i = 0; i < n; i++) {
@@ -94,7 +105,8 @@ void cbt_rpc_register(CbtRpc *rpc, const CbtRpcCommand *cmds, gsize n, gpointer 
   }
 }
 
-gboolean cbt_rpc_check_complete(CbtRpc *rpc, GError **error)
+gboolean
+cbt_rpc_check_complete(CbtRpc *rpc, GError **error)
 {
   for (guint i = 0; i < rpc->schema->entities->len; i++) {
     CbtSchemaCommand *c = rpc->schema->entities->pdata[i];
@@ -107,32 +119,36 @@ gboolean cbt_rpc_check_complete(CbtRpc *rpc, GError **error)
   return TRUE;
 }
 
-gboolean cbt_rpc_listen(CbtRpc *rpc, const CbtQmpSocketAddress *addr, gboolean pretty,
-                        GError **error)
+gboolean
+cbt_rpc_listen(CbtRpc *rpc, const CbtQmpSocketAddress *addr, gboolean pretty, GError **error)
 {
   CBT_ASSERT_MAIN_THREAD();
   return cbt_rpc_monitors_listen(rpc->monitors, addr, pretty, error);
 }
 
-gboolean cbt_rpc_listen_unix(CbtRpc *rpc, const char *path, gboolean pretty, GError **error)
+gboolean
+cbt_rpc_listen_unix(CbtRpc *rpc, const char *path, gboolean pretty, GError **error)
 {
   g_autoptr(CbtQmpSocketAddress) addr = cbt_socket_address_unix(path);
 
   return cbt_rpc_listen(rpc, addr, pretty, error);
 }
 
-void cbt_rpc_close_all(CbtRpc *rpc)
+void
+cbt_rpc_close_all(CbtRpc *rpc)
 {
   cbt_rpc_monitors_close_all(rpc->monitors);
 }
 
-static gboolean flush_timeout(gpointer data)
+static gboolean
+flush_timeout(gpointer data)
 {
   *(gboolean *)data = TRUE;
   return G_SOURCE_REMOVE;
 }
 
-void cbt_rpc_flush(CbtRpc *rpc, guint timeout_ms)
+void
+cbt_rpc_flush(CbtRpc *rpc, guint timeout_ms)
 {
   gboolean expired = FALSE;
   GSource *timer = g_timeout_source_new(timeout_ms);
@@ -147,8 +163,8 @@ void cbt_rpc_flush(CbtRpc *rpc, guint timeout_ms)
 
 /* ---- outside a monitor --------------------------------------------------------------------- */
 
-JsonNode *cbt_rpc_execute(CbtRpc *rpc, const char *command, JsonObject *args, gboolean keyval,
-                          GError **error)
+JsonNode *
+cbt_rpc_execute(CbtRpc *rpc, const char *command, JsonObject *args, gboolean keyval, GError **error)
 {
   CbtRpcEntry *entry;
   CbtSchemaCommand *cmd = cbt_rpc_find_command(rpc, command, &entry);
@@ -165,24 +181,23 @@ JsonNode *cbt_rpc_execute(CbtRpc *rpc, const char *command, JsonObject *args, gb
   return cbt_rpc_run_command(rpc, cmd, entry, args_node, keyval, error);
 }
 
-JsonNode *cbt_rpc_check_type(CbtRpc *rpc, const char *type_name, JsonNode *value,
-                             gboolean keyval, GError **error)
+JsonNode *
+cbt_rpc_check_type(CbtRpc *rpc, const char *type_name, JsonNode *value, gboolean keyval,
+                   GError **error)
 {
   CbtSchemaType *type = cbt_schema_lookup_type(rpc->schema, type_name);
 
   if (!type) {
-    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Unknown schema type %s",
-                type_name);
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "Unknown schema type %s", type_name);
     return NULL;
   }
   return cbt_schema_check(type, value, keyval, error);
 }
 
-
 /* ---- command-line option values ----------------------------------------------------------- */
 
-JsonObject *cbt_rpc_option_parse(const char *text, const char *implied_key, gboolean *is_json,
-                                 GError **error)
+JsonObject *
+cbt_rpc_option_parse(const char *text, const char *implied_key, gboolean *is_json, GError **error)
 {
   const char *p = text;
 

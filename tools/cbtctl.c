@@ -39,9 +39,8 @@ typed_leaves(JsonNode *node)
     g_autoptr(JsonParser) p = json_parser_new();
     if (json_parser_load_from_data(p, s, -1, NULL)) {
       JsonNode *root = json_parser_get_root(p);
-      if (root && (JSON_NODE_HOLDS_NULL(root) ||
-                   (JSON_NODE_HOLDS_VALUE(root) &&
-                    json_node_get_value_type(root) != G_TYPE_STRING)))
+      if (root && (JSON_NODE_HOLDS_NULL(root) || (JSON_NODE_HOLDS_VALUE(root) &&
+                                                  json_node_get_value_type(root) != G_TYPE_STRING)))
         return json_node_copy(root);
     }
   }

@@ -30,7 +30,7 @@ int
 main(void)
 {
   g_autoptr(GHashTable) all =
-      g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify)cbt_dirty_bitmap_free);
+    g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify)cbt_dirty_bitmap_free);
   char line[512];
 
   while (fgets(line, sizeof(line), stdin)) {

@@ -26,7 +26,7 @@ typedef struct {
   guint64 size;
   guint32 gran;
   guint64 nbits;
-  guint8 *flat;   /* one bit per chunk, or NULL */
+  guint8 *flat;    /* one bit per chunk, or NULL */
   GHashTable *set; /* guint64 chunk indices, when not flat */
   guint64 count;
   guint64 win[NWINDOWS]; /* first chunk of each window */
@@ -213,8 +213,7 @@ rand_len(const Shadow *s, GRand *r)
   case 3:
     return G_MAXUINT64 - g_rand_int_range(r, 0, 3); /* overflows offset + len */
   default:
-    return (rand64(r) % (s->flat ? s->nbits : WINDOW / 4) + 1) * s->gran -
-           rand64(r) % s->gran;
+    return (rand64(r) % (s->flat ? s->nbits : WINDOW / 4) + 1) * s->gran - rand64(r) % s->gran;
   }
 }
 
@@ -253,7 +252,7 @@ check_run(guint64 offset, guint64 len, gpointer data)
 static void
 check_runs(const CbtBitmap *bm, const Shadow *s)
 {
-  RunCheck rc = {s, 0, 0, 0, s->size};
+  RunCheck rc = { s, 0, 0, 0, s->size };
   cbt_bitmap_foreach_dirty_run(bm, 0, s->size, check_run, &rc);
   g_assert_cmpuint(rc.chunks, ==, s->count);
 }
@@ -267,7 +266,7 @@ check_runs_in(const CbtBitmap *bm, const Shadow *s, GRand *r)
   if (lo >= s->size || len == 0)
     return;
   guint64 hi = len > s->size - lo ? s->size : lo + len;
-  RunCheck rc = {s, 0, 0, lo, hi};
+  RunCheck rc = { s, 0, 0, lo, hi };
   guint64 want = 0, a = lo / s->gran, b = (hi - 1) / s->gran + 1;
   if (s->flat) {
     for (gint64 i = shadow_next(s, a, b, FALSE); i >= 0; i = shadow_next(s, i + 1, b, FALSE))
@@ -285,9 +284,9 @@ check_runs_in(const CbtBitmap *bm, const Shadow *s, GRand *r)
 
 typedef struct {
   const Shadow *s;
-  guint64 pos;      /* bytes so far */
-  guint64 ones;     /* set bits seen */
-  GChecksum *sum;   /* independent hash, for flat shadows */
+  guint64 pos;    /* bytes so far */
+  guint64 ones;   /* set bits seen */
+  GChecksum *sum; /* independent hash, for flat shadows */
 } StreamCheck;
 
 static void
@@ -335,7 +334,7 @@ check_piece(const guint8 *data, gsize len, gpointer user_data)
 static void
 check_stream(const CbtBitmap *bm, const Shadow *s)
 {
-  StreamCheck sc = {s, 0, 0, NULL};
+  StreamCheck sc = { s, 0, 0, NULL };
 
   if (s->flat)
     sc.sum = g_checksum_new(G_CHECKSUM_SHA256);
@@ -372,7 +371,7 @@ check_probes(const CbtBitmap *bm, const Shadow *s, GRand *r)
     g_assert_cmpint(cbt_bitmap_get(bm, off), ==, in && shadow_get(s, off / s->gran));
     for (int clean = 0; clean < 2; clean++) {
       gint64 got =
-          clean ? cbt_bitmap_next_clean(bm, off, end) : cbt_bitmap_next_dirty(bm, off, end);
+        clean ? cbt_bitmap_next_clean(bm, off, end) : cbt_bitmap_next_dirty(bm, off, end);
       gint64 want = -1;
       if (in && off < cend) {
         guint64 to = (cend - 1) / s->gran + 1;
@@ -479,7 +478,7 @@ run_random(guint64 size, guint32 gran, guint32 seed, guint ops)
       }
       cbt_bitmap_merge(bm, src);
       cbt_bitmap_merge(bm, bm); /* a target may be its own source */
-      MergeShadow m = {&s, g2};
+      MergeShadow m = { &s, g2 };
       cbt_bitmap_foreach_dirty_run(src, 0, size, merge_shadow_run, &m);
     } else if (kind < 92) {
       /* Copy: equal now, independent afterwards. */
@@ -527,24 +526,24 @@ run_random(guint64 size, guint32 gran, guint32 seed, guint ops)
 }
 
 static const Geometry geometries[] = {
-  {1, 512},
-  {511, 512},
-  {512, 512},
-  {513, 512},
-  {100000, 65536},
-  {4096 * 512, 512},            /* exactly one leaf */
-  {4096 * 512 + 1, 512},        /* one leaf and a bit */
-  {64 * 4096 * 512 - 512, 512}, /* a level-1 node short of one chunk */
-  {GiB, 65536},
-  {GiB, 1u << 31},
-  {GiB + 12345, 4096},
-  {3 * GiB, 1u << 31},
-  {64 * GiB + 777, 65536},
-  {TiB, 65536},
-  {PiB, 65536},
-  {PiB + 4095, 4096},
-  {G_GUINT64_CONSTANT(1) << 63, 512},
-  {(G_GUINT64_CONSTANT(1) << 63) - 1, 1u << 31},
+  { 1, 512 },
+  { 511, 512 },
+  { 512, 512 },
+  { 513, 512 },
+  { 100000, 65536 },
+  { 4096 * 512, 512 },            /* exactly one leaf */
+  { 4096 * 512 + 1, 512 },        /* one leaf and a bit */
+  { 64 * 4096 * 512 - 512, 512 }, /* a level-1 node short of one chunk */
+  { GiB, 65536 },
+  { GiB, 1u << 31 },
+  { GiB + 12345, 4096 },
+  { 3 * GiB, 1u << 31 },
+  { 64 * GiB + 777, 65536 },
+  { TiB, 65536 },
+  { PiB, 65536 },
+  { PiB + 4095, 4096 },
+  { G_GUINT64_CONSTANT(1) << 63, 512 },
+  { (G_GUINT64_CONSTANT(1) << 63) - 1, 1u << 31 },
 };
 
 static guint32 random_seed;
@@ -576,8 +575,7 @@ test_random_seed(void)
       size = rand64(r) % (G_GUINT64_CONSTANT(1) << 63) + 1;
       break;
     }
-    g_test_message("random geometry %d: size %" G_GUINT64_FORMAT " granularity %u", k, size,
-                   gran);
+    g_test_message("random geometry %d: size %" G_GUINT64_FORMAT " granularity %u", k, size, gran);
     run_random(size, gran, g_rand_int(r), 200);
   }
 }
@@ -603,7 +601,7 @@ test_sha256_known(void)
   g_assert_true(g_str_has_prefix(hb, "af5570f5") && g_str_has_suffix(hb, "e83dfc"));
 
   /* Non-empty: chunks 0, 9, 63, 64 and 16383 of 1 GiB / 64 KiB, built by hand. */
-  guint8 bytes[2048] = {0};
+  guint8 bytes[2048] = { 0 };
   bytes[0] = 0x01;
   bytes[1] = 0x02;
   bytes[7] = 0x80;
@@ -671,7 +669,7 @@ static void
 test_next_sparse(void)
 {
   g_autoptr(CbtBitmap) bm = cbt_bitmap_new(PiB, 65536);
-  guint64 where[] = {0, 5 * TiB + 65536 * 3, PiB / 2, PiB - 65536};
+  guint64 where[] = { 0, 5 * TiB + 65536 * 3, PiB / 2, PiB - 65536 };
 
   g_assert_cmpint(cbt_bitmap_next_dirty(bm, 0, G_MAXUINT64), ==, -1);
   g_assert_cmpint(cbt_bitmap_next_clean(bm, 123, G_MAXUINT64), ==, 123);
@@ -815,12 +813,12 @@ test_concurrent(void)
   g_autoptr(CbtBitmap) bm = cbt_bitmap_new(CONC_SIZE, CONC_GRAN);
   gint stop = 0;
   Writer w[4] = {
-    {bm, 11, 0, CONC_SIZE / 4, NULL, &stop},                  /* disjoint */
-    {bm, 12, CONC_SIZE / 4, CONC_SIZE / 4, NULL, &stop},      /* disjoint */
-    {bm, 13, CONC_SIZE / 2, CONC_SIZE / 2, NULL, &stop},      /* overlapping ... */
-    {bm, 14, CONC_SIZE / 2, CONC_SIZE / 2 - 1, NULL, &stop},  /* ... each other */
+    { bm, 11, 0, CONC_SIZE / 4, NULL, &stop },                 /* disjoint */
+    { bm, 12, CONC_SIZE / 4, CONC_SIZE / 4, NULL, &stop },     /* disjoint */
+    { bm, 13, CONC_SIZE / 2, CONC_SIZE / 2, NULL, &stop },     /* overlapping ... */
+    { bm, 14, CONC_SIZE / 2, CONC_SIZE / 2 - 1, NULL, &stop }, /* ... each other */
   };
-  Writer reader = {bm, 0, 0, 0, NULL, &stop};
+  Writer reader = { bm, 0, 0, 0, NULL, &stop };
   GThread *t[4];
 
   GThread *rt = g_thread_new("reader", reader_main, &reader);
@@ -874,7 +872,7 @@ test_concurrent_fill(void)
   GThread *t[4];
 
   for (int i = 0; i < 4; i++) {
-    f[i] = (Filler){bm, i};
+    f[i] = (Filler){ bm, i };
     t[i] = g_thread_new("filler", filler_main, &f[i]);
   }
   for (int i = 0; i < 4; i++)
@@ -912,7 +910,7 @@ test_concurrent_summary(void)
     Racer rc[4];
     GThread *t[4];
     for (int i = 0; i < 4; i++) {
-      rc[i] = (Racer){bm, &go, i};
+      rc[i] = (Racer){ bm, &go, i };
       t[i] = g_thread_new("racer", racer_main, &rc[i]);
     }
     g_atomic_int_set(&go, 1);

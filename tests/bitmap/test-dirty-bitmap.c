@@ -32,9 +32,10 @@ test_name(void)
 static void
 test_granularity(void)
 {
-  static const guint64 bad[] = {0, 1, 256, 511, 1000, 513, 65535, 3u << 20,
-                                G_GUINT64_CONSTANT(1) << 32};
-  static const guint64 good[] = {512, 1024, 4096, 65536, 1u << 20, 1u << 31};
+  static const guint64 bad[] = { 0,     1,        256,
+                                 511,   1000,     513,
+                                 65535, 3u << 20, G_GUINT64_CONSTANT(1) << 32 };
+  static const guint64 good[] = { 512, 1024, 4096, 65536, 1u << 20, 1u << 31 };
 
   for (guint i = 0; i < G_N_ELEMENTS(bad); i++) {
     g_autoptr(GError) err = NULL;
@@ -87,8 +88,7 @@ test_check_order(void)
   expect_refusal(dbm, CBT_DIRTY_BITMAP_CHECK_ALLOW_RO, INCONS);
   cbt_dirty_bitmap_busy_ref(dbm);
   expect_refusal(dbm, CBT_DIRTY_BITMAP_CHECK_ALL, BUSY);
-  expect_refusal(dbm, CBT_DIRTY_BITMAP_CHECK_READ_ONLY | CBT_DIRTY_BITMAP_CHECK_INCONSISTENT,
-                 RO);
+  expect_refusal(dbm, CBT_DIRTY_BITMAP_CHECK_READ_ONLY | CBT_DIRTY_BITMAP_CHECK_INCONSISTENT, RO);
   expect_refusal(dbm, CBT_DIRTY_BITMAP_CHECK_INCONSISTENT, INCONS);
   expect_refusal(dbm, 0, NULL); /* sha256 works on anything */
 
@@ -110,10 +110,10 @@ test_matrix(void)
     gboolean busy, ro, incons; /* TRUE: allowed in that state */
   } rows[] = {
     /* remove */
-    {CBT_DIRTY_BITMAP_CHECK_BUSY | CBT_DIRTY_BITMAP_CHECK_READ_ONLY, FALSE, FALSE, TRUE},
-    {CBT_DIRTY_BITMAP_CHECK_ALL, FALSE, FALSE, FALSE},      /* clear, merge target */
-    {CBT_DIRTY_BITMAP_CHECK_ALLOW_RO, FALSE, TRUE, FALSE},  /* enable/disable, source, export */
-    {0, TRUE, TRUE, TRUE},                                   /* sha256 */
+    { CBT_DIRTY_BITMAP_CHECK_BUSY | CBT_DIRTY_BITMAP_CHECK_READ_ONLY, FALSE, FALSE, TRUE },
+    { CBT_DIRTY_BITMAP_CHECK_ALL, FALSE, FALSE, FALSE },     /* clear, merge target */
+    { CBT_DIRTY_BITMAP_CHECK_ALLOW_RO, FALSE, TRUE, FALSE }, /* enable/disable, source, export */
+    { 0, TRUE, TRUE, TRUE },                                 /* sha256 */
   };
   for (guint i = 0; i < G_N_ELEMENTS(rows); i++) {
     g_autoptr(CbtDirtyBitmap) busy = cbt_dirty_bitmap_new("b0", GiB, 65536);

@@ -54,8 +54,8 @@ try_add(const char *json, GError **error)
   g_autoptr(JsonNode) args = cbt_rpc_json_parse(json, -1, error);
   if (!args)
     return FALSE;
-  g_autoptr(JsonNode) ret = cbt_rpc_execute(rpc, "blockdev-add", json_node_get_object(args),
-                                            FALSE, error);
+  g_autoptr(JsonNode) ret =
+    cbt_rpc_execute(rpc, "blockdev-add", json_node_get_object(args), FALSE, error);
   return ret != NULL;
 }
 
@@ -163,8 +163,10 @@ static void
 test_file_read_only(void)
 {
   g_autofree char *path = make_file("ro.img", MiB, 0, 4096);
-  CbtBlockdev *bd = add("r0", "{'driver':'file','node-name':'r0','filename':'%s',"
-                              "'read-only':true}", path);
+  CbtBlockdev *bd = add("r0",
+                        "{'driver':'file','node-name':'r0','filename':'%s',"
+                        "'read-only':true}",
+                        path);
   g_autoptr(GError) error = NULL;
   char b[4] = { 0 };
 
@@ -220,7 +222,7 @@ test_file_block_status(void)
 /* ---- status walks ------------------------------------------------------------------------ */
 
 #define HOLE (CBT_BLOCKDEV_STATUS_HOLE | CBT_BLOCKDEV_STATUS_ZERO)
-#define WALK_SIZE (16 * MiB + 1000)  /* not a multiple of 512: the node has a tail */
+#define WALK_SIZE (16 * MiB + 1000) /* not a multiple of 512: the node has a tail */
 
 typedef struct {
   guint64 start, end;
@@ -269,9 +271,9 @@ seek_map(int fd, guint64 size)
 }
 
 typedef struct {
-  GArray *runs;                /* what the walk reported, merged */
-  guint64 next;                /* where the next run must start */
-  guint calls, stop_after;     /* stop_after 0: never stop */
+  GArray *runs;            /* what the walk reported, merged */
+  guint64 next;            /* where the next run must start */
+  guint calls, stop_after; /* stop_after 0: never stop */
   gboolean stopped;
 } Collected;
 
@@ -292,8 +294,7 @@ collect_run(guint64 offset, guint64 len, guint32 status, gpointer user_data)
 /* Walk [off, off + len) of @bd, whose byte 0 is byte @shift of the reference @ref, stopping
  * after @stop_after runs (0: never), and compare with the reference. */
 static void
-check_walk(CbtBlockdev *bd, GArray *ref, guint64 shift, guint64 off, guint64 len,
-           guint stop_after)
+check_walk(CbtBlockdev *bd, GArray *ref, guint64 shift, guint64 off, guint64 len, guint stop_after)
 {
   g_autoptr(GArray) want = g_array_new(FALSE, FALSE, sizeof(Run));
   g_autoptr(GArray) got = g_array_new(FALSE, FALSE, sizeof(Run));
@@ -318,9 +319,9 @@ check_walk(CbtBlockdev *bd, GArray *ref, guint64 shift, guint64 off, guint64 len
     if (g->start != w->start || g->status != w->status || g->end > w->end ||
         (g->end < w->end && (i + 1 < got->len || !c.stopped)))
       g_error("walk [%" G_GUINT64_FORMAT ", +%" G_GUINT64_FORMAT ") run %u: [%" G_GUINT64_FORMAT
-              ", %" G_GUINT64_FORMAT ") status %u, lseek says [%" G_GUINT64_FORMAT ", %"
-              G_GUINT64_FORMAT ") status %u", off, len, i, g->start, g->end, g->status,
-              w->start, w->end, w->status);
+              ", %" G_GUINT64_FORMAT ") status %u, lseek says [%" G_GUINT64_FORMAT
+              ", %" G_GUINT64_FORMAT ") status %u",
+              off, len, i, g->start, g->end, g->status, w->start, w->end, w->status);
   }
 }
 
@@ -339,8 +340,8 @@ check_walks(CbtBlockdev *bd, GArray *ref, guint64 shift)
   for (guint i = 0; i < 300; i++) {
     guint64 off = (guint64)g_rand_double_range(rnd, 0, (double)size);
     guint64 room = size - off;
-    guint64 len = 1 + (guint64)g_rand_double_range(rnd, 0, (double)(i % 2 ? MIN(room, 256 * KiB)
-                                                                          : room));
+    guint64 len =
+      1 + (guint64)g_rand_double_range(rnd, 0, (double)(i % 2 ? MIN(room, 256 * KiB) : room));
     check_walk(bd, ref, shift, off, MIN(len, room), i % 3 ? 0 : g_rand_int_range(rnd, 1, 6));
   }
 }
@@ -426,8 +427,10 @@ check_walk_file(const char *dir)
   make_walk_layout(fd);
   report_extents(fd);
   CbtBlockdev *f = add("wk0", "{'driver':'file','node-name':'wk0','filename':'%s'}", path);
-  CbtBlockdev *r = add("wk1", "{'driver':'raw','node-name':'wk1','file':'wk0','offset':%"
-                       G_GUINT64_FORMAT ",'size':%u}", win, 12 * MiB);
+  CbtBlockdev *r =
+    add("wk1",
+        "{'driver':'raw','node-name':'wk1','file':'wk0','offset':%" G_GUINT64_FORMAT ",'size':%u}",
+        win, 12 * MiB);
   g_assert_cmpuint(cbt_blockdev_get_size(f), ==, 16 * MiB + 1024);
   g_autoptr(GArray) ref = seek_map(fd, cbt_blockdev_get_size(f));
   g_assert_cmpuint(ref->len, >, 600);
@@ -482,8 +485,10 @@ static void
 test_file_discard(void)
 {
   g_autofree char *path = make_file("discard.img", 4 * MiB, 0, 4 * MiB);
-  CbtBlockdev *on = add("d0", "{'driver':'file','node-name':'d0','filename':'%s',"
-                              "'discard':'unmap'}", path);
+  CbtBlockdev *on = add("d0",
+                        "{'driver':'file','node-name':'d0','filename':'%s',"
+                        "'discard':'unmap'}",
+                        path);
   CbtBlockdev *off = add("d1", "{'driver':'file','node-name':'d1','filename':'%s'}", path);
   g_autoptr(CbtBitmap) bm_on = cbt_bitmap_new(4 * MiB, 64 * KiB);
   g_autoptr(CbtBitmap) bm_off = cbt_bitmap_new(4 * MiB, 64 * KiB);
@@ -518,8 +523,10 @@ static void
 test_file_write_zeroes(void)
 {
   g_autofree char *path = make_file("zero.img", 4 * MiB, 0, 4 * MiB);
-  CbtBlockdev *bd = add("z0", "{'driver':'file','node-name':'z0','filename':'%s',"
-                              "'discard':'unmap'}", path);
+  CbtBlockdev *bd = add("z0",
+                        "{'driver':'file','node-name':'z0','filename':'%s',"
+                        "'discard':'unmap'}",
+                        path);
   CbtBlockdev *keep = add("z1", "{'driver':'file','node-name':'z1','filename':'%s'}", path);
   const guint32 hole = CBT_BLOCKDEV_STATUS_HOLE | CBT_BLOCKDEV_STATUS_ZERO;
 
@@ -537,8 +544,9 @@ test_file_write_zeroes(void)
   g_assert_cmpint(cbt_blockdev_write_zeroes(keep, 2 * MiB, MiB, CBT_BLOCKDEV_MAY_UNMAP), ==, 0);
   assert_bytes(keep, 2 * MiB, MiB, 0);
   /* ZERO_RANGE (ext4, xfs) or punch + allocate (tmpfs): cheap, so NO_FALLBACK succeeds. */
-  g_assert_cmpint(cbt_blockdev_write_zeroes(bd, 3 * MiB, 4096,
-                                            CBT_BLOCKDEV_NO_FALLBACK | CBT_BLOCKDEV_FUA), ==, 0);
+  g_assert_cmpint(
+    cbt_blockdev_write_zeroes(bd, 3 * MiB, 4096, CBT_BLOCKDEV_NO_FALLBACK | CBT_BLOCKDEV_FUA), ==,
+    0);
   assert_bytes(bd, 3 * MiB, 4096, 0);
   del("z0");
   del("z1");
@@ -550,7 +558,8 @@ test_file_direct(void)
   g_autofree char *path = make_file("direct.img", MiB, 0, 0);
   g_autoptr(GError) error = NULL;
   g_autofree char *json = g_strdup_printf("{'driver':'file','node-name':'x0','filename':'%s',"
-                                          "'cache':{'direct':true}}", path);
+                                          "'cache':{'direct':true}}",
+                                          path);
 
   if (!try_add(json, &error)) {
     g_test_skip(error->message); /* O_DIRECT is not available on every file system */
@@ -625,8 +634,10 @@ static void
 test_raw_discard_policy(void)
 {
   g_autofree char *path = make_file("rd.img", MiB, 0, MiB);
-  CbtBlockdev *r = add("rd", "{'driver':'raw','node-name':'rd','discard':'unmap',"
-                             "'file':{'driver':'file','filename':'%s'}}", path);
+  CbtBlockdev *r = add("rd",
+                       "{'driver':'raw','node-name':'rd','discard':'unmap',"
+                       "'file':{'driver':'file','filename':'%s'}}",
+                       path);
   CbtBlockdev *child = cbt_blockdev_get_child(r);
   g_autoptr(CbtBitmap) bm = cbt_bitmap_new(MiB, 65536);
 
@@ -667,8 +678,7 @@ test_null(void)
   /* qemu-storage-daemon 7.2 aborts on this; we refuse it. */
   g_autoptr(GError) error = NULL;
   g_assert_false(try_add("{'driver':'null-co','node-name':'n2','size':-1}", &error));
-  g_assert_cmpstr(error->message, ==,
-                  "Parameter 'size' expects a non-negative number below 2^64");
+  g_assert_cmpstr(error->message, ==, "Parameter 'size' expects a non-negative number below 2^64");
   del("n0");
   del("n1");
 }
@@ -678,11 +688,12 @@ test_null(void)
 static void
 test_add_errors(void)
 {
-  static const struct { const char *json, *error; } cases[] = {
+  static const struct {
+    const char *json, *error;
+  } cases[] = {
     { "{'driver':'null-co'}", "'node-name' must be specified for the root node" },
     { "{'driver':'null-co','node-name':'1x'}", "Invalid node-name: '1x'" },
-    { "{'driver':'null-co','node-name':'a234567890123456789012345678901b'}",
-      "Node name too long" },
+    { "{'driver':'null-co','node-name':'a234567890123456789012345678901b'}", "Node name too long" },
     { "{'driver':'file','node-name':'e0','filename':'/nonexistent/x'}",
       "Could not open '/nonexistent/x': No such file or directory" },
     { "{'driver':'raw','node-name':'e0','file':'nope'}",
@@ -735,8 +746,7 @@ static void
 loop_detach(const char *dev)
 {
   const char *argv[] = { "losetup", "-d", dev, NULL };
-  g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL, NULL, NULL, NULL,
-               NULL);
+  g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL, NULL, NULL, NULL, NULL);
 }
 
 static void
@@ -749,8 +759,10 @@ test_host_device(void)
     g_test_skip("no usable loop device (/dev/loop-control and losetup needed)");
     return;
   }
-  CbtBlockdev *bd = add("h0", "{'driver':'host_device','node-name':'h0','filename':'%s',"
-                              "'discard':'unmap'}", dev);
+  CbtBlockdev *bd = add("h0",
+                        "{'driver':'host_device','node-name':'h0','filename':'%s',"
+                        "'discard':'unmap'}",
+                        dev);
   g_assert_cmpuint(cbt_blockdev_get_size(bd), ==, 4 * MiB);
   assert_bytes(bd, 0, 4096, 0xaa);
   write_pattern(bd, 4096, 4096, 0x12, CBT_BLOCKDEV_FUA);
@@ -835,7 +847,9 @@ static void
 test_track_marks_before_backend(void)
 {
   static const CbtBlockdevDriver probe = {
-    .name = "probe", .pwrite = probe_pwrite, .discard = probe_discard,
+    .name = "probe",
+    .pwrite = probe_pwrite,
+    .discard = probe_discard,
     .write_zeroes = probe_zeroes,
   };
   CbtBlockdev *bd = cbt_blockdev_new(&probe);
@@ -888,8 +902,8 @@ test_track_several(void)
 typedef struct {
   CbtBlockdev *bd;
   gint stop;
-  gint ops;                    /* completed requests (counted before io_end) */
-  gint inside;                 /* requests between begin and end right now */
+  gint ops;    /* completed requests (counted before io_end) */
+  gint inside; /* requests between begin and end right now */
 } Load;
 
 static gpointer
@@ -993,8 +1007,8 @@ run_cmd(const char *const *argv)
   int status;
 
   return g_spawn_sync(NULL, (char **)argv, NULL,
-                      G_SPAWN_SEARCH_PATH | G_SPAWN_STDOUT_TO_DEV_NULL |
-                      G_SPAWN_STDERR_TO_DEV_NULL, NULL, NULL, NULL, NULL, &status, NULL) &&
+                      G_SPAWN_SEARCH_PATH | G_SPAWN_STDOUT_TO_DEV_NULL | G_SPAWN_STDERR_TO_DEV_NULL,
+                      NULL, NULL, NULL, NULL, &status, NULL) &&
          g_spawn_check_wait_status(status, NULL);
 }
 
@@ -1019,15 +1033,17 @@ test_auto_read_only(void)
   g_assert_true(g_file_set_contents(img, "hello", 5, NULL));
   g_assert_true(run_cmd(remount));
 
-  g_autofree char *plain = g_strdup_printf("{'driver':'file','node-name':'a0','filename':'%s'}",
-                                           img);
+  g_autofree char *plain =
+    g_strdup_printf("{'driver':'file','node-name':'a0','filename':'%s'}", img);
   g_assert_false(try_add(plain, &error));
   g_autofree char *want = g_strdup_printf("Could not open '%s': Read-only file system", img);
   g_assert_cmpstr(error->message, ==, want);
   g_clear_error(&error);
 
-  CbtBlockdev *bd = add("a1", "{'driver':'file','node-name':'a1','filename':'%s',"
-                              "'auto-read-only':true}", img);
+  CbtBlockdev *bd = add("a1",
+                        "{'driver':'file','node-name':'a1','filename':'%s',"
+                        "'auto-read-only':true}",
+                        img);
   g_assert_false(cbt_blockdev_is_read_only(bd)); /* as QEMU reports it */
   g_assert_cmpuint(cbt_blockdev_get_size(bd), ==, 512);
   char buf[5];
@@ -1081,8 +1097,7 @@ test_lock_bytes(void)
   /* A reader that shares write: fine. */
   g_assert_true(cbt_blockdev_lock_set(b, CBT_PERM_CONSISTENT_READ, all, &error));
   /* One that refuses to share write (qemu-img, a VM disk): refused. */
-  g_assert_false(cbt_blockdev_lock_set(b, CBT_PERM_CONSISTENT_READ, all & ~CBT_PERM_WRITE,
-                                       &error));
+  g_assert_false(cbt_blockdev_lock_set(b, CBT_PERM_CONSISTENT_READ, all & ~CBT_PERM_WRITE, &error));
   g_assert_cmpstr(error->message, ==, "Failed to get shared \"write\" lock");
   g_clear_error(&error);
   /* One that wants to resize: refused by a's unshared resize. */
@@ -1091,8 +1106,7 @@ test_lock_bytes(void)
   g_clear_error(&error);
   /* b's failed attempts left its previous state, and a can drop write and take it back. */
   g_assert_true(cbt_blockdev_lock_set(a, CBT_PERM_CONSISTENT_READ, all, &error));
-  g_assert_true(cbt_blockdev_lock_set(b, CBT_PERM_CONSISTENT_READ, all & ~CBT_PERM_WRITE,
-                                      &error));
+  g_assert_true(cbt_blockdev_lock_set(b, CBT_PERM_CONSISTENT_READ, all & ~CBT_PERM_WRITE, &error));
   g_assert_false(cbt_blockdev_lock_set(a, CBT_PERM_WRITE, all, &error));
   g_assert_cmpstr(error->message, ==, "Failed to get \"write\" lock");
   g_clear_error(&error);
@@ -1108,19 +1122,22 @@ static void
 test_lock_nodes(void)
 {
   g_autofree char *path = make_file("lock2.img", MiB, 0, 0);
-  CbtBlockdev *b = add("lb", "{'driver':'raw','node-name':'lb','file':{'driver':'file',"
-                             "'filename':'%s'}}", path);
-  CbtBlockdev *off = add("lc", "{'driver':'file','node-name':'lc','filename':'%s',"
-                               "'locking':'off'}", path);
+  CbtBlockdev *b = add("lb",
+                       "{'driver':'raw','node-name':'lb','file':{'driver':'file',"
+                       "'filename':'%s'}}",
+                       path);
+  CbtBlockdev *off = add("lc",
+                         "{'driver':'file','node-name':'lc','filename':'%s',"
+                         "'locking':'off'}",
+                         path);
   int fd = open(path, O_RDWR);
   CbtBlockdevLock *other = cbt_blockdev_lock_new(fd, path);
   GError *error = NULL;
 
   /* Another process that writes and refuses to share write (qemu-io, a VM). */
   g_assert_true(cbt_blockdev_lock_set(other, CBT_PERM_CONSISTENT_READ | CBT_PERM_WRITE,
-                                      CBT_PERM_CONSISTENT_READ | CBT_PERM_WRITE_UNCHANGED,
-                                      &error));
-  cbt_blockdev_add_user(b);      /* a read-only export still works */
+                                      CBT_PERM_CONSISTENT_READ | CBT_PERM_WRITE_UNCHANGED, &error));
+  cbt_blockdev_add_user(b); /* a read-only export still works */
   g_assert_false(cbt_blockdev_acquire_write(b, &error));
   g_assert_cmpstr(error->message, ==, "Failed to get \"write\" lock");
   g_clear_error(&error);
@@ -1129,14 +1146,14 @@ test_lock_nodes(void)
   /* The other process goes away: write permission is granted, and then excludes it. */
   cbt_blockdev_lock_set(other, 0, CBT_PERM_ALL, NULL);
   g_assert_true(cbt_blockdev_acquire_write(b, &error));
-  g_assert_false(cbt_blockdev_lock_set(other, CBT_PERM_CONSISTENT_READ,
-                                       CBT_PERM_CONSISTENT_READ, &error));
+  g_assert_false(
+    cbt_blockdev_lock_set(other, CBT_PERM_CONSISTENT_READ, CBT_PERM_CONSISTENT_READ, &error));
   g_assert_cmpstr(error->message, ==, "Failed to get shared \"write\" lock");
   g_clear_error(&error);
   cbt_blockdev_release_write(b);
   cbt_blockdev_remove_user(b);
-  g_assert_true(cbt_blockdev_lock_set(other, CBT_PERM_CONSISTENT_READ,
-                                      CBT_PERM_CONSISTENT_READ, &error));
+  g_assert_true(
+    cbt_blockdev_lock_set(other, CBT_PERM_CONSISTENT_READ, CBT_PERM_CONSISTENT_READ, &error));
   cbt_blockdev_lock_free(other);
   close(fd);
   del("lb");

@@ -96,11 +96,10 @@ static CbtBlockdev *
 leaf(const char *name)
 {
   g_autoptr(GError) error = NULL;
-  g_autofree char *json = g_strdup_printf("{\"driver\": \"null-co\", \"node-name\": \"%s\"}",
-                                          name);
+  g_autofree char *json = g_strdup_printf("{\"driver\": \"null-co\", \"node-name\": \"%s\"}", name);
   g_autoptr(JsonNode) args = cbt_rpc_json_parse(json, -1, &error);
-  g_autoptr(JsonNode) ret = cbt_rpc_execute(rpc, "blockdev-add", json_node_get_object(args),
-                                            FALSE, &error);
+  g_autoptr(JsonNode) ret =
+    cbt_rpc_execute(rpc, "blockdev-add", json_node_get_object(args), FALSE, &error);
   g_assert_no_error(error);
   return cbt_blockdev_find(name);
 }
@@ -141,8 +140,7 @@ static GString *events;
 static void
 on_event(CbtBlockdev *bd, gpointer data, gpointer user_data)
 {
-  g_string_append_printf(events, "%s:%s ", (const char *)user_data,
-                         cbt_blockdev_get_node_name(bd));
+  g_string_append_printf(events, "%s:%s ", (const char *)user_data, cbt_blockdev_get_node_name(bd));
 }
 
 /* ---- the tests ------------------------------------------------------------------------------ */
@@ -213,8 +211,8 @@ test_drain_counts(void)
   g_assert_cmpint(g.top->draining, ==, 2);
   g_assert_cmpint(g.tgt->draining, ==, 1);
   /* An edge added under a drained node: the new parent counts the drain below it. */
-  CbtBlockdevChild *extra = cbt_blockdev_attach_child(g.x2, g.tgt, "extra",
-                                                      CBT_BLOCKDEV_CHILD_DATA);
+  CbtBlockdevChild *extra =
+    cbt_blockdev_attach_child(g.x2, g.tgt, "extra", CBT_BLOCKDEV_CHILD_DATA);
   g_assert_cmpint(g.x2->draining, ==, 1);
   g_assert_cmpint(g.other->draining, ==, 1); /* tgt reached twice, counted once */
   cbt_blockdev_detach_child(extra);

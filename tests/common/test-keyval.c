@@ -77,8 +77,8 @@ test_option_json(void)
 {
   gboolean is_json = FALSE;
   g_autoptr(GError) error = NULL;
-  g_autoptr(JsonObject) o = cbt_rpc_option_parse(" {\"driver\": \"null-co\", \"size\": 4096}",
-                                              "driver", &is_json, &error);
+  g_autoptr(JsonObject) o =
+    cbt_rpc_option_parse(" {\"driver\": \"null-co\", \"size\": 4096}", "driver", &is_json, &error);
   g_assert_no_error(error);
   g_assert_true(is_json);
   g_assert_cmpint(json_object_get_int_member(o, "size"), ==, 4096);

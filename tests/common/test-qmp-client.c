@@ -23,13 +23,14 @@ start_daemon(void)
 {
   const char *cbtd = g_getenv("CBTD");
   g_autofree char *chardev = g_strdup_printf("socket,id=m1,path=%s,server=on,wait=off", pretty);
-  const char *argv[] = { cbtd, "--qmp", qmp, "--chardev", chardev, "--monitor",
-                         "chardev=m1,pretty=on", NULL };
+  const char *argv[] = {
+    cbtd, "--qmp", qmp, "--chardev", chardev, "--monitor", "chardev=m1,pretty=on", NULL
+  };
   g_autoptr(GError) error = NULL;
 
   g_assert_nonnull(cbtd);
-  g_assert_true(g_spawn_async(NULL, (char **)argv, NULL, G_SPAWN_DO_NOT_REAP_CHILD,
-                              die_with_parent, NULL, &daemon_pid, &error));
+  g_assert_true(g_spawn_async(NULL, (char **)argv, NULL, G_SPAWN_DO_NOT_REAP_CHILD, die_with_parent,
+                              NULL, &daemon_pid, &error));
   g_assert_no_error(error);
   for (int i = 0; i < 500 && !g_file_test(pretty, G_FILE_TEST_EXISTS); i++)
     g_usleep(10000);
@@ -52,8 +53,7 @@ test_calls(void)
 
   g_assert_no_error(error);
   JsonObject *qmpo = json_object_get_object_member(cbt_qmp_client_greeting(c), "QMP");
-  g_assert_cmpint(json_array_get_length(json_object_get_array_member(qmpo, "capabilities")),
-                  ==, 1);
+  g_assert_cmpint(json_array_get_length(json_object_get_array_member(qmpo, "capabilities")), ==, 1);
   g_assert_null(cbt_qmp_client_error_class(c));
 
   g_autoptr(JsonNode) v = cbt_qmp_client_call(c, "query-version", NULL, &error);
@@ -88,7 +88,8 @@ test_events(void)
   g_autoptr(GError) error = NULL;
   g_autoptr(CbtQmpClient) c = cbt_qmp_client_connect_unix(qmp, TRUE, 10000, &error);
   g_autofree char *start = g_strdup_printf("{\"addr\": {\"type\": \"unix\", \"data\": "
-                                           "{\"path\": \"%s\"}}}", nbd);
+                                           "{\"path\": \"%s\"}}}",
+                                           nbd);
   const char *calls[][2] = {
     { "blockdev-add", "{\"driver\": \"null-co\", \"node-name\": \"n0\"}" },
     { "nbd-server-start", start },
@@ -128,7 +129,8 @@ test_pretty_and_unnegotiated(void)
 
   g_assert_no_error(error);
   g_assert_null(cbt_qmp_client_call(c, "query-version", NULL, &error));
-  g_assert_cmpstr(error->message, ==, "Expecting capabilities negotiation with "
+  g_assert_cmpstr(error->message, ==,
+                  "Expecting capabilities negotiation with "
                   "'qmp_capabilities'");
   g_clear_error(&error);
   g_autoptr(JsonNode) caps = cbt_qmp_client_call(c, "qmp_capabilities", NULL, &error);

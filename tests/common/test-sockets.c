@@ -75,8 +75,8 @@ test_unix_errors(void)
   g_assert_true(g_file_set_contents(file, "keep", -1, NULL));
   g_autoptr(CbtQmpSocketAddress) on_file = cbt_socket_address_unix(file);
   g_assert_cmpint(cbt_socket_listen(on_file, 0, &error), ==, -1);
-  g_autofree char *want = g_strdup_printf("Failed to bind socket to %s: Address already in use",
-                                          file);
+  g_autofree char *want =
+    g_strdup_printf("Failed to bind socket to %s: Address already in use", file);
   g_assert_cmpstr(error->message, ==, want);
   g_autofree char *kept = NULL;
   g_assert_true(g_file_get_contents(file, &kept, NULL, NULL));
@@ -85,7 +85,8 @@ test_unix_errors(void)
 
   g_autoptr(CbtQmpSocketAddress) nodir = cbt_socket_address_unix("/nonexistent/dir/x.sock");
   g_assert_cmpint(cbt_socket_listen(nodir, 0, &error), ==, -1);
-  g_assert_cmpstr(error->message, ==, "Failed to bind socket to /nonexistent/dir/x.sock: "
+  g_assert_cmpstr(error->message, ==,
+                  "Failed to bind socket to /nonexistent/dir/x.sock: "
                   "No such file or directory");
   g_clear_error(&error);
 
@@ -178,8 +179,8 @@ test_fd_and_vsock(void)
   g_autofree char *cnum = g_strdup_printf("%d", cfd);
   notlistening.u.fd.str = cnum;
   g_assert_cmpint(cbt_socket_listen(&notlistening, CBT_SOCKET_ALLOW_FD, &error), ==, -1);
-  g_autofree char *want = g_strdup_printf("File descriptor %d is not a listening stream socket",
-                                          cfd);
+  g_autofree char *want =
+    g_strdup_printf("File descriptor %d is not a listening stream socket", cfd);
   g_assert_cmpstr(error->message, ==, want);
   g_clear_error(&error);
   notlistening.u.fd.str = (char *)"x";

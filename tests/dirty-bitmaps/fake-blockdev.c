@@ -17,7 +17,7 @@ struct CbtBlockdev {
   GPtrArray *tracked; /* CbtBitmap * */
 };
 
-static GHashTable *nodes; /* name -> CbtBlockdev */
+static GHashTable *nodes;                             /* name -> CbtBlockdev */
 static GPtrArray *notifiers[CBT_BLOCKDEV_EVENT__MAX]; /* CbtBlockdevNotifyFunc */
 static CbtRpc *rpc;
 
@@ -202,7 +202,7 @@ cbt_blockdev_notifier_add(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn, gpoi
   g_ptr_array_add(notifiers[event], fn);
 }
 
-G_DEFINE_QUARK(cbt-blockdev-error-quark, cbt_blockdev_error)
+G_DEFINE_QUARK(cbt - blockdev - error - quark, cbt_blockdev_error)
 
 void
 cbt_blockdev_drain_begin(CbtBlockdev *bd)

@@ -48,8 +48,7 @@ call(const char *cmd, GError **error, const char *fmt, va_list ap)
   return ret;
 }
 
-static G_GNUC_PRINTF(2, 3) void
-ok(const char *cmd, const char *fmt, ...)
+static G_GNUC_PRINTF(2, 3) void ok(const char *cmd, const char *fmt, ...)
 {
   g_autoptr(GError) error = NULL;
   va_list ap;
@@ -61,8 +60,7 @@ ok(const char *cmd, const char *fmt, ...)
   g_assert_nonnull(ret);
 }
 
-static G_GNUC_PRINTF(3, 4) void
-fails(const char *desc, const char *cmd, const char *fmt, ...)
+static G_GNUC_PRINTF(3, 4) void fails(const char *desc, const char *cmd, const char *fmt, ...)
 {
   g_autoptr(GError) error = NULL;
   va_list ap;
@@ -102,11 +100,11 @@ sha(const char *node, const char *name)
   return g_strdup(json_object_get_string_member(json_node_get_object(ret), "sha256"));
 }
 
-#define BM(name, rec, gran, count) \
-  "{\"name\":\"" name "\",\"recording\":" rec ",\"persistent\":false,\"busy\":false," \
+#define BM(name, rec, gran, count)                                                                 \
+  "{\"name\":\"" name "\",\"recording\":" rec ",\"persistent\":false,\"busy\":false,"              \
   "\"granularity\":" gran ",\"count\":" count "}"
-#define BUSY_BM(name, rec) \
-  "{\"name\":\"" name "\",\"recording\":" rec ",\"persistent\":false,\"busy\":true," \
+#define BUSY_BM(name, rec)                                                                         \
+  "{\"name\":\"" name "\",\"recording\":" rec ",\"persistent\":false,\"busy\":true,"               \
   "\"granularity\":65536,\"count\":0}"
 
 static void
@@ -116,10 +114,10 @@ test_add(void)
   assert_bitmaps(d0, "-");
   ok("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"a\"}");
   ok("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"b\",\"granularity\":512,"
-     "\"disabled\":true,\"persistent\":false}");
+                               "\"disabled\":true,\"persistent\":false}");
   ok("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"c\",\"granularity\":2147483648}");
-  assert_bitmaps(d0, "[" BM("c", "true", "2147483648", "0") "," BM("b", "false", "512", "0")
-                 "," BM("a", "true", "65536", "0") "]");
+  assert_bitmaps(d0, "[" BM("c", "true", "2147483648", "0") "," BM("b", "false", "512", "0") "," BM(
+                       "a", "true", "65536", "0") "]");
   g_assert_cmpuint(fake_blockdev_tracked(d0), ==, 2);
   /* Same name on another node; read-only nodes take (transient) bitmaps. */
   ok("block-dirty-bitmap-add", "{\"node\":\"r0\",\"name\":\"a\"}");
@@ -137,8 +135,8 @@ test_add(void)
         "{\"node\":\"d0\",\"name\":\"z\",\"granularity\":0}");
   fails("Granularity must be power of 2 and at least 512", "block-dirty-bitmap-add",
         "{\"node\":\"d0\",\"name\":\"z\",\"granularity\":1000}");
-  fails("Can't store persistent bitmaps to d0: Operation not supported",
-        "block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"a\",\"persistent\":true}");
+  fails("Can't store persistent bitmaps to d0: Operation not supported", "block-dirty-bitmap-add",
+        "{\"node\":\"d0\",\"name\":\"a\",\"persistent\":true}");
   fails("Bitmap already exists: a", "block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"a\"}");
   g_autofree char *n1023 = g_strnfill(1023, 'n');
   g_autofree char *n1024 = g_strnfill(1024, 'n');
@@ -163,8 +161,8 @@ test_recording(void)
   ok("block-dirty-bitmap-enable", "{\"node\":\"d0\",\"name\":\"b\"}");
   g_assert_cmpuint(fake_blockdev_tracked(d0), ==, 1);
   fake_blockdev_write(d0, 0, 1);
-  assert_bitmaps(d0, "[" BM("b", "true", "65536", "65536") "," BM("a", "false", "4096", "4096")
-                 "]");
+  assert_bitmaps(d0,
+                 "[" BM("b", "true", "65536", "65536") "," BM("a", "false", "4096", "4096") "]");
   ok("block-dirty-bitmap-clear", "{\"node\":\"d0\",\"name\":\"b\"}");
   ok("block-dirty-bitmap-clear", "{\"node\":\"d0\",\"name\":\"a\"}");
   assert_bitmaps(d0, "[" BM("b", "true", "65536", "0") "," BM("a", "false", "4096", "0") "]");
@@ -191,7 +189,7 @@ test_merge(void)
   setup();
   ok("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"t\",\"granularity\":65536}");
   ok("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"s\",\"granularity\":512,"
-     "\"disabled\":true}");
+                               "\"disabled\":true}");
   ok("block-dirty-bitmap-add", "{\"node\":\"r0\",\"name\":\"s\",\"granularity\":4096}");
   ok("block-dirty-bitmap-add", "{\"node\":\"d2\",\"name\":\"big\"}");
   fake_blockdev_write(d0, 0, 1);
@@ -210,7 +208,8 @@ test_merge(void)
         "{\"node\":\"d0\",\"target\":\"t\",\"bitmaps\":"
         "[\"s\",{\"node\":\"zz\",\"name\":\"s\"}]}");
   fails("Bitmaps are of different sizes (destination size is 1073741824, source size is "
-        "2147483648) and can't be merged", "block-dirty-bitmap-merge",
+        "2147483648) and can't be merged",
+        "block-dirty-bitmap-merge",
         "{\"node\":\"d0\",\"target\":\"t\",\"bitmaps\":"
         "[\"s\",{\"node\":\"d2\",\"name\":\"big\"}]}");
   /* Every failure left the target as it was. */
@@ -219,12 +218,11 @@ test_merge(void)
 
   /* Different granularities; the target among the sources. */
   ok("block-dirty-bitmap-merge", "{\"node\":\"d0\",\"target\":\"t\",\"bitmaps\":[\"t\","
-     "{\"node\":\"r0\",\"name\":\"s\"}]}");
-  assert_bitmaps(d0, "[" BM("s", "false", "512", "0") "," BM("t", "false", "65536", "131072")
-                 "]");
+                                 "{\"node\":\"r0\",\"name\":\"s\"}]}");
+  assert_bitmaps(d0, "[" BM("s", "false", "512", "0") "," BM("t", "false", "65536", "131072") "]");
   ok("block-dirty-bitmap-merge", "{\"node\":\"d0\",\"target\":\"s\",\"bitmaps\":[\"t\"]}");
-  assert_bitmaps(d0, "[" BM("s", "false", "512", "131072") "," BM("t", "false", "65536", "131072")
-                 "]");
+  assert_bitmaps(d0,
+                 "[" BM("s", "false", "512", "131072") "," BM("t", "false", "65536", "131072") "]");
   teardown();
 }
 
@@ -280,56 +278,58 @@ test_transaction(void)
       g_string_append_printf(acts, "%s,", steps[i]);
     g_autofree char *abort_acts = g_strdup_printf("%s" ACT("abort", "{}") "]", acts->str);
     txn_fails_cleanly("Transaction aborted using Abort action", abort_acts);
-    g_autofree char *bad_acts = g_strdup_printf("%s" ACT("block-dirty-bitmap-clear",
-                                                "{\"node\":\"d0\",\"name\":\"zz\"}") "]",
-                                                acts->str);
+    g_autofree char *bad_acts = g_strdup_printf(
+      "%s" ACT("block-dirty-bitmap-clear", "{\"node\":\"d0\",\"name\":\"zz\"}") "]", acts->str);
     txn_fails_cleanly("Dirty bitmap 'zz' not found", bad_acts);
     g_assert_cmpuint(fake_blockdev_tracked(d0), ==, 1);
   }
 
   /* Later actions see earlier ones; a removal happens at commit only. */
   txn_fails_cleanly("Bitmap already exists: t4",
-                    "[" ACT("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"t4\"}") ","
-                    ACT("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"t4\"}") "]");
-  txn_fails_cleanly("Bitmap already exists: b",
-                    "[" ACT("block-dirty-bitmap-remove", A_B) ","
-                    ACT("block-dirty-bitmap-add", A_B) "]");
-  txn_fails_cleanly("Bitmap 'b' is currently in use by another operation and cannot be used",
-                    "[" ACT("block-dirty-bitmap-remove", A_B) ","
-                    ACT("block-dirty-bitmap-clear", A_B) "]");
+                    "[" ACT("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"t4\"}") "," ACT(
+                      "block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"t4\"}") "]");
+  txn_fails_cleanly("Bitmap already exists: b", "[" ACT("block-dirty-bitmap-remove", A_B) "," ACT(
+                                                  "block-dirty-bitmap-add", A_B) "]");
+  txn_fails_cleanly(
+    "Bitmap 'b' is currently in use by another operation and cannot be used",
+    "[" ACT("block-dirty-bitmap-remove", A_B) "," ACT("block-dirty-bitmap-clear", A_B) "]");
   /* qsd 7.2 crashes on the first two and disables b on the third. */
   txn_fails_cleanly("Dirty bitmap 'zz' not found",
                     "[" ACT("block-dirty-bitmap-enable", "{\"node\":\"d0\",\"name\":\"zz\"}") "]");
   txn_fails_cleanly("Node 'zz' not found",
                     "[" ACT("block-dirty-bitmap-enable", "{\"node\":\"zz\",\"name\":\"b\"}") "]");
-  txn_fails_cleanly("Bitmap 'b' is currently in use by another operation and cannot be used",
-                    "[" ACT("block-dirty-bitmap-remove", A_B) ","
-                    ACT("block-dirty-bitmap-enable", A_B) "]");
+  txn_fails_cleanly(
+    "Bitmap 'b' is currently in use by another operation and cannot be used",
+    "[" ACT("block-dirty-bitmap-remove", A_B) "," ACT("block-dirty-bitmap-enable", A_B) "]");
   fails("Action 'block-dirty-bitmap-clear' does not support Transaction property "
-        "completion-mode = grouped", "transaction", "{\"actions\":[" ACT("block-dirty-bitmap-clear",
-        A_B) "],\"properties\":{\"completion-mode\":\"grouped\"}}");
-  fails("Transaction aborted using Abort action", "transaction", "{\"actions\":[" ACT("abort", "{}")
-        "],\"properties\":{\"completion-mode\":\"grouped\"}}");
+        "completion-mode = grouped",
+        "transaction",
+        "{\"actions\":[" ACT("block-dirty-bitmap-clear",
+                             A_B) "],\"properties\":{\"completion-mode\":\"grouped\"}}");
+  fails("Transaction aborted using Abort action", "transaction",
+        "{\"actions\":[" ACT("abort", "{}") "],\"properties\":{\"completion-mode\":\"grouped\"}}");
   ok("transaction", "{\"actions\":[],\"properties\":{\"completion-mode\":\"grouped\"}}");
-  ok("transaction", "{\"actions\":[" ACT("block-dirty-bitmap-add",
-     "{\"node\":\"d0\",\"name\":\"tz\"}") "," ACT("block-dirty-bitmap-remove",
-     "{\"node\":\"d0\",\"name\":\"tz\"}") "]}");
+  ok("transaction",
+     "{\"actions\":[" ACT("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"tz\"}") "," ACT(
+       "block-dirty-bitmap-remove", "{\"node\":\"d0\",\"name\":\"tz\"}") "]}");
 
   /* Checkpoint: freeze b, start c. Writes then reach c only. */
-  ok("transaction", "{\"actions\":[" ACT("block-dirty-bitmap-disable", A_B) ","
-     ACT("block-dirty-bitmap-add", "{\"node\":\"d0\",\"name\":\"c\"}") "],"
-     "\"properties\":{\"completion-mode\":\"individual\"}}");
+  ok("transaction",
+     "{\"actions\":[" ACT("block-dirty-bitmap-disable", A_B) "," ACT(
+       "block-dirty-bitmap-add",
+       "{\"node\":\"d0\",\"name\":\"c\"}") "],"
+                                           "\"properties\":{\"completion-mode\":\"individual\"}}");
   fake_blockdev_write(d0, 9 << 20, 1);
-  assert_bitmaps(d0, "[" BM("c", "true", "65536", "65536") "," BM("b", "false", "65536", "196608")
-                 "," BM("a", "false", "4096", "4096") "]");
+  assert_bitmaps(d0, "[" BM("c", "true", "65536", "65536") "," BM(
+                       "b", "false", "65536", "196608") "," BM("a", "false", "4096", "4096") "]");
   /* All steps at once commit. */
   g_autoptr(GString) all = g_string_new("[");
   for (gsize i = 0; i < G_N_ELEMENTS(steps); i++)
     g_string_append_printf(all, "%s%s", i ? "," : "", steps[i]);
   g_string_append(all, "]");
   ok("transaction", "{\"actions\":%s}", all->str);
-  assert_bitmaps(d0, "[" BM("n", "true", "512", "0") "," BM("c", "true", "65536", "65536") ","
-                 BM("b", "false", "65536", "65536") "]");
+  assert_bitmaps(d0, "[" BM("n", "true", "512", "0") "," BM("c", "true", "65536", "65536") "," BM(
+                       "b", "false", "65536", "65536") "]");
   assert_bitmaps(r0, "[" BM("n", "true", "65536", "0") "]");
   teardown();
 }
@@ -381,8 +381,8 @@ test_export(void)
         "block-dirty-bitmap-merge", "{\"node\":\"d0\",\"target\":\"t2\",\"bitmaps\":[\"rec\"]}");
   g_autofree char *h = sha("d0", "off");
   g_assert_cmpstr(h, ==, EMPTY_1G_64K);
-  assert_bitmaps(d0, "[" BM("t2", "true", "65536", "0") "," BUSY_BM("off", "false") ","
-                 BUSY_BM("rec", "true") "]");
+  assert_bitmaps(d0, "[" BM("t2", "true", "65536",
+                            "0") "," BUSY_BM("off", "false") "," BUSY_BM("rec", "true") "]");
   /* The exported bitmap keeps recording on a writable export. */
   fake_blockdev_write(d0, 0, 1);
   g_assert_true(cbt_bitmap_get(rec, 0));
@@ -435,15 +435,16 @@ test_state_matrix(void)
   g_assert_cmpstr(error->message, ==, inc);
   g_autofree char *h = sha("d0", "inc");
   g_assert_cmpstr(h, ==, EMPTY_1G_64K);
-  assert_bitmaps(d0, "[" BM("t", "true", "65536", "0") ",{\"name\":\"inc\",\"recording\":false,"
-                 "\"persistent\":false,\"busy\":false,\"granularity\":65536,\"count\":0,"
-                 "\"inconsistent\":true}," BM("ro", "false", "65536", "0") "]");
+  assert_bitmaps(
+    d0, "[" BM("t", "true", "65536",
+               "0") ",{\"name\":\"inc\",\"recording\":false,"
+                    "\"persistent\":false,\"busy\":false,\"granularity\":65536,\"count\":0,"
+                    "\"inconsistent\":true}," BM("ro", "false", "65536", "0") "]");
   /* The way out of an inconsistent bitmap is to remove it. */
   ok("block-dirty-bitmap-remove", "{\"node\":\"d0\",\"name\":\"inc\"}");
   cbt_dirty_bitmap_set_read_only(cbt_dirty_bitmaps_find(d0, "ro"), FALSE);
   teardown();
 }
-
 
 static JsonObject *
 info(const CbtDirtyBitmap *dbm, JsonNode **node)

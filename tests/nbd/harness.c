@@ -71,8 +71,8 @@ void
 harness_add_bitmap(const char *name, CbtBitmap *bm)
 {
   if (!bitmaps)
-    bitmaps
-        = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify)cbt_bitmap_free);
+    bitmaps =
+      g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify)cbt_bitmap_free);
   g_hash_table_replace(bitmaps, g_strdup(name), bm);
 }
 
@@ -96,8 +96,8 @@ harness_init(void)
   g_assert_no_error(error);
   cbt_qmp_register_block_core(harness.rpc);
   cbt_qmp_register_block_export(harness.rpc);
-  g_autofree char *args = g_strdup_printf(
-      "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"%s\"}}}", harness.sock);
+  g_autofree char *args =
+    g_strdup_printf("{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"%s\"}}}", harness.sock);
   harness_qmp_ok("nbd-server-start", args);
 }
 
@@ -141,8 +141,8 @@ void
 harness_add_node(const char *node, const char *path, gboolean read_only)
 {
   g_autofree char *args = g_strdup_printf(
-      "{\"driver\": \"file\", \"node-name\": \"%s\", \"filename\": \"%s\", \"read-only\": %s}",
-      node, path, read_only ? "true" : "false");
+    "{\"driver\": \"file\", \"node-name\": \"%s\", \"filename\": \"%s\", \"read-only\": %s}", node,
+    path, read_only ? "true" : "false");
   harness_qmp_ok("blockdev-add", args);
 }
 
@@ -154,8 +154,8 @@ harness_export(const char *export, guint64 size, const guint64 *ranges, const ch
   g_autofree char *node = g_strconcat("n-", export, NULL);
   harness_add_node(node, img, FALSE);
   g_autofree char *args = g_strdup_printf(
-      "{\"type\": \"nbd\", \"id\": \"%s\", \"node-name\": \"%s\", \"name\": \"%s\"%s%s}", export,
-      node, export, extra ? ", " : "", extra ? extra : "");
+    "{\"type\": \"nbd\", \"id\": \"%s\", \"node-name\": \"%s\", \"name\": \"%s\"%s%s}", export,
+    node, export, extra ? ", " : "", extra ? extra : "");
   harness_qmp_ok("block-export-add", args);
 }
 

@@ -895,8 +895,8 @@ test_max_connections(void)
                     "\"n-p\"}",
                     "NBD server not running");
   g_autofree char *args = g_strdup_printf(
-      "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"%s\"}}, \"max-connections\": 1}",
-      harness.sock);
+    "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"%s\"}}, \"max-connections\": 1}",
+    harness.sock);
   harness_qmp_ok("nbd-server-start", args);
   harness_qmp_ok("block-export-add",
                  "{\"type\": \"nbd\", \"id\": \"p\", \"node-name\": "

@@ -175,8 +175,8 @@ list_meta(struct nbd_handle *h, const char *const *queries)
   nbd_clear_meta_contexts(h);
   for (const char *const *q = queries; q && *q; q++)
     nbd_add_meta_context(h, *q);
-  int n = nbd_opt_list_meta_context(h,
-                                    (nbd_context_callback){ .callback = ctx_cb, .user_data = out });
+  int n =
+    nbd_opt_list_meta_context(h, (nbd_context_callback){ .callback = ctx_cb, .user_data = out });
   g_assert_cmpint(n, ==, (int)out->len);
   return out;
 }
@@ -268,9 +268,9 @@ client_read(gpointer data)
   /* Structured read: holes come as OFFSET_HOLE chunks, data as OFFSET_DATA. */
   Chunks c = { g_array_new(FALSE, FALSE, sizeof(guint64)) };
   g_assert_cmpint(
-      nbd_pread_structured(h, buf, 256 * KiB, 0,
-                           (nbd_chunk_callback){ .callback = chunk_cb, .user_data = &c }, 0),
-      ==, 0);
+    nbd_pread_structured(h, buf, 256 * KiB, 0,
+                         (nbd_chunk_callback){ .callback = chunk_cb, .user_data = &c }, 0),
+    ==, 0);
   g_assert_cmpint(c.chunks->len, ==, 9);
   guint64 *t = (guint64 *)c.chunks->data;
   g_assert_cmpint(t[0], ==, 0);
@@ -288,10 +288,10 @@ client_read(gpointer data)
   /* DF: one data chunk, holes as literal zeroes. */
   g_array_set_size(c.chunks, 0);
   g_assert_cmpint(
-      nbd_pread_structured(h, buf, 256 * KiB, 0,
-                           (nbd_chunk_callback){ .callback = chunk_cb, .user_data = &c },
-                           LIBNBD_CMD_FLAG_DF),
-      ==, 0);
+    nbd_pread_structured(h, buf, 256 * KiB, 0,
+                         (nbd_chunk_callback){ .callback = chunk_cb, .user_data = &c },
+                         LIBNBD_CMD_FLAG_DF),
+    ==, 0);
   g_assert_cmpint(c.chunks->len, ==, 3);
   t = (guint64 *)c.chunks->data;
   g_assert_cmpint(t[0], ==, 0);
@@ -370,8 +370,7 @@ block_status(struct nbd_handle *h, guint64 len, guint64 off, guint32 flags)
 {
   GPtrArray *all = g_ptr_array_new_with_free_func(status_free);
   if (nbd_block_status(h, len, off,
-                       (nbd_extent_callback){ .callback = extent_cb, .user_data = all }, flags)
-      < 0)
+                       (nbd_extent_callback){ .callback = extent_cb, .user_data = all }, flags) < 0)
     g_error("block status: %s", nbd_get_error());
   return all;
 }
@@ -637,8 +636,8 @@ client_parallel_one(gpointer data)
     guint32 roff[64];
     for (int i = 0; i < 64; i++) {
       roff[i] = g_rand_int_range(rand, 0, PAR_SLICE / 512 - 16) * 512;
-      cookies[i]
-          = nbd_aio_pread(h, bufs[i], sizeof bufs[i], base + roff[i], NBD_NULL_COMPLETION, 0);
+      cookies[i] =
+        nbd_aio_pread(h, bufs[i], sizeof bufs[i], base + roff[i], NBD_NULL_COMPLETION, 0);
       g_assert_cmpint(cookies[i], >, 0);
     }
     for (int i = 0; i < 64; i++) {

@@ -190,8 +190,7 @@ check_read(struct nbd_handle *h, guint64 off, guint64 len, gboolean df)
   memset(buf, 0xEE, len);
   if (nbd_pread_structured(h, buf, len, off,
                            (nbd_chunk_callback){ .callback = chunk_cb, .user_data = chunks },
-                           df ? LIBNBD_CMD_FLAG_DF : 0)
-      < 0)
+                           df ? LIBNBD_CMD_FLAG_DF : 0) < 0)
     g_error("read %" G_GUINT64_FORMAT "+%" G_GUINT64_FORMAT ": %s", off, len, nbd_get_error());
   for (guint64 i = 0; i < len; i++)
     if (buf[i] != lay_byte(off + i))

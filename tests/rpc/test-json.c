@@ -5,7 +5,8 @@
 #include <string.h>
 
 /* Everything a stream emits for some input, one line per value or error. */
-static void collect(JsonNode *value, GError *error, gpointer user_data)
+static void
+collect(JsonNode *value, GError *error, gpointer user_data)
 {
   GString *out = user_data;
 
@@ -28,7 +29,8 @@ static void collect(JsonNode *value, GError *error, gpointer user_data)
   }
 }
 
-static char *run_stream(const char *input, gsize len, gboolean flush)
+static char *
+run_stream(const char *input, gsize len, gboolean flush)
 {
   GString *out = g_string_new(NULL);
   CbtJsonStream *js = cbt_json_stream_new(CBT_RPC_MAX_MESSAGE, collect, out);
@@ -104,7 +106,8 @@ static const Case parse_cases[] = {
   { "1.e5", "ERR JSON parse error, stray '1.e'" },
 };
 
-static void test_parse_table(void)
+static void
+test_parse_table(void)
 {
   for (guint i = 0; i < G_N_ELEMENTS(parse_cases); i++) {
     g_autofree char *got = run_stream(parse_cases[i].in, strlen(parse_cases[i].in), TRUE);
@@ -115,7 +118,8 @@ static void test_parse_table(void)
 }
 
 /* A number or keyword at the end of the input waits for its terminator (as QEMU). */
-static void test_pending_token(void)
+static void
+test_pending_token(void)
 {
   g_autofree char *a = run_stream("1", 1, FALSE);
   g_autofree char *b = run_stream("1\n", 2, FALSE);
@@ -126,7 +130,8 @@ static void test_pending_token(void)
   g_assert_cmpstr(c, ==, "");
 }
 
-static void test_nesting(void)
+static void
+test_nesting(void)
 {
   GString *ok = g_string_new(NULL), *deep = g_string_new(NULL);
 
@@ -146,7 +151,8 @@ static void test_nesting(void)
   g_string_free(deep, TRUE);
 }
 
-static void test_too_big(void)
+static void
+test_too_big(void)
 {
   GString *out = g_string_new(NULL);
   CbtJsonStream *js = cbt_json_stream_new(100, collect, out);
@@ -163,7 +169,8 @@ static void test_too_big(void)
 }
 
 /* QEMU's limit of 2^21 tokens per message; the connection is then closed (TOO_BIG). */
-static void test_token_limit(void)
+static void
+test_token_limit(void)
 {
   GString *in = g_string_new("[");
   g_autoptr(GError) error = NULL;
@@ -177,13 +184,15 @@ static void test_token_limit(void)
 
 /* ---- writer ------------------------------------------------------------------------------ */
 
-static char *write_str(const char *s)
+static char *
+write_str(const char *s)
 {
   g_autoptr(JsonNode) n = json_node_init_string(json_node_alloc(), s);
   return cbt_json_to_string(n, FALSE);
 }
 
-static void test_write_strings(void)
+static void
+test_write_strings(void)
 {
   static const Case cases[] = {
     { "plain", "\"plain\"" },
@@ -202,7 +211,8 @@ static void test_write_strings(void)
   }
 }
 
-static JsonNode *parse_one(const char *text)
+static JsonNode *
+parse_one(const char *text)
 {
   g_autoptr(GError) error = NULL;
   JsonNode *node = cbt_rpc_json_parse(text, -1, &error);
@@ -211,7 +221,8 @@ static JsonNode *parse_one(const char *text)
   return node;
 }
 
-static void test_write_pretty(void)
+static void
+test_write_pretty(void)
 {
   g_autoptr(JsonNode) a = parse_one("{\"return\": {}}");
   g_autoptr(JsonNode) b = parse_one("{\"a\": [1, {\"b\": []}], \"c\": \"d\"}");
@@ -227,7 +238,8 @@ static void test_write_pretty(void)
 }
 
 /* uint64 above INT64_MAX survives copies and keeps its exact value. */
-static void test_big_uint(void)
+static void
+test_big_uint(void)
 {
   g_autoptr(JsonNode) n = cbt_json_uint_new(G_MAXUINT64);
   g_autoptr(JsonNode) copy = json_node_copy(n);
@@ -246,7 +258,8 @@ static void test_big_uint(void)
   g_assert_cmpstr(s2, ==, "\"18446744073709551615\"");
 }
 
-static void test_parse_one(void)
+static void
+test_parse_one(void)
 {
   g_autoptr(GError) error = NULL;
   g_autoptr(JsonNode) n = cbt_rpc_json_parse("{'a': [1, 2.5]} ", -1, &error);
@@ -265,7 +278,8 @@ static void test_parse_one(void)
   g_assert_cmpstr(error->message, ==, "Expecting a JSON value");
 }
 
-int main(int argc, char **argv)
+int
+main(int argc, char **argv)
 {
   g_test_init(&argc, &argv, NULL);
   g_test_add_func("/json/parse/table", test_parse_table);

@@ -35,7 +35,8 @@ typedef struct {
   int handler_calls;
 } Fixture;
 
-static JsonNode *cmd_echo(JsonObject *args, gpointer user_data, GError **error)
+static JsonNode *
+cmd_echo(JsonObject *args, gpointer user_data, GError **error)
 {
   Fixture *f = user_data;
 
@@ -43,7 +44,8 @@ static JsonNode *cmd_echo(JsonObject *args, gpointer user_data, GError **error)
   return json_node_copy(json_object_get_member(args, "value"));
 }
 
-static JsonNode *cmd_fail(JsonObject *args, gpointer user_data, GError **error)
+static JsonNode *
+cmd_fail(JsonObject *args, gpointer user_data, GError **error)
 {
   int cls = json_object_has_member(args, "class") ? json_object_get_int_member(args, "class") : 0;
 
@@ -54,7 +56,8 @@ static JsonNode *cmd_fail(JsonObject *args, gpointer user_data, GError **error)
   return NULL;
 }
 
-static JsonNode *cmd_emit(JsonObject *args, gpointer user_data, GError **error)
+static JsonNode *
+cmd_emit(JsonObject *args, gpointer user_data, GError **error)
 {
   Fixture *f = user_data;
   JsonObject *data = json_object_new();
@@ -64,10 +67,13 @@ static JsonNode *cmd_emit(JsonObject *args, gpointer user_data, GError **error)
   return cbt_rpc_empty_return();
 }
 
-static void fixture_setup(Fixture *f, gconstpointer data)
+static void
+fixture_setup(Fixture *f, gconstpointer data)
 {
   static const CbtRpcCommand cmds[] = {
-    { "echo", cmd_echo }, { "fail", cmd_fail }, { "emit", cmd_emit },
+    { "echo", cmd_echo },
+    { "fail", cmd_fail },
+    { "emit", cmd_emit },
   };
   g_autoptr(GError) error = NULL;
 
@@ -85,7 +91,8 @@ static void fixture_setup(Fixture *f, gconstpointer data)
   f->loop = g_main_loop_new(NULL, FALSE);
 }
 
-static void fixture_teardown(Fixture *f, gconstpointer data)
+static void
+fixture_teardown(Fixture *f, gconstpointer data)
 {
   cbt_rpc_free(f->rpc);
   /* Closing removes the socket files, so the directory must be empty now. */
@@ -103,7 +110,8 @@ typedef struct {
   GString *buf;
 } Client;
 
-static Client *client_connect(const char *path)
+static Client *
+client_connect(const char *path)
 {
   g_autoptr(GSocketClient) sc = g_socket_client_new();
   g_autoptr(GSocketAddress) addr = g_unix_socket_address_new(path);
@@ -117,7 +125,8 @@ static Client *client_connect(const char *path)
   return c;
 }
 
-static void client_close(Client *c)
+static void
+client_close(Client *c)
 {
   g_io_stream_close(G_IO_STREAM(c->conn), NULL, NULL);
   g_object_unref(c->conn);
@@ -125,7 +134,8 @@ static void client_close(Client *c)
   g_free(c);
 }
 
-static void client_send(Client *c, const char *data, gssize len)
+static void
+client_send(Client *c, const char *data, gssize len)
 {
   g_autoptr(GError) error = NULL;
   GOutputStream *out = g_io_stream_get_output_stream(G_IO_STREAM(c->conn));
@@ -135,7 +145,8 @@ static void client_send(Client *c, const char *data, gssize len)
 }
 
 /* The next "\r\n"-terminated message without its line end, or NULL at EOF. */
-static char *client_recv(Client *c)
+static char *
+client_recv(Client *c)
 {
   GInputStream *in = g_io_stream_get_input_stream(G_IO_STREAM(c->conn));
   char chunk[65536];
@@ -155,20 +166,23 @@ static char *client_recv(Client *c)
   }
 }
 
-static void expect(Client *c, const char *want)
+static void
+expect(Client *c, const char *want)
 {
   g_autofree char *got = client_recv(c);
   g_assert_cmpstr(got, ==, want);
 }
 
-static char *greeting_text(void)
+static char *
+greeting_text(void)
 {
   return g_strdup_printf("{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, "
                          "\"major\": 7}, \"package\": \"%s\"}, \"capabilities\": [\"oob\"]}}",
                          CBT_PACKAGE);
 }
 
-static Client *client_open(Fixture *f, gboolean negotiate)
+static Client *
+client_open(Fixture *f, gboolean negotiate)
 {
   Client *c = client_connect(f->path);
   g_autofree char *greeting = greeting_text();
@@ -183,13 +197,15 @@ static Client *client_open(Fixture *f, gboolean negotiate)
 
 /* ---- running a body in a client thread while the main loop serves -------------------------- */
 
-static gboolean quit_loop(gpointer data)
+static gboolean
+quit_loop(gpointer data)
 {
   g_main_loop_quit(data);
   return G_SOURCE_REMOVE;
 }
 
-static gpointer body_thread(gpointer data)
+static gpointer
+body_thread(gpointer data)
 {
   Fixture *f = data;
 
@@ -198,7 +214,8 @@ static gpointer body_thread(gpointer data)
   return NULL;
 }
 
-static void run(Fixture *f, gconstpointer body)
+static void
+run(Fixture *f, gconstpointer body)
 {
   f->body = body;
   GThread *t = g_thread_new("client", body_thread, f);
@@ -206,9 +223,11 @@ static void run(Fixture *f, gconstpointer body)
   g_thread_join(t);
 }
 
-/* ---- tests ------------------------------------------------------------------------------------ */
+/* ---- tests ------------------------------------------------------------------------------------
+ */
 
-static void body_greeting_negotiation(gpointer data)
+static void
+body_greeting_negotiation(gpointer data)
 {
   Fixture *f = data;
   Client *c = client_open(f, FALSE);
@@ -238,7 +257,8 @@ static void body_greeting_negotiation(gpointer data)
             "\"QMP input member 'execute' clashes with 'exec-oob'\"}}");
   client_send(c, "{\"execute\": \"query-version\"}", -1);
   g_autofree char *want = g_strdup_printf("{\"return\": {\"qemu\": {\"micro\": 0, \"minor\": 2, "
-                                          "\"major\": 7}, \"package\": \"%s\"}}", CBT_PACKAGE);
+                                          "\"major\": 7}, \"package\": \"%s\"}}",
+                                          CBT_PACKAGE);
   expect(c, want);
   client_close(c);
 }
@@ -251,46 +271,55 @@ static const struct {
     "{\"id\": \"x\", \"error\": {\"class\": \"CommandNotFound\", \"desc\": "
     "\"The command frobnicate has not been found\"}}" },
   { "{\"id\": 5}", "{\"id\": 5, \"error\": {\"class\": \"GenericError\", \"desc\": "
-    "\"QMP input lacks member 'execute'\"}}" },
+                   "\"QMP input lacks member 'execute'\"}}" },
   { "{\"execute\": 1}", "{\"error\": {\"class\": \"GenericError\", \"desc\": "
-    "\"QMP input member 'execute' must be a string\"}}" },
-  { "{\"execute\": \"echo\", \"arguments\": []}", "{\"error\": {\"class\": \"GenericError\", "
+                        "\"QMP input member 'execute' must be a string\"}}" },
+  { "{\"execute\": \"echo\", \"arguments\": []}",
+    "{\"error\": {\"class\": \"GenericError\", "
     "\"desc\": \"QMP input member 'arguments' must be an object\"}}" },
-  { "{\"execute\": \"echo\", \"arguments\": null}", "{\"error\": {\"class\": \"GenericError\", "
+  { "{\"execute\": \"echo\", \"arguments\": null}",
+    "{\"error\": {\"class\": \"GenericError\", "
     "\"desc\": \"QMP input member 'arguments' must be an object\"}}" },
   { "{\"execute\": \"echo\", \"foo\": 1}", "{\"error\": {\"class\": \"GenericError\", "
-    "\"desc\": \"QMP input member 'foo' is unexpected\"}}" },
+                                           "\"desc\": \"QMP input member 'foo' is unexpected\"}}" },
   { "[1, 2]", "{\"error\": {\"class\": \"GenericError\", \"desc\": "
-    "\"QMP input must be a JSON object\"}}" },
+              "\"QMP input must be a JSON object\"}}" },
   { "\"hello\"", "{\"error\": {\"class\": \"GenericError\", \"desc\": "
-    "\"QMP input must be a JSON object\"}}" },
+                 "\"QMP input must be a JSON object\"}}" },
   { "@", "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '@'\"}}" },
   { "{\"execute\": \"echo\"}", "{\"error\": {\"class\": \"GenericError\", \"desc\": "
-    "\"Parameter 'value' is missing\"}}" },
+                               "\"Parameter 'value' is missing\"}}" },
   { "{\"execute\": \"echo\", \"arguments\": {\"value\": 1, \"count\": -1}}",
-    "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'count' expects uint32_t\"}}" },
+    "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'count' expects "
+    "uint32_t\"}}" },
   { "{\"execute\": \"echo\", \"arguments\": {\"value\": 1, \"count\": 1.5}}",
     "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'count' expects uint64\"}}" },
   { "{\"execute\": \"query-version\", \"arguments\": {\"x\": 1}}",
     "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Parameter 'x' is unexpected\"}}" },
   /* ids of every JSON type come back verbatim; success puts it last, errors first. */
-  { "{\"execute\": \"echo\", \"arguments\": {\"value\": \"\\u00e9\"}, \"id\": {\"a\": [null, true]}}",
+  { "{\"execute\": \"echo\", \"arguments\": {\"value\": \"\\u00e9\"},"
+    " \"id\": {\"a\": [null, true]}}",
     "{\"return\": \"\\u00E9\", \"id\": {\"a\": [null, true]}}" },
   { "{'execute': 'echo', 'arguments': {'value': 1}, 'id': 18446744073709551615}",
     "{\"return\": 1, \"id\": 18446744073709551615}" },
   { "{\"execute\": \"echo\", \"arguments\": {\"value\": [0.1, -0.0]}, \"id\": 1e400}",
     "{\"return\": [0.10000000000000001, -0], \"id\": null}" },
-  { "{\"execute\": \"fail\", \"id\": [1]}", "{\"id\": [1], \"error\": {\"class\": "
+  { "{\"execute\": \"fail\", \"id\": [1]}",
+    "{\"id\": [1], \"error\": {\"class\": "
     "\"GenericError\", \"desc\": \"Failure of class 0\"}}" },
-  { "{\"execute\": \"fail\", \"arguments\": {\"class\": 3}}", "{\"error\": {\"class\": "
+  { "{\"execute\": \"fail\", \"arguments\": {\"class\": 3}}",
+    "{\"error\": {\"class\": "
     "\"DeviceNotFound\", \"desc\": \"Failure of class 3\"}}" },
-  { "{\"execute\": \"fail\", \"arguments\": {\"class\": 2}}", "{\"error\": {\"class\": "
+  { "{\"execute\": \"fail\", \"arguments\": {\"class\": 2}}",
+    "{\"error\": {\"class\": "
     "\"DeviceNotActive\", \"desc\": \"Failure of class 2\"}}" },
-  { "{\"execute\": \"fail\", \"arguments\": {\"class\": -1}}", "{\"error\": {\"class\": "
+  { "{\"execute\": \"fail\", \"arguments\": {\"class\": -1}}",
+    "{\"error\": {\"class\": "
     "\"GenericError\", \"desc\": \"Some other domain\"}}" },
 };
 
-static void body_requests(gpointer data)
+static void
+body_requests(gpointer data)
 {
   Fixture *f = data;
   Client *c = client_open(f, TRUE);
@@ -300,8 +329,10 @@ static void body_requests(gpointer data)
     expect(c, request_cases[i].out);
   }
   /* Two requests in one write, no newline between them. */
-  client_send(c, "{\"execute\": \"echo\", \"arguments\": {\"value\": 1}}"
-                 "{\"execute\": \"echo\", \"arguments\": {\"value\": 2}}", -1);
+  client_send(c,
+              "{\"execute\": \"echo\", \"arguments\": {\"value\": 1}}"
+              "{\"execute\": \"echo\", \"arguments\": {\"value\": 2}}",
+              -1);
   expect(c, "{\"return\": 1}");
   expect(c, "{\"return\": 2}");
   /* Whitespace only: nothing comes back, the next request still works. */
@@ -311,14 +342,15 @@ static void body_requests(gpointer data)
   client_close(c);
 }
 
-static void body_pretty(gpointer data)
+static void
+body_pretty(gpointer data)
 {
   Fixture *f = data;
   Client *c = client_connect(f->pretty_path);
   g_autofree char *greeting = client_recv(c);
 
   g_assert_cmpstr(greeting, ==, "{");
-  g_free(client_recv(c));  /* "    \"QMP\": {" */
+  g_free(client_recv(c)); /* "    \"QMP\": {" */
   for (;;) {
     g_autofree char *line = client_recv(c);
     g_assert_nonnull(line);
@@ -333,18 +365,20 @@ static void body_pretty(gpointer data)
   client_close(c);
 }
 
-static gboolean wait_quiet(Client *c)
+static gboolean
+wait_quiet(Client *c)
 {
   /* TRUE when nothing arrives for a short while. */
   GSocket *s = g_socket_connection_get_socket(c->conn);
   return c->buf->len == 0 && g_socket_condition_timed_wait(s, G_IO_IN, 200000, NULL, NULL) == FALSE;
 }
 
-static void body_events(gpointer data)
+static void
+body_events(gpointer data)
 {
   Fixture *f = data;
   Client *a = client_open(f, TRUE);
-  Client *b = client_open(f, FALSE);  /* not negotiated: gets no events */
+  Client *b = client_open(f, FALSE); /* not negotiated: gets no events */
 
   client_send(a, "{\"execute\": \"emit\", \"arguments\": {\"id\": \"e1\"}}", -1);
   expect(a, "{\"return\": {}}");
@@ -352,8 +386,8 @@ static void body_events(gpointer data)
   g_autoptr(JsonNode) node = cbt_rpc_json_parse(ev, -1, NULL);
   JsonObject *o = json_node_get_object(node);
   g_assert_cmpstr(json_object_get_string_member(o, "event"), ==, "TEST_EVENT");
-  g_assert_cmpstr(json_object_get_string_member(json_object_get_object_member(o, "data"), "id"),
-                  ==, "e1");
+  g_assert_cmpstr(json_object_get_string_member(json_object_get_object_member(o, "data"), "id"), ==,
+                  "e1");
   JsonObject *ts = json_object_get_object_member(o, "timestamp");
   gint64 secs = json_object_get_int_member(ts, "seconds");
   gint64 usecs = json_object_get_int_member(ts, "microseconds");
@@ -374,7 +408,8 @@ static void body_events(gpointer data)
 }
 
 /* Two clients, each with half a message pending at times: each parser is independent. */
-static void body_interleaved(gpointer data)
+static void
+body_interleaved(gpointer data)
 {
   Fixture *f = data;
   Client *a = client_open(f, TRUE);
@@ -397,7 +432,8 @@ typedef struct {
   int n;
 } FloodArgs;
 
-static gpointer flood_thread(gpointer data)
+static gpointer
+flood_thread(gpointer data)
 {
   FloodArgs *fa = data;
   Client *c = client_open(fa->f, TRUE);
@@ -417,7 +453,8 @@ static gpointer flood_thread(gpointer data)
 }
 
 /* One client floods malformed input while another's commands all succeed, interleaved. */
-static void body_flood(gpointer data)
+static void
+body_flood(gpointer data)
 {
   Fixture *f = data;
   FloodArgs fa = { f, 1000 };
@@ -425,8 +462,8 @@ static void body_flood(gpointer data)
   GThread *t = g_thread_new("flood", flood_thread, &fa);
 
   for (int i = 0; i < 200; i++) {
-    g_autofree char *req = g_strdup_printf(
-        "{\"execute\": \"echo\", \"arguments\": {\"value\": %d}, \"id\": %d}", i, i);
+    g_autofree char *req =
+      g_strdup_printf("{\"execute\": \"echo\", \"arguments\": {\"value\": %d}, \"id\": %d}", i, i);
     g_autofree char *want = g_strdup_printf("{\"return\": %d, \"id\": %d}", i, i);
     client_send(good, req, -1);
     expect(good, want);
@@ -436,7 +473,8 @@ static void body_flood(gpointer data)
 }
 
 /* A message over CBT_RPC_MAX_MESSAGE gets an error, then only that client is closed. */
-static void body_oversize(gpointer data)
+static void
+body_oversize(gpointer data)
 {
   Fixture *f = data;
   Client *big = client_open(f, TRUE);
@@ -447,8 +485,8 @@ static void body_oversize(gpointer data)
   memset(payload, 'a', n);
   client_send(big, "{\"execute\": \"echo\", \"arguments\": {\"value\": \"", -1);
   /* The server may close while we are still writing: ignore write errors here. */
-  g_output_stream_write_all(g_io_stream_get_output_stream(G_IO_STREAM(big->conn)), payload, n,
-                            NULL, NULL, NULL);
+  g_output_stream_write_all(g_io_stream_get_output_stream(G_IO_STREAM(big->conn)), payload, n, NULL,
+                            NULL, NULL);
   g_free(payload);
   expect(big, "{\"error\": {\"class\": \"GenericError\", \"desc\": "
               "\"JSON message size limit exceeded\"}}");
@@ -460,7 +498,8 @@ static void body_oversize(gpointer data)
 }
 
 /* A client vanishing in the middle of a message is dropped quietly; nothing runs. */
-static void body_vanish(gpointer data)
+static void
+body_vanish(gpointer data)
 {
   Fixture *f = data;
   int before = g_atomic_int_get(&f->handler_calls);
@@ -478,7 +517,8 @@ static void body_vanish(gpointer data)
 }
 
 /* A client that never reads its replies does not hold up another one. */
-static void body_slow_reader(gpointer data)
+static void
+body_slow_reader(gpointer data)
 {
   Fixture *f = data;
   Client *slow = client_open(f, TRUE);
@@ -498,7 +538,8 @@ static void body_slow_reader(gpointer data)
   client_close(fast);
 }
 
-static void body_introspection(gpointer data)
+static void
+body_introspection(gpointer data)
 {
   Fixture *f = data;
   Client *c = client_open(f, TRUE);
@@ -522,7 +563,8 @@ typedef struct {
   gboolean eof;
 } Reader;
 
-static gpointer reader_thread(gpointer data)
+static gpointer
+reader_thread(gpointer data)
 {
   Reader *r = data;
   char *line;
@@ -537,7 +579,8 @@ static gpointer reader_thread(gpointer data)
 
 /* Queued events reach a client before the monitors close when the daemon flushes first
  * (its exit path after quit). Runs on the main thread: flush drives the main context. */
-static void test_flush(Fixture *f, gconstpointer data)
+static void
+test_flush(Fixture *f, gconstpointer data)
 {
   Client *c = client_connect(f->path);
   Reader r = { c, 0, FALSE };
@@ -545,7 +588,7 @@ static void test_flush(Fixture *f, gconstpointer data)
 
   while (!g_socket_condition_check(g_socket_connection_get_socket(c->conn), G_IO_IN))
     g_main_context_iteration(NULL, TRUE);
-  g_free(client_recv(c));  /* greeting */
+  g_free(client_recv(c)); /* greeting */
   client_send(c, "{\"execute\": \"qmp_capabilities\"}", -1);
   while (!g_socket_condition_check(g_socket_connection_get_socket(c->conn), G_IO_IN))
     g_main_context_iteration(NULL, TRUE);
@@ -553,7 +596,7 @@ static void test_flush(Fixture *f, gconstpointer data)
   g_assert_cmpstr(reply, ==, "{\"return\": {}}");
 
   GThread *t = g_thread_new("reader", reader_thread, &r);
-  for (int i = 0; i < 1000; i++) {  /* ~2 MB: far more than a socket buffer holds */
+  for (int i = 0; i < 1000; i++) { /* ~2 MB: far more than a socket buffer holds */
     JsonObject *d = json_object_new();
     json_object_set_string_member(d, "id", blob);
     cbt_rpc_emit_event(f->rpc, "TEST_EVENT", d);
@@ -567,14 +610,15 @@ static void test_flush(Fixture *f, gconstpointer data)
 }
 
 /* Listening: QEMU's error texts; a stale socket file is replaced, any other file kept. */
-static void test_listen(Fixture *f, gconstpointer data)
+static void
+test_listen(Fixture *f, gconstpointer data)
 {
   g_autoptr(GError) error = NULL;
   g_autofree char *regular = g_build_filename(f->dir, "regular", NULL);
   g_autofree char *stale = g_build_filename(f->dir, "stale.sock", NULL);
   g_autofree char *missing = g_build_filename(f->dir, "nodir", "q.sock", NULL);
-  g_autofree char *want = g_strdup_printf("Failed to bind socket to %s: No such file or directory",
-                                          missing);
+  g_autofree char *want =
+    g_strdup_printf("Failed to bind socket to %s: No such file or directory", missing);
 
   g_assert_false(cbt_rpc_listen_unix(f->rpc, missing, FALSE, &error));
   g_assert_cmpstr(error->message, ==, want);
@@ -606,7 +650,8 @@ static void test_listen(Fixture *f, gconstpointer data)
   g_string_free(longpath, TRUE);
 }
 
-int main(int argc, char **argv)
+int
+main(int argc, char **argv)
 {
   static const struct {
     const char *path;

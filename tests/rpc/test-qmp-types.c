@@ -34,8 +34,10 @@ checked(const char *type, const char *json, gboolean keyval)
 static void
 test_defaults(void)
 {
-  g_autoptr(JsonNode) n = checked("BlockdevOptions", "driver=raw,node-name=d0,"
-                                  "file.driver=file,file.filename=/x.img,file.read-only=on", TRUE);
+  g_autoptr(JsonNode) n = checked("BlockdevOptions",
+                                  "driver=raw,node-name=d0,"
+                                  "file.driver=file,file.filename=/x.img,file.read-only=on",
+                                  TRUE);
   g_autoptr(GError) error = NULL;
   g_autoptr(CbtQmpBlockdevOptions) o = cbt_qmp_blockdev_options_decode(n, &error);
 
@@ -62,14 +64,18 @@ test_defaults(void)
   g_assert_cmpint(file->u.file.aio, ==, CBT_QMP_BLOCKDEV_AIO_OPTIONS_THREADS);
 
   /* A member the schema gives a default but the input sets keeps its value and its has_. */
-  g_autoptr(JsonNode) n2 = checked("BlockdevOptions", "{\"driver\": \"null-co\","
-                                   " \"node-name\": \"n\", \"size\": 4096}", FALSE);
+  g_autoptr(JsonNode) n2 = checked("BlockdevOptions",
+                                   "{\"driver\": \"null-co\","
+                                   " \"node-name\": \"n\", \"size\": 4096}",
+                                   FALSE);
   g_autoptr(CbtQmpBlockdevOptions) nul = cbt_qmp_blockdev_options_decode(n2, NULL);
   g_assert_true(nul->u.null_co.has_size);
   g_assert_cmpint(nul->u.null_co.size, ==, 4096);
   g_assert_false(nul->u.null_co.has_read_zeroes);
-  g_autoptr(JsonNode) n3 = checked("BlockdevOptions", "{\"driver\": \"null-co\","
-                                   " \"node-name\": \"n\"}", FALSE);
+  g_autoptr(JsonNode) n3 = checked("BlockdevOptions",
+                                   "{\"driver\": \"null-co\","
+                                   " \"node-name\": \"n\"}",
+                                   FALSE);
   g_autoptr(CbtQmpBlockdevOptions) nul2 = cbt_qmp_blockdev_options_decode(n3, NULL);
   g_assert_false(nul2->u.null_co.has_size);
   g_assert_cmpint(nul2->u.null_co.size, ==, 1 << 30);
@@ -100,13 +106,16 @@ test_union_alternate_list(void)
   /* Encoded again: the given members, in schema order; absent ones stay absent. */
   g_autoptr(JsonNode) back = cbt_qmp_block_export_options_encode(o);
   g_autofree char *text = json_to_string(back, FALSE);
-  g_assert_cmpstr(text, ==, "{\"type\":\"nbd\",\"id\":\"e\",\"node-name\":\"d0\","
+  g_assert_cmpstr(text, ==,
+                  "{\"type\":\"nbd\",\"id\":\"e\",\"node-name\":\"d0\","
                   "\"bitmaps\":[\"b0\",{\"node\":\"f0\",\"name\":\"b1\"}]}");
 
-  g_autoptr(JsonNode) t = checked("q_obj_transaction-arg", "{\"actions\": [{\"type\": \"abort\","
+  g_autoptr(JsonNode) t = checked("q_obj_transaction-arg",
+                                  "{\"actions\": [{\"type\": \"abort\","
                                   " \"data\": {}}, {\"type\": \"block-dirty-bitmap-merge\","
                                   " \"data\": {\"node\": \"d0\", \"target\": \"t\","
-                                  " \"bitmaps\": [\"s\"]}}]}", FALSE);
+                                  " \"bitmaps\": [\"s\"]}}]}",
+                                  FALSE);
   g_autoptr(CbtQmpTransactionArg) txn = cbt_qmp_transaction_arg_decode(t, NULL);
   g_assert_nonnull(txn);
   g_assert_null(txn->properties);
@@ -122,7 +131,8 @@ test_encode(void)
   g_autoptr(JsonNode) n = cbt_qmp_block_dirty_info_encode(&info);
   g_autofree char *text = cbt_rpc_json_to_string(n, FALSE);
   /* No name (anonymous), no inconsistent (absent unless true is the caller's choice). */
-  g_assert_cmpstr(text, ==, "{\"recording\": true, \"persistent\": false, \"busy\": false, "
+  g_assert_cmpstr(text, ==,
+                  "{\"recording\": true, \"persistent\": false, \"busy\": false, "
                   "\"granularity\": 65536, \"count\": 3}");
 
   /* uint64 above INT64_MAX prints as the number it is. */
@@ -158,7 +168,8 @@ test_unchecked(void)
   }
   g_autoptr(GError) error = NULL;
   g_autoptr(JsonNode) n = json_from_string("{\"type\": \"nbd\", \"id\": \"e\","
-                                           " \"node-name\": \"d\", \"bitmaps\": [3]}", NULL);
+                                           " \"node-name\": \"d\", \"bitmaps\": [3]}",
+                                           NULL);
   g_assert_null(cbt_qmp_block_export_options_decode(n, &error));
   g_assert_error(error, CBT_QMP_ERROR, 0);
 }
