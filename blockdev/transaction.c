@@ -34,6 +34,7 @@ static const CbtTxnActionOps drain_ops = { .name = "drain", .clean = drain_clean
 void
 cbt_blockdev_drain_in_txn(CbtBlockdev *bd, CbtTxn *txn)
 {
+  CBT_ASSERT_MAIN_THREAD();
   cbt_blockdev_drain_begin(bd);
   cbt_txn_add(txn, &drain_ops, cbt_blockdev_ref(bd));
 }

@@ -104,6 +104,7 @@ cbt_dirty_bitmaps_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gboolean r
 CbtQmpBlockDirtyInfo *
 cbt_dirty_bitmaps_info(const CbtDirtyBitmap *dbm)
 {
+  CBT_ASSERT_MAIN_THREAD();
   CbtQmpBlockDirtyInfo *info = g_new0(CbtQmpBlockDirtyInfo, 1);
 
   info->name = g_strdup(cbt_dirty_bitmap_get_name(dbm));

@@ -47,6 +47,7 @@ server_start(const CbtQmpSocketAddress *addr, const char *tls_creds, gboolean ha
 gboolean
 cbt_nbd_server_start_options(const CbtQmpNbdServerOptions *opts, GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   return server_start(opts->addr, opts->tls_creds, opts->has_max_connections, opts->max_connections,
                       CBT_SOCKET_ALLOW_FD, error);
 }
@@ -54,6 +55,7 @@ cbt_nbd_server_start_options(const CbtQmpNbdServerOptions *opts, GError **error)
 gboolean
 cbt_nbd_server_start_fd(int listen_fd, GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   if (cbt_nbd_server_running())
     return fail(error, "NBD server already running");
   return cbt_nbd_server_listen("socket activation", listen_fd, cbt_socket_is_inet(listen_fd), 0,
@@ -74,6 +76,7 @@ server_stop(gboolean wait)
 void
 cbt_nbd_shutdown(void)
 {
+  CBT_ASSERT_MAIN_THREAD();
   server_stop(TRUE);
 }
 

@@ -42,6 +42,7 @@ cbt_rpc_empty_return(void)
 CbtRpc *
 cbt_rpc_new_with_schema(const char *schema_json, GError **error)
 {
+  CBT_ASSERT_MAIN_THREAD();
   CbtSchema *schema = cbt_schema_load(schema_json, error);
 
   if (!schema)
@@ -70,6 +71,7 @@ cbt_rpc_new(GError **error)
 void
 cbt_rpc_free(CbtRpc *rpc)
 {
+  CBT_ASSERT_MAIN_THREAD();
   if (!rpc)
     return;
   cbt_rpc_events_detach(rpc);
@@ -137,6 +139,7 @@ cbt_rpc_listen_unix(CbtRpc *rpc, const char *path, gboolean pretty, GError **err
 void
 cbt_rpc_close_all(CbtRpc *rpc)
 {
+  CBT_ASSERT_MAIN_THREAD();
   cbt_rpc_monitors_close_all(rpc->monitors);
 }
 
@@ -150,6 +153,7 @@ flush_timeout(gpointer data)
 void
 cbt_rpc_flush(CbtRpc *rpc, guint timeout_ms)
 {
+  CBT_ASSERT_MAIN_THREAD();
   gboolean expired = FALSE;
   GSource *timer = g_timeout_source_new(timeout_ms);
 
