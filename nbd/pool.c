@@ -8,8 +8,8 @@
  * only to make room under the budget. The connection thread frees the pool only after every
  * slot is free and every worker joined, so no worker outlives its connection
  * (docs/nbd-server.md, "Connections and their requests").
- * The lock and conditions are pthread's rather than GMutex/GCond (futex-based in glib, opaque to
- * ThreadSanitizer), so TSan checks the pool.
+ * The lock (a CbtMutex) and conditions are pthread's rather than GMutex/GCond (futex-based in
+ * glib, opaque to ThreadSanitizer), so TSan checks the pool.
  */
 #include "nbd/nbd-internal.h"
 
