@@ -9,10 +9,19 @@
 typedef struct CbtBlockdevDriver CbtBlockdevDriver;
 typedef struct CbtBlockdevChild CbtBlockdevChild;
 
-/* The dirty bitmaps a node marks on writes: immutable once published, replaced while the node
- * is drained, so the write path reads it with one atomic load and no lock. */
+/* A write observer (cbt_blockdev_add_write_observer). */
+typedef struct {
+  CbtBlockdevWriteFunc mark;
+  gpointer opaque;
+} CbtBlockdevObserver;
+
+/* The dirty bitmaps a node marks on writes and the observers it tells: immutable once
+ * published, replaced while the node is drained, so the write path reads it with one atomic load
+ * and no lock. One allocation: @observers points just past the @n bitmaps. */
 typedef struct {
   guint n;
+  guint n_observers;
+  CbtBlockdevObserver *observers;
   CbtBitmap *bitmaps[];
 } CbtBlockdevTracked;
 
@@ -172,6 +181,9 @@ int cbt_blockdev_snapshot_discard(CbtBlockdev *bd, guint64 offset, guint64 len);
 
 /* The members of a file, host_device or host_cdrom node's options, else NULL (file.c). */
 const CbtQmpBlockdevOptionsFile *cbt_blockdev_file_options(const CbtQmpBlockdevOptions *opts);
+
+/* Where a raw node's window starts in its child (raw.c). */
+guint64 cbt_blockdev_raw_offset(CbtBlockdev *bd);
 
 /* Opening from BlockdevOptions (open.c). */
 CbtBlockdev *cbt_blockdev_open(const CbtQmpBlockdevOptions *opts, GError **error);

@@ -180,6 +180,12 @@ cbt_blockdev_can_discard(CbtBlockdev *bd)
   return bd->discard_unmap;
 }
 
+const char *
+cbt_blockdev_get_driver_name(CbtBlockdev *bd)
+{
+  return bd->drv->name;
+}
+
 guint32
 cbt_blockdev_get_min_io(CbtBlockdev *bd)
 {
@@ -244,41 +250,91 @@ replace_tracked(CbtBlockdev *bd, CbtBlockdevTracked *set)
   g_free(old);
 }
 
+/* A new set with room for @n bitmaps and @n_observers observers (NULL when both are 0: the
+ * write path then returns at once). */
+static CbtBlockdevTracked *
+tracked_new(guint n, guint n_observers)
+{
+  CbtBlockdevTracked *set;
+
+  if (n == 0 && n_observers == 0)
+    return NULL;
+  set =
+    g_malloc(sizeof(*set) + n * sizeof(CbtBitmap *) + n_observers * sizeof(CbtBlockdevObserver));
+  set->n = n;
+  set->n_observers = n_observers;
+  set->observers = (CbtBlockdevObserver *)&set->bitmaps[n];
+  return set;
+}
+
+static gboolean
+is_observer(const CbtBlockdevObserver *o, CbtBlockdevWriteFunc fn, gpointer opaque)
+{
+  return o->mark == fn && o->opaque == opaque;
+}
+
+/* The current set's members except @bm and the observer (@fn, @opaque), plus @add_bm and the
+ * observer @add (each may be NULL), published with the node drained. */
+static void
+rebuild_tracked(CbtBlockdev *bd, CbtBitmap *bm, CbtBlockdevWriteFunc fn, gpointer opaque,
+                CbtBitmap *add_bm, const CbtBlockdevObserver *add)
+{
+  CbtBlockdevTracked *cur = bd->tracked;
+  guint n = cur ? cur->n : 0, no = cur ? cur->n_observers : 0;
+  guint keep = add_bm != NULL, keep_obs = add != NULL, j = 0, k = 0;
+
+  for (guint i = 0; i < n; i++)
+    keep += cur->bitmaps[i] != bm;
+  for (guint i = 0; i < no; i++)
+    keep_obs += !is_observer(&cur->observers[i], fn, opaque);
+  CbtBlockdevTracked *set = tracked_new(keep, keep_obs);
+  for (guint i = 0; i < n; i++)
+    if (cur->bitmaps[i] != bm)
+      set->bitmaps[j++] = cur->bitmaps[i];
+  if (add_bm)
+    set->bitmaps[j++] = add_bm;
+  for (guint i = 0; i < no; i++)
+    if (!is_observer(&cur->observers[i], fn, opaque))
+      set->observers[k++] = cur->observers[i];
+  if (add)
+    set->observers[k++] = *add;
+  replace_tracked(bd, set);
+}
+
 void
 cbt_blockdev_track_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
 {
-  CbtBlockdevTracked *cur = bd->tracked;
-  guint n = cur ? cur->n : 0;
-  CbtBlockdevTracked *set = g_malloc(sizeof(*set) + (n + 1) * sizeof(CbtBitmap *));
-
   CBT_ASSERT_MAIN_THREAD();
-  set->n = n + 1;
-  for (guint i = 0; i < n; i++)
-    set->bitmaps[i] = cur->bitmaps[i];
-  set->bitmaps[n] = bm;
-  replace_tracked(bd, set);
+  rebuild_tracked(bd, NULL, NULL, NULL, bm, NULL);
 }
 
 void
 cbt_blockdev_untrack_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
 {
-  CbtBlockdevTracked *cur = bd->tracked;
-  CbtBlockdevTracked *set;
-  guint j = 0;
-
   CBT_ASSERT_MAIN_THREAD();
-  if (!cur)
-    return;
-  set = g_malloc(sizeof(*set) + cur->n * sizeof(CbtBitmap *));
-  for (guint i = 0; i < cur->n; i++)
-    if (cur->bitmaps[i] != bm)
-      set->bitmaps[j++] = cur->bitmaps[i];
-  set->n = j;
-  if (j == 0)
-    g_clear_pointer(&set, g_free);
-  replace_tracked(bd, set);
+  if (bd->tracked)
+    rebuild_tracked(bd, bm, NULL, NULL, NULL, NULL);
 }
 
+void
+cbt_blockdev_add_write_observer(CbtBlockdev *bd, CbtBlockdevWriteFunc mark, gpointer opaque)
+{
+  CbtBlockdevObserver o = { mark, opaque };
+
+  CBT_ASSERT_MAIN_THREAD();
+  rebuild_tracked(bd, NULL, NULL, NULL, NULL, &o);
+}
+
+void
+cbt_blockdev_remove_write_observer(CbtBlockdev *bd, CbtBlockdevWriteFunc mark, gpointer opaque)
+{
+  CBT_ASSERT_MAIN_THREAD();
+  if (bd->tracked)
+    rebuild_tracked(bd, NULL, mark, opaque, NULL, NULL);
+}
+
+/* The in-memory bitmaps first, then the observers (a store makes its marks durable there):
+ * both before the caller issues the backend call. */
 static void
 mark(CbtBlockdev *bd, guint64 offset, guint64 len)
 {
@@ -288,6 +344,8 @@ mark(CbtBlockdev *bd, guint64 offset, guint64 len)
     return;
   for (guint i = 0; i < set->n; i++)
     cbt_bitmap_mark_range(set->bitmaps[i], offset, len);
+  for (guint i = 0; i < set->n_observers; i++)
+    set->observers[i].mark(set->observers[i].opaque, offset, len);
 }
 
 /* ---- I/O entry points -------------------------------------------------------------------- */

@@ -95,6 +95,36 @@ int cbt_blockdev_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset);
 void cbt_blockdev_track_bitmap(CbtBlockdev *bd, CbtBitmap *bm);
 void cbt_blockdev_untrack_bitmap(CbtBlockdev *bd, CbtBitmap *bm);
 
+/* Write observers: @mark sees every range a write, write_zeroes or carried-out discard on @bd
+ * covers, right after the tracked bitmaps and before the backend call (so before the data can
+ * reach the medium), failed requests included. It runs on the request's thread, between
+ * io_begin and io_end, and must not block for long: a persistent bitmap store
+ * (dirty-bitmaps/persist.c) is the user. Main thread; the node is drained inside, as for
+ * cbt_blockdev_track_bitmap. Removing an observer that is not there does nothing. */
+typedef void (*CbtBlockdevWriteFunc)(gpointer opaque, guint64 offset, guint64 len);
+void cbt_blockdev_add_write_observer(CbtBlockdev *bd, CbtBlockdevWriteFunc mark, gpointer opaque);
+void cbt_blockdev_remove_write_observer(CbtBlockdev *bd, CbtBlockdevWriteFunc mark,
+                                        gpointer opaque);
+
+/* Where a file or host_device node keeps persistent bitmaps: its image and the bitmap-* options
+ * (schemas/block-core.json). Borrowed strings, valid while the node is. */
+typedef struct {
+  const char *node_name;    /* the file or host_device node's */
+  const char *filename;     /* the image's path */
+  int fd;                   /* the image's descriptor (for fstat: the device identity) */
+  gboolean is_device;       /* a block or character device, not a regular file */
+  const char *store;        /* bitmap-store, or NULL for the default place */
+  guint32 sync_interval_ms; /* bitmap-sync-interval */
+  guint64 region_size;      /* bitmap-intent-region */
+  gboolean via_format;      /* asked of a raw node: the rest describes the file node below */
+  guint64 offset;           /* where the asked node's byte 0 lies in the image (raw's window) */
+} CbtBlockdevStoreInfo;
+/* For a file or host_device node, or a raw node above one (its file child's, with the window's
+ * offset); FALSE (and @info untouched) for any other node. */
+gboolean cbt_blockdev_get_store_info(CbtBlockdev *bd, CbtBlockdevStoreInfo *info);
+/* The driver's name ("file", "raw", "null-co", ...). */
+const char *cbt_blockdev_get_driver_name(CbtBlockdev *bd);
+
 /* Node events: notifier lists any module can join, main thread only. A notifier runs for every
  * node, in the order the notifiers were added.
  *   OPENED   a node was opened and is now visible to lookups (@data NULL)

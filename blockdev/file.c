@@ -40,6 +40,10 @@ typedef struct {
   gboolean tail_padded;  /* the file's size is not a multiple of 512 */
   gint fiemap;           /* status walks may map extents with FIEMAP (see fiemap_trusted) */
   CbtBlockdevLock *lock; /* NULL with locking=off */
+  /* Where persistent bitmaps live (dirty-bitmaps/persist.c reads these). */
+  char *bitmap_store;
+  guint32 bitmap_sync_interval;
+  guint64 bitmap_intent_region;
 } FileState;
 
 static FileState *
@@ -413,6 +417,7 @@ file_close(CbtBlockdev *bd)
   close_pair(s->fd, s->fd_buffered);
   close_pair(s->ro_fd, s->ro_fd_buffered);
   g_free(s->filename);
+  g_free(s->bitmap_store);
   g_free(s);
   bd->opaque = NULL;
 }
@@ -431,6 +436,18 @@ check_options(CbtBlockdev *bd, const CbtQmpBlockdevOptionsFile *o, GError **erro
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
                 "aio=native was specified, but it requires "
                 "cache.direct=on, which was not specified.");
+    return FALSE;
+  }
+  /* The store keeps one bit per region in a word-sized map; below 1 MiB the map of a large
+   * device would be larger than the fine map it summarises. */
+  guint64 region = o->bitmap_intent_region;
+  if (region < (1u << 20) || (region & (region - 1))) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "Parameter 'bitmap-intent-region' must be a power of two of at least 1 MiB");
+    return FALSE;
+  }
+  if (o->bitmap_store && !o->bitmap_store[0]) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Parameter 'bitmap-store' must not be empty");
     return FALSE;
   }
   return TRUE;
@@ -562,6 +579,9 @@ file_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
     s->lock = cbt_blockdev_lock_new(s->fd, filename);
   bd->size = (size + SECTOR - 1) / SECTOR * SECTOR;
   s->filename = g_strdup(filename);
+  s->bitmap_store = g_strdup(o->bitmap_store);
+  s->bitmap_sync_interval = o->bitmap_sync_interval;
+  s->bitmap_intent_region = o->bitmap_intent_region;
   bd->exact_filename = g_strdup(filename);
   json_object_set_string_member(bd->full_opts, "filename", filename);
   bd->opaque = g_steal_pointer(&s);
@@ -575,6 +595,31 @@ fail:
     close(s->fd_buffered);
   close(s->fd);
   return FALSE;
+}
+
+gboolean
+cbt_blockdev_get_store_info(CbtBlockdev *bd, CbtBlockdevStoreInfo *info)
+{
+  FileState *s = bd->opaque;
+
+  if (bd->drv == &cbt_blockdev_raw_driver && bd->opaque && bd->file) {
+    if (!cbt_blockdev_get_store_info(bd->file->node, info))
+      return FALSE;
+    info->via_format = TRUE;
+    info->offset += cbt_blockdev_raw_offset(bd);
+    return TRUE;
+  }
+  if ((bd->drv != &cbt_blockdev_file_driver && bd->drv != &cbt_blockdev_host_device_driver) || !s)
+    return FALSE;
+  *info = (CbtBlockdevStoreInfo){ 0 };
+  info->node_name = bd->node_name;
+  info->filename = s->filename;
+  info->fd = image_fd(s);
+  info->is_device = s->is_device;
+  info->store = s->bitmap_store;
+  info->sync_interval_ms = s->bitmap_sync_interval;
+  info->region_size = s->bitmap_intent_region;
+  return TRUE;
 }
 
 /* file and host_device differ only in name: the backend checks what the path is. */

@@ -16,6 +16,12 @@ base(CbtBlockdev *bd)
   return ((RawState *)bd->opaque)->offset;
 }
 
+guint64
+cbt_blockdev_raw_offset(CbtBlockdev *bd)
+{
+  return base(bd);
+}
+
 static CbtBlockdev *
 child(CbtBlockdev *bd)
 {
