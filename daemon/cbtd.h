@@ -11,6 +11,9 @@ G_BEGIN_DECLS
 typedef struct {
   char *pidfile;
   gboolean daemonize;
+  /* --state-dir (the last one given): host devices keep their bitmap stores under it. Known
+   * before any option applies, so a --blockdev before --state-dir finds it too. */
+  char *state_dir;
 } CbtdEarlyOptions;
 
 /* options.c: scan for -h/-V/--daemonize/--pidfile (and reject unknown options) before

@@ -106,6 +106,7 @@ main(int argc, char **argv)
   cbt_qmp_register_block_export(rpc);
   cbt_qmp_register_dirty_bitmap(rpc);
   cbt_dirty_bitmaps_init();
+  cbt_dirty_bitmaps_set_state_dir(early.state_dir);
   if (!cbt_rpc_check_complete(rpc, &error)) {
     fprintf(stderr, "cbtd: %s\n", error->message);
     cbtd_daemonize_done(EXIT_FAILURE);
@@ -132,5 +133,6 @@ main(int argc, char **argv)
   cbtd_pidfile_remove();
   g_main_loop_unref(main_loop);
   g_free(early.pidfile);
+  g_free(early.state_dir);
   return EXIT_SUCCESS;
 }

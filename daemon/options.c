@@ -104,6 +104,10 @@ cbtd_options_early(int argc, char **argv, CbtdEarlyOptions *early)
       g_free(early->pidfile);
       early->pidfile = g_strdup(optarg);
       break;
+    case OPT_STATE_DIR:
+      g_free(early->state_dir);
+      early->state_dir = g_canonicalize_filename(optarg, NULL);
+      break;
     case '?':
       if (optopt && optopt < 256 && strchr("T", optopt))
         fprintf(stderr, "cbtd: option requires an argument -- '%c'\n", optopt);

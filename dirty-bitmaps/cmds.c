@@ -5,6 +5,11 @@
  * node it touches until the transaction ends, and records its commit, abort and clean
  * (common/txn.h). A `transaction` runs the prepares of its actions in order
  * (blockdev/transaction.c); a plain command runs one in a transaction that needs no undo.
+ *
+ * A persistent bitmap's change is made durable in its prepare (persist.c), so a store that
+ * fails fails the command with memory put back as it was; an abort undoes it in the store too.
+ * An undo the store refuses leaves the safe side: the bitmap leaves the store and goes on in
+ * memory (persist.c, demote), never a stored bitmap with fewer bits than it should have.
  */
 #include "blockdev/transaction.h"
 #include "dirty-bitmaps/dirty-bitmaps-private.h"
@@ -69,14 +74,10 @@ add_check(const CbtQmpBlockDirtyBitmapAdd *args, guint32 *granularity, GError **
       return NULL;
     *granularity = args->granularity;
   }
-  /* Only qcow2 stores bitmaps in QEMU, and cbtd has no persistent store (yet). */
-  if (args->persistent) {
-    cbt_dirty_bitmaps_error(error,
-                            "Can't store persistent bitmaps to %s: Operation not "
-                            "supported",
-                            cbt_blockdev_get_node_name(bd));
+  /* QEMU stores bitmaps in qcow2 only; cbtd in a store beside file, host_device and raw nodes
+   * (persist.c), and refuses the others with QEMU's text. */
+  if (args->persistent && !cbt_dirty_bitmaps_persist_check(bd, error))
     return NULL;
-  }
   if (cbt_dirty_bitmaps_find(bd, args->name)) {
     cbt_dirty_bitmaps_error(error, "Bitmap already exists: %s", args->name);
     return NULL;
@@ -90,7 +91,16 @@ static void
 add_abort(gpointer opaque)
 {
   Action *a = opaque;
+  g_autoptr(GError) error = NULL;
 
+  /* The store borrows the bits: a bitmap it cannot let go of stays, whole and recording. */
+  if (cbt_dirty_bitmap_is_persistent(a->dbm) &&
+      !cbt_dirty_bitmaps_persist_remove(a->bd, a->dbm, &error)) {
+    g_critical("node %s: the transaction's new bitmap %s stays: %s",
+               cbt_blockdev_get_node_name(a->bd), cbt_dirty_bitmap_get_name(a->dbm),
+               error->message);
+    return;
+  }
   cbt_dirty_bitmaps_detach(a->bd, a->dbm);
   cbt_dirty_bitmap_free(a->dbm);
 }
@@ -108,8 +118,14 @@ add_prepare(const CbtQmpBlockDirtyBitmapAdd *args, CbtTxn *txn, GError **error)
   CbtDirtyBitmap *dbm = cbt_dirty_bitmap_new(args->name, cbt_blockdev_get_size(bd), granularity);
   if (args->disabled)
     cbt_dirty_bitmap_set_recording(dbm, FALSE);
+  cbt_dirty_bitmap_set_persistent(dbm, args->persistent);
   cbt_blockdev_drain_in_txn(bd, txn);
   cbt_dirty_bitmaps_attach(bd, dbm);
+  if (args->persistent && !cbt_dirty_bitmaps_persist_add(bd, dbm, error)) {
+    cbt_dirty_bitmaps_detach(bd, dbm);
+    cbt_dirty_bitmap_free(dbm);
+    return FALSE;
+  }
   cbt_txn_add(txn, &add_ops, action_new(bd, dbm));
   return TRUE;
 }
@@ -126,10 +142,26 @@ remove_commit(gpointer opaque)
   cbt_dirty_bitmap_free(a->dbm);
 }
 
+/* The removal from the store was durable: put the bitmap back, or (an inconsistent one, whose
+ * bits are gone, or a store that refuses) keep it in memory only. */
 static void
 remove_abort(gpointer opaque)
 {
-  cbt_dirty_bitmap_busy_unref(((Action *)opaque)->dbm);
+  Action *a = opaque;
+  g_autoptr(GError) error = NULL;
+
+  cbt_dirty_bitmap_busy_unref(a->dbm);
+  if (!cbt_dirty_bitmap_is_persistent(a->dbm))
+    return;
+  if (cbt_dirty_bitmap_is_inconsistent(a->dbm)) {
+    cbt_dirty_bitmaps_persist_untie(a->bd, a->dbm);
+    return;
+  }
+  if (!cbt_dirty_bitmaps_persist_add(a->bd, a->dbm, &error)) {
+    g_warning("node %s: bitmap %s is no longer persistent: %s", cbt_blockdev_get_node_name(a->bd),
+              cbt_dirty_bitmap_get_name(a->dbm), error->message);
+    cbt_dirty_bitmaps_persist_untie(a->bd, a->dbm);
+  }
 }
 
 static const CbtTxnActionOps remove_ops = { "block-dirty-bitmap-remove", remove_commit,
@@ -145,6 +177,9 @@ remove_prepare(const CbtQmpBlockDirtyBitmap *args, CbtTxn *txn, GError **error)
 
   if (!dbm)
     return FALSE;
+  /* Durable now: a removal the store has not made could bring a stale bitmap back. */
+  if (cbt_dirty_bitmap_is_persistent(dbm) && !cbt_dirty_bitmaps_persist_remove(bd, dbm, error))
+    return FALSE;
   cbt_dirty_bitmap_busy_ref(dbm);
   cbt_txn_add(txn, &remove_ops, action_new(bd, dbm));
   return TRUE;
@@ -152,15 +187,25 @@ remove_prepare(const CbtQmpBlockDirtyBitmap *args, CbtTxn *txn, GError **error)
 
 /* clear, and the undo shared with merge ------------------------------------------------------ */
 
-/* Put the bits back in place (the node is still drained), so tracking is untouched. */
+static void
+put_back(CbtBitmap *bits, const CbtBitmap *backup)
+{
+  cbt_bitmap_clear_all(bits);
+  cbt_bitmap_merge(bits, backup);
+}
+
+/* Put the bits back in place (the node is still drained), so tracking is untouched; a
+ * persistent bitmap's store gets them too. */
 static void
 restore_backup(gpointer opaque)
 {
   Action *a = opaque;
-  CbtBitmap *bits = cbt_dirty_bitmap_get_bitmap(a->dbm);
+  g_autoptr(GError) error = NULL;
 
-  cbt_bitmap_clear_all(bits);
-  cbt_bitmap_merge(bits, a->backup);
+  put_back(cbt_dirty_bitmap_get_bitmap(a->dbm), a->backup);
+  if (cbt_dirty_bitmap_is_persistent(a->dbm) &&
+      !cbt_dirty_bitmaps_persist_rewrite(a->bd, a->dbm, &error))
+    cbt_dirty_bitmaps_persist_demote(a->bd, a->dbm, error);
 }
 
 static const CbtTxnActionOps clear_ops = { "block-dirty-bitmap-clear", NULL, restore_backup,
@@ -168,15 +213,31 @@ static const CbtTxnActionOps clear_ops = { "block-dirty-bitmap-clear", NULL, res
 static const CbtTxnActionOps merge_ops = { "block-dirty-bitmap-merge", NULL, restore_backup,
                                            action_free };
 
-/* Record an action that changes @dbm's bits, keeping them first when it may be undone. */
-static void
-add_bits_action(const CbtTxnActionOps *ops, CbtBlockdev *bd, CbtDirtyBitmap *dbm, CbtTxn *txn)
+/* Clear @dbm (@from NULL) or merge @from into it, durably for a persistent bitmap, and record
+ * the action, keeping the old bits when it may be undone or the store may refuse. */
+static gboolean
+change_bits(const CbtTxnActionOps *ops, CbtBlockdev *bd, CbtDirtyBitmap *dbm, const CbtBitmap *from,
+            CbtTxn *txn, GError **error)
 {
-  Action *a = action_new(bd, dbm);
+  CbtBitmap *bits = cbt_dirty_bitmap_get_bitmap(dbm);
+  gboolean persistent = cbt_dirty_bitmap_is_persistent(dbm);
+  g_autoptr(CbtBitmap) backup = NULL;
 
+  if (cbt_txn_may_abort(txn) || persistent)
+    backup = cbt_bitmap_copy(bits);
+  if (from)
+    cbt_bitmap_merge(bits, from);
+  else
+    cbt_bitmap_clear_all(bits);
+  if (persistent && !cbt_dirty_bitmaps_persist_rewrite(bd, dbm, error)) {
+    put_back(bits, backup);
+    return FALSE;
+  }
+  Action *a = action_new(bd, dbm);
   if (cbt_txn_may_abort(txn))
-    a->backup = cbt_bitmap_copy(cbt_dirty_bitmap_get_bitmap(dbm));
+    a->backup = g_steal_pointer(&backup);
   cbt_txn_add(txn, ops, a);
+  return TRUE;
 }
 
 static gboolean
@@ -186,21 +247,28 @@ clear_prepare(const CbtQmpBlockDirtyBitmap *args, CbtTxn *txn, GError **error)
   CbtDirtyBitmap *dbm =
     lookup_checked(args->node, args->name, CBT_DIRTY_BITMAP_CHECK_ALL, &bd, txn, error);
 
-  if (!dbm)
-    return FALSE;
-  add_bits_action(&clear_ops, bd, dbm, txn);
-  cbt_bitmap_clear_all(cbt_dirty_bitmap_get_bitmap(dbm));
-  return TRUE;
+  return dbm && change_bits(&clear_ops, bd, dbm, NULL, txn, error);
 }
 
 /* enable, disable ---------------------------------------------------------------------------- */
+
+static gboolean
+set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gboolean recording, GError **error)
+{
+  if (cbt_dirty_bitmap_is_persistent(dbm))
+    return cbt_dirty_bitmaps_persist_set_recording(bd, dbm, recording, error);
+  cbt_dirty_bitmaps_set_recording(bd, dbm, recording);
+  return TRUE;
+}
 
 static void
 set_recording_abort(gpointer opaque)
 {
   Action *a = opaque;
+  g_autoptr(GError) error = NULL;
 
-  cbt_dirty_bitmaps_set_recording(a->bd, a->dbm, a->was_recording);
+  if (!set_recording(a->bd, a->dbm, a->was_recording, &error))
+    cbt_dirty_bitmaps_persist_demote(a->bd, a->dbm, error);
 }
 
 static const CbtTxnActionOps set_recording_ops = { "block-dirty-bitmap-enable/disable", NULL,
@@ -216,10 +284,12 @@ set_recording_prepare(const CbtQmpBlockDirtyBitmap *args, gboolean recording, Cb
 
   if (!dbm)
     return FALSE;
+  gboolean was_recording = cbt_dirty_bitmap_is_recording(dbm);
+  if (!set_recording(bd, dbm, recording, error))
+    return FALSE;
   Action *a = action_new(bd, dbm);
-  a->was_recording = cbt_dirty_bitmap_is_recording(dbm);
+  a->was_recording = was_recording;
   cbt_txn_add(txn, &set_recording_ops, a);
-  cbt_dirty_bitmaps_set_recording(bd, dbm, recording);
   return TRUE;
 }
 
@@ -278,9 +348,7 @@ merge_prepare(const CbtQmpBlockDirtyBitmapMerge *args, CbtTxn *txn, GError **err
       return FALSE;
     cbt_bitmap_merge(scratch, cbt_dirty_bitmap_get_bitmap(src));
   }
-  add_bits_action(&merge_ops, bd, target, txn);
-  cbt_bitmap_merge(cbt_dirty_bitmap_get_bitmap(target), scratch);
-  return TRUE;
+  return change_bits(&merge_ops, bd, target, scratch, txn, error);
 }
 
 /* the transaction actions and the plain commands --------------------------------------------- */
@@ -391,4 +459,5 @@ cbt_dirty_bitmaps_init(void)
   CBT_ASSERT_MAIN_THREAD();
   cbt_dirty_bitmaps_table_init();
   cbt_dirty_bitmaps_cmds_init();
+  cbt_dirty_bitmaps_persist_init();
 }

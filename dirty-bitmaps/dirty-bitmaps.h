@@ -22,6 +22,9 @@ G_BEGIN_DECLS
 
 /* Join blockdev's notifiers and the transaction; once, before any node opens. */
 void cbt_dirty_bitmaps_init(void);
+/* The daemon's --state-dir (NULL: none), where host devices without a bitmap-store option keep
+ * their persistent bitmaps (<dir>/bitmaps/<node-name>.cbt). Before any node opens. */
+void cbt_dirty_bitmaps_set_state_dir(const char *dir);
 
 /* An export's `bitmaps` entry: find bitmap @name on @node (@node_name NULL: the export's node,
  * plain-name form; else the node the {node, name} form named), check it may be exported in

@@ -64,12 +64,26 @@ cbt_dirty_bitmaps_lookup(const char *node, const char *name, CbtBlockdev **pbd, 
   return dbm;
 }
 
+GPtrArray *
+cbt_dirty_bitmaps_list(CbtBlockdev *bd)
+{
+  CBT_ASSERT_MAIN_THREAD();
+  return bitmaps_of(bd, FALSE);
+}
+
+/* Tracked by the node itself, rather than marked by a store through its observer. */
+static gboolean
+tracked_by_node(const CbtDirtyBitmap *dbm)
+{
+  return cbt_dirty_bitmap_is_recording(dbm) && !cbt_dirty_bitmap_is_persistent(dbm);
+}
+
 void
 cbt_dirty_bitmaps_attach(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
 {
   CBT_ASSERT_MAIN_THREAD();
   g_ptr_array_add(bitmaps_of(bd, TRUE), dbm);
-  if (cbt_dirty_bitmap_is_recording(dbm))
+  if (tracked_by_node(dbm))
     cbt_blockdev_track_bitmap(bd, cbt_dirty_bitmap_get_bitmap(dbm));
 }
 
@@ -81,17 +95,21 @@ cbt_dirty_bitmaps_detach(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
 
   CBT_ASSERT_MAIN_THREAD();
   g_return_if_fail(arr && g_ptr_array_find(arr, dbm, &idx));
-  if (cbt_dirty_bitmap_is_recording(dbm))
+  if (tracked_by_node(dbm))
     cbt_blockdev_untrack_bitmap(bd, cbt_dirty_bitmap_get_bitmap(dbm));
   g_ptr_array_steal_index(arr, idx);
   if (arr->len == 0)
     g_hash_table_remove(node_bitmaps, bd);
+  cbt_dirty_bitmaps_persist_forget(dbm);
+  if (cbt_dirty_bitmap_is_persistent(dbm))
+    cbt_dirty_bitmaps_persist_refresh(bd);
 }
 
 void
 cbt_dirty_bitmaps_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gboolean recording)
 {
   CBT_ASSERT_MAIN_THREAD();
+  g_return_if_fail(!cbt_dirty_bitmap_is_persistent(dbm)); /* persist.c's */
   if (!cbt_dirty_bitmap_is_recording(dbm) == !recording)
     return;
   if (recording)
@@ -114,6 +132,7 @@ cbt_dirty_bitmaps_info(const CbtDirtyBitmap *dbm)
   info->granularity = cbt_dirty_bitmap_get_granularity(dbm);
   info->count = (gint64)MIN(cbt_dirty_bitmap_get_count(dbm), G_MAXINT64);
   info->has_inconsistent = info->inconsistent = cbt_dirty_bitmap_is_inconsistent(dbm);
+  cbt_dirty_bitmaps_persist_fill_info(dbm, info);
   return info;
 }
 
@@ -140,6 +159,7 @@ node_closing(CbtBlockdev *bd, gpointer data, gpointer user_data)
 {
   GPtrArray *arr = bitmaps_of(bd, FALSE);
 
+  cbt_dirty_bitmaps_persist_node_closing(bd);
   while (arr && arr->len) {
     CbtDirtyBitmap *dbm = g_ptr_array_index(arr, arr->len - 1);
     gboolean busy = cbt_dirty_bitmap_is_busy(dbm);

@@ -237,3 +237,29 @@ fake_rpc_call(const char *command, const char *json_args, GError **error)
   g_assert_nonnull(args);
   return cbt_rpc_execute(rpc, command, json_node_get_object(args), FALSE, error);
 }
+
+/* Persistent bitmaps: a fake node has no store (persist.c then answers QEMU's refusal), so the
+ * observer calls only check the drain contract. */
+void
+cbt_blockdev_add_write_observer(CbtBlockdev *bd, CbtBlockdevWriteFunc mark, gpointer opaque)
+{
+  g_assert_not_reached();
+}
+
+void
+cbt_blockdev_remove_write_observer(CbtBlockdev *bd, CbtBlockdevWriteFunc mark, gpointer opaque)
+{
+  g_assert_not_reached();
+}
+
+gboolean
+cbt_blockdev_get_store_info(CbtBlockdev *bd, CbtBlockdevStoreInfo *info)
+{
+  return FALSE;
+}
+
+const char *
+cbt_blockdev_get_driver_name(CbtBlockdev *bd)
+{
+  return "fake";
+}
