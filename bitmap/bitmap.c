@@ -361,8 +361,8 @@ propagate(CbtBitmap *bm, const Leaf *leaf, guint64 bit, Node **path, gboolean fi
   }
 }
 
-/* Sets bits [first, last] (inclusive, inside the device). */
-static void
+/* Sets bits [first, last] (inclusive, inside the device); returns how many were clear. */
+static guint64
 mark_bits(CbtBitmap *bm, guint64 first, guint64 last)
 {
   Node *path[MAX_HEIGHT];
@@ -391,15 +391,38 @@ mark_bits(CbtBitmap *bm, guint64 first, guint64 last)
   }
   if (changed)
     ADD(my_stripe(bm), changed);
+  return changed;
 }
 
 void
 cbt_bitmap_mark_range(CbtBitmap *bm, guint64 offset, guint64 len)
 {
+  cbt_bitmap_mark_range_count(bm, offset, len);
+}
+
+guint64
+cbt_bitmap_mark_range_count(CbtBitmap *bm, guint64 offset, guint64 len)
+{
   if (len == 0 || offset >= bm->size)
-    return;
+    return 0;
   guint64 end = len > bm->size - offset ? bm->size : offset + len;
-  mark_bits(bm, offset >> bm->gran_shift, (end - 1) >> bm->gran_shift);
+  return mark_bits(bm, offset >> bm->gran_shift, (end - 1) >> bm->gran_shift);
+}
+
+void
+cbt_bitmap_read_words(const CbtBitmap *bm, guint64 first, guint64 n, guint64 *out)
+{
+  Node *path[MAX_HEIGHT];
+  guint64 nwords = (bm->nbits + WORD_BITS - 1) / WORD_BITS;
+
+  for (guint64 w = first; w < first + n;) {
+    guint64 base = (w * WORD_BITS) & ~(LEAF_BITS - 1);
+    guint64 stop = MIN(first + n, (base + LEAF_BITS) / WORD_BITS);
+    const Leaf *leaf = w < nwords ? leaf_lookup(bm, w * WORD_BITS, FALSE, path) : NULL;
+    for (; w < stop; w++)
+      out[w - first] =
+        GUINT64_TO_LE(leaf ? __atomic_load_n(&leaf->w[w - base / WORD_BITS], __ATOMIC_ACQUIRE) : 0);
+  }
 }
 
 /* ORs the 64 words @src into the leaf based at bit @base (bits past the device already

@@ -33,6 +33,12 @@ guint64 cbt_bitmap_get_nbits(const CbtBitmap *bm);
 
 /* Set every chunk overlapping [offset, offset + len), clipped to the size. */
 void cbt_bitmap_mark_range(CbtBitmap *bm, guint64 offset, guint64 len);
+/* The same, returning how many chunks were clear before (0: nothing changed). Lock-free. */
+guint64 cbt_bitmap_mark_range_count(CbtBitmap *bm, guint64 offset, guint64 len);
+/* Words [first, first + n) of the serialization (chunk i is bit i % 64 of word i / 64), as
+ * little-endian 64-bit values; words past the end read as zero. Safe beside marks: a word
+ * reflects at least every mark that returned before the call. */
+void cbt_bitmap_read_words(const CbtBitmap *bm, guint64 first, guint64 n, guint64 *out);
 /* Is the chunk holding byte @offset set? */
 gboolean cbt_bitmap_get(const CbtBitmap *bm, guint64 offset);
 /* Byte offset of the first set (dirty) / clear chunk at or after the chunk holding @offset and

@@ -32,11 +32,11 @@ G_BEGIN_DECLS
 #define CBT_STORE_ERROR (cbt_store_error_quark())
 GQuark cbt_store_error_quark(void);
 typedef enum {
-  CBT_STORE_ERROR_IO,       /* a call of the I/O layer failed (message names the store) */
-  CBT_STORE_ERROR_CORRUPT,  /* not a store, a newer version, or no valid header */
-  CBT_STORE_ERROR_FOREIGN,  /* the store belongs to another device */
-  CBT_STORE_ERROR_BUSY,     /* another process holds it open for writing */
-  CBT_STORE_ERROR_INVALID,  /* a request the store cannot take (too large, bad name, ...) */
+  CBT_STORE_ERROR_IO,      /* a call of the I/O layer failed (message names the store) */
+  CBT_STORE_ERROR_CORRUPT, /* not a store, a newer version, or no valid header */
+  CBT_STORE_ERROR_FOREIGN, /* the store belongs to another device */
+  CBT_STORE_ERROR_BUSY,    /* another process holds it open for writing */
+  CBT_STORE_ERROR_INVALID, /* a request the store cannot take (too large, bad name, ...) */
 } CbtStoreError;
 
 typedef struct CbtStore CbtStore;
@@ -68,10 +68,10 @@ typedef struct {
   char *name;
   guint32 granularity;
   gboolean recording;
-  gboolean inconsistent;  /* its bits could not be read back: only remove may follow */
-  CbtBitmap *bitmap;      /* NULL when inconsistent; owned by the store until taken */
-  guint64 widened;        /* bytes set by recovery that the synced map did not have */
-  char *reason;           /* why it was widened or is inconsistent, or NULL */
+  gboolean inconsistent; /* its bits could not be read back: only remove may follow */
+  CbtBitmap *bitmap;     /* NULL when inconsistent; owned by the store until taken */
+  guint64 widened;       /* bytes set by recovery that the synced map did not have */
+  char *reason;          /* why it was widened or is inconsistent, or NULL */
 } CbtStoreBitmap;
 
 /* Open the store at @path through @io (NULL: the real file system), take its write lock, check
@@ -96,8 +96,7 @@ gboolean cbt_store_set_recording(CbtStore *store, const char *name, gboolean rec
 /* The bitmap's bits changed other than by marks (clear, merge, restore): write them all. */
 gboolean cbt_store_rewrite(CbtStore *store, const char *name, GError **error);
 /* Point @name at another CbtBitmap (a resize or a transaction's undo replaced it) and write it. */
-gboolean cbt_store_replace_bitmap(CbtStore *store, const char *name, CbtBitmap *bm,
-                                  GError **error);
+gboolean cbt_store_replace_bitmap(CbtStore *store, const char *name, CbtBitmap *bm, GError **error);
 /* The device is now @size bytes (the bitmaps were already resized by the caller). */
 gboolean cbt_store_resize(CbtStore *store, guint64 size, GError **error);
 guint cbt_store_count(const CbtStore *store);
