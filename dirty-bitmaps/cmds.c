@@ -205,7 +205,7 @@ restore_backup(gpointer opaque)
   put_back(cbt_dirty_bitmap_get_bitmap(a->dbm), a->backup);
   if (cbt_dirty_bitmap_is_persistent(a->dbm) &&
       !cbt_dirty_bitmaps_persist_rewrite(a->bd, a->dbm, &error))
-    cbt_dirty_bitmaps_persist_demote(a->bd, a->dbm, error);
+    (void)cbt_dirty_bitmaps_persist_demote(a->bd, a->dbm, error);
 }
 
 static const CbtTxnActionOps clear_ops = { "block-dirty-bitmap-clear", NULL, restore_backup,
@@ -229,8 +229,13 @@ change_bits(const CbtTxnActionOps *ops, CbtBlockdev *bd, CbtDirtyBitmap *dbm, co
     cbt_bitmap_merge(bits, from);
   else
     cbt_bitmap_clear_all(bits);
-  if (persistent && !cbt_dirty_bitmaps_persist_rewrite(bd, dbm, error)) {
+  g_autoptr(GError) local = NULL;
+  if (persistent && !cbt_dirty_bitmaps_persist_rewrite(bd, dbm, &local)) {
     put_back(bits, backup);
+    /* The store has flagged its copy inconsistent and stopped marking it. */
+    gboolean usable = cbt_dirty_bitmaps_persist_demote(bd, dbm, local);
+    cbt_dirty_bitmaps_error(error, "%s; the bitmap is unchanged and %s", local->message,
+                            usable ? "no longer persistent" : "now inconsistent");
     return FALSE;
   }
   Action *a = action_new(bd, dbm);
@@ -268,7 +273,7 @@ set_recording_abort(gpointer opaque)
   g_autoptr(GError) error = NULL;
 
   if (!set_recording(a->bd, a->dbm, a->was_recording, &error))
-    cbt_dirty_bitmaps_persist_demote(a->bd, a->dbm, error);
+    (void)cbt_dirty_bitmaps_persist_demote(a->bd, a->dbm, error);
 }
 
 static const CbtTxnActionOps set_recording_ops = { "block-dirty-bitmap-enable/disable", NULL,

@@ -45,7 +45,8 @@ void cbt_dirty_bitmaps_persist_init(void);
  *   bitmap @dbm (attached to @bd), done when TRUE; on FALSE memory is unchanged (add creates
  *   the store on the first persistent bitmap; set_recording also sets @dbm's flag).
  * untie: @dbm is out of its store: make it an ordinary, tracked bitmap.
- * demote: an undo's store call failed (@why): take @dbm out of the store and untie it.
+ * demote: a store call failed (@why) after memory was put back: take @dbm out of the store
+ *   and untie it (TRUE), or, when the store cannot drop it, make it inconsistent (FALSE).
  * refresh: the set of @bd's persistent recording bitmaps changed: (un)install the observer.
  * node_closing: close @bd's store, before the table frees the bits it borrows.
  * fill_info / forget: the recovery members of BlockDirtyInfo, kept per bitmap. */
@@ -56,7 +57,7 @@ gboolean cbt_dirty_bitmaps_persist_set_recording(CbtBlockdev *bd, CbtDirtyBitmap
                                                  gboolean recording, GError **error);
 gboolean cbt_dirty_bitmaps_persist_rewrite(CbtBlockdev *bd, CbtDirtyBitmap *dbm, GError **error);
 void cbt_dirty_bitmaps_persist_untie(CbtBlockdev *bd, CbtDirtyBitmap *dbm);
-void cbt_dirty_bitmaps_persist_demote(CbtBlockdev *bd, CbtDirtyBitmap *dbm, const GError *why);
+gboolean cbt_dirty_bitmaps_persist_demote(CbtBlockdev *bd, CbtDirtyBitmap *dbm, const GError *why);
 void cbt_dirty_bitmaps_persist_refresh(CbtBlockdev *bd);
 void cbt_dirty_bitmaps_persist_node_closing(CbtBlockdev *bd);
 void cbt_dirty_bitmaps_persist_fill_info(const CbtDirtyBitmap *dbm, CbtQmpBlockDirtyInfo *info);

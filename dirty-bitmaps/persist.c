@@ -550,26 +550,29 @@ cbt_dirty_bitmaps_persist_rewrite(CbtBlockdev *bd, CbtDirtyBitmap *dbm, GError *
   return TRUE;
 }
 
-/* The undo of a transaction could not be made durable: memory and store may now disagree. The
- * safe side is a bitmap the store no longer brings back (the next backup is a full one) rather
- * than one that comes back with fewer bits than it should; the bitmap goes on recording in
- * memory. */
-void
+/* A store call for @dbm failed (@why) after memory was put back: memory and store may now
+ * disagree (a failed rewrite leaves the store's entry inconsistent, and the store stops marking
+ * it). The safe side is a bitmap the store no longer brings back (the next backup is a full one)
+ * and that goes on recording in memory; if the store cannot even let go of it, the bitmap is
+ * inconsistent in memory too, as it will be after a restart. TRUE when it stays usable. */
+gboolean
 cbt_dirty_bitmaps_persist_demote(CbtBlockdev *bd, CbtDirtyBitmap *dbm, const GError *why)
 {
   g_autoptr(GError) error = NULL;
   const char *node = cbt_blockdev_get_node_name(bd), *name = cbt_dirty_bitmap_get_name(dbm);
 
   if (!cbt_dirty_bitmaps_persist_remove(bd, dbm, &error)) {
-    g_critical("node %s: bitmap %s: the store could not be brought back in line with memory "
-               "(%s) nor the bitmap taken out of it (%s): remove the bitmap",
-               node, name, why->message, error->message);
-    return;
+    g_warning("node %s: bitmap %s is inconsistent: the store failed (%s) and could not drop it "
+              "(%s)",
+              node, name, why->message, error->message);
+    cbt_dirty_bitmap_set_inconsistent(dbm);
+    cbt_dirty_bitmaps_persist_refresh(bd);
+    return FALSE;
   }
-  g_warning("node %s: bitmap %s is no longer persistent: the store could not take the undo of a "
-            "transaction (%s)",
-            node, name, why->message);
+  g_warning("node %s: bitmap %s is no longer persistent (it goes on in memory): %s", node, name,
+            why->message);
   cbt_dirty_bitmaps_persist_untie(bd, dbm);
+  return TRUE;
 }
 
 /* @dbm is out of its store (drained): from now on the node tracks it like any other bitmap. */

@@ -541,6 +541,35 @@ class FullDisk(Base):
             b['recovery'], b['recovered-widening'], b.get('recovery-reason')))
         n.stop()
 
+    def test_enospc_fails_a_merge_cleanly(self):
+        """A command whose durable step fails fails, with memory as it was and the store not
+        bringing back a bitmap with fewer bits than memory had."""
+        fault = os.path.join(self.dir, 'fault')
+        os.environ['CBTD_STORE_FAULT_FILE'] = fault
+        self.addCleanup(os.environ.pop, 'CBTD_STORE_FAULT_FILE', None)
+        n = self.node(size=256 * MiB).start()
+        n.add('tgt', persistent=True, granularity=512, disabled=True)
+        n.add('pad', persistent=True, granularity=512)  # puts tgt's map inside the file
+        n.add('src', granularity=512)
+        n.write([(256 * MiB - 512, b'z' * 512)])
+        n.ok('block-dirty-bitmap-disable', node='d0', name='pad')
+        empty = n.sha('tgt')
+        n.write([(i * 17 * MiB, b'w' * 512) for i in range(1, 15)])
+        with open(fault, 'w') as f:
+            f.write('enospc')
+        err = n.q.error('block-dirty-bitmap-merge', {'node': 'd0', 'target': 'tgt',
+                                                     'bitmaps': ['src']})[1]
+        self.assertIn("Bitmap 'tgt' of node 'd0'", err)
+        self.assertIn(os.strerror(28), err)
+        self.assertIn('the bitmap is unchanged and no longer persistent', err)
+        self.assertEqual(n.sha('tgt'), empty)
+        self.assertFalse(n.bitmaps()['tgt']['persistent'])
+        self.assertTrue(n.bitmaps()['pad']['persistent'])
+        os.unlink(fault)
+        n.stop()
+        n.start()
+        self.assertEqual(set(n.bitmaps()), {'pad'})
+
 
 if __name__ == '__main__':
     unittest.main(verbosity=2)
