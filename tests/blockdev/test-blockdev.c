@@ -897,6 +897,104 @@ test_track_several(void)
   del("t0");
 }
 
+/* A write observer sees each written range after the tracked bitmaps and before the backend. */
+typedef struct {
+  guint calls;
+  guint64 offset, len;
+} ObserverLog;
+
+static void
+observe(gpointer opaque, guint64 offset, guint64 len)
+{
+  ObserverLog *log = opaque;
+
+  g_assert_true(cbt_bitmap_get(probe_bitmap, offset)); /* the bitmaps came first */
+  g_assert_cmpint(probe_calls, ==, (gint)log->calls);  /* the backend comes after */
+  log->calls++;
+  log->offset = offset;
+  log->len = len;
+}
+
+static void
+test_write_observer(void)
+{
+  static const CbtBlockdevDriver probe = {
+    .name = "probe",
+    .pwrite = probe_pwrite,
+    .discard = probe_discard,
+    .write_zeroes = probe_zeroes,
+  };
+  CbtBlockdev *bd = cbt_blockdev_new(&probe);
+  g_autoptr(CbtBitmap) bm = cbt_bitmap_new(MiB, 512);
+  ObserverLog a = { 0 }, b = { 0 };
+
+  bd->size = MiB;
+  bd->discard_unmap = TRUE;
+  probe_bitmap = bm;
+  probe_calls = 0;
+  cbt_blockdev_track_bitmap(bd, bm);
+  cbt_blockdev_add_write_observer(bd, observe, &a);
+  g_assert_cmpint(cbt_blockdev_pwrite(bd, "x", 1000, 1, 0), ==, -EIO);
+  g_assert_cmpuint(a.calls, ==, 1);
+  g_assert_cmpuint(a.offset, ==, 1000);
+  g_assert_cmpuint(a.len, ==, 1);
+  g_assert_cmpint(cbt_blockdev_write_zeroes(bd, 8192, 4096, 0), ==, -EIO);
+  g_assert_cmpint(cbt_blockdev_discard(bd, 65536, 1024, 0), ==, -EIO);
+  g_assert_cmpuint(a.calls, ==, 3);
+  g_assert_cmpuint(a.len, ==, 1024);
+  /* A dropped discard (discard=ignore) reaches neither the medium nor the observer. */
+  bd->discard_unmap = FALSE;
+  g_assert_cmpint(cbt_blockdev_discard(bd, 0, 512, 0), ==, 0);
+  g_assert_cmpuint(a.calls, ==, 3);
+  /* Two observers; removing one (and one that is not there) leaves the other. */
+  probe_calls = 0;
+  a.calls = 0;
+  cbt_blockdev_add_write_observer(bd, observe, &b);
+  cbt_blockdev_remove_write_observer(bd, observe, &a);
+  cbt_blockdev_remove_write_observer(bd, observe, &a);
+  g_assert_cmpint(cbt_blockdev_pwrite(bd, "y", 4096, 1, 0), ==, -EIO);
+  g_assert_cmpuint(a.calls, ==, 0);
+  g_assert_cmpuint(b.calls, ==, 1);
+  /* The bitmaps are untouched by observer changes, and the other way round. */
+  cbt_blockdev_untrack_bitmap(bd, bm);
+  g_assert_cmpuint(bd->tracked->n, ==, 0);
+  g_assert_cmpuint(bd->tracked->n_observers, ==, 1);
+  cbt_blockdev_remove_write_observer(bd, observe, &b);
+  g_assert_null(bd->tracked); /* nothing left: the write path returns at once */
+  cbt_blockdev_unref(bd);
+}
+
+/* Where a node may keep persistent bitmaps: the file's, and a raw node's through its file. */
+static void
+test_store_info(void)
+{
+  g_autofree char *path = make_file("si.img", MiB, 0, 0);
+  CbtBlockdev *f =
+    add("sf", "{'driver':'file','node-name':'sf','filename':'%s','bitmap-store':'/x/y'}", path);
+  CbtBlockdev *r = add("sr", "{'driver':'raw','node-name':'sr','file':'sf','offset':65536}");
+  CbtBlockdev *n = add("sn", "{'driver':'null-co','node-name':'sn'}");
+  CbtBlockdevStoreInfo info;
+
+  g_assert_true(cbt_blockdev_get_store_info(f, &info));
+  g_assert_cmpstr(info.filename, ==, path);
+  g_assert_cmpstr(info.store, ==, "/x/y");
+  g_assert_cmpstr(info.node_name, ==, "sf");
+  g_assert_cmpuint(info.sync_interval_ms, ==, 10000);
+  g_assert_cmpuint(info.region_size, ==, 64 * MiB);
+  g_assert_false(info.via_format);
+  g_assert_false(info.is_device);
+  g_assert_cmpint(info.fd, >=, 0);
+  g_assert_true(cbt_blockdev_get_store_info(r, &info));
+  g_assert_true(info.via_format);
+  g_assert_cmpuint(info.offset, ==, 65536);
+  g_assert_cmpstr(info.node_name, ==, "sf");
+  g_assert_false(cbt_blockdev_get_store_info(n, &info));
+  g_assert_cmpstr(cbt_blockdev_get_driver_name(r), ==, "raw");
+  del("sn");
+  del("sr");
+  del("sf");
+}
+
 /* ---- drain ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -1196,6 +1294,8 @@ main(int argc, char **argv)
   g_test_add_func("/blockdev/drain/holds-new", test_drain_holds_new_requests);
   g_test_add_func("/blockdev/auto-read-only", test_auto_read_only);
   g_test_add_func("/blockdev/users", test_users);
+  g_test_add_func("/blockdev/track/observer", test_write_observer);
+  g_test_add_func("/blockdev/store-info", test_store_info);
   g_test_add_func("/blockdev/lock/bytes", test_lock_bytes);
   g_test_add_func("/blockdev/lock/nodes", test_lock_nodes);
   ret = g_test_run();
