@@ -258,6 +258,113 @@ class RoundTrip(Base):
         self.assertIn("bitmap store '%s' is used by node 'd0'" % n.store, err[1])
 
 
+class Lifecycle(Base):
+    """blockdev-add loads a store (with an event a client sees), blockdev-del closes it cleanly,
+    aborted transactions leave the store as they found it, a node grown or shrunk while the
+    daemon was down keeps its bits, a read-only node refuses."""
+
+    def plain(self):
+        """A daemon with no nodes yet."""
+        n = Node(self, export=False)
+        n.args = []
+        self.nodes.append(n)
+        return n.start()
+
+    def blockdev_add(self, n, read_only=False):
+        n.ok('blockdev-add', driver='file', node_name='f0', filename=n.image,
+             read_only=read_only)
+        n.ok('blockdev-add', driver='raw', node_name='d0', file='f0', read_only=read_only)
+
+    def test_blockdev_add_event_and_del(self):
+        n = self.plain()
+        self.blockdev_add(n)
+        n.add('b', persistent=True)
+        n.add('off', persistent=True, disabled=True)
+        n.ok('blockdev-del', node_name='d0')
+        n.ok('blockdev-del', node_name='f0')
+        self.blockdev_add(n)
+        ev = {e['data']['name']: e['data'] for e in
+              (n.q.wait_event('BLOCK_DIRTY_BITMAP_LOADED') for _ in range(2))}
+        self.assertEqual(ev['b'], {'node': 'd0', 'name': 'b', 'recording': True,
+                                   'inconsistent': False, 'widened': 0, 'stop': 'clean'})
+        self.assertEqual(ev['off']['recording'], False)
+        b = n.bitmaps()['b']
+        self.assertEqual((b['recovery'], b['recovered-widening']), ('clean', 0))
+        self.assertNotIn('recovery-reason', b)
+        # Loaded after a kill -9: "process", on the event and in the query.
+        n.kill9()
+        n = self.plain()
+        self.blockdev_add(n)
+        self.assertEqual(n.q.wait_event('BLOCK_DIRTY_BITMAP_LOADED')['data']['stop'], 'process')
+        self.assertEqual(n.bitmaps()['b']['recovery'], 'process')
+        self.assertEqual(n.bitmaps()['b']['recovered-widening'], 0)
+
+    def test_aborted_transactions(self):
+        n = self.node().start()
+        n.add('a', persistent=True)
+        n.add('d', persistent=True, disabled=True)
+        n.write([(0, b'x' * 512), (50 * MiB, b'y' * 512)])
+        n.ok('block-dirty-bitmap-merge', node='d0', target='d', bitmaps=['a'])
+        before = {name: (b['recording'], n.sha(name)) for name, b in n.bitmaps().items()}
+        for actions in (
+                [('block-dirty-bitmap-remove', 'a')],
+                [('block-dirty-bitmap-remove', 'd')],
+                [('block-dirty-bitmap-disable', 'a'), ('block-dirty-bitmap-enable', 'd')],
+                [('block-dirty-bitmap-clear', 'a'), ('block-dirty-bitmap-clear', 'd')]):
+            with self.subTest(actions=actions):
+                acts = [{'type': t, 'data': {'node': 'd0', 'name': name}}
+                        for t, name in actions] + [{'type': 'abort', 'data': {}}]
+                n.q.error('transaction', {'actions': acts})
+                got = {name: (b['recording'], n.sha(name)) for name, b in n.bitmaps().items()}
+                self.assertEqual(got, before)
+        n.kill9()
+        n.start()
+        got = {name: (b['recording'], n.sha(name)) for name, b in n.bitmaps().items()}
+        self.assertEqual(got, before)
+        # And the recording one still records: a write lands in a only.
+        n.write([(100 * MiB, b'z' * 512)])
+        self.assertNotEqual(n.sha('a'), before['a'][1])
+        self.assertEqual(n.sha('d'), before['d'][1])
+
+    def test_resized_while_down(self):
+        n = self.node(size=256 * MiB).start()
+        n.add('b', persistent=True)
+        n.write([(0, b'x' * 512), (200 * MiB, b'y' * 512)])
+        n.stop()
+        with open(n.image, 'r+b') as f:
+            f.truncate(512 * MiB)
+        n.start()
+        dirty = n.dirty_map('b', 512 * MiB, 65536)
+        self.assertEqual(dirty, {0, 200 * MiB // 65536})
+        n.write([(400 * MiB, b'z' * 512)])
+        n.stop()
+        with open(n.image, 'r+b') as f:
+            f.truncate(300 * MiB)
+        n.start()
+        self.assertEqual(n.dirty_map('b', 300 * MiB, 65536), {0, 200 * MiB // 65536})
+
+    def test_read_only_node(self):
+        n = self.node().start()
+        n.add('b', persistent=True)
+        n.stop()
+        n = self.plain()
+        self.blockdev_add(n, read_only=True)
+        self.assertEqual(n.bitmaps(), {})
+        err = n.q.error('block-dirty-bitmap-add', {'node': 'd0', 'name': 'c', 'persistent': True})
+        self.assertIn('the node is read-only', err[1])
+
+    def test_exported_persistent_bitmap_records(self):
+        n = self.node().start()
+        n.add('b', persistent=True)
+        n.ok('block-export-add', type='nbd', id='bk', node_name='d0', name='bk',
+             writable=True, bitmaps=['b'])
+        self.assertTrue(n.bitmaps()['b']['busy'])
+        n.write([(MiB, b'q' * 512)])
+        self.assertEqual(n.bitmaps()['b']['count'], 65536)
+        err = n.q.error('block-dirty-bitmap-remove', {'node': 'd0', 'name': 'b'})
+        self.assertIn('currently in use', err[1])
+
+
 class HostDevice(Base):
     """A host device keeps its store where bitmap-store says, else under --state-dir, else
     persistent bitmaps are refused with an error naming the option. (/dev/zero stands in for a
