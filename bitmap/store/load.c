@@ -135,7 +135,12 @@ read_area(CbtStore *s, const CbtStoreEntry *e, CbtBitmap *bm)
     if ((guint64)d >= end)
       break;
     pos = MAX(pos, (guint64)d & ~(guint64)(CBT_STORE_PAGE - 1));
-    gsize n = (gsize)MIN(end - pos, (guint64)(1 << 20));
+    gint64 hole = s->f->io->next_hole(s->f, pos);
+    if (hole < 0)
+      return (int)hole;
+    /* Up to the next hole (a sparse area is mostly holes: never read them). */
+    guint64 stop = (guint64)hole > pos ? MIN(end, (guint64)hole) : end;
+    gsize n = (gsize)MIN(stop - pos, (guint64)(1 << 20));
     int r = cbt_store_io_read(s->f, buf, n, pos);
     if (r < 0)
       return r;
