@@ -55,6 +55,7 @@ struct CbtStore {
   gboolean intent_syncing;
   gboolean fine_dirty; /* atomic: area writes since the last sync */
   gboolean degraded;   /* atomic */
+  guint64 fail_gen;    /* under `lock`: area writes failed so far */
   gboolean failed;     /* atomic: even the preallocated metadata could not be written */
   CbtStoreErrorFunc err_fn;
   gpointer err_data;

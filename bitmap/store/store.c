@@ -134,12 +134,15 @@ cbt_store_write_dir(CbtStore *s)
     r = s->f->io->sync(s->f);
   if (r < 0)
     return r;
+  /* Under the lock: a writer thread may be recording the degraded state in the header. */
+  pthread_mutex_lock(&s->lock);
   CbtStoreHeader old = s->hdr;
   s->hdr.dir_offset = where;
   s->hdr.dir_seq = seq;
   r = cbt_store_write_header(s);
   if (r < 0)
     s->hdr = old;
+  pthread_mutex_unlock(&s->lock);
   return r;
 }
 
