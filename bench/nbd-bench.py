@@ -340,6 +340,76 @@ class Bench:
                 srv.stop()
             log(f"{kind}: 4 GiB image loads done")
 
+    def persistence(self, image):
+        """cbtd alone: random 4 KiB writes x32 on the file with one persistent bitmap beside
+        the same with one in-memory bitmap (both 64 KiB; only one records at a time), in steady
+        state: each is warmed with the same offsets first. Slices in mirrored order, as the
+        null-co rows. Then the widening that recovery reports after kill -9 under that load."""
+        cfg = self.cfg
+        srv = Server("cbtd", self.tmp, image, self.build).start()
+        q = srv.qmp
+        try:
+            q.cmd("block-dirty-bitmap-add", node="disk", name="mem", granularity=65536,
+                  disabled=True)
+            q.cmd("block-dirty-bitmap-add", node="disk", name="pers", granularity=65536,
+                  persistent=True, disabled=True)
+            on = {"mem": False, "pers": False}
+
+            def use(which):
+                for name in on:
+                    if on[name] != (name == which):
+                        verb = "enable" if name == which else "disable"
+                        q.cmd(f"block-dirty-bitmap-{verb}", node="disk", name=name)
+                        on[name] = name == which
+
+            def slice_(secs):
+                c0 = srv.cpu()
+                r = self.loadgen(srv.uri(), "--op=write", "--depth=32", f"--seconds={secs}",
+                                 "--seed=11")
+                return r, srv.cpu() - c0
+
+            for which in on:
+                use(which)
+                slice_(2 * cfg.rand_secs)
+            for rep in range(cfg.reps):
+                order = ["mem", "pers"] if rep % 2 == 0 else ["pers", "mem"]
+                ops, cpu, secs = {}, {}, {}
+                for which in (order + order[::-1]) * 2:
+                    use(which)
+                    r, c = slice_(cfg.rand_secs)
+                    ops[which] = ops.get(which, 0) + r["ops"]
+                    secs[which] = secs.get(which, 0) + r["seconds"]
+                    cpu[which] = cpu.get(which, 0) + c
+                for which in on:
+                    self.res.add(f"{which}-iops", "cbtd", ops[which] / secs[which])
+                    self.res.add(f"{which}-cpu", "cbtd", cpu[which] * 1e6 / ops[which])
+            use("pers")
+            for _ in range(cfg.reps):
+                # kill -9 in the middle of a write load; the restart reports the widening.
+                load = subprocess.Popen([self.tool("nbd-loadgen"), srv.uri(), "--op=write",
+                                         "--depth=32", "--seconds=3", "--seed=13"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
+                srv.proc.kill()
+                srv.proc.wait()
+                load.wait()
+                srv.stop()
+                srv = Server("cbtd", self.tmp, image, self.build).start()
+                q = srv.qmp
+                nodes = q.cmd("query-named-block-nodes")
+                info = [b for n in nodes if n["node-name"] == "disk"
+                        for b in n.get("dirty-bitmaps", []) if b.get("name") == "pers"]
+                if not info or "recovered-widening" not in info[0]:
+                    raise RuntimeError(f"no recovery report after kill -9: {nodes}")
+                self.res.add("kill-widen", "cbtd", info[0]["recovered-widening"] / 1024)
+                self.res.add("kill-count", "cbtd", info[0]["count"] / (1 << 20))
+                on = {"mem": False, "pers": True}
+                if not any(b.get("name") == "mem" for b in info):
+                    on.pop("mem")  # in-memory: gone with the process
+        finally:
+            srv.stop()
+        log("cbtd: persistent bitmap loads done")
+
     def sparse_device(self, image):
         """1 TiB: dirty 100,000 scattered chunks through NBD, then map bitmap and allocation."""
         cfg = self.cfg
@@ -468,6 +538,19 @@ def table(res, cfg):
         else:
             vs_own(f"  server CPU/write, {n} bitmap(s)", "us", "{:.2f}", f"bm{n}-cpu", "bm0-cpu",
                    1.03 if n == 8 else None, False)
+    for key, label, unit, fmt, target, higher in (
+            ("pers-iops", "file write 4K x32, persistent bitmap", "IOPS", "{:.0f}", 0.95, True),
+            ("pers-cpu", "  server CPU/write", "us", "{:.2f}", 1.05, False)):
+        base = key.replace("pers", "mem")
+        mine, ref = res.get(key, "cbtd"), res.get(base, "cbtd")
+        ratio = mine / ref if mine is not None and ref else None
+        ok = None if ratio is None else (ratio >= target if higher else ratio <= target)
+        rows.append((label, unit, fmt, key, ("cbtd",), ratio, "in-memory",
+                     target if higher else -target, ok))
+    rows.append(("  widening after kill -9", "KiB", "{:.0f}", "kill-widen", ("cbtd",), None,
+                 None, None, None))
+    rows.append(("  dirty at the kill (for scale)", "MiB", "{:.0f}", "kill-count", ("cbtd",),
+                 None, None, None, None))
     vs_anchor("map dirty-bitmap 1 TiB, time", "s", "{:.3f}", "dmap-time", False, -1.0,
               ("qsd",), ("cbtd", "qsd"))
     vs_anchor("  server CPU", "ms", "{:.1f}", "dmap-cpu", False, -0.5, ("qsd",), ("cbtd", "qsd"))
@@ -500,7 +583,8 @@ def main():
     ap.add_argument("--build", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=",".join(SERVERS), help="servers to run")
-    ap.add_argument("--phases", default="main,sparse", help="main (4 GiB image), sparse (1 TiB)")
+    ap.add_argument("--phases", default="main,persist,sparse",
+                    help="main (4 GiB image), persist (cbtd's persistent bitmaps), sparse (1 TiB)")
     args = ap.parse_args()
     cfg = Cfg()
     if args.quick or os.environ.get("BENCH_QUICK"):
@@ -525,6 +609,10 @@ def main():
         try:
             if "main" in args.phases:
                 b.main_image(image)
+            if "persist" in args.phases and "cbtd" in b.kinds:
+                if not os.path.exists(image):
+                    make_image(image, cfg.seq_size)
+                b.persistence(image)
             if os.path.exists(image):
                 os.unlink(image)
             sparse = os.path.join(tmp, "sparse.raw")

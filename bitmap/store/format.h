@@ -72,6 +72,7 @@ G_STATIC_ASSERT(sizeof(CbtStoreDirHead) == 64);
 enum {
   CBT_STORE_ENTRY_RECORDING = 1 << 0,
   CBT_STORE_ENTRY_INCONSISTENT = 1 << 1, /* the area could not be kept a superset */
+  CBT_STORE_ENTRY_SUMMED = 1 << 2,       /* `sum` is the area's checksum (bitmap/store/sum.c) */
 };
 
 typedef struct {
@@ -84,10 +85,11 @@ typedef struct {
   guint64 area_len;
   guint8 uuid[16]; /* the bitmap's identity, stable across renames of its node */
   guint64 created; /* Unix time */
+  guint8 sum[32];  /* with CBT_STORE_ENTRY_SUMMED: written by a clean stop */
   guint64 reserved[4];
   /* the name follows, not NUL-terminated */
 } CbtStoreDirEntry;
-G_STATIC_ASSERT(sizeof(CbtStoreDirEntry) == 96);
+G_STATIC_ASSERT(sizeof(CbtStoreDirEntry) == 128);
 
 typedef struct {
   char magic[8];

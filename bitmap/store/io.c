@@ -130,6 +130,18 @@ posix_next_data(CbtStoreFile *file, guint64 offset)
 }
 
 static gint64
+posix_next_hole(CbtStoreFile *file, guint64 offset)
+{
+  int fd = ((PosixFile *)file)->fd;
+  off_t r = lseek(fd, (off_t)offset, SEEK_HOLE);
+
+  if (r >= 0)
+    return r;
+  struct stat st;
+  return fstat(fd, &st) < 0 ? -errno : st.st_size;
+}
+
+static gint64
 posix_size(CbtStoreFile *file)
 {
   struct stat st;
@@ -163,8 +175,17 @@ posix_boot_id(const CbtStoreIo *io)
 }
 
 static const CbtStoreIo posix_io = {
-  posix_open,     posix_pread,     posix_pwrite, posix_sync,  posix_punch,
-  posix_allocate, posix_next_data, posix_size,   posix_close, posix_boot_id,
+  .open = posix_open,
+  .pread = posix_pread,
+  .pwrite = posix_pwrite,
+  .sync = posix_sync,
+  .punch = posix_punch,
+  .allocate = posix_allocate,
+  .next_data = posix_next_data,
+  .next_hole = posix_next_hole,
+  .size = posix_size,
+  .close = posix_close,
+  .boot_id = posix_boot_id,
 };
 
 const CbtStoreIo *

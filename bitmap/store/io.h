@@ -31,6 +31,8 @@ struct CbtStoreIo {
   int (*allocate)(CbtStoreFile *f, guint64 offset, guint64 len);
   /* The first offset >= @offset that may hold data (SEEK_DATA); the file size when none. */
   gint64 (*next_data)(CbtStoreFile *f, guint64 offset);
+  /* The first offset >= @offset that reads as a hole (SEEK_HOLE); the file size when none. */
+  gint64 (*next_hole)(CbtStoreFile *f, guint64 offset);
   gint64 (*size)(CbtStoreFile *f);
   void (*close)(CbtStoreFile *f);
   /* An id of the running kernel's boot (Linux: /proc/sys/kernel/random/boot_id). */

@@ -99,6 +99,8 @@ parse_dir(CbtStore *s, const guint8 *buf, gsize len, guint64 *seq)
     e->inconsistent = (d->flags & CBT_STORE_ENTRY_INCONSISTENT) != 0;
     e->area_offset = d->area_offset;
     e->area_len = d->area_len;
+    e->summed = (d->flags & CBT_STORE_ENTRY_SUMMED) != 0;
+    memcpy(e->sum, d->sum, 32);
     memcpy(e->uuid, d->uuid, 16);
     e->created = d->created;
     g_ptr_array_add(s->entries, e);
@@ -121,28 +123,45 @@ read_dir_at(CbtStore *s, guint64 offset, guint64 *seq)
   return TRUE;
 }
 
-/* OR the area's data runs into @bm; holes are clean. */
+/* OR the area's data runs into @bm; holes are clean. -EBADMSG when the checksum a clean stop
+ * recorded does not match. */
 static int
 read_area(CbtStore *s, const CbtStoreEntry *e, CbtBitmap *bm)
 {
   g_autofree guint8 *buf = g_malloc(1 << 20);
   guint64 pos = e->area_offset, end = e->area_offset + e->area_len;
+  CbtStoreSum sum;
+  guint8 digest[32];
+  int r = 0;
+
+  cbt_store_sum_init(&sum);
 
   while (pos < end) {
     gint64 d = s->f->io->next_data(s->f, pos);
-    if (d < 0)
-      return (int)d;
-    if ((guint64)d >= end)
+    if (d < 0 || (guint64)d >= end) {
+      r = d < 0 ? (int)d : 0;
       break;
+    }
     pos = MAX(pos, (guint64)d & ~(guint64)(CBT_STORE_PAGE - 1));
-    gsize n = (gsize)MIN(end - pos, (guint64)(1 << 20));
-    int r = cbt_store_io_read(s->f, buf, n, pos);
+    gint64 hole = s->f->io->next_hole(s->f, pos);
+    if (hole < 0) {
+      r = (int)hole;
+      break;
+    }
+    /* Up to the next hole (a sparse area is mostly holes: never read them). */
+    guint64 stop = (guint64)hole > pos ? MIN(end, (guint64)hole) : end;
+    gsize n = (gsize)MIN(stop - pos, (guint64)(1 << 20));
+    r = cbt_store_io_read(s->f, buf, n, pos);
     if (r < 0)
-      return r;
+      break;
     cbt_bitmap_deserialize_part(bm, pos - e->area_offset, buf, n);
+    cbt_store_sum_feed(&sum, (pos - e->area_offset) / 8, (const guint64 *)buf, n / 8);
     pos += n;
   }
-  return 0;
+  cbt_store_sum_finish(&sum, digest);
+  if (r == 0 && e->summed && s->last_stop == CBT_STORE_STOP_CLEAN && memcmp(digest, e->sum, 32))
+    r = -EBADMSG;
+  return r;
 }
 
 /* The regions of the slots younger than synced_epoch, ORed into @regions. */
@@ -219,7 +238,8 @@ load_entries(CbtStore *s, guint64 *regions, guint64 nregions, const char *why)
       g_clear_pointer(&b->bitmap, cbt_bitmap_free);
       b->inconsistent = e->inconsistent = TRUE;
       b->recording = e->recording = FALSE;
-      b->reason = g_strdup_printf("its bits cannot be read: %s", g_strerror(-r));
+      b->reason = r == -EBADMSG ? g_strdup("its bits do not match the checksum of the clean stop")
+                                : g_strdup_printf("its bits cannot be read: %s", g_strerror(-r));
       continue;
     }
     e->bm = b->bitmap;
@@ -320,6 +340,9 @@ settle(CbtStore *s, const CbtStoreConfig *config, GError **error)
   }
   if (r == 0)
     r = s->f->io->sync(s->f);
+  /* In use from now on: marks change the areas, so no checksum holds any more. */
+  for (guint i = 0; i < s->entries->len; i++)
+    ((CbtStoreEntry *)g_ptr_array_index(s->entries, i))->summed = FALSE;
   if (r == 0) {
     s->hdr.flags &= ~(guint32)CBT_STORE_HDR_DEGRADED;
     s->hdr.device_size = s->size;

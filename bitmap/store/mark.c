@@ -97,6 +97,7 @@ cbt_store_intents_reset(CbtStore *s)
 static void
 degrade(CbtStore *s, int err)
 {
+  s->fail_gen++;
   if (__atomic_load_n(&s->degraded, __ATOMIC_ACQUIRE))
     return;
   __atomic_store_n(&s->degraded, TRUE, __ATOMIC_RELEASE);
@@ -328,7 +329,8 @@ cbt_store_sync_locked_out(CbtStore *s, gboolean final)
     pthread_mutex_unlock(&s->sync_lock);
     return 0;
   }
-  gboolean repaired = degraded && repair(s);
+  guint64 fails = s->fail_gen; /* a failure after this keeps the store degraded */
+  gboolean repaired = degraded && repair(s) && s->fail_gen == fails;
   int r = switch_epoch(s, final && (!degraded || repaired), degraded && !repaired);
   __atomic_store_n(&s->fine_dirty, FALSE, __ATOMIC_RELEASE);
   pthread_mutex_unlock(&s->lock);
@@ -338,14 +340,16 @@ cbt_store_sync_locked_out(CbtStore *s, gboolean final)
   pthread_mutex_lock(&s->lock);
   if (r < 0) {
     __atomic_store_n(&s->fine_dirty, TRUE, __ATOMIC_RELEASE);
-  } else if (!degraded || repaired) {
+  } else if ((!degraded || repaired) && s->fail_gen == fails) {
+    /* No area write failed since the switch began: the old epoch's marks are all in the
+     * areas, durably (a failure would leave its region to the intents: invariant 4). */
     CbtStoreHeader old = s->hdr;
     s->hdr.synced_epoch = s->epoch - 1;
     s->hdr.flags &= ~(guint32)CBT_STORE_HDR_DEGRADED;
     r = cbt_store_write_header(s);
     if (r < 0)
       s->hdr = old;
-    else if (repaired)
+    else
       __atomic_store_n(&s->degraded, FALSE, __ATOMIC_RELEASE);
   }
   pthread_mutex_unlock(&s->lock);

@@ -17,6 +17,8 @@ typedef struct {
   guint64 area_offset, area_len;
   guint8 uuid[16];
   guint64 created;
+  gboolean summed; /* `sum` holds the checksum of the area (a clean stop wrote it) */
+  guint8 sum[32];
 } CbtStoreEntry;
 
 /* The recording entries, swapped whole while the device is drained (the write path reads it
@@ -53,6 +55,7 @@ struct CbtStore {
   gboolean intent_syncing;
   gboolean fine_dirty; /* atomic: area writes since the last sync */
   gboolean degraded;   /* atomic */
+  guint64 fail_gen;    /* under `lock`: area writes failed so far */
   gboolean failed;     /* atomic: even the preallocated metadata could not be written */
   CbtStoreErrorFunc err_fn;
   gpointer err_data;
@@ -63,6 +66,16 @@ struct CbtStore {
   pthread_cond_t wake;
   gboolean stopping; /* under sync_lock */
 };
+
+/* sum.c: the checksum of a bitmap's bits, fed in word order. */
+typedef struct {
+  GChecksum *c;
+  guint64 run_len, next;
+} CbtStoreSum;
+void cbt_store_sum_init(CbtStoreSum *sum);
+void cbt_store_sum_feed(CbtStoreSum *sum, guint64 index, const guint64 *words, gsize n);
+void cbt_store_sum_finish(CbtStoreSum *sum, guint8 out[32]);
+void cbt_store_sum_bitmap(const CbtBitmap *bm, guint8 out[32]);
 
 /* store.c */
 int cbt_store_write_header(CbtStore *s);

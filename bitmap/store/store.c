@@ -97,7 +97,9 @@ encode_dir(CbtStore *s, guint64 seq)
     d.name_len = (guint32)nl;
     d.granularity = e->granularity;
     d.flags = (e->recording ? CBT_STORE_ENTRY_RECORDING : 0) |
-              (e->inconsistent ? CBT_STORE_ENTRY_INCONSISTENT : 0);
+              (e->inconsistent ? CBT_STORE_ENTRY_INCONSISTENT : 0) |
+              (e->summed ? CBT_STORE_ENTRY_SUMMED : 0);
+    memcpy(d.sum, e->sum, 32);
     d.size = s->size;
     d.area_offset = e->area_offset;
     d.area_len = e->area_len;
@@ -132,12 +134,15 @@ cbt_store_write_dir(CbtStore *s)
     r = s->f->io->sync(s->f);
   if (r < 0)
     return r;
+  /* Under the lock: a writer thread may be recording the degraded state in the header. */
+  pthread_mutex_lock(&s->lock);
   CbtStoreHeader old = s->hdr;
   s->hdr.dir_offset = where;
   s->hdr.dir_seq = seq;
   r = cbt_store_write_header(s);
   if (r < 0)
     s->hdr = old;
+  pthread_mutex_unlock(&s->lock);
   return r;
 }
 
@@ -324,20 +329,22 @@ cbt_store_close(CbtStore *store, GError **error)
 {
   cbt_store_syncer_stop(store);
   /* Entries whose rewrite failed get another chance: they leave clean or stay flagged. */
-  gboolean dir_changed = FALSE;
   for (guint i = 0; i < store->entries->len; i++) {
     CbtStoreEntry *e = g_ptr_array_index(store->entries, i);
-    if (e->inconsistent && e->bm && cbt_store_write_area(store, e) == 0) {
+    if (e->inconsistent && e->bm && cbt_store_write_area(store, e) == 0)
       e->inconsistent = FALSE;
-      dir_changed = TRUE;
-    }
   }
   int r = cbt_store_sync_locked_out(store, TRUE);
-  if (r == 0 && dir_changed)
-    r = cbt_store_write_dir(store);
+  /* The areas now equal memory: record their checksums for the next open to verify. */
+  for (guint i = 0; r == 0 && i < store->entries->len; i++) {
+    CbtStoreEntry *e = g_ptr_array_index(store->entries, i);
+    e->summed = e->bm && !e->inconsistent;
+    if (e->summed)
+      cbt_store_sum_bitmap(e->bm, e->sum);
+  }
   if (r == 0 && !cbt_store_is_degraded(store)) {
     store->hdr.flags &= ~(guint32)CBT_STORE_HDR_IN_USE;
-    r = cbt_store_write_header(store);
+    r = cbt_store_write_dir(store);
   }
   if (r < 0 || cbt_store_is_degraded(store)) {
     io_error(store, error, r < 0 ? r : -EIO, "the store could not be closed cleanly");

@@ -157,6 +157,13 @@ sim_next_data(CbtStoreFile *f, guint64 off)
 }
 
 static gint64
+sim_next_hole(CbtStoreFile *f, guint64 off)
+{
+  (void)off;
+  return SIM(f)->bytes->len; /* no holes: zeroes read as data */
+}
+
+static gint64
 sim_size(CbtStoreFile *f)
 {
   return SIM(f)->bytes->len;
@@ -179,8 +186,19 @@ CrashSim *
 crashsim_new(const char *boot_id)
 {
   CrashSim *sim = g_new0(CrashSim, 1);
-  sim->io = (CbtStoreIo){ sim_open,     sim_pread,     sim_pwrite, sim_sync,  sim_punch,
-                          sim_allocate, sim_next_data, sim_size,   sim_close, sim_boot_id };
+  sim->io = (CbtStoreIo){
+    .open = sim_open,
+    .pread = sim_pread,
+    .pwrite = sim_pwrite,
+    .sync = sim_sync,
+    .punch = sim_punch,
+    .allocate = sim_allocate,
+    .next_data = sim_next_data,
+    .next_hole = sim_next_hole,
+    .size = sim_size,
+    .close = sim_close,
+    .boot_id = sim_boot_id,
+  };
   sim->bytes = g_byte_array_new();
   sim->alloc = g_byte_array_new();
   sim->base = g_byte_array_new();
