@@ -476,12 +476,15 @@ class DamagedStores(Base):
     """The daemon starts, the node opens, and a store that cannot be trusted never yields a
     bitmap with fewer bits than it had."""
 
-    def prepared(self, **kw):
+    def prepared(self, kill=False, **kw):
         n = self.node(**kw).start()
         n.add('b', persistent=True)
         n.write([(0, b'x' * 4096), (100 * MiB, b'y' * 4096)])
         sha = n.sha('b')
-        n.stop()
+        if kill:
+            n.kill9()
+        else:
+            n.stop()
         return n, sha
 
     def assert_refused(self, n, words):
@@ -528,18 +531,22 @@ class DamagedStores(Base):
     def test_truncated_metadata(self):
         self.check_truncated((0, 4096, 8192 + 4096))
 
-    # A store cut inside a bitmap's area loads that bitmap as consistent with the cut part
-    # clean: bytes past the end of the file read as zeroes and holes are clean, so the store
-    # cannot tell a cut from a clean stretch (bitmap/store/load.c, read_area). A false negative
-    # of the store (reported to its owner), kept visible here rather than hidden.
-    @unittest.expectedFailure
     def test_truncated_area(self):
+        # After a clean stop the area's checksum catches the cut (docs/bitmaps.md, "Reading a
+        # damaged store").
         self.check_truncated((None,))
 
-    def check_truncated(self, cuts):
+    # After an unclean stop the areas have no checksum to hold them to (docs/bitmaps.md), and a
+    # cut inside an area reads as clean chunks: a false negative the store cannot see. Kept
+    # visible as a known gap of the store rather than left untested.
+    @unittest.expectedFailure
+    def test_truncated_area_after_kill(self):
+        self.check_truncated((None,), kill=True)
+
+    def check_truncated(self, cuts, kill=False):
         for cut in cuts:
             with self.subTest(cut=cut):
-                n, sha = self.prepared()
+                n, sha = self.prepared(kill=kill)
                 size = os.path.getsize(n.store)
                 with open(n.store, 'r+b') as f:
                     f.truncate(size // 2 if cut is None else cut)
