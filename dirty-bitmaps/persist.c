@@ -596,11 +596,34 @@ cbt_dirty_bitmaps_persist_refresh(CbtBlockdev *bd)
 
 /* ---- the query ------------------------------------------------------------------------------ */
 
+/* The binding whose node has @dbm, or NULL. */
+static Binding *
+binding_having(const CbtDirtyBitmap *dbm)
+{
+  GHashTableIter it;
+  gpointer value;
+
+  if (!bindings)
+    return NULL;
+  g_hash_table_iter_init(&it, bindings);
+  while (g_hash_table_iter_next(&it, NULL, &value)) {
+    GPtrArray *arr = cbt_dirty_bitmaps_list(((Binding *)value)->bd);
+    if (arr && g_ptr_array_find(arr, dbm, NULL))
+      return value;
+  }
+  return NULL;
+}
+
 void
 cbt_dirty_bitmaps_persist_fill_info(const CbtDirtyBitmap *dbm, CbtQmpBlockDirtyInfo *info)
 {
   Recovery *r = recoveries ? g_hash_table_lookup(recoveries, dbm) : NULL;
 
+  if (cbt_dirty_bitmap_is_persistent(dbm)) {
+    Binding *b = binding_having(dbm);
+    info->has_store_degraded = info->store_degraded =
+      b && b->store && cbt_store_is_degraded(b->store);
+  }
   if (!r)
     return;
   info->has_recovery = TRUE;

@@ -473,7 +473,8 @@ class TestIntrospection(Base):
 # cbtd's optional members beyond qsd 7.2: persistent bitmaps of file, host_device and raw
 # nodes (BlockdevOptionsFile's bitmap-*, BlockDirtyInfo's recovery report; docs/bitmaps.md).
 CBTD_ONLY = frozenset(('bitmap-store', 'bitmap-sync-interval', 'bitmap-intent-region',
-                       'recovery', 'recovered-widening', 'recovery-reason'))
+                       'recovery', 'recovered-widening', 'recovery-reason',
+                       'store-degraded'))
 
 
 def resolve(schema, name, seen=(), drop=frozenset()):

@@ -646,6 +646,8 @@ class FullDisk(Base):
         self.assertEqual(ev['data']['store'], n.store)
         self.assertEqual(ev['data']['error'], os.strerror(28))
         self.assertIn('node d0: bitmap store %s' % n.store, n.log())
+        # For a client that connects later, the query says so too.
+        self.assertTrue(n.bitmaps()['b'].get('store-degraded'))
         dirty_before = n.dirty_map('b', 256 * MiB, g)
         for off in [0] + offsets:
             self.assertIn(off // g, dirty_before)
@@ -653,6 +655,7 @@ class FullDisk(Base):
         os.unlink(fault)
         n.start()
         b = n.bitmaps()['b']
+        self.assertNotIn('store-degraded', b)
         self.assertNotEqual(b['recovery'], 'clean')
         dirty = n.dirty_map('b', 256 * MiB, g)
         self.assertEqual({off // g for off in [0] + offsets} - dirty, set())
