@@ -219,6 +219,8 @@ judge_stop(CbtStore *s)
 static void
 load_entries(CbtStore *s, guint64 *regions, guint64 nregions, const char *why)
 {
+  gint64 fsize = s->f->io->size(s->f);
+
   for (guint i = 0; i < s->entries->len; i++) {
     CbtStoreEntry *e = g_ptr_array_index(s->entries, i);
     CbtStoreBitmap *b = g_new0(CbtStoreBitmap, 1);
@@ -233,13 +235,17 @@ load_entries(CbtStore *s, guint64 *regions, guint64 nregions, const char *why)
       continue;
     }
     b->bitmap = cbt_bitmap_new(s->size, e->granularity);
-    int r = read_area(s, e, b->bitmap);
+    /* Every area's last byte was written when it was placed (store.c): a shorter file was cut. */
+    int r = fsize < 0                                       ? (int)fsize
+            : (guint64)fsize < e->area_offset + e->area_len ? -ENODATA
+                                                            : read_area(s, e, b->bitmap);
     if (r < 0) {
       g_clear_pointer(&b->bitmap, cbt_bitmap_free);
       b->inconsistent = e->inconsistent = TRUE;
       b->recording = e->recording = FALSE;
-      b->reason = r == -EBADMSG ? g_strdup("its bits do not match the checksum of the clean stop")
-                                : g_strdup_printf("its bits cannot be read: %s", g_strerror(-r));
+      b->reason = r == -EBADMSG   ? g_strdup("its bits do not match the checksum of the clean stop")
+                  : r == -ENODATA ? g_strdup("the store file is shorter than its bits: it was cut")
+                                  : g_strdup_printf("its bits cannot be read: %s", g_strerror(-r));
       continue;
     }
     e->bm = b->bitmap;

@@ -181,6 +181,16 @@ loaded_free(gpointer p)
   g_free(b);
 }
 
+/* The file reaches past the end of @e's area, so that a store cut short is seen at the next
+ * open (load.c): holes read as clean, and so would a cut. */
+static int
+claim_area_end(CbtStore *s, const CbtStoreEntry *e)
+{
+  static const guint8 zero;
+
+  return cbt_store_io_write(s->f, &zero, 1, e->area_offset + e->area_len - 1);
+}
+
 /* First fit among the areas in use, after the intent slots. */
 static guint64
 place_area(CbtStore *s, guint64 len, const CbtStoreEntry *skip)
@@ -388,6 +398,8 @@ cbt_store_add(CbtStore *store, const char *name, CbtBitmap *bm, gboolean recordi
   /* The area may hold an old bitmap's bits: zero it before the directory names it. */
   int r = store->f->io->punch(store->f, e->area_offset, e->area_len);
   if (r == 0)
+    r = claim_area_end(store, e);
+  if (r == 0)
     r = cbt_store_write_area(store, e);
   g_ptr_array_add(store->entries, e);
   if (r == 0)
@@ -497,7 +509,7 @@ cbt_store_fit_area(CbtStore *s, CbtStoreEntry *e)
     e->area_offset = at;
   }
   e->area_len = len;
-  return 0;
+  return claim_area_end(s, e);
 }
 
 /* With the device drained: every mark so far durable, then areas and intent regions for the
