@@ -63,11 +63,12 @@ typedef struct {
   char magic[8];
   guint64 seq;
   guint32 count;
-  guint32 len; /* bytes of entries after this head */
-  guint8 reserved[8];
+  guint32 len;        /* bytes of entries after this head */
+  char identity[192]; /* the header's, so a store that lost both headers still knows its device */
+  guint8 reserved[40];
   guint8 checksum[32]; /* SHA-256 of the head before it and of the entries */
 } CbtStoreDirHead;
-G_STATIC_ASSERT(sizeof(CbtStoreDirHead) == 64);
+G_STATIC_ASSERT(sizeof(CbtStoreDirHead) == 288);
 
 enum {
   CBT_STORE_ENTRY_RECORDING = 1 << 0,

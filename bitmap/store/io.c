@@ -45,6 +45,10 @@ posix_open(const CbtStoreIo *io, const char *path, gboolean create, CbtStoreFile
 static gboolean
 touches_hole(int fd, guint64 offset, gsize len)
 {
+  struct stat st;
+
+  if (fstat(fd, &st) == 0 && offset + len > (guint64)st.st_size)
+    return TRUE; /* an append allocates too */
   off_t h = lseek(fd, (off_t)offset, SEEK_HOLE);
   return h >= 0 && (guint64)h < offset + len;
 }

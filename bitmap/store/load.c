@@ -65,9 +65,10 @@ read_header(CbtStore *s, CbtStoreHeader *out, gboolean *any_bytes)
   return TRUE;
 }
 
-/* Parse directory bytes into entries; FALSE when they do not hold together. */
+/* Parse directory bytes into entries; FALSE when they do not hold together. @identity (may be
+ * NULL) receives the device the directory was written for. */
 static gboolean
-parse_dir(CbtStore *s, const guint8 *buf, gsize len, guint64 *seq)
+parse_dir(CbtStore *s, const guint8 *buf, gsize len, guint64 *seq, char **identity)
 {
   const CbtStoreDirHead *h = (const CbtStoreDirHead *)buf;
   guint8 sum[32];
@@ -78,6 +79,8 @@ parse_dir(CbtStore *s, const guint8 *buf, gsize len, guint64 *seq)
   if (memcmp(sum, h->checksum, 32) != 0)
     return FALSE;
   *seq = h->seq;
+  if (identity)
+    *identity = g_strndup(h->identity, sizeof h->identity);
   gsize at = sizeof *h, end = sizeof *h + h->len;
   for (guint i = 0; i < h->count; i++) {
     const CbtStoreDirEntry *d = (const CbtStoreDirEntry *)(buf + at);
@@ -110,13 +113,13 @@ parse_dir(CbtStore *s, const guint8 *buf, gsize len, guint64 *seq)
 }
 
 static gboolean
-read_dir_at(CbtStore *s, guint64 offset, guint64 *seq)
+read_dir_at(CbtStore *s, guint64 offset, guint64 *seq, char **identity)
 {
   g_autofree guint8 *buf = g_malloc(CBT_STORE_DIR_MAX);
 
   g_ptr_array_set_size(s->entries, 0);
   if (cbt_store_io_read(s->f, buf, CBT_STORE_DIR_MAX, offset) < 0 ||
-      !parse_dir(s, buf, CBT_STORE_DIR_MAX, seq)) {
+      !parse_dir(s, buf, CBT_STORE_DIR_MAX, seq, identity)) {
     g_ptr_array_set_size(s->entries, 0);
     return FALSE;
   }
@@ -258,23 +261,28 @@ load_entries(CbtStore *s, guint64 *regions, guint64 nregions, const char *why)
   }
 }
 
-/* A store without a usable header: take the newest valid directory, every bitmap inconsistent. */
+/* A store without a usable header: take the newest valid directory, every bitmap inconsistent,
+ * if it was written for this device. */
 static gboolean
-salvage(CbtStore *s, GError **error)
+salvage(CbtStore *s, const CbtStoreConfig *config, GError **error)
 {
   guint64 seq[2] = { 0, 0 };
   gboolean ok[2];
 
-  for (int i = 0; i < 2; i++) {
-    ok[i] = read_dir_at(s, CBT_STORE_DIR_OFFSET + (guint64)i * CBT_STORE_DIR_MAX, &seq[i]);
-    if (ok[i] && i == 0)
-      g_ptr_array_set_size(s->entries, 0);
-  }
+  for (int i = 0; i < 2; i++)
+    ok[i] = read_dir_at(s, CBT_STORE_DIR_OFFSET + (guint64)i * CBT_STORE_DIR_MAX, &seq[i], NULL);
   if (!ok[0] && !ok[1])
     return corrupt(s, error, "no valid header or directory");
-  read_dir_at(s,
-              CBT_STORE_DIR_OFFSET + (ok[1] && (!ok[0] || seq[1] > seq[0]) ? CBT_STORE_DIR_MAX : 0),
-              &seq[0]);
+  g_autofree char *identity = NULL;
+  guint newest = ok[1] && (!ok[0] || seq[1] > seq[0]);
+  read_dir_at(s, CBT_STORE_DIR_OFFSET + newest * CBT_STORE_DIR_MAX, &seq[0], &identity);
+  if (config->identity && strcmp(identity, config->identity) != 0) {
+    g_ptr_array_set_size(s->entries, 0);
+    g_set_error(error, CBT_STORE_ERROR, CBT_STORE_ERROR_FOREIGN,
+                "Bitmap store '%s' belongs to another device ('%s', not '%s')", s->path, identity,
+                config->identity);
+    return FALSE;
+  }
   return TRUE;
 }
 
@@ -377,7 +385,7 @@ cbt_store_load(CbtStore *s, const CbtStoreConfig *config, GError **error)
       return create_fresh(s, config, error);
     if (!any)
       return corrupt(s, error, "the file is empty");
-    if (!salvage(s, error))
+    if (!salvage(s, config, error))
       return FALSE;
     init_header(s, config);
     s->last_stop = CBT_STORE_STOP_SYSTEM;
@@ -393,11 +401,11 @@ cbt_store_load(CbtStore *s, const CbtStoreConfig *config, GError **error)
     return FALSE;
   }
   s->last_stop = judge_stop(s);
-  if (h.dir_seq != 0 && (!read_dir_at(s, h.dir_offset, &seq) || seq != h.dir_seq)) {
+  if (h.dir_seq != 0 && (!read_dir_at(s, h.dir_offset, &seq, NULL) || seq != h.dir_seq)) {
     /* The header names a directory that is not there: keep the names, not the bits. */
     guint64 other = h.dir_offset == CBT_STORE_DIR_OFFSET ? CBT_STORE_DIR_OFFSET + CBT_STORE_DIR_MAX
                                                          : CBT_STORE_DIR_OFFSET;
-    read_dir_at(s, other, &seq);
+    read_dir_at(s, other, &seq, NULL);
     load_entries(s, NULL, 0, "the store's directory is unreadable");
     return settle(s, config, error);
   }

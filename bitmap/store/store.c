@@ -47,12 +47,14 @@ cbt_store_area_len(guint64 size, guint32 granularity)
   return (bytes + CBT_STORE_PAGE - 1) / CBT_STORE_PAGE * CBT_STORE_PAGE;
 }
 
+/* One report per failure: the owner's (which knows the node), or else a warning here. */
 void
 cbt_store_report(CbtStore *s, const char *what, int err)
 {
-  g_warning("bitmap store %s: %s: %s", s->path, what, g_strerror(err));
   if (s->err_fn)
     s->err_fn(s, what, err, s->err_data);
+  else
+    g_warning("bitmap store %s: %s: %s", s->path, what, g_strerror(err));
 }
 
 static gboolean
@@ -88,6 +90,7 @@ encode_dir(CbtStore *s, guint64 seq)
   CbtStoreDirHead head = { .seq = seq, .count = s->entries->len };
 
   memcpy(head.magic, CBT_STORE_DIR_MAGIC, 8);
+  memcpy(head.identity, s->hdr.identity, sizeof head.identity);
   g_byte_array_append(b, (guint8 *)&head, sizeof head);
   for (guint i = 0; i < s->entries->len; i++) {
     CbtStoreEntry *e = g_ptr_array_index(s->entries, i);

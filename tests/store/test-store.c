@@ -330,6 +330,13 @@ test_corrupt(void)
   g_assert_null(lb->bitmap);
   g_assert_nonnull(lb->reason);
   cbt_store_abandon(s);
+  /* ... but only for its own device: the directory names it too. */
+  CbtStoreConfig stranger = config(FALSE);
+  stranger.identity = "test:another-disk";
+  memset(b->data, 0, 8192);
+  g_assert_null(cbt_store_open("x", &stranger, crashsim_io(sim), &error));
+  g_assert_error(error, CBT_STORE_ERROR, CBT_STORE_ERROR_FOREIGN);
+  g_clear_error(&error);
   crashsim_free(sim);
 
   sim = crashsim_new("boot-a");
