@@ -508,20 +508,22 @@ cbw_close(CbtBlockdev *bd)
   g_clear_pointer(&bd->opaque, state_free);
 }
 
-/* QEMU's cbw_child_perm: the target is written by the filter alone and never resized; the
- * source is read consistently and, while anything uses the filter, written only through it. */
+/* QEMU's cbw_child_perm: the target is written and never resized (others may write it: QEMU
+ * shares write there, and qemu-storage-daemon 7.2 lets it be exported writable); the source is
+ * read consistently and, while anything uses the filter, written only through it, so no write
+ * can bypass the copy (invariant (1)). */
 static void
 cbw_child_perm(CbtBlockdev *bd, const CbtBlockdevChild *c, guint64 perm, guint64 shared,
                guint64 *ret_perm, guint64 *ret_shared)
 {
   if (!(c->role & CBT_BLOCKDEV_CHILD_FILTERED)) {
     *ret_perm = CBT_PERM_WRITE;
-    *ret_shared = CBT_PERM_ALL & ~(CBT_PERM_WRITE | CBT_PERM_RESIZE);
+    *ret_shared = CBT_PERM_ALL & ~CBT_PERM_RESIZE;
     return;
   }
   *ret_perm = perm;
   *ret_shared = shared;
-  if (bd->users || bd->parents->len) {
+  if (bd->users || bd->writers || bd->parents->len) {
     *ret_perm |= CBT_PERM_CONSISTENT_READ;
     *ret_shared &= ~(CBT_PERM_WRITE | CBT_PERM_RESIZE);
   }

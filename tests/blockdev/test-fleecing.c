@@ -489,6 +489,27 @@ test_snapshot_discard(void)
   fleece_close(&f);
 }
 
+/* Once the filter has a user, a writer that would reach its source around it is refused with
+ * QEMU's text; the filter itself and its scratch stay writable. */
+static void
+test_no_bypass(void)
+{
+  g_autoptr(GError) error = NULL;
+  Fleece f;
+
+  fleece_open(&f, "break-guest-write", 0, NULL);
+  g_assert_false(cbt_blockdev_acquire_write(f.src, &error));
+  g_assert_cmpstr(error->message, ==,
+                  "Permission conflict on node 'src': permissions 'write' are both required by "
+                  "an unnamed block device (uses node 'src' as 'root' child) and unshared by "
+                  "node 'fsrc' (uses node 'src' as 'file' child).");
+  g_assert_true(cbt_blockdev_acquire_write(f.cbw, NULL));
+  g_assert_true(cbt_blockdev_acquire_write(f.tgt, NULL));
+  cbt_blockdev_release_write(f.tgt);
+  cbt_blockdev_release_write(f.cbw);
+  fleece_close(&f);
+}
+
 /* The bitmap option: only its clusters are copied and readable. */
 static CbtBitmap *
 bitmap_cluster_3(const char *node, const char *name, GError **error)
@@ -576,6 +597,7 @@ main(int argc, char **argv)
   g_test_add_func("/fleecing/break-guest-write", test_break_guest_write);
   g_test_add_func("/fleecing/break-snapshot", test_break_snapshot);
   g_test_add_func("/fleecing/snapshot-discard", test_snapshot_discard);
+  g_test_add_func("/fleecing/no-bypass", test_no_bypass);
   g_test_add_func("/fleecing/bitmap", test_bitmap);
   g_test_add_func("/fleecing/refusals", test_refusals);
   int ret = g_test_run();

@@ -12,7 +12,9 @@ every QMP command used are equal (query-named-block-nodes included, before and a
 writes, with paths and generated names normalised); the snapshot's `nbdinfo --map` before the
 writes is equal. After the writes cbtd's snapshot map is still the frozen one, while 7.2
 answers block status of a request that starts in a copied cluster from the live disk (a bug
-fixed in QEMU 8.0), so that map is compared with the frozen one for cbtd only. Where 7.2
+fixed in QEMU 8.0), so that map is compared with the frozen one for cbtd only. A writer that
+would bypass the filter (an export of the source or of a format node over it) is refused
+with QEMU's permission-conflict texts on both. Where 7.2
 asserts and dies (a target smaller than the source, an unaligned discard of the snapshot),
 cbtd's refusals are checked on cbtd alone.
 """
@@ -268,6 +270,48 @@ class TestFleecing(unittest.TestCase):
         self.assertEqual(got['map-after'], got['map-before'])
         self.assertIn('hole', got['map-before'])
         self.assertIn('data', got['map-before'])
+
+
+class TestPermissions(unittest.TestCase):
+    """No writer may bypass the filter: once the filter is used, it unshares write on its
+    source, and a conflict is refused with QEMU's text, on both daemons alike."""
+
+    def session(self, qsd):
+        with Daemon(qsd=qsd) as d:
+            src = cbttest.make_image(d.path('src'), MiB)
+            scratch = cbttest.make_image(d.path('scratch'), MiB)
+            s = Session(d, src, scratch)
+            s.ok('blockdev-add', driver='file', node_name='src', filename=src)
+            s.ok('blockdev-add', driver='raw', node_name='fmt', file='src')
+            s.ok('blockdev-add', driver='file', node_name='scrf', filename=scratch)
+            s.ok('blockdev-add', driver='raw', node_name='scr', file='scrf')
+            sock = d.path('nbd.sock')
+            s.ok('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
+            s.ok('block-export-add', type='nbd', id='e0', node_name='fmt', writable=True)
+            s.ok('blockdev-add', driver='copy-before-write', node_name='cbw', file='src',
+                 target='scr')
+            # fmt writes src directly: the filter may not get a user.
+            s.cmd('blockdev-add', driver='snapshot-access', node_name='snap', file='cbw')
+            s.cmd('block-export-add', type='nbd', id='e1', node_name='cbw', writable=True)
+            s.ok('block-export-del', id='e0')
+            cbttest.wait_for(lambda: len(s.q.execute('query-block-exports')) == 0,
+                             what='export gone')
+            s.ok('blockdev-add', driver='snapshot-access', node_name='snap', file='cbw')
+            # Now the filter is used: nobody else may write its source.
+            s.cmd('block-export-add', type='nbd', id='e2', node_name='src', writable=True)
+            s.cmd('block-export-add', type='nbd', id='e3', node_name='fmt', writable=True)
+            s.ok('block-export-add', type='nbd', id='e4', node_name='fmt')  # reading is fine
+            s.ok('block-export-add', type='nbd', id='e5', node_name='scr', writable=True)
+            s.ok('query-named-block-nodes')
+            return s.log
+
+    def test_bypass_refused(self):
+        ref = self.session(qsd=True)
+        got = self.session(qsd=False)
+        self.assertEqual(got, ref)
+        errors = [r for _, r in got if '"error"' in r]
+        self.assertEqual(len(errors), 4)
+        self.assertTrue(all('Permission conflict on node' in e for e in errors), errors)
 
 
 class TestCbtdRefusals(unittest.TestCase):
