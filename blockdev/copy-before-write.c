@@ -28,9 +28,11 @@
  *      of equal state at a time: a request that starts in a copied cluster and runs past it is
  *      split, never served from the live disk (qemu-storage-daemon 7.2 does that: a bug).
  *  (4) A snapshot read returns success only if the snapshot was not broken when it finished.
- *  (5) Every bitmap here is read and changed under `lock` only; I/O never runs under it.
+ *  (5) Every bitmap here is read and changed under `lock` only (the functions named _locked
+ *      check it); I/O never runs under it.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
 #include "blockdev/blockdev-internal.h"
 
@@ -51,8 +53,8 @@ typedef struct {
   CbtBlockdev *target;
   CbtQmpOnCbwError on_error;
   guint32 timeout_s; /* accepted; a copy in flight is never abandoned */
-  GMutex lock;
-  GCond cond;
+  CbtMutex lock;     /* a CbtMutex and a pthread condition, so ThreadSanitizer sees the ordering */
+  pthread_cond_t cond;
   CbtBitmap *need, *done, *access; /* CBW_CLUSTER granularity */
   CbtBitmap *zero;                 /* CBW_ZERO_GRANULARITY: zero runs of done clusters */
   GPtrArray *reqs;                 /* Req *, in flight */
@@ -83,26 +85,29 @@ source(CbtBlockdev *bd)
 /* ---- in-flight requests (under lock) ------------------------------------------------------- */
 
 static Req *
-req_add(CbwState *s, guint64 offset, guint64 end, ReqKind kind)
+req_add_locked(CbwState *s, guint64 offset, guint64 end, ReqKind kind)
 {
   Req *r = g_new(Req, 1);
 
+  CBT_ASSERT_HELD(&s->lock);
   *r = (Req){ offset, end, kind };
   g_ptr_array_add(s->reqs, r);
   return r;
 }
 
 static void
-req_remove(CbwState *s, Req *r)
+req_remove_locked(CbwState *s, Req *r)
 {
+  CBT_ASSERT_HELD(&s->lock);
   g_ptr_array_remove_fast(s->reqs, r);
   g_free(r);
-  g_cond_broadcast(&s->cond);
+  pthread_cond_broadcast(&s->cond);
 }
 
 static gboolean
-overlaps(CbwState *s, guint64 offset, guint64 end, ReqKind kind)
+overlaps_locked(CbwState *s, guint64 offset, guint64 end, ReqKind kind)
 {
+  CBT_ASSERT_HELD(&s->lock);
   for (guint i = 0; i < s->reqs->len; i++) {
     Req *r = g_ptr_array_index(s->reqs, i);
     if (r->kind == kind && r->offset < end && offset < r->end)
@@ -168,10 +173,11 @@ copy_range(CbtBlockdev *bd, guint64 offset, guint64 end, GArray *zeros)
 
 /* The end of one copy, under lock: (1) and (2). */
 static void
-copy_finish(CbwState *s, Req *req, int r, GArray *zeros)
+copy_finish_locked(CbwState *s, Req *req, int r, GArray *zeros)
 {
   guint64 len = req->end - req->offset;
 
+  CBT_ASSERT_HELD(&s->lock);
   if (r == 0) {
     for (guint i = 0; i + 1 < zeros->len; i += 2) {
       guint64 zs = g_array_index(zeros, guint64, i), ze = g_array_index(zeros, guint64, i + 1);
@@ -183,15 +189,16 @@ copy_finish(CbwState *s, Req *req, int r, GArray *zeros)
   } else if (!s->snapshot_error) {
     s->snapshot_error = r;
   }
-  req_remove(s, req);
+  req_remove_locked(s, req);
 }
 
 /* Claim and copy the first run of `need` clusters in [offset, end), with the lock held (it is
  * dropped for the I/O). Returns 1 when there was nothing to claim, else the copy's result. */
 static int
-copy_one(CbtBlockdev *bd, guint64 offset, guint64 end)
+copy_one_locked(CbtBlockdev *bd, guint64 offset, guint64 end)
 {
   CbwState *s = state(bd);
+  CBT_ASSERT_HELD(&s->lock);
   gint64 first = cbt_bitmap_next_dirty(s->need, offset, end);
 
   if (first < 0)
@@ -199,12 +206,12 @@ copy_one(CbtBlockdev *bd, guint64 offset, guint64 end)
   guint64 stop = run_end(s->need, TRUE, first, MIN(end, (guint64)first + CBW_MAX_COPY));
   stop = MIN(stop, bd->size);
   cbt_bitmap_clear_range(s->need, first, ROUND_UP(stop, CBW_CLUSTER) - first);
-  Req *req = req_add(s, first, stop, REQ_COPY);
+  Req *req = req_add_locked(s, first, stop, REQ_COPY);
   g_autoptr(GArray) zeros = g_array_new(FALSE, FALSE, sizeof(guint64));
-  g_mutex_unlock(&s->lock);
+  cbt_mutex_unlock(&s->lock);
   int r = copy_range(bd, first, stop, zeros);
-  g_mutex_lock(&s->lock);
-  copy_finish(s, req, r, zeros);
+  cbt_mutex_lock(&s->lock);
+  copy_finish_locked(s, req, r, zeros);
   return r;
 }
 
@@ -218,19 +225,19 @@ before_write(CbtBlockdev *bd, guint64 offset, guint64 len)
   guint64 end = MIN(ROUND_UP(offset + len, CBW_CLUSTER), bd->size);
   int r = 0;
 
-  g_mutex_lock(&s->lock);
+  cbt_mutex_lock(&s->lock);
   while (!s->snapshot_error) {
-    r = copy_one(bd, start, end);
+    r = copy_one_locked(bd, start, end);
     if (r < 0 && s->on_error == CBT_QMP_ON_CBW_ERROR_BREAK_GUEST_WRITE)
       break;
     if (r != 1)
       continue; /* copied (or broke the snapshot): look again */
     r = 0;
-    if (!overlaps(s, start, end, REQ_COPY) && !overlaps(s, start, end, REQ_FROZEN))
+    if (!overlaps_locked(s, start, end, REQ_COPY) && !overlaps_locked(s, start, end, REQ_FROZEN))
       break;
-    g_cond_wait(&s->cond, &s->lock);
+    cbt_mutex_cond_wait(&s->lock, &s->cond);
   }
-  g_mutex_unlock(&s->lock);
+  cbt_mutex_unlock(&s->lock);
   /* With break-snapshot a failed copy broke the snapshot instead: the write goes on. */
   return r < 0 && s->on_error == CBT_QMP_ON_CBW_ERROR_BREAK_GUEST_WRITE ? r : 0;
 }
@@ -299,8 +306,9 @@ typedef enum { FROM_FILE, FROM_TARGET, FROM_ZERO } Where;
 
 /* Under lock: the state of the run at @offset, or a negative errno (3). */
 static int
-locate(CbwState *s, guint64 offset, guint64 end, Where *where, guint64 *stop)
+locate_locked(CbwState *s, guint64 offset, guint64 end, Where *where, guint64 *stop)
 {
+  CBT_ASSERT_HELD(&s->lock);
   if (s->snapshot_error || cbt_bitmap_next_clean(s->access, offset, end) >= 0)
     return -EACCES;
   if (!cbt_bitmap_get(s->done, offset)) {
@@ -332,23 +340,23 @@ cbw_snapshot_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
   guint64 pos = offset, end = offset + len;
   int r = 0;
 
-  g_mutex_lock(&s->lock);
+  cbt_mutex_lock(&s->lock);
   while (r == 0 && pos < end) {
     Where where;
     guint64 stop;
-    if ((r = locate(s, pos, end, &where, &stop)) < 0)
+    if ((r = locate_locked(s, pos, end, &where, &stop)) < 0)
       break;
-    Req *req = where == FROM_FILE ? req_add(s, pos, stop, REQ_FROZEN) : NULL;
-    g_mutex_unlock(&s->lock);
+    Req *req = where == FROM_FILE ? req_add_locked(s, pos, stop, REQ_FROZEN) : NULL;
+    cbt_mutex_unlock(&s->lock);
     r = read_run(bd, where, (guint8 *)buf + (pos - offset), pos, stop - pos);
-    g_mutex_lock(&s->lock);
+    cbt_mutex_lock(&s->lock);
     if (req)
-      req_remove(s, req);
+      req_remove_locked(s, req);
     pos = stop;
   }
   if (r == 0 && s->snapshot_error)
     r = -EACCES; /* (4) */
-  g_mutex_unlock(&s->lock);
+  cbt_mutex_unlock(&s->lock);
   return r;
 }
 
@@ -361,25 +369,25 @@ cbw_snapshot_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 
   guint64 stop;
   int r;
 
-  g_mutex_lock(&s->lock);
-  if ((r = locate(s, offset, offset + len, &where, &stop)) < 0) {
-    g_mutex_unlock(&s->lock);
+  cbt_mutex_lock(&s->lock);
+  if ((r = locate_locked(s, offset, offset + len, &where, &stop)) < 0) {
+    cbt_mutex_unlock(&s->lock);
     return r;
   }
   if (where == FROM_ZERO) {
-    g_mutex_unlock(&s->lock);
+    cbt_mutex_unlock(&s->lock);
     *pnum = stop - offset;
     *status = CBT_BLOCKDEV_STATUS_HOLE | CBT_BLOCKDEV_STATUS_ZERO;
     return 0;
   }
-  Req *req = where == FROM_FILE ? req_add(s, offset, stop, REQ_FROZEN) : NULL;
-  g_mutex_unlock(&s->lock);
+  Req *req = where == FROM_FILE ? req_add_locked(s, offset, stop, REQ_FROZEN) : NULL;
+  cbt_mutex_unlock(&s->lock);
   CbtBlockdev *from = where == FROM_FILE ? source(bd) : s->target;
   r = cbt_blockdev_block_status(from, offset, stop - offset, pnum, status);
-  g_mutex_lock(&s->lock);
+  cbt_mutex_lock(&s->lock);
   if (req)
-    req_remove(s, req);
-  g_mutex_unlock(&s->lock);
+    req_remove_locked(s, req);
+  cbt_mutex_unlock(&s->lock);
   return r;
 }
 
@@ -393,14 +401,14 @@ cbw_snapshot_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
 
   if (offset % CBW_CLUSTER || (end % CBW_CLUSTER && end != bd->size))
     return -EINVAL;
-  g_mutex_lock(&s->lock);
-  while (overlaps(s, offset, end, REQ_COPY))
-    g_cond_wait(&s->cond, &s->lock);
+  cbt_mutex_lock(&s->lock);
+  while (overlaps_locked(s, offset, end, REQ_COPY))
+    cbt_mutex_cond_wait(&s->lock, &s->cond);
   cbt_bitmap_clear_range(s->need, offset, len);
   cbt_bitmap_clear_range(s->access, offset, len);
   cbt_bitmap_clear_range(s->done, offset, len);
   cbt_bitmap_clear_range(s->zero, offset, len);
-  g_mutex_unlock(&s->lock);
+  cbt_mutex_unlock(&s->lock);
   return cbt_blockdev_discard(s->target, offset, len, 0);
 }
 
@@ -438,11 +446,21 @@ state_free(CbwState *s)
   g_clear_pointer(&s->access, cbt_bitmap_free);
   g_clear_pointer(&s->zero, cbt_bitmap_free);
   g_clear_pointer(&s->reqs, g_ptr_array_unref);
-  g_mutex_clear(&s->lock);
-  g_cond_clear(&s->cond);
+  cbt_mutex_clear(&s->lock);
+  pthread_cond_destroy(&s->cond);
   g_free(s);
 }
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(CbwState, state_free)
+
+static CbwState *
+state_new(void)
+{
+  CbwState *s = g_new0(CbwState, 1);
+
+  cbt_mutex_init(&s->lock);
+  pthread_cond_init(&s->cond, NULL);
+  return s;
+}
 
 static gboolean
 check_target(CbtBlockdev *bd, CbtBlockdev *target, GError **error)
@@ -463,7 +481,7 @@ static gboolean
 cbw_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
 {
   const CbtQmpBlockdevOptionsCbw *o = &opts->u.copy_before_write;
-  g_autoptr(CbwState) s = g_new0(CbwState, 1);
+  g_autoptr(CbwState) s = state_new();
   CbtBlockdevChild *t = cbt_blockdev_open_child(bd, o->target, "target", error);
 
   if (!t)
@@ -471,8 +489,6 @@ cbw_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
   bd->size = source(bd)->size;
   if (!check_target(bd, t->node, error))
     return FALSE;
-  g_mutex_init(&s->lock);
-  g_cond_init(&s->cond);
   s->target = t->node;
   s->on_error = o->on_cbw_error;
   s->timeout_s = o->cbw_timeout;
@@ -552,14 +568,14 @@ cbw_query_bitmaps(CbtBlockdev *bd, CbtBlockdev *shown, GPtrArray *out)
 {
   CbwState *s = state(bd);
 
-  g_mutex_lock(&s->lock);
+  cbt_mutex_lock(&s->lock);
   if (shown == bd) {
     g_ptr_array_add(out, anon_bitmap(s->access));
     g_ptr_array_add(out, anon_bitmap(s->done));
   } else if (shown == source(bd)) {
     g_ptr_array_add(out, anon_bitmap(s->need));
   }
-  g_mutex_unlock(&s->lock);
+  cbt_mutex_unlock(&s->lock);
 }
 
 static const CbtBlockdevChildSpec cbw_children[] = {
