@@ -42,7 +42,9 @@
 #define ROUND_DOWN(x, a) ((x) / (a) * (a))
 #define ROUND_UP(x, a) ROUND_DOWN((x) + (a)-1, (a))
 
-typedef enum { REQ_COPY, REQ_FROZEN } ReqKind;
+/* What is in flight: a copy, a snapshot read or status of the source (writers wait for it), or
+ * one of the target (a discard of the snapshot waits for it). */
+typedef enum { REQ_COPY, REQ_FROZEN, REQ_TARGET } ReqKind;
 
 typedef struct {
   guint64 offset, end;
@@ -323,6 +325,12 @@ locate_locked(CbwState *s, guint64 offset, guint64 end, Where *where, guint64 *s
   return 0;
 }
 
+static ReqKind
+req_kind(Where where)
+{
+  return where == FROM_FILE ? REQ_FROZEN : REQ_TARGET;
+}
+
 static int
 read_run(CbtBlockdev *bd, Where where, guint8 *buf, guint64 offset, guint64 len)
 {
@@ -346,7 +354,7 @@ cbw_snapshot_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
     guint64 stop;
     if ((r = locate_locked(s, pos, end, &where, &stop)) < 0)
       break;
-    Req *req = where == FROM_FILE ? req_add_locked(s, pos, stop, REQ_FROZEN) : NULL;
+    Req *req = where == FROM_ZERO ? NULL : req_add_locked(s, pos, stop, req_kind(where));
     cbt_mutex_unlock(&s->lock);
     r = read_run(bd, where, (guint8 *)buf + (pos - offset), pos, stop - pos);
     cbt_mutex_lock(&s->lock);
@@ -380,19 +388,19 @@ cbw_snapshot_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 
     *status = CBT_BLOCKDEV_STATUS_HOLE | CBT_BLOCKDEV_STATUS_ZERO;
     return 0;
   }
-  Req *req = where == FROM_FILE ? req_add_locked(s, offset, stop, REQ_FROZEN) : NULL;
+  Req *req = req_add_locked(s, offset, stop, req_kind(where));
   cbt_mutex_unlock(&s->lock);
   CbtBlockdev *from = where == FROM_FILE ? source(bd) : s->target;
   r = cbt_blockdev_block_status(from, offset, stop - offset, pnum, status);
   cbt_mutex_lock(&s->lock);
-  if (req)
-    req_remove_locked(s, req);
+  req_remove_locked(s, req);
   cbt_mutex_unlock(&s->lock);
   return r;
 }
 
 /* QEMU's discard of the snapshot: whole clusters leave the view, need no copy ever again and
- * are dropped from the target. Unaligned requests are refused (7.2 asserts). */
+ * are dropped from the target, once no copy into them and no read of them from the target is
+ * in flight. Unaligned requests are refused (7.2 asserts). */
 static int
 cbw_snapshot_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
 {
@@ -402,7 +410,7 @@ cbw_snapshot_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
   if (offset % CBW_CLUSTER || (end % CBW_CLUSTER && end != bd->size))
     return -EINVAL;
   cbt_mutex_lock(&s->lock);
-  while (overlaps_locked(s, offset, end, REQ_COPY))
+  while (overlaps_locked(s, offset, end, REQ_COPY) || overlaps_locked(s, offset, end, REQ_TARGET))
     cbt_mutex_cond_wait(&s->lock, &s->cond);
   cbt_bitmap_clear_range(s->need, offset, len);
   cbt_bitmap_clear_range(s->access, offset, len);
