@@ -30,6 +30,11 @@
  *  (4) A snapshot read returns success only if the snapshot was not broken when it finished.
  *  (5) Every bitmap here is read and changed under `lock` only (the functions named _locked
  *      check it); I/O never runs under it.
+ *  (6) A discard of the snapshot waits until no copy into its clusters and no read of them
+ *      from the target (TARGET requests) is in flight, so no read returns the scratch's
+ *      zeroes in place of frozen data.
+ *  (7) Nothing writes `file` around this node: while the filter is used it unshares write on
+ *      `file` (cbw_child_perm), and the graph refuses a conflicting writer (graph.c (3)).
  */
 #include <errno.h>
 #include <pthread.h>
