@@ -244,6 +244,10 @@ before_write(CbtBlockdev *bd, guint64 offset, guint64 len)
       break;
     cbt_mutex_cond_wait(&s->lock, &s->cond);
   }
+  /* QEMU marks the whole range done; its clusters that were not copied are outside the view
+   * (no access), so no read looks there, and the query's count is 7.2's. */
+  if (r == 0 && !s->snapshot_error)
+    cbt_bitmap_mark_range(s->done, start, end - start);
   cbt_mutex_unlock(&s->lock);
   /* With break-snapshot a failed copy broke the snapshot instead: the write goes on. */
   return r < 0 && s->on_error == CBT_QMP_ON_CBW_ERROR_BREAK_GUEST_WRITE ? r : 0;

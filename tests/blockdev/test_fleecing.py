@@ -314,6 +314,60 @@ class TestPermissions(unittest.TestCase):
         self.assertTrue(all('Permission conflict on node' in e for e in errors), errors)
 
 
+class TestBitmap(unittest.TestCase):
+    """copy-before-write's `bitmap`: only the regions set in it are copied and readable, on both
+    daemons alike (replies, queries with the filter's anonymous bitmaps, read results)."""
+
+    def session(self, qsd):
+        with Daemon(qsd=qsd) as d:
+            src = cbttest.make_image(d.path('src'), 4 * MiB, [(0, b'\x33' * 4 * MiB)])
+            scratch = cbttest.make_image(d.path('scratch'), 4 * MiB)
+            s = Session(d, src, scratch)
+            sock = d.path('nbd.sock')
+            s.ok('blockdev-add', driver='file', node_name='src', filename=src)
+            s.ok('block-dirty-bitmap-add', node='src', name='b0', granularity=CLUSTER)
+            s.ok('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
+            s.ok('block-export-add', type='nbd', id='e0', node_name='src', writable=True)
+            h = nbd.NBD()
+            h.connect_uri('nbd+unix:///src?socket=' + sock)
+            h.pwrite(b'\x44' * 4096, MiB + 100)
+            h.shutdown()
+            del h
+            s.ok('block-export-del', id='e0')
+            cbttest.wait_for(lambda: s.q.execute('query-block-exports') == [], what='export gone')
+            s.ok('blockdev-add', driver='file', node_name='scr', filename=scratch)
+            s.ok('blockdev-add', driver='copy-before-write', node_name='cbw', file='src',
+                 target='scr', bitmap={'node': 'src', 'name': 'b0'})
+            s.ok('blockdev-add', driver='snapshot-access', node_name='snap', file='cbw')
+            s.ok('block-export-add', type='nbd', id='live', node_name='cbw', name='live',
+                 writable=True)
+            s.ok('block-export-add', type='nbd', id='snap', node_name='snap')
+            live = nbd.NBD()
+            live.connect_uri('nbd+unix:///live?socket=' + sock)
+            live.pwrite(b'\x55' * 3 * CLUSTER, MiB - CLUSTER)  # one cluster in the bitmap
+            snap = nbd.NBD()
+            snap.connect_uri('nbd+unix:///snap?socket=' + sock)
+            results = []
+            for off, length in ((MiB, CLUSTER), (MiB + CLUSTER, 4096), (0, 4096)):
+                try:
+                    data = snap.pread(length, off)
+                    results.append(hashlib.sha256(data).hexdigest())
+                except nbd.Error:
+                    results.append('refused')
+            s.ok('query-named-block-nodes')
+            snap.shutdown()
+            live.shutdown()
+            del snap, live
+            return s.log, results
+
+    def test_bitmap_limits_the_view(self):
+        ref = self.session(qsd=True)
+        got = self.session(qsd=False)
+        self.assertEqual(got, ref)
+        frozen = b'\x33' * 100 + b'\x44' * 4096 + b'\x33' * (CLUSTER - 4196)
+        self.assertEqual(got[1], [hashlib.sha256(frozen).hexdigest(), 'refused', 'refused'])
+
+
 class TestCbtdRefusals(unittest.TestCase):
     """Where qemu-storage-daemon 7.2 asserts, cbtd refuses."""
 
