@@ -7,7 +7,9 @@
  * A cluster (CBW_CLUSTER bytes) is in one of these states, all under CbwState.lock:
  *   need            its old data must reach the target before any write reaches it in file
  *   being copied    claimed by one copy (need cleared, a COPY request in `reqs`, not done)
- *   done            its old data is in target (data runs) or in `zero` (zero runs)
+ *   done            its old data is in target (data runs) or in `zero` (zero runs); a write
+ *                   marks its whole range done, as QEMU, so clusters outside `access` may be
+ *                   done without a copy: no read ever looks at them
  *   free            none of those: outside the bitmap, discarded from the snapshot, or the
  *                   snapshot is broken; writes pass straight through
  * `access` says which clusters the snapshot may read (all, or the bitmap's); reading outside it,
