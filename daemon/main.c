@@ -118,13 +118,13 @@ main(int argc, char **argv)
     cbtd_daemonize_done(EXIT_FAILURE);
     return EXIT_FAILURE;
   }
+  cbt_blockdev_set_bitmap_copy(copy_named_bitmap);
   /* Every schema file's commands: linking these needs every handler. */
   cbt_qmp_register_control(rpc);
   cbt_qmp_register_block_core(rpc);
   cbt_qmp_register_block_export(rpc);
   cbt_qmp_register_dirty_bitmap(rpc);
   cbt_dirty_bitmaps_init();
-  cbt_blockdev_set_bitmap_copy(copy_named_bitmap);
   if (!cbt_rpc_check_complete(rpc, &error)) {
     fprintf(stderr, "cbtd: %s\n", error->message);
     cbtd_daemonize_done(EXIT_FAILURE);
