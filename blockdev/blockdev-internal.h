@@ -99,9 +99,10 @@ typedef struct {
 
 struct CbtBlockdevDriver {
   const char *name;
-  gboolean protocol;                    /* opens a file itself; a parent may borrow its file name */
-  gboolean has_dirty_flag;              /* protocol: query reports image.dirty-flag: false */
-  gboolean is_filter;                   /* passes its FILTERED child's data through unchanged */
+  gboolean protocol;       /* opens a file itself; a parent may borrow its file name */
+  gboolean has_dirty_flag; /* protocol: query reports image.dirty-flag: false */
+  gboolean is_filter;      /* passes its FILTERED child's data through unchanged */
+  gboolean no_image_info;  /* QEMU's bdrv_get_info fails: the query shows no dirty-flag */
   const CbtBlockdevChildSpec *children; /* NULL for protocol drivers */
   /* Request flags (CBT_BLOCKDEV_FUA, _MAY_UNMAP, _NO_FALLBACK) the driver honours itself. The
    * I/O path carries out FUA for the others with a flush after the write, and drops the rest. */
@@ -138,6 +139,10 @@ struct CbtBlockdevDriver {
   /* Apply the node's cumulative permissions (bd->perm, bd->shared) to the medium (image
    * locks). May be NULL. */
   gboolean (*update_perms)(CbtBlockdev *bd, GError **error);
+  /* Optional: the anonymous dirty bitmaps QEMU's driver keeps that query-named-block-nodes
+   * lists on node @shown (@bd itself or one of its children), newest first, appended to @out
+   * (CbtQmpBlockDirtyInfo *, owned). Main thread. */
+  void (*query_bitmaps)(CbtBlockdev *bd, CbtBlockdev *shown, GPtrArray *out);
   /* Bytes allocated on the host, or -1 when unknown. */
   gint64 (*actual_size)(CbtBlockdev *bd);
 };
@@ -147,6 +152,8 @@ extern const CbtBlockdevDriver cbt_blockdev_host_device_driver;
 extern const CbtBlockdevDriver cbt_blockdev_raw_driver;
 extern const CbtBlockdevDriver cbt_blockdev_null_driver;
 extern const CbtBlockdevDriver cbt_blockdev_null_aio_driver;
+extern const CbtBlockdevDriver cbt_blockdev_cbw_driver;
+extern const CbtBlockdevDriver cbt_blockdev_snapshot_access_driver;
 
 /* Registry (blockdev.c). */
 CbtBlockdev *cbt_blockdev_new(const CbtBlockdevDriver *drv);
@@ -187,6 +194,11 @@ guint64 cbt_blockdev_raw_offset(CbtBlockdev *bd);
 
 /* Opening from BlockdevOptions (open.c). */
 CbtBlockdev *cbt_blockdev_open(const CbtQmpBlockdevOptions *opts, GError **error);
+/* For a driver's open with a child beyond `file` (copy-before-write's target): open @ref (or
+ * look it up) as @parent's child @name, inheriting @parent's common options, attach it with the
+ * role of the driver's table and record its options in @parent's under @name. */
+CbtBlockdevChild *cbt_blockdev_open_child(CbtBlockdev *parent, const CbtQmpBlockdevRef *ref,
+                                          const char *name, GError **error);
 
 /* Query output (info.c, transfer full). */
 CbtQmpBlockDeviceInfo *cbt_blockdev_info(CbtBlockdev *bd);

@@ -147,6 +147,13 @@ void cbt_blockdev_notifier_add(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn,
 void cbt_blockdev_notifier_remove(CbtBlockdevEvent event, CbtBlockdevNotifyFunc fn,
                                   gpointer user_data);
 
+/* copy-before-write's `bitmap` option: a copy (transfer full) of the bits of dirty bitmap @name
+ * on node @node, or NULL with QEMU's lookup errors ("Node 'X' not found", "Dirty bitmap 'X' not
+ * found"). Named bitmaps live in a module above this one, so it installs the function (the
+ * daemon wires dirty-bitmaps/ in). Main thread. */
+typedef CbtBitmap *(*CbtBlockdevBitmapCopyFunc)(const char *node, const char *name, GError **error);
+void cbt_blockdev_set_bitmap_copy(CbtBlockdevBitmapCopyFunc fn);
+
 /* Drain: wait for in-flight requests on @bd (and nodes above it), admit none until _end. */
 void cbt_blockdev_drain_begin(CbtBlockdev *bd);
 void cbt_blockdev_drain_end(CbtBlockdev *bd);

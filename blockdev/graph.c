@@ -14,7 +14,9 @@
  *  (1) node->draining == the sum of drains_own over the node and every distinct node below it;
  *  (2) an edge is in exactly its parent's `children` and its node's `parents`;
  *  (3) a node's `perm`/`shared` are what its users and the edges above it need and share, as of
- *      the last cbt_blockdev_refresh_perms() that reached it.
+ *      the last cbt_blockdev_refresh_perms() that reached it; a refresh that finds one holder
+ *      (the users, or an edge) needing what another does not share fails with QEMU's
+ *      "Permission conflict" text, and its caller undoes the change.
  * The graph changes only on the main thread, and where requests could be in flight only with the
  * nodes concerned drained, so the I/O path may follow a node's `file` edge without a lock.
  */
@@ -249,10 +251,76 @@ cumulate(CbtBlockdev *bd)
   }
 }
 
+/* QEMU's names of the permission bits, in bit order. */
+static char *
+perm_names(guint64 perm)
+{
+  static const char *const names[] = { "consistent read", "write", "write unchanged", "resize" };
+  GString *out = g_string_new(NULL);
+
+  for (guint i = 0; i < G_N_ELEMENTS(names); i++)
+    if (perm & (1u << i))
+      g_string_append_printf(out, "%s%s", out->len ? ", " : "", names[i]);
+  return g_string_free(out, FALSE);
+}
+
+/* One holder of permissions on a node: a parent's edge, or the node's users together (QEMU's
+ * BlockBackends: an export is "an unnamed block device" using the node as its "root"). */
+typedef struct {
+  const CbtBlockdevChild *edge; /* NULL: the users */
+  guint64 perm, shared;
+} Holder;
+
+static char *
+holder_text(const Holder *h, const CbtBlockdev *bd)
+{
+  if (!h->edge)
+    return g_strdup_printf("an unnamed block device (uses node '%s' as 'root' child)",
+                           bd->node_name);
+  return g_strdup_printf("node '%s' (uses node '%s' as '%s' child)", h->edge->parent->node_name,
+                         bd->node_name, h->edge->name);
+}
+
+/* QEMU's parents' compliance check: every holder must share what every other one needs. The
+ * users come first, then the parents newest first, as QEMU's list of parents is ordered. */
+static gboolean
+check_conflicts(CbtBlockdev *bd, GError **error)
+{
+  g_autoptr(GArray) hs = g_array_new(FALSE, FALSE, sizeof(Holder));
+  Holder users = { NULL, 0, CBT_PERM_ALL };
+
+  user_perms(bd, &users.perm, &users.shared);
+  if (bd->users || bd->writers)
+    g_array_append_val(hs, users);
+  for (guint i = bd->parents->len; i-- > 0;) {
+    const CbtBlockdevChild *c = g_ptr_array_index(bd->parents, i);
+    Holder h = { c, c->perm, c->shared };
+    g_array_append_val(hs, h);
+  }
+  for (guint a = 0; a < hs->len; a++) {
+    for (guint b = 0; b < hs->len; b++) {
+      const Holder *ha = &g_array_index(hs, Holder, a), *hb = &g_array_index(hs, Holder, b);
+      guint64 denied = hb->perm & ~ha->shared;
+      if (a == b || !denied)
+        continue;
+      g_autofree char *names = perm_names(denied), *req = holder_text(hb, bd);
+      g_autofree char *unshared = holder_text(ha, bd);
+      g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                  "Permission conflict on node '%s': permissions '%s' are both required by %s "
+                  "and unshared by %s.",
+                  bd->node_name, names, req, unshared);
+      return FALSE;
+    }
+  }
+  return TRUE;
+}
+
 static gboolean
 refresh(CbtBlockdev *bd, GError **error)
 {
   cumulate(bd);
+  if (!check_conflicts(bd, error))
+    return FALSE;
   for (guint i = 0; i < bd->children->len; i++) {
     CbtBlockdevChild *c = g_ptr_array_index(bd->children, i);
     if (bd->drv->child_perm) {

@@ -84,12 +84,46 @@ image_info(CbtBlockdev *bd, const char *filename)
   img->virtual_size = (gint64)bd->size;
   img->has_actual_size = actual >= 0;
   img->actual_size = actual;
-  /* Formats pass QEMU's image info request down: the protocol node decides. */
+  /* Formats and filters pass QEMU's image info request down: the protocol node decides,
+   * unless a node on the way has no image info (snapshot-access). */
   CbtBlockdev *bottom = bd;
-  while (cbt_blockdev_primary_child(bottom))
+  while (!bottom->drv->no_image_info && cbt_blockdev_primary_child(bottom))
     bottom = cbt_blockdev_primary_child(bottom);
-  img->has_dirty_flag = bottom->drv->has_dirty_flag;
+  img->has_dirty_flag = !bottom->drv->no_image_info && bottom->drv->has_dirty_flag;
+  /* QEMU shows a filter's child as its backing image. */
+  if (bd->drv->is_filter && bd->file) {
+    g_autofree char *child_name = cbt_blockdev_filename(bd->file->node);
+    img->backing_image = image_info(bd->file->node, child_name);
+  }
   return img;
+}
+
+/* The anonymous bitmaps drivers keep on @bd (a copy-before-write node's, on itself and on its
+ * source) come before the named ones: QEMU lists newest first, and they are made when the
+ * filter opens, after the bitmaps a management layer adds before it. */
+static void
+add_driver_bitmaps(CbtBlockdev *bd, CbtQmpBlockDeviceInfo *info)
+{
+  GPtrArray *out = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_qmp_block_dirty_info_free);
+
+  if (bd->drv->query_bitmaps)
+    bd->drv->query_bitmaps(bd, bd, out);
+  for (guint i = bd->parents->len; i-- > 0;) {
+    CbtBlockdevChild *c = g_ptr_array_index(bd->parents, i);
+    if (c->parent->drv->query_bitmaps)
+      c->parent->drv->query_bitmaps(c->parent, bd, out);
+  }
+  if (out->len == 0) {
+    g_ptr_array_unref(out);
+    return;
+  }
+  if (info->dirty_bitmaps) {
+    for (guint i = 0; i < info->dirty_bitmaps->len; i++)
+      g_ptr_array_add(out, info->dirty_bitmaps->pdata[i]);
+    g_ptr_array_set_free_func(info->dirty_bitmaps, NULL);
+    g_ptr_array_unref(info->dirty_bitmaps);
+  }
+  info->dirty_bitmaps = out;
 }
 
 CbtQmpBlockDeviceInfo *
@@ -103,11 +137,13 @@ cbt_blockdev_info(CbtBlockdev *bd)
   info->drv = g_strdup(bd->drv->name);
   info->detect_zeroes = bd->detect_zeroes;
   info->image = image_info(bd, info->file);
+  info->backing_file_depth = bd->drv->is_filter && bd->file ? 1 : 0;
   info->cache = g_new0(CbtQmpBlockdevCacheInfo, 1);
   info->cache->writeback = TRUE;
   info->cache->direct = bd->cache_direct;
   info->cache->no_flush = bd->cache_no_flush;
   /* Throttling and thresholds: cbtd has neither, so they stay 0. */
   cbt_blockdev_notify(bd, CBT_BLOCKDEV_EVENT_QUERY, info);
+  add_driver_bitmaps(bd, info);
   return info;
 }

@@ -9,8 +9,13 @@
 #define NODE_NAME_MAX 31 /* QEMU keeps node names in char[32] */
 
 static const CbtBlockdevDriver *const drivers[] = {
-  &cbt_blockdev_file_driver, &cbt_blockdev_host_device_driver, &cbt_blockdev_raw_driver,
-  &cbt_blockdev_null_driver, &cbt_blockdev_null_aio_driver,
+  &cbt_blockdev_file_driver,
+  &cbt_blockdev_host_device_driver,
+  &cbt_blockdev_raw_driver,
+  &cbt_blockdev_null_driver,
+  &cbt_blockdev_null_aio_driver,
+  &cbt_blockdev_cbw_driver,
+  &cbt_blockdev_snapshot_access_driver,
 };
 
 static guint64 generated_names;
@@ -130,6 +135,8 @@ child_ref(const CbtQmpBlockdevOptions *opts)
   switch (opts->driver) {
   case CBT_QMP_BLOCKDEV_DRIVER_RAW:
     return opts->u.raw.file;
+  case CBT_QMP_BLOCKDEV_DRIVER_COPY_BEFORE_WRITE:
+    return opts->u.copy_before_write.file;
   case CBT_QMP_BLOCKDEV_DRIVER_BOCHS:
   case CBT_QMP_BLOCKDEV_DRIVER_CLOOP:
   case CBT_QMP_BLOCKDEV_DRIVER_COMPRESS:
@@ -239,6 +246,27 @@ fail:
   g_free(bd->node_name);
   g_free(bd);
   return NULL;
+}
+
+CbtBlockdevChild *
+cbt_blockdev_open_child(CbtBlockdev *parent, const CbtQmpBlockdevRef *ref, const char *name,
+                        GError **error)
+{
+  const Inherited from = {
+    .read_only = parent->read_only,
+    .auto_read_only = parent->auto_read_only,
+    .force_share = parent->force_share,
+    .cache_direct = parent->cache_direct,
+    .cache_no_flush = parent->cache_no_flush,
+    .discard_unmap = parent->discard_unmap,
+  };
+  g_autoptr(CbtBlockdev) child = open_child(ref, &from, error);
+
+  CBT_ASSERT_MAIN_THREAD();
+  if (!child)
+    return NULL;
+  json_object_set_object_member(parent->full_opts, name, json_object_ref(child->full_opts));
+  return cbt_blockdev_attach_child(parent, child, name, child_role(parent->drv, name));
 }
 
 CbtBlockdev *

@@ -21,7 +21,8 @@ import cbttest
 from cbttest import Daemon
 
 # The drivers cbtd implements; qemu-storage-daemon knows 42.
-IMPLEMENTED = {'file', 'host_device', 'raw', 'null-co', 'null-aio'}
+IMPLEMENTED = {'file', 'host_device', 'raw', 'null-co', 'null-aio', 'copy-before-write',
+               'snapshot-access'}
 
 
 def normalise(reply):
@@ -520,8 +521,8 @@ def driver_enum(q):
 
 def minimal_args(drv):
     """Arguments that pass the schema for a driver cbtd does not implement."""
-    formats = {'bochs', 'cloop', 'compress', 'dmg', 'parallels', 'snapshot-access', 'vdi',
-               'vhdx', 'vpc', 'qcow', 'qcow2', 'qed', 'vmdk'}
+    formats = {'bochs', 'cloop', 'compress', 'dmg', 'parallels', 'vdi', 'vhdx', 'vpc', 'qcow',
+               'qcow2', 'qed', 'vmdk'}
     if drv == 'host_cdrom':
         return {'filename': '/nonexistent'}
     return {'file': 'f0'} if drv in formats else {}
