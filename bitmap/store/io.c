@@ -6,7 +6,9 @@
  * Fault injection for tests of the running daemon (builds without NDEBUG only): when the file
  * named by CBTD_STORE_FAULT_FILE exists and holds "enospc", every write that would allocate
  * blocks (a write into a hole of the store file) fails with ENOSPC, as on a full file system,
- * while overwrites of allocated blocks succeed. Removing the file frees the "disk" again.
+ * while overwrites of allocated blocks succeed; when it holds "erofs", every open, write, sync,
+ * punch and allocation fails with EROFS, as after a remount read-only. Removing the file ends
+ * the fault.
  */
 #include "bitmap/store/io.h"
 
@@ -21,9 +23,44 @@ typedef struct {
   int fd;
 } PosixFile;
 
+#ifndef NDEBUG
+/* Does [offset, offset + len) touch a hole (so that writing it allocates)? */
+static gboolean
+touches_hole(int fd, guint64 offset, gsize len)
+{
+  struct stat st;
+
+  if (fstat(fd, &st) == 0 && offset + len > (guint64)st.st_size)
+    return TRUE; /* an append allocates too */
+  off_t h = lseek(fd, (off_t)offset, SEEK_HOLE);
+  return h >= 0 && (guint64)h < offset + len;
+}
+
+/* The fault the test asked for: "enospc" (a full file system) or "erofs" (remounted
+ * read-only: every write, sync and open for writing fails). */
+static gboolean
+fault(const char *kind)
+{
+  const char *path = g_getenv("CBTD_STORE_FAULT_FILE");
+  g_autofree char *text = NULL;
+
+  return path && g_file_get_contents(path, &text, NULL, NULL) && strstr(text, kind);
+}
+#define FAIL_IF_READ_ONLY()                                                                        \
+  G_STMT_START                                                                                     \
+  {                                                                                                \
+    if (fault("erofs"))                                                                            \
+      return -EROFS;                                                                               \
+  }                                                                                                \
+  G_STMT_END
+#else
+#define FAIL_IF_READ_ONLY() ((void)0)
+#endif
+
 static int
 posix_open(const CbtStoreIo *io, const char *path, gboolean create, CbtStoreFile **out)
 {
+  FAIL_IF_READ_ONLY();
   int fd = open(path, O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0600);
   if (fd < 0)
     return -errno;
@@ -40,36 +77,14 @@ posix_open(const CbtStoreIo *io, const char *path, gboolean create, CbtStoreFile
   return 0;
 }
 
-#ifndef NDEBUG
-/* Does [offset, offset + len) touch a hole (so that writing it allocates)? */
-static gboolean
-touches_hole(int fd, guint64 offset, gsize len)
-{
-  struct stat st;
-
-  if (fstat(fd, &st) == 0 && offset + len > (guint64)st.st_size)
-    return TRUE; /* an append allocates too */
-  off_t h = lseek(fd, (off_t)offset, SEEK_HOLE);
-  return h >= 0 && (guint64)h < offset + len;
-}
-
-static gboolean
-disk_full(void)
-{
-  const char *path = g_getenv("CBTD_STORE_FAULT_FILE");
-  g_autofree char *text = NULL;
-
-  return path && g_file_get_contents(path, &text, NULL, NULL) && strstr(text, "enospc");
-}
-#endif
-
 static gssize
 posix_pwrite(CbtStoreFile *file, const void *buf, gsize len, guint64 offset)
 {
   PosixFile *f = (PosixFile *)file;
 
+  FAIL_IF_READ_ONLY();
 #ifndef NDEBUG
-  if (disk_full() && touches_hole(f->fd, offset, len))
+  if (fault("enospc") && touches_hole(f->fd, offset, len))
     return -ENOSPC;
 #endif
   gssize n = pwrite(f->fd, buf, len, (off_t)offset);
@@ -86,6 +101,7 @@ posix_pread(CbtStoreFile *file, void *buf, gsize len, guint64 offset)
 static int
 posix_sync(CbtStoreFile *file)
 {
+  FAIL_IF_READ_ONLY();
   return fdatasync(((PosixFile *)file)->fd) < 0 ? -errno : 0;
 }
 
@@ -94,6 +110,7 @@ posix_punch(CbtStoreFile *file, guint64 offset, guint64 len)
 {
   int fd = ((PosixFile *)file)->fd;
 
+  FAIL_IF_READ_ONLY();
   if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len) == 0)
     return 0;
   if (errno != EOPNOTSUPP)
@@ -114,6 +131,7 @@ posix_punch(CbtStoreFile *file, guint64 offset, guint64 len)
 static int
 posix_allocate(CbtStoreFile *file, guint64 offset, guint64 len)
 {
+  FAIL_IF_READ_ONLY();
   int r = posix_fallocate(((PosixFile *)file)->fd, (off_t)offset, (off_t)len);
   return -r;
 }

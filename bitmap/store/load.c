@@ -409,6 +409,13 @@ cbt_store_load(CbtStore *s, const CbtStoreConfig *config, GError **error)
     load_entries(s, NULL, 0, "the store's directory is unreadable");
     return settle(s, config, error);
   }
+  g_autofree char *marker = cbt_store_failure_marker(s->path);
+  if (s->last_stop != CBT_STORE_STOP_CLEAN && g_file_test(marker, G_FILE_TEST_EXISTS)) {
+    /* The store stopped being writable before the process died: its bits may miss marks. */
+    s->last_stop = CBT_STORE_STOP_SYSTEM;
+    load_entries(s, NULL, 0, "the store could not be written before the last stop");
+    return settle(s, config, error);
+  }
   g_autofree guint64 *regions = NULL;
   guint64 words = (h.slot_len - CBT_STORE_PAGE) / 8;
   if (s->last_stop == CBT_STORE_STOP_SYSTEM) {

@@ -104,10 +104,8 @@ degrade(CbtStore *s, int err)
   s->hdr.flags |= CBT_STORE_HDR_DEGRADED;
   int r = cbt_store_write_header(s);
   cbt_store_report(s, "cannot write a bitmap's bits (recovery will widen by intent regions)", -err);
-  if (r < 0) {
-    __atomic_store_n(&s->failed, TRUE, __ATOMIC_RELEASE);
-    cbt_store_report(s, "cannot record that the store is degraded", -r);
-  }
+  if (r < 0)
+    cbt_store_fail(s, "cannot record that the store is degraded", -r);
 }
 
 /* ---- the write path -------------------------------------------------------------------- */
@@ -158,8 +156,7 @@ wait_intents(CbtStore *s, guint64 gen)
     if (r == 0) {
       s->intent_synced = MAX(s->intent_synced, g);
     } else {
-      __atomic_store_n(&s->failed, TRUE, __ATOMIC_RELEASE);
-      cbt_store_report(s, "cannot sync intent regions", -r);
+      cbt_store_fail(s, "cannot sync intent regions", -r);
     }
     pthread_cond_broadcast(&s->synced);
   }
@@ -184,10 +181,8 @@ mark_intents(CbtStore *s, guint64 r0, guint64 r1)
   if (w0 != G_MAXUINT64) {
     int err = cbt_store_io_write(s->f, written + w0, (w1 - w0 + 1) * 8,
                                  s->hdr.slot_offset[cur] + CBT_STORE_PAGE + w0 * 8);
-    if (err < 0 && !__atomic_load_n(&s->failed, __ATOMIC_ACQUIRE)) {
-      __atomic_store_n(&s->failed, TRUE, __ATOMIC_RELEASE);
-      cbt_store_report(s, "cannot write intent regions", -err);
-    }
+    if (err < 0)
+      cbt_store_fail(s, "cannot write intent regions", -err);
     s->intent_gen++;
   }
   /* Also when another thread wrote these regions and waits for their sync. */

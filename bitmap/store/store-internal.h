@@ -82,6 +82,7 @@ int cbt_store_write_header(CbtStore *s);
 int cbt_store_write_dir(CbtStore *s);
 int cbt_store_fit_area(CbtStore *s, CbtStoreEntry *e);
 void cbt_store_report(CbtStore *s, const char *what, int err);
+void cbt_store_fail(CbtStore *s, const char *what, int err);
 guint64 cbt_store_area_len(guint64 size, guint32 granularity);
 /* load.c: read the header and directory and recover the bitmaps; fills s->hdr, s->entries,
  * s->loaded and s->last_stop. */

@@ -33,8 +33,11 @@
  */
 #include "bitmap/store/store-internal.h"
 
+#include <glib/gstdio.h>
+
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 G_DEFINE_QUARK(cbt - store - error - quark, cbt_store_error)
 
@@ -55,6 +58,40 @@ cbt_store_report(CbtStore *s, const char *what, int err)
     s->err_fn(s, what, err, s->err_data);
   else
     g_warning("bitmap store %s: %s: %s", s->path, what, g_strerror(err));
+}
+
+/* The failure marker of the store at @path: a file in the runtime directory (a tmpfs: it
+ * outlives the process, not the boot), named after the store's path. */
+char *
+cbt_store_failure_marker(const char *path)
+{
+  const char *dir = g_getenv("CBTD_RUN_DIR");
+  g_autofree char *base = NULL;
+  g_autofree char *sum = g_compute_checksum_for_string(G_CHECKSUM_SHA256, path, -1);
+  g_autofree char *name = g_strconcat(sum, ".store-failed", NULL);
+
+  if (!dir || !*dir)
+    dir = base = geteuid() == 0 ? g_strdup("/run/cbtd")
+                                : g_build_filename(g_get_user_runtime_dir(), "cbtd", NULL);
+  return g_build_filename(dir, name, NULL);
+}
+
+/* Even the preallocated metadata cannot be written (a read-only file system, a dying disk):
+ * the file can no longer promise anything for an unclean stop. So that the next open on this
+ * boot does not trust it, the failure is recorded outside it; that open loads every bitmap
+ * inconsistent (load.c). */
+void
+cbt_store_fail(CbtStore *s, const char *what, int err)
+{
+  if (__atomic_exchange_n(&s->failed, TRUE, __ATOMIC_ACQ_REL))
+    return;
+  g_autofree char *marker = cbt_store_failure_marker(s->path);
+  g_autofree char *dir = g_path_get_dirname(marker);
+  g_autoptr(GError) local = NULL;
+  if (g_mkdir_with_parents(dir, 0700) < 0 || !g_file_set_contents(marker, s->path, -1, &local))
+    g_warning("bitmap store %s: cannot record its failure in %s: %s", s->path, marker,
+              local ? local->message : g_strerror(errno));
+  cbt_store_report(s, what, err);
 }
 
 static gboolean
@@ -257,6 +294,9 @@ cbt_store_open(const char *path, const CbtStoreConfig *config, const CbtStoreIo 
     cbt_store_abandon(s);
     return NULL;
   }
+  /* The load took the marker into account (its bitmaps are inconsistent now, durably). */
+  g_autofree char *marker = cbt_store_failure_marker(path);
+  g_unlink(marker);
   cbt_store_publish_recording(s);
   cbt_store_syncer_start(s);
   return s;
@@ -347,6 +387,11 @@ cbt_store_close(CbtStore *store, GError **error)
     if (e->inconsistent && e->bm && cbt_store_write_area(store, e) == 0)
       e->inconsistent = FALSE;
   }
+  /* A store that failed gets one more try: every area rewritten from memory (the degraded
+   * path of the sync). Only if all of it lands is the failure marker dropped below. */
+  gboolean was_failed = __atomic_exchange_n(&store->failed, FALSE, __ATOMIC_ACQ_REL);
+  if (was_failed)
+    __atomic_store_n(&store->degraded, TRUE, __ATOMIC_RELEASE);
   int r = cbt_store_sync_locked_out(store, TRUE);
   /* The areas now equal memory: record their checksums for the next open to verify. */
   for (guint i = 0; r == 0 && i < store->entries->len; i++) {
@@ -363,6 +408,10 @@ cbt_store_close(CbtStore *store, GError **error)
     io_error(store, error, r < 0 ? r : -EIO, "the store could not be closed cleanly");
     store_free(store);
     return FALSE;
+  }
+  if (was_failed) {
+    g_autofree char *marker = cbt_store_failure_marker(store->path);
+    g_unlink(marker);
   }
   store_free(store);
   return TRUE;
@@ -477,10 +526,8 @@ cbt_store_rewrite(CbtStore *store, const char *name, GError **error)
   if (r < 0) {
     e->inconsistent = TRUE;
     int r2 = cbt_store_write_dir(store);
-    if (r2 < 0) {
-      __atomic_store_n(&store->failed, TRUE, __ATOMIC_RELEASE);
-      cbt_store_report(store, "cannot flag a bitmap inconsistent", -r2);
-    }
+    if (r2 < 0)
+      cbt_store_fail(store, "cannot flag a bitmap inconsistent", -r2);
     return io_error(store, error, r, "cannot write the bitmap");
   }
   return TRUE;

@@ -114,6 +114,11 @@ void cbt_store_set_error_func(CbtStore *store, CbtStoreErrorFunc fn, gpointer da
 /* Is the store degraded (a failure since open that recovery will widen for)? */
 gboolean cbt_store_is_degraded(const CbtStore *store);
 
+/* Where a store at @path that could not be written at all records that (outside itself, in
+ * $CBTD_RUN_DIR, else /run/cbtd for root, else $XDG_RUNTIME_DIR/cbtd), so that the next open on
+ * this boot loads its bitmaps inconsistent. Transfer full. */
+char *cbt_store_failure_marker(const char *path);
+
 /* Close cleanly: sync, record a clean stop, release the lock, free. FALSE (and the store still
  * freed) when the final writes failed: the next open then recovers as after a crash. */
 gboolean cbt_store_close(CbtStore *store, GError **error);

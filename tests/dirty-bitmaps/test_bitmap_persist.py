@@ -657,6 +657,40 @@ class FullDisk(Base):
             b['recovery'], b['recovered-widening'], b.get('recovery-reason')))
         n.stop()
 
+    def test_read_only_file_system(self):
+        """The store's file system turns read-only (fault injection: every write, sync and
+        open for writing of the store fails with EROFS). The event and the log say so, NBD
+        writes go on, and after kill -9 and a restart with the file system writable again the
+        bitmap comes back inconsistent, never short of the writes made meanwhile."""
+        fault = os.path.join(self.dir, 'fault')
+        os.environ['CBTD_STORE_FAULT_FILE'] = fault
+        os.environ['CBTD_RUN_DIR'] = self.dir
+        self.addCleanup(os.environ.pop, 'CBTD_STORE_FAULT_FILE', None)
+        self.addCleanup(os.environ.pop, 'CBTD_RUN_DIR', None)
+        n = self.node(size=256 * MiB).start()
+        n.add('b', persistent=True, granularity=65536)
+        n.write([(0, b'a' * 4096)])
+        with open(fault, 'w') as f:
+            f.write('erofs')
+        offsets = [i * 65 * MiB for i in range(1, 4)]  # new intent regions
+        n.write([(off, b'w' * 4096) for off in offsets])  # every write succeeds
+        ev = n.q.wait_event('BLOCK_DIRTY_BITMAP_STORE_ERROR')
+        self.assertEqual(ev['data']['error'], os.strerror(30))
+        self.assertIn(os.strerror(30), n.log())
+        self.assertTrue(n.bitmaps()['b'].get('store-degraded'))
+        self.assertEqual(len([p for p in os.listdir(self.dir) if p.endswith('.store-failed')]), 1)
+        n.kill9()
+        os.unlink(fault)
+        n.start()
+        b = n.bitmaps()['b']
+        self.assertTrue(b.get('inconsistent'))
+        self.assertEqual(b['recovery-reason'],
+                         'the store could not be written before the last stop')
+        self.assertIn('inconsistent', n.log())
+        self.assertEqual([p for p in os.listdir(self.dir) if p.endswith('.store-failed')], [])
+        n.ok('block-dirty-bitmap-remove', node='d0', name='b')  # only remove works
+        n.stop()
+
     def test_enospc_fails_a_merge_cleanly(self):
         """A command whose durable step fails fails, with memory as it was and the store not
         bringing back a bitmap with fewer bits than memory had."""

@@ -284,6 +284,60 @@ test_enospc(void)
   crashsim_free(sim);
 }
 
+/* A store that cannot be written at all (syncs fail: a read-only file system) leaves a marker
+ * outside itself, and the next open on this boot loads its bitmaps inconsistent rather than
+ * trusting a file that missed marks. */
+static void
+test_failed_store(void)
+{
+  g_autoptr(GError) error = NULL;
+  g_autofree char *run = g_dir_make_tmp("cbt-run-XXXXXX", &error);
+  CrashSim *sim = crashsim_new("boot-a");
+  g_autoptr(CbtBitmap) bm = cbt_bitmap_new(DEV, 65536);
+
+  g_setenv("CBTD_RUN_DIR", run, TRUE);
+  CbtStore *s = open_ok(sim, TRUE);
+  g_assert_true(cbt_store_add(s, "b", bm, TRUE, &error));
+  cbt_store_mark(s, 0, 4096);
+  crashsim_set_sync_error(sim, TRUE);
+  cbt_store_mark(s, 100 * MiB, 4096); /* a new region: its intent cannot be made durable */
+  g_assert_true(cbt_store_is_degraded(s));
+  g_autofree char *marker = cbt_store_failure_marker("sim.cbt");
+  g_assert_true(g_file_test(marker, G_FILE_TEST_EXISTS));
+  CrashSim *copy = crashsim_after_crash(sim, crashsim_ops(sim), TRUE, 0);
+  cbt_store_abandon(s);
+  CbtStore *back = open_ok(copy, FALSE);
+  CbtStoreBitmap *b = loaded(back, "b");
+  g_assert_true(b->inconsistent);
+  g_assert_cmpstr(b->reason, ==, "the store could not be written before the last stop");
+  g_assert_false(g_file_test(marker, G_FILE_TEST_EXISTS));
+  cbt_store_abandon(back);
+  crashsim_free(copy);
+  /* Writable again before a clean stop: everything rewritten, the marker gone, exact. */
+  g_autoptr(CbtBitmap) bm2 = cbt_bitmap_new(DEV, 65536);
+  crashsim_free(sim);
+  sim = crashsim_new("boot-a");
+  s = open_ok(sim, TRUE);
+  g_assert_true(cbt_store_add(s, "b", bm2, TRUE, &error));
+  crashsim_set_sync_error(sim, TRUE);
+  cbt_store_mark(s, 100 * MiB, 4096);
+  g_assert_true(g_file_test(marker, G_FILE_TEST_EXISTS));
+  crashsim_set_sync_error(sim, FALSE);
+  cbt_store_mark(s, 200 * MiB, 4096);
+  g_autofree char *sha = cbt_bitmap_sha256(bm2);
+  g_assert_true(cbt_store_close(s, &error));
+  g_assert_false(g_file_test(marker, G_FILE_TEST_EXISTS));
+  s = open_ok(sim, FALSE);
+  b = loaded(s, "b");
+  g_assert_false(b->inconsistent);
+  g_autofree char *sha2 = cbt_bitmap_sha256(b->bitmap);
+  g_assert_cmpstr(sha, ==, sha2);
+  cbt_store_abandon(s);
+  crashsim_free(sim);
+  g_unsetenv("CBTD_RUN_DIR");
+  g_rmdir(run);
+}
+
 /* A store with two bitmaps and some marks, closed cleanly; returns the sha of "a". */
 static char *
 make_store(CrashSim *sim)
@@ -485,6 +539,7 @@ main(int argc, char **argv)
   g_test_add_func("/store/round-trip", test_round_trip);
   g_test_add_func("/store/replay", test_replay);
   g_test_add_func("/store/enospc", test_enospc);
+  g_test_add_func("/store/failed", test_failed_store);
   g_test_add_func("/store/corrupt", test_corrupt);
   g_test_add_func("/store/resize", test_resize);
   g_test_add_func("/store/posix-lock", test_posix_lock);
