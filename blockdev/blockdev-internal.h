@@ -191,6 +191,8 @@ const CbtQmpBlockdevOptionsFile *cbt_blockdev_file_options(const CbtQmpBlockdevO
 
 /* Where a raw node's window starts in its child (raw.c). */
 guint64 cbt_blockdev_raw_offset(CbtBlockdev *bd);
+/* After blockdev-reopen gave a raw node another `file` child: its file name follows (raw.c). */
+void cbt_blockdev_raw_file_changed(CbtBlockdev *bd);
 
 /* Opening from BlockdevOptions (open.c). */
 CbtBlockdev *cbt_blockdev_open(const CbtQmpBlockdevOptions *opts, GError **error);

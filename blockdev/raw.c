@@ -161,17 +161,32 @@ raw_child_perm(CbtBlockdev *bd, const CbtBlockdevChild *c, guint64 perm, guint64
   *ret_shared = s && s->windowed ? shared & ~CBT_PERM_RESIZE : shared;
 }
 
+/* QEMU borrows the file name of a protocol child when no option of ours changes the data;
+ * over any other child the node is named by its options (json:{...}). */
+static void
+borrow_filename(CbtBlockdev *bd, const RawState *s)
+{
+  CbtBlockdev *file = child(bd);
+
+  g_clear_pointer(&bd->exact_filename, g_free);
+  if (!s->windowed && file->drv->protocol && file->exact_filename)
+    bd->exact_filename = g_strdup(file->exact_filename);
+}
+
+void
+cbt_blockdev_raw_file_changed(CbtBlockdev *bd)
+{
+  borrow_filename(bd, bd->opaque);
+}
+
 static gboolean
 raw_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
 {
   g_autofree RawState *s = g_new0(RawState, 1);
-  CbtBlockdev *file = child(bd);
 
   if (!window(bd, &opts->u.raw, s, error))
     return FALSE;
-  /* QEMU borrows the file name of a protocol child when no option of ours changes the data. */
-  if (!s->windowed && file->drv->protocol && file->exact_filename)
-    bd->exact_filename = g_strdup(file->exact_filename);
+  borrow_filename(bd, s);
   bd->opaque = g_steal_pointer(&s);
   return TRUE;
 }

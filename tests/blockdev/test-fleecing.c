@@ -3,7 +3,8 @@
  * read returns is checked against the image as it was), reads that start in a copied cluster
  * and run past it, both on-cbw-error modes with a target that fails, a bitmap that limits the
  * copy, the snapshot's discard, and the refusals (target too small, unaligned discard, a
- * snapshot-access over a node that keeps no view).
+ * snapshot-access over a node that keeps no view); blockdev-reopen inserting the filter under a
+ * raw node that writers use and taking it out again, and its refusals.
  *
  * Nodes come from blockdev-add (cbt_rpc_execute), except the `test-faulty` nodes below, built by
  * hand: a pass-through over a real node that can fail writes and slow every request down, so a
@@ -633,6 +634,239 @@ test_refusals(void)
   del("n0");
 }
 
+/* ---- blockdev-reopen: the filter inserted under a format node in use ---------------------- */
+
+static gboolean try_reopen(GError **error, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+
+static gboolean
+try_reopen(GError **error, const char *fmt, ...)
+{
+  va_list ap;
+
+  va_start(ap, fmt);
+  g_autofree char *json = g_strdup_vprintf(fmt, ap);
+  va_end(ap);
+  g_autofree char *wrapped = g_strdup_printf("{\"options\": [%s]}", json);
+  g_autoptr(JsonNode) args = cbt_rpc_json_parse(wrapped, -1, error);
+  g_assert_nonnull(args);
+  g_autoptr(JsonNode) ret =
+    cbt_rpc_execute(rpc, "blockdev-reopen", json_node_get_object(args), FALSE, error);
+  return ret != NULL;
+}
+
+#define REOPEN_BLOCK (4 * KiB)
+#define REOPEN_WRITERS 4
+#define FMT_ON(child) "{\"driver\": \"raw\", \"node-name\": \"fmt\", \"file\": \"" child "\"}"
+
+/* The raw node fmt over the file src, the scratch tgt, and cbw over src (unused yet). */
+static void
+reopen_graph_open(void)
+{
+  g_autoptr(GError) error = NULL;
+  g_autofree char *src = make_file("src.img", SIZE, NULL);
+  g_autofree char *scr = make_file("scratch.img", SIZE, NULL);
+
+  g_assert_true(
+    try_add(&error, "{\"driver\": \"file\", \"node-name\": \"src\", \"filename\": \"%s\"}", src));
+  g_assert_true(
+    try_add(&error, "{\"driver\": \"raw\", \"node-name\": \"fmt\", \"file\": \"src\"}"));
+  g_assert_true(try_add(&error,
+                        "{\"driver\": \"raw\", \"node-name\": \"tgt\", \"file\": {\"driver\": "
+                        "\"file\", \"filename\": \"%s\"}}",
+                        scr));
+  g_assert_true(try_add(&error, "{\"driver\": \"copy-before-write\", \"node-name\": \"cbw\", "
+                                "\"file\": \"src\", \"target\": \"tgt\"}"));
+  g_assert_no_error(error);
+}
+
+static void
+reopen_graph_close(void)
+{
+  for (const char *const *n = (const char *const[]){ "fmt", "cbw", "tgt", "src", NULL }; *n; n++)
+    del(*n);
+  g_assert_null(cbt_blockdev_list());
+}
+
+/* Writers of fmt while the main thread swaps its child: each owns the blocks b with
+ * b % REOPEN_WRITERS == its index and writes them with rising values (value and block in every
+ * word), recording per block the last value written before the freeze began and the first one
+ * begun after it ended. */
+typedef struct {
+  CbtBlockdev *fmt;
+  guint index;
+  gint *phase; /* 0 before the freeze, 1 during blockdev-reopen, 2 after, 3: stop */
+  guint32 last[SIZE / REOPEN_BLOCK];
+  guint32 before[SIZE / REOPEN_BLOCK];
+  guint32 after[SIZE / REOPEN_BLOCK];
+} ReopenWriter;
+
+static void
+fill_block(guint32 *words, guint32 block, guint32 value)
+{
+  for (guint i = 0; i < REOPEN_BLOCK / 4; i += 2) {
+    words[i] = value;
+    words[i + 1] = block;
+  }
+}
+
+static gpointer
+reopen_writer(gpointer data)
+{
+  ReopenWriter *w = data;
+  g_autoptr(GRand) r = g_rand_new_with_seed(w->index + 1);
+  guint32 words[REOPEN_BLOCK / 4];
+
+  while (g_atomic_int_get(w->phase) != 3) {
+    guint32 b =
+      g_rand_int_range(r, 0, SIZE / REOPEN_BLOCK / REOPEN_WRITERS) * REOPEN_WRITERS + w->index;
+    guint32 v = ++w->last[b];
+    gint p0 = g_atomic_int_get(w->phase);
+    fill_block(words, b, v);
+    g_assert_cmpint(io_pwrite(w->fmt, words, (guint64)b * REOPEN_BLOCK, sizeof(words)), ==, 0);
+    if (g_atomic_int_get(w->phase) == 0)
+      w->before[b] = v;
+    if (p0 == 2 && !w->after[b])
+      w->after[b] = v;
+  }
+  return NULL;
+}
+
+/* The value of block @b read from @bd; the block must be one whole write. */
+static guint32
+block_value(CbtBlockdev *bd, guint32 b)
+{
+  guint32 words[REOPEN_BLOCK / 4], expect[REOPEN_BLOCK / 4];
+
+  g_assert_cmpint(io_pread(bd, words, (guint64)b * REOPEN_BLOCK, sizeof(words)), ==, 0);
+  if (words[0] == 0 && words[1] == 0)
+    return 0;
+  fill_block(expect, b, words[0]);
+  g_assert_true(memcmp(words, expect, sizeof(words)) == 0);
+  return words[0];
+}
+
+static void
+run_writers(ReopenWriter *w, GThread **t, CbtBlockdev *fmt, gint *phase)
+{
+  for (guint i = 0; i < REOPEN_WRITERS; i++) {
+    w[i].fmt = fmt;
+    w[i].index = i;
+    w[i].phase = phase;
+    t[i] = g_thread_new("writer", reopen_writer, &w[i]);
+  }
+}
+
+/* The freeze under writers: the snapshot holds, for every block, a value written no earlier
+ * than the last write completed before blockdev-reopen began, and earlier than the first one
+ * begun after it returned (a write that reached src around the filter breaks this); a reopen
+ * back while the snapshot is in use is a permission conflict that leaves the filter in place;
+ * after the reopen back, src holds every block's last write. */
+static void
+test_reopen_writers(void)
+{
+  g_autoptr(GError) error = NULL;
+  g_autofree ReopenWriter *w = g_new0(ReopenWriter, REOPEN_WRITERS);
+  GThread *t[REOPEN_WRITERS];
+  gint phase = 0;
+
+  reopen_graph_open();
+  CbtBlockdev *fmt = cbt_blockdev_find("fmt"), *src = cbt_blockdev_find("src");
+  g_assert_true(cbt_blockdev_acquire_write(fmt, &error));
+  run_writers(w, t, fmt, &phase);
+  g_usleep(50000);
+  g_atomic_int_set(&phase, 1);
+  g_assert_true(try_reopen(&error, FMT_ON("cbw")));
+  g_atomic_int_set(&phase, 2);
+  g_assert_true(fmt->file->node == cbt_blockdev_find("cbw"));
+  g_assert_true(try_add(&error, "{\"driver\": \"snapshot-access\", \"node-name\": \"snap\", "
+                                "\"file\": \"cbw\"}"));
+  g_usleep(50000);
+  /* With the snapshot in use the filter unshares write on src: fmt may not go back. */
+  g_assert_false(try_reopen(&error, FMT_ON("src")));
+  g_assert_cmpstr(error->message, ==,
+                  "Permission conflict on node 'src': permissions 'write' are both required by "
+                  "node 'fmt' (uses node 'src' as 'file' child) and unshared by node 'cbw' (uses "
+                  "node 'src' as 'file' child).");
+  g_clear_error(&error);
+  g_assert_true(fmt->file->node == cbt_blockdev_find("cbw"));
+  g_usleep(50000);
+  g_atomic_int_set(&phase, 3);
+  for (guint i = 0; i < REOPEN_WRITERS; i++)
+    g_thread_join(t[i]);
+  CbtBlockdev *snap = cbt_blockdev_find("snap");
+  for (guint32 b = 0; b < SIZE / REOPEN_BLOCK; b++) {
+    ReopenWriter *o = &w[b % REOPEN_WRITERS];
+    guint32 v = block_value(snap, b);
+    g_assert_cmpuint(v, >=, o->before[b]);
+    if (o->after[b])
+      g_assert_cmpuint(v, <, o->after[b]);
+    g_assert_cmpuint(block_value(src, b), ==, o->last[b]);
+  }
+  del("snap");
+  phase = 0;
+  run_writers(w, t, fmt, &phase);
+  g_usleep(20000);
+  g_assert_true(try_reopen(&error, FMT_ON("src")));
+  g_assert_no_error(error);
+  g_usleep(20000);
+  g_atomic_int_set(&phase, 3);
+  for (guint i = 0; i < REOPEN_WRITERS; i++)
+    g_thread_join(t[i]);
+  g_assert_true(fmt->file->node == src);
+  for (guint32 b = 0; b < SIZE / REOPEN_BLOCK; b++)
+    g_assert_cmpuint(block_value(src, b), ==, w[b % REOPEN_WRITERS].last[b]);
+  cbt_blockdev_release_write(fmt);
+  reopen_graph_close();
+}
+
+/* Bad requests change nothing: every entry is checked before any edge moves. */
+static void
+test_reopen_refusals(void)
+{
+  static const struct {
+    const char *options, *message;
+  } cases[] = {
+    { "", "blockdev-reopen needs the options of at least one node" },
+    { "{\"driver\": \"raw\", \"file\": \"cbw\"}", "node-name not specified" },
+    { "{\"driver\": \"raw\", \"node-name\": \"no\", \"file\": \"cbw\"}",
+      "Failed to find node with node-name='no'" },
+    { "{\"driver\": \"null-co\", \"node-name\": \"fmt\"}", "Cannot change the option 'driver'" },
+    { FMT_ON("nonode"), "Cannot find device='' nor node-name='nonode'" },
+    { FMT_ON("fmt"), "Making 'fmt' a file child of 'fmt' would create a cycle" },
+    { "{\"driver\": \"raw\", \"node-name\": \"fmt\", \"file\": \"cbw\", \"force-share\": true, "
+      "\"read-only\": true}",
+      "Cannot change the option 'force-share'" },
+    { "{\"driver\": \"raw\", \"node-name\": \"fmt\", \"file\": \"cbw\", \"read-only\": true}",
+      "cbtd cannot change the option 'read-only' of node 'fmt' by blockdev-reopen" },
+    { "{\"driver\": \"raw\", \"node-name\": \"fmt\", \"file\": \"cbw\", \"offset\": 512}",
+      "cbtd cannot change the option 'offset' of node 'fmt' by blockdev-reopen" },
+    { "{\"driver\": \"raw\", \"node-name\": \"fmt\", \"file\": {\"driver\": \"null-co\"}}",
+      "Cannot change the option 'file.driver'" },
+    { "{\"driver\": \"file\", \"node-name\": \"src\", \"filename\": \"x\"}",
+      "cbtd cannot reopen node 'src': blockdev-reopen supports raw nodes only, not 'file'" },
+    { FMT_ON("cbw") ", " FMT_ON("src"),
+      "cbtd cannot reopen node 'fmt' twice in one blockdev-reopen" },
+    { FMT_ON("cbw") ", {\"driver\": \"raw\", \"node-name\": \"tgt\", \"file\": \"nonode\"}",
+      "Cannot find device='' nor node-name='nonode'" },
+    /* The scratch's raw node over cbw: cbw's target would lie below itself. */
+    { "{\"driver\": \"raw\", \"node-name\": \"tgt\", \"file\": \"cbw\"}",
+      "Making 'cbw' a file child of 'tgt' would create a cycle" },
+  };
+
+  reopen_graph_open();
+  CbtBlockdev *fmt = cbt_blockdev_find("fmt"), *src = cbt_blockdev_find("src");
+  CbtBlockdev *tgt = cbt_blockdev_find("tgt");
+  CbtBlockdev *scratch = tgt->file->node;
+  for (gsize i = 0; i < G_N_ELEMENTS(cases); i++) {
+    g_autoptr(GError) error = NULL;
+    g_assert_false(try_reopen(&error, "%s", cases[i].options));
+    g_assert_cmpstr(error->message, ==, cases[i].message);
+    g_assert_true(fmt->file->node == src);
+    g_assert_true(tgt->file->node == scratch);
+  }
+  reopen_graph_close();
+}
+
 int
 main(int argc, char **argv)
 {
@@ -654,6 +888,8 @@ main(int argc, char **argv)
   g_test_add_func("/fleecing/no-bypass", test_no_bypass);
   g_test_add_func("/fleecing/bitmap", test_bitmap);
   g_test_add_func("/fleecing/refusals", test_refusals);
+  g_test_add_func("/fleecing/reopen-writers", test_reopen_writers);
+  g_test_add_func("/fleecing/reopen-refusals", test_reopen_refusals);
   int ret = g_test_run();
   cbt_blockdev_close_all();
   cbt_rpc_free(rpc);
