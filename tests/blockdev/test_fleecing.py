@@ -272,6 +272,111 @@ class TestFleecing(unittest.TestCase):
         self.assertIn('data', got['map-before'])
 
 
+class TestReopen(unittest.TestCase):
+    """The QEMU way as management layers script it on 7.2: the disk's raw node is exported
+    writable first; the filter goes in under it with blockdev-reopen (the freeze) and comes out
+    again the same way. Same replies and error texts on both daemons (the refusals 7.2 answers
+    rather than asserting on), the snapshot equals the source at the freeze while a writer
+    overwrites the disk, and the disk has every write."""
+
+    def setUp(self):
+        self.img = frozen_image()
+        self.ops = writer_ops(seed=6, n=200)
+
+    def reopen(self, s, node, file, **extra):
+        entry = dict(driver='raw', node_name=node, file=file, discard='unmap', **extra)
+        return s.cmd('blockdev-reopen',
+                     options=[{k.replace('_', '-'): v for k, v in entry.items()}])
+
+    def refusals(self, s):
+        s.cmd('blockdev-reopen', options=[{'driver': 'raw', 'file': 'cbw', 'discard': 'unmap'}])
+        s.cmd('blockdev-reopen', options=[{'driver': 'raw', 'node-name': 'nope', 'file': 'cbw',
+                                           'discard': 'unmap'}])
+        s.cmd('blockdev-reopen', options=[{'driver': 'null-co', 'node-name': 'fmt'}])
+        s.cmd('blockdev-reopen', options=[{'driver': 'raw', 'node-name': 'fmt', 'discard': 'unmap'}])
+        self.reopen(s, 'fmt', 'nonode')
+        self.reopen(s, 'fmt', 'fmt')
+        self.reopen(s, 'fmt', 'cbw', force_share=True, read_only=True)
+        self.reopen(s, 'scr', 'cbw')
+        self.reopen(s, 'fmt', {'driver': 'null-co'})
+        s.cmd('blockdev-reopen', options=[
+            {'driver': 'raw', 'node-name': 'fmt', 'file': 'cbw', 'discard': 'unmap'},
+            {'driver': 'raw', 'node-name': 'scr', 'file': 'nonode', 'discard': 'unmap'}])
+
+    def session(self, qsd):
+        with Daemon(qsd=qsd) as d:
+            src, scratch = d.path('src'), d.path('scratch')
+            write_image(src, self.img)
+            cbttest.make_image(scratch, SIZE)
+            s = Session(d, src, scratch)
+            sock = d.path('nbd.sock')
+            s.ok('blockdev-add', driver='file', node_name='src', filename=src, discard='unmap')
+            s.ok('blockdev-add', driver='raw', node_name='fmt', file='src', discard='unmap')
+            s.ok('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
+            s.ok('block-export-add', type='nbd', id='live', node_name='fmt', name='live',
+                 writable=True)
+            s.ok('blockdev-add', driver='file', node_name='scrf', filename=scratch)
+            s.ok('blockdev-add', driver='raw', node_name='scr', file='scrf', discard='unmap')
+            s.ok('blockdev-add', driver='copy-before-write', node_name='cbw', file='src',
+                 target='scr', discard='unmap')
+            self.refusals(s)
+            s.ok('query-named-block-nodes')
+            # The freeze: the writer is paused (no request in flight) while it runs.
+            s.ok('blockdev-reopen', options=[{'driver': 'raw', 'node-name': 'fmt',
+                                              'file': 'cbw', 'discard': 'unmap'}])
+            s.ok('blockdev-add', driver='snapshot-access', node_name='snap', file='cbw')
+            s.ok('block-export-add', type='nbd', id='snap', node_name='snap')
+            s.ok('query-named-block-nodes')
+            live = nbd.NBD()
+            live.connect_uri('nbd+unix:///live?socket=' + sock)
+            TestFleecing.read_snapshot_while_writing(self, sock, live, spanning=False)
+            out = {'live': hashlib.sha256(live.pread(SIZE, 0)).hexdigest()}
+            snap = nbd.NBD()
+            snap.connect_uri('nbd+unix:///snap?socket=' + sock)
+            out['snapshot'] = hashlib.sha256(b''.join(
+                snap.pread(CLUSTER, off) for off in range(0, SIZE, CLUSTER))).hexdigest()
+            snap.shutdown()
+            del snap
+            # While the snapshot is used the filter unshares write on src: no way back yet.
+            self.reopen(s, 'fmt', 'src')
+            s.ok('block-export-del', id='snap')
+            cbttest.wait_for(lambda: len(s.q.execute('query-block-exports')) == 1,
+                             what='snapshot export gone')
+            s.ok('blockdev-del', node_name='snap')
+            s.ok('blockdev-reopen', options=[{'driver': 'raw', 'node-name': 'fmt',
+                                              'file': 'src', 'discard': 'unmap'}])
+            s.ok('query-named-block-nodes')
+            live.pwrite(b'\x99' * 4096, 0)  # the disk is written directly again
+            out['first-block'] = hashlib.sha256(live.pread(4096, 0)).hexdigest()
+            live.shutdown()
+            del live
+            for node in ('cbw', 'scr', 'scrf'):
+                s.ok('blockdev-del', node_name=node)
+            s.cmd('blockdev-del', node_name='fmt')
+            s.ok('block-export-del', id='live')
+            cbttest.wait_for(lambda: s.q.execute('query-block-exports') == [],
+                             what='exports gone')
+            s.ok('blockdev-del', node_name='fmt')
+            s.ok('blockdev-del', node_name='src')
+            s.ok('query-named-block-nodes')
+            out['log'] = s.log
+            return out
+
+    def test_reopen_choreography(self):
+        ref = self.session(qsd=True)
+        got = self.session(qsd=False)
+        for name, out in (('qsd', ref), ('cbtd', got)):
+            self.assertEqual(out['snapshot'], hashlib.sha256(self.img).hexdigest(), name)
+            self.assertEqual(out['live'],
+                             hashlib.sha256(apply_ops(self.img, self.ops)).hexdigest(), name)
+            self.assertEqual(out['first-block'], hashlib.sha256(b'\x99' * 4096).hexdigest())
+        self.assertEqual([c for c, _ in got['log']], [c for c, _ in ref['log']])
+        for (cmd, mine), (_, theirs) in zip(got['log'], ref['log']):
+            self.assertEqual(mine, theirs, cmd)
+        errors = [r for c, r in got['log'] if c == 'blockdev-reopen' and '"error"' in r]
+        self.assertEqual(len(errors), 11)
+
+
 class TestPermissions(unittest.TestCase):
     """No writer may bypass the filter: once the filter is used, it unshares write on its
     source, and a conflict is refused with QEMU's text, on both daemons alike."""
@@ -370,6 +475,14 @@ class TestBitmap(unittest.TestCase):
 
 class TestCbtdRefusals(unittest.TestCase):
     """Where qemu-storage-daemon 7.2 asserts, cbtd refuses."""
+
+    def test_reopen_empty_list(self):
+        with Daemon() as d:
+            q = connect(d)
+            self.assertEqual(q.error('blockdev-reopen', options=[]),
+                             ('GenericError',
+                              'blockdev-reopen needs the options of at least one node'))
+            self.assertEqual(q.execute('query-named-block-nodes'), [])
 
     def test_target_too_small_and_unaligned_discard(self):
         with Daemon() as d:
