@@ -202,6 +202,13 @@ CbtBlockdev *cbt_blockdev_open(const CbtQmpBlockdevOptions *opts, GError **error
 CbtBlockdevChild *cbt_blockdev_open_child(CbtBlockdev *parent, const CbtQmpBlockdevRef *ref,
                                           const char *name, GError **error);
 
+/* For nodes cbtd builds itself (snapshot.c): open @opts as a node with a generated name that
+ * the monitor does not own, so only the caller's reference keeps it (open.c). */
+CbtBlockdev *cbt_blockdev_open_internal(const CbtQmpBlockdevOptions *opts, GError **error);
+/* Make @file the `file` child of raw node @bd, which the caller drains, and refresh the
+ * permissions; on a refusal the old child is back and FALSE is returned (reopen.c). */
+gboolean cbt_blockdev_swap_file(CbtBlockdev *bd, CbtBlockdev *file, GError **error);
+
 /* Query output (info.c, transfer full). */
 CbtQmpBlockDeviceInfo *cbt_blockdev_info(CbtBlockdev *bd);
 /* The node's file name as QEMU prints it (transfer full). */

@@ -154,6 +154,19 @@ void cbt_blockdev_notifier_remove(CbtBlockdevEvent event, CbtBlockdevNotifyFunc 
 typedef CbtBitmap *(*CbtBlockdevBitmapCopyFunc)(const char *node, const char *name, GError **error);
 void cbt_blockdev_set_bitmap_copy(CbtBlockdevBitmapCopyFunc fn);
 
+/* A point-in-time view of a raw node over a file node (snapshot.c; docs/user-guide.md,
+ * "Fleecing"): taken atomically, in one drained section of @bd, while @bd stays writable. The
+ * scratch is a sparse unlinked file in @scratch_dir (NULL: $TMPDIR). A failure undoes every step
+ * before it. Main thread. */
+typedef struct CbtBlockdevSnapshot CbtBlockdevSnapshot;
+CbtBlockdevSnapshot *cbt_blockdev_snapshot_new(CbtBlockdev *bd, const char *scratch_dir,
+                                               GError **error);
+/* The node that reads the view (a snapshot-access node), and the node it is a view of. */
+CbtBlockdev *cbt_blockdev_snapshot_get_view(CbtBlockdevSnapshot *snap);
+CbtBlockdev *cbt_blockdev_snapshot_get_source(CbtBlockdevSnapshot *snap);
+/* Undo it all, newest first: @bd back on its file child, the nodes built for it gone. */
+void cbt_blockdev_snapshot_free(CbtBlockdevSnapshot *snap);
+
 /* Drain: wait for in-flight requests on @bd (and nodes above it), admit none until _end. */
 void cbt_blockdev_drain_begin(CbtBlockdev *bd);
 void cbt_blockdev_drain_end(CbtBlockdev *bd);

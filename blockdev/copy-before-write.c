@@ -182,7 +182,7 @@ copy_range(CbtBlockdev *bd, guint64 offset, guint64 end, GArray *zeros)
 
 /* The end of one copy, under lock: (1) and (2). */
 static void
-copy_finish_locked(CbwState *s, Req *req, int r, GArray *zeros)
+copy_finish_locked(CbtBlockdev *bd, CbwState *s, Req *req, int r, GArray *zeros)
 {
   guint64 len = req->end - req->offset;
 
@@ -197,6 +197,10 @@ copy_finish_locked(CbwState *s, Req *req, int r, GArray *zeros)
     cbt_bitmap_mark_range(s->need, req->offset, len);
   } else if (!s->snapshot_error) {
     s->snapshot_error = r;
+    /* The one report of it: a full scratch (ENOSPC) ends up here (docs/user-guide.md). */
+    g_message("copy-before-write node '%s': copying old data to target '%s' failed (%s); the "
+              "snapshot is broken, its reads fail from now on, writes to the source go on",
+              bd->node_name, s->target->node_name, g_strerror(-r));
   }
   req_remove_locked(s, req);
 }
@@ -220,7 +224,7 @@ copy_one_locked(CbtBlockdev *bd, guint64 offset, guint64 end)
   cbt_mutex_unlock(&s->lock);
   int r = copy_range(bd, first, stop, zeros);
   cbt_mutex_lock(&s->lock);
-  copy_finish_locked(s, req, r, zeros);
+  copy_finish_locked(bd, s, req, r, zeros);
   return r;
 }
 

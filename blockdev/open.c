@@ -279,3 +279,12 @@ cbt_blockdev_open(const CbtQmpBlockdevOptions *opts, GError **error)
     bd->monitor_owned = TRUE;
   return bd;
 }
+
+CbtBlockdev *
+cbt_blockdev_open_internal(const CbtQmpBlockdevOptions *opts, GError **error)
+{
+  CBT_ASSERT_MAIN_THREAD();
+  /* Not a root: the node gets a generated name, and blockdev-del refuses it (not the
+   * monitor's). */
+  return open_node(opts, &root_defaults, FALSE, error);
+}

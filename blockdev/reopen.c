@@ -248,3 +248,17 @@ cbt_qmp_blockdev_reopen(const CbtQmpBlockdevReopenArg *args, GError **error)
     cbt_blockdev_drain_end(swap_at(swaps, i)->bd);
   return ok;
 }
+
+gboolean
+cbt_blockdev_swap_file(CbtBlockdev *bd, CbtBlockdev *file, GError **error)
+{
+  g_autoptr(GPtrArray) swaps = g_ptr_array_new_with_free_func(swap_free);
+  Swap *s = g_new0(Swap, 1);
+
+  CBT_ASSERT_MAIN_THREAD();
+  g_assert(bd->drv == &cbt_blockdev_raw_driver && bd->drains_own > 0);
+  s->bd = cbt_blockdev_ref(bd);
+  s->new_file = cbt_blockdev_ref(file);
+  g_ptr_array_add(swaps, s);
+  return swap_all(swaps, error);
+}

@@ -131,7 +131,9 @@ cbt_qmp_query_block_exports(GError **error)
     cbt_mutex_unlock(&cbt_nbd_lock);
     info->id = g_strdup(exp->id);
     info->type = CBT_QMP_BLOCK_EXPORT_TYPE_NBD;
-    info->node_name = g_strdup(cbt_blockdev_get_node_name(exp->bd));
+    /* A snapshot export shows the node it is a view of, the one the command named. */
+    info->node_name = g_strdup(cbt_blockdev_get_node_name(
+      exp->snapshot ? cbt_blockdev_snapshot_get_source(exp->snapshot) : exp->bd));
     g_ptr_array_add(out, info);
   }
   return out;

@@ -169,6 +169,7 @@ export_finalize(CbtNbdExport *exp)
     cbt_blockdev_release_write(exp->bd);
   cbt_blockdev_remove_user(exp->bd);
   g_clear_pointer(&exp->bd, cbt_blockdev_unref);
+  g_clear_pointer(&exp->snapshot, cbt_blockdev_snapshot_free);
   cbt_qmp_event_block_export_deleted(exp->id);
   g_debug("export '%s' deleted", exp->id);
   cbt_nbd_export_unref(exp);
@@ -348,6 +349,56 @@ export_new(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd)
   return exp;
 }
 
+/* Make @exp, reading @bd, visible to clients. */
+static void
+publish(CbtNbdExport *exp, CbtBlockdev *bd)
+{
+  exp->bd = cbt_blockdev_ref(bd);
+  cbt_blockdev_add_user(bd);
+  cbt_mutex_lock(&cbt_nbd_lock);
+  if (!exports)
+    exports = g_ptr_array_new();
+  g_ptr_array_add(exports, exp);
+  cbt_mutex_unlock(&cbt_nbd_lock);
+  g_debug("export '%s' (name '%s', node '%s', %s) added", exp->id, exp->name,
+          cbt_blockdev_get_node_name(bd), exp->writable ? "writable" : "read-only");
+}
+
+/* The one-call point-in-time export: a read-only export of a view cbtd builds for it. */
+static gboolean
+add_snapshot(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd, GError **error)
+{
+  CbtBlockdevSnapshot *snap = cbt_blockdev_snapshot_new(bd, o->u.nbd.scratch_dir, error);
+
+  if (!snap)
+    return FALSE;
+  CbtBlockdev *view = cbt_blockdev_snapshot_get_view(snap);
+  CbtNbdExport *exp = export_new(o, name, view);
+  exp->bitmaps = g_ptr_array_new_with_free_func(export_bitmap_free);
+  exp->snapshot = snap;
+  publish(exp, view);
+  return TRUE;
+}
+
+/* snapshot: true (cbtd's own): what it cannot be combined with, before anything is built. */
+static gboolean
+check_snapshot(const CbtQmpBlockExportOptions *o, GError **error)
+{
+  const char *what = NULL;
+
+  if (!o->u.nbd.snapshot) {
+    if (o->u.nbd.scratch_dir)
+      what = "'scratch-dir' needs 'snapshot': true";
+  } else if (o->writable) {
+    what = "A snapshot export cannot be writable";
+  } else if (o->u.nbd.bitmaps && o->u.nbd.bitmaps->len > 0) {
+    what = "cbtd cannot publish bitmaps on a snapshot export yet";
+  }
+  if (what)
+    g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, what);
+  return what == NULL;
+}
+
 gboolean
 cbt_nbd_export_add(const CbtQmpBlockExportOptions *o, GError **error)
 {
@@ -356,8 +407,10 @@ cbt_nbd_export_add(const CbtQmpBlockExportOptions *o, GError **error)
   if (!bd)
     return FALSE;
   const char *name = o->u.nbd.name ? o->u.nbd.name : o->node_name;
-  if (!check_nbd(o, name, error))
+  if (!check_nbd(o, name, error) || !check_snapshot(o, error))
     return FALSE;
+  if (o->u.nbd.snapshot)
+    return add_snapshot(o, name, bd, error);
 
   g_autoptr(GPtrArray) bitmaps = g_ptr_array_new_with_free_func(export_bitmap_free);
   if (!resolve_bitmaps(o, bd, bitmaps, error))
@@ -366,17 +419,8 @@ cbt_nbd_export_add(const CbtQmpBlockExportOptions *o, GError **error)
     return FALSE;
 
   CbtNbdExport *exp = export_new(o, name, bd);
-  exp->bd = cbt_blockdev_ref(bd);
   exp->bitmaps = g_steal_pointer(&bitmaps);
-  cbt_blockdev_add_user(bd);
-
-  cbt_mutex_lock(&cbt_nbd_lock);
-  if (!exports)
-    exports = g_ptr_array_new();
-  g_ptr_array_add(exports, exp);
-  cbt_mutex_unlock(&cbt_nbd_lock);
-  g_debug("export '%s' (name '%s', node '%s', %s) added", exp->id, exp->name, o->node_name,
-          exp->writable ? "writable" : "read-only");
+  publish(exp, bd);
   return TRUE;
 }
 

@@ -58,6 +58,8 @@ struct CbtNbdExport {
   char *name;
   char *description; /* NULL when none */
   CbtBlockdev *bd;   /* referenced; a user of the node */
+  /* snapshot: true: the view @bd reads (its snapshot-access node), undone with the export. */
+  CbtBlockdevSnapshot *snapshot;
   guint64 size;
   gboolean writable;
   gboolean writethrough;
