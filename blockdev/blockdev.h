@@ -159,7 +159,11 @@ void cbt_blockdev_set_bitmap_copy(CbtBlockdevBitmapCopyFunc fn);
  * scratch is a sparse unlinked file in @scratch_dir (NULL: $TMPDIR). A failure undoes every step
  * before it. Main thread. */
 typedef struct CbtBlockdevSnapshot CbtBlockdevSnapshot;
+/* Runs as the last step of the drained section, so what it does (copy bitmaps, start one) is
+ * at the instant of the view; on FALSE everything is undone (it must leave nothing behind). */
+typedef gboolean (*CbtBlockdevSnapshotFunc)(CbtBlockdev *bd, gpointer opaque, GError **error);
 CbtBlockdevSnapshot *cbt_blockdev_snapshot_new(CbtBlockdev *bd, const char *scratch_dir,
+                                               CbtBlockdevSnapshotFunc at_instant, gpointer opaque,
                                                GError **error);
 /* The node that reads the view (a snapshot-access node), and the node it is a view of. */
 CbtBlockdev *cbt_blockdev_snapshot_get_view(CbtBlockdevSnapshot *snap);

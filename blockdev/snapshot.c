@@ -160,13 +160,19 @@ static const CbtTxnActionOps cbw_ops = { .name = "snapshot-cbw", .abort = undo_c
 static const CbtTxnActionOps swap_ops = { .name = "snapshot-swap", .abort = undo_swap };
 static const CbtTxnActionOps view_ops = { .name = "snapshot-view", .abort = undo_view };
 
+typedef struct {
+  const char *dir;
+  CbtBlockdevSnapshotFunc at_instant;
+  gpointer opaque;
+} BuildArgs;
+
 /* The steps, in order; each records its undo only once it succeeded. */
 static gboolean
-build(CbtBlockdevSnapshot *snap, CbtTxn *txn, const char *dir, GError **error)
+build(CbtBlockdevSnapshot *snap, CbtTxn *txn, const BuildArgs *a, GError **error)
 {
   cbt_blockdev_drain_begin(snap->source);
   cbt_txn_add(txn, &drain_ops, snap);
-  if (!(snap->scratch = open_scratch(dir, snap->file->size, error)))
+  if (!(snap->scratch = open_scratch(a->dir, snap->file->size, error)))
     return FALSE;
   cbt_txn_add(txn, &scratch_ops, snap);
   if (!(snap->cbw = open_cbw(snap->file, snap->scratch, error)))
@@ -179,7 +185,7 @@ build(CbtBlockdevSnapshot *snap, CbtTxn *txn, const char *dir, GError **error)
   if (!(snap->view = open_view(snap->cbw, error)))
     return FALSE;
   cbt_txn_add(txn, &view_ops, snap);
-  return TRUE;
+  return !a->at_instant || a->at_instant(snap->source, a->opaque, error);
 }
 
 static void
@@ -191,8 +197,11 @@ snapshot_release(CbtBlockdevSnapshot *snap)
 }
 
 CbtBlockdevSnapshot *
-cbt_blockdev_snapshot_new(CbtBlockdev *bd, const char *scratch_dir, GError **error)
+cbt_blockdev_snapshot_new(CbtBlockdev *bd, const char *scratch_dir,
+                          CbtBlockdevSnapshotFunc at_instant, gpointer opaque, GError **error)
 {
+  const BuildArgs a = { scratch_dir ? scratch_dir : g_get_tmp_dir(), at_instant, opaque };
+
   CBT_ASSERT_MAIN_THREAD();
   if (!check_source(bd, error))
     return NULL;
@@ -200,7 +209,7 @@ cbt_blockdev_snapshot_new(CbtBlockdev *bd, const char *scratch_dir, GError **err
   snap->source = cbt_blockdev_ref(bd);
   snap->file = cbt_blockdev_ref(bd->file->node);
   CbtTxn *txn = cbt_txn_new(TRUE);
-  gboolean ok = build(snap, txn, scratch_dir ? scratch_dir : g_get_tmp_dir(), error);
+  gboolean ok = build(snap, txn, &a, error);
   cbt_txn_finish(txn, ok);
   if (!ok) {
     snapshot_release(snap);

@@ -406,6 +406,20 @@ cbt_qmp_block_dirty_bitmap_add(const CbtQmpBlockDirtyBitmapAdd *args, GError **e
 }
 
 gboolean
+cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, gboolean persistent,
+                             GError **error)
+{
+  const CbtQmpBlockDirtyBitmapAdd add = {
+    .node = (char *)cbt_blockdev_get_node_name(node),
+    .name = (char *)name,
+    .has_persistent = TRUE,
+    .persistent = persistent,
+  };
+
+  return cbt_qmp_block_dirty_bitmap_add(&add, error);
+}
+
+gboolean
 cbt_qmp_block_dirty_bitmap_remove(const CbtQmpBlockDirtyBitmap *args, GError **error)
 {
   CbtTxn *txn = cbt_txn_new(FALSE);

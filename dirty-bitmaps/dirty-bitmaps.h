@@ -35,6 +35,16 @@ CbtBitmap *cbt_dirty_bitmaps_export_lookup(CbtBlockdev *node, const char *node_n
                                            GError **error);
 /* Undo one successful lookup of @bm. */
 void cbt_dirty_bitmaps_export_release(CbtBitmap *bm);
+/* A snapshot export's `bitmaps` entry (docs/user-guide.md, "Fleecing"): a copy (transfer full)
+ * of the bits of bitmap @name on @node as they are now, with the lookup's checks but the
+ * recording one (the copy does not change); @persistent tells whether the bitmap is. Call with
+ * @node drained, so no write is half marked. */
+CbtBitmap *cbt_dirty_bitmaps_freeze(CbtBlockdev *node, const char *name, gboolean *persistent,
+                                    GError **error);
+/* A snapshot export's `checkpoint`: block-dirty-bitmap-add of a recording bitmap @name on
+ * @node (its checks and texts, e.g. "Bitmap already exists: X"), with @node drained. */
+gboolean cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, gboolean persistent,
+                                      GError **error);
 
 /* QMP BlockDirtyInfo of @dbm (transfer full): name absent when anonymous, inconsistent only
  * when true, count not clipped to the node's size. */

@@ -232,6 +232,18 @@ cbt_dirty_bitmaps_export_lookup(CbtBlockdev *node, const char *node_name, const 
   return bm;
 }
 
+CbtBitmap *
+cbt_dirty_bitmaps_freeze(CbtBlockdev *node, const char *name, gboolean *persistent, GError **error)
+{
+  CbtDirtyBitmap *dbm = cbt_dirty_bitmaps_find(node, name);
+
+  CBT_ASSERT_MAIN_THREAD();
+  if (!check_exportable(node, NULL, dbm, name, FALSE, error))
+    return NULL;
+  *persistent = cbt_dirty_bitmap_is_persistent(dbm);
+  return cbt_bitmap_copy(cbt_dirty_bitmap_get_bitmap(dbm));
+}
+
 void
 cbt_dirty_bitmaps_export_release(CbtBitmap *bm)
 {

@@ -15,12 +15,22 @@
 
 static GPtrArray *exports; /* CbtNbdExport, creation order; under cbt_nbd_lock */
 
+/* Give the bits back: a looked-up bitmap is released, a frozen copy freed. */
+static void
+export_bitmap_clear(CbtNbdExportBitmap *eb)
+{
+  if (eb->bm && eb->frozen)
+    cbt_bitmap_free(eb->bm);
+  else if (eb->bm)
+    cbt_dirty_bitmaps_export_release(eb->bm);
+  eb->bm = NULL;
+}
+
 static void
 export_bitmap_free(gpointer p)
 {
   CbtNbdExportBitmap *eb = p;
-  if (eb->bm)
-    cbt_dirty_bitmaps_export_release(eb->bm);
+  export_bitmap_clear(eb);
   g_free(eb->name);
   g_free(eb);
 }
@@ -159,12 +169,8 @@ export_finalize(CbtNbdExport *exp)
 
   /* Handshaking clients may still hold @exp and read its names: keep the array, give the
    * bitmaps back. */
-  for (guint i = 0; i < exp->bitmaps->len; i++) {
-    CbtNbdExportBitmap *eb = g_ptr_array_index(exp->bitmaps, i);
-    if (eb->bm)
-      cbt_dirty_bitmaps_export_release(eb->bm);
-    eb->bm = NULL;
-  }
+  for (guint i = 0; i < exp->bitmaps->len; i++)
+    export_bitmap_clear(g_ptr_array_index(exp->bitmaps, i));
   if (exp->writable)
     cbt_blockdev_release_write(exp->bd);
   cbt_blockdev_remove_user(exp->bd);
@@ -364,17 +370,71 @@ publish(CbtNbdExport *exp, CbtBlockdev *bd)
           cbt_blockdev_get_node_name(bd), exp->writable ? "writable" : "read-only");
 }
 
+/* What a snapshot export does at the instant of its view. */
+typedef struct {
+  const CbtQmpBlockExportOptions *o;
+  GPtrArray *bitmaps; /* CbtNbdExportBitmap, frozen */
+} AtInstant;
+
+/* The `bitmaps` entries as they are at the instant; they must be the node's own, the one
+ * drained node (another node's bits could be changing). */
+static gboolean
+freeze_bitmaps(CbtBlockdev *bd, AtInstant *a, gboolean *persistent, GError **error)
+{
+  GPtrArray *list = a->o->u.nbd.bitmaps;
+
+  for (guint i = 0; list && i < list->len; i++) {
+    const CbtQmpBlockDirtyBitmapOrStr *ref = g_ptr_array_index(list, i);
+    gboolean local = ref->type == CBT_QMP_BLOCK_DIRTY_BITMAP_OR_STR_KIND_LOCAL;
+    const char *bname = local ? ref->u.local : ref->u.external->name;
+    gboolean p = FALSE;
+
+    if (!local && strcmp(ref->u.external->node, cbt_blockdev_get_node_name(bd)) != 0) {
+      g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
+                  "A snapshot export publishes bitmaps of node '%s' only, not of '%s'",
+                  cbt_blockdev_get_node_name(bd), ref->u.external->node);
+      return FALSE;
+    }
+    CbtBitmap *bm = cbt_dirty_bitmaps_freeze(bd, bname, &p, error);
+    if (!bm)
+      return FALSE;
+    CbtNbdExportBitmap *eb = g_new0(CbtNbdExportBitmap, 1);
+    eb->name = g_strdup(bname);
+    eb->bm = bm;
+    eb->frozen = TRUE;
+    g_ptr_array_add(a->bitmaps, eb);
+    *persistent |= p;
+  }
+  return TRUE;
+}
+
+/* Copies first, the checkpoint last: nothing after it can fail, so it needs no undo here. */
+static gboolean
+at_instant(CbtBlockdev *bd, gpointer opaque, GError **error)
+{
+  AtInstant *a = opaque;
+  gboolean persistent = FALSE;
+
+  if (!freeze_bitmaps(bd, a, &persistent, error))
+    return FALSE;
+  return !a->o->u.nbd.checkpoint ||
+         cbt_dirty_bitmaps_checkpoint(bd, a->o->u.nbd.checkpoint, persistent, error);
+}
+
 /* The one-call point-in-time export: a read-only export of a view cbtd builds for it. */
 static gboolean
 add_snapshot(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd, GError **error)
 {
-  CbtBlockdevSnapshot *snap = cbt_blockdev_snapshot_new(bd, o->u.nbd.scratch_dir, error);
+  g_autoptr(GPtrArray) bitmaps = g_ptr_array_new_with_free_func(export_bitmap_free);
+  AtInstant a = { o, bitmaps };
+  CbtBlockdevSnapshot *snap =
+    cbt_blockdev_snapshot_new(bd, o->u.nbd.scratch_dir, at_instant, &a, error);
 
   if (!snap)
     return FALSE;
   CbtBlockdev *view = cbt_blockdev_snapshot_get_view(snap);
   CbtNbdExport *exp = export_new(o, name, view);
-  exp->bitmaps = g_ptr_array_new_with_free_func(export_bitmap_free);
+  exp->bitmaps = g_steal_pointer(&bitmaps);
   exp->snapshot = snap;
   publish(exp, view);
   return TRUE;
@@ -389,10 +449,10 @@ check_snapshot(const CbtQmpBlockExportOptions *o, GError **error)
   if (!o->u.nbd.snapshot) {
     if (o->u.nbd.scratch_dir)
       what = "'scratch-dir' needs 'snapshot': true";
+    else if (o->u.nbd.checkpoint)
+      what = "'checkpoint' needs 'snapshot': true";
   } else if (o->writable) {
     what = "A snapshot export cannot be writable";
-  } else if (o->u.nbd.bitmaps && o->u.nbd.bitmaps->len > 0) {
-    what = "cbtd cannot publish bitmaps on a snapshot export yet";
   }
   if (what)
     g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, what);

@@ -50,6 +50,7 @@ typedef struct CbtNbdPool CbtNbdPool;
 typedef struct {
   char *name; /* the bitmap's name; the context is qemu:dirty-bitmap:<name> */
   CbtBitmap *bm;
+  gboolean frozen; /* a snapshot export's own copy: freed, not released */
 } CbtNbdExportBitmap;
 
 struct CbtNbdExport {

@@ -92,6 +92,27 @@ def read_all(uri):
         h.shutdown()
 
 
+def dirty_blocks(uri, bitmap):
+    """The BLOCK-sized blocks that qemu:dirty-bitmap:@bitmap of the export at @uri marks."""
+    h = nbd.NBD()
+    h.add_meta_context('qemu:dirty-bitmap:' + bitmap)
+    h.connect_uri(uri)
+    out, pos = set(), 0
+    try:
+        while pos < SIZE:
+            ents = []
+            h.block_status(min(SIZE - pos, 4 * MiB), pos,
+                           lambda ctx, off, e, err: ents.extend(e))
+            for i in range(0, len(ents), 2):
+                length, flags = ents[i], ents[i + 1]
+                if flags & 1:
+                    out.update(range(pos // BLOCK, (pos + length) // BLOCK))
+                pos += length
+    finally:
+        h.shutdown()
+    return out
+
+
 def proc_fds_under(pid, directory):
     """The targets of the daemon's open descriptors that lie in @directory."""
     out = []
@@ -138,6 +159,7 @@ class TestSnapshotExport(unittest.TestCase):
         args = dict(type='nbd', id='snap', node_name='disk', name='snap', snapshot=True,
                     scratch_dir=self.scratch)
         args.update(extra)
+        args = {k: v for k, v in args.items() if v is not None}
         return self.q.execute('block-export-add', {k.replace('_', '-'): v for k, v in args.items()})
 
     def assert_restored(self):
@@ -171,14 +193,22 @@ class TestSnapshotExport(unittest.TestCase):
                     img[b * BLOCK:(b + 1) * BLOCK] = pattern(wr.w, seq)
         return cut, bytes(img)
 
+    def bitmaps_of(self, node):
+        for n in self.q.execute('query-named-block-nodes'):
+            if n['node-name'] == node:
+                return {b['name']: b for b in n.get('dirty-bitmaps', [])}
+        raise AssertionError('no node ' + node)
+
     def test_point_in_time_under_writers(self):
+        # c1 is the previous checkpoint: it has seen every write since the writers started.
+        self.q.execute('block-dirty-bitmap-add', {'node': 'disk', 'name': 'c1', 'granularity': BLOCK})
         writers = [Writer(self.uri('live'), w) for w in range(WRITERS)]
         for wr in writers:
             wr.start()
         try:
             cbttest.wait_for(lambda: all(len(wr.log) > 200 for wr in writers), what='writes')
             t0 = time.monotonic()
-            self.add_snapshot()
+            self.add_snapshot(checkpoint='c2', bitmaps=['c1'])
             t1 = time.monotonic()
             # The scratch is open and already unlinked.
             self.assertEqual(os.listdir(self.scratch), [])
@@ -192,6 +222,7 @@ class TestSnapshotExport(unittest.TestCase):
             cbttest.wait_for(lambda: all(len(wr.log) > k + 500 for wr, k in zip(writers, n)),
                              what='writes after the instant')
             second = read_all(self.uri('snap'))
+            c1_snap = dirty_blocks(self.uri('snap'), 'c1')
         finally:
             for wr in writers:
                 wr.stop.set()
@@ -215,12 +246,36 @@ class TestSnapshotExport(unittest.TestCase):
                 live[b * BLOCK:(b + 1) * BLOCK] = pattern(wr.w, seq)
         self.assertEqual(read_all(self.uri('live')), bytes(live))
         self.assertNotEqual(bytes(live), first)
+        # The published c1 is c1 at the instant: exactly the blocks written before it.
+        before = {b for wr in writers for seq, b, _, _ in wr.log if seq <= cut[wr.w]}
+        after = {b for wr in writers for seq, b, _, _ in wr.log if seq > cut[wr.w]}
+        self.assertEqual(c1_snap, before)
+        self.assertFalse(after <= before)  # so a c1 that went on recording would differ
 
         self.q.execute('block-export-del', id='snap')
         self.assertEqual(self.q.wait_event('BLOCK_EXPORT_DELETED')['data'], {'id': 'snap'})
-        self.assert_restored()
+        self.assert_restored()  # writes the last block through the node
+        live[SIZE - BLOCK:] = b'\xee' * BLOCK
         with open(self.img_path, 'rb') as f:
-            self.assertEqual(f.read(SIZE - BLOCK), bytes(live)[:SIZE - BLOCK])
+            self.assertEqual(f.read(), bytes(live))
+        # c2 stays on the node, recording: exactly the writes after the instant.
+        c2 = self.bitmaps_of('disk')['c2']
+        self.assertTrue(c2['recording'])
+        self.assertFalse(c2['busy'])
+        # The next incremental, the QEMU way: c2 frozen, exported with the node.
+        self.q.execute('block-dirty-bitmap-disable', {'node': 'disk', 'name': 'c2'})
+        self.q.execute('block-export-add', {'type': 'nbd', 'id': 'inc', 'node-name': 'disk',
+                                            'name': 'inc', 'bitmaps': ['c2']})
+        c2_dirty = dirty_blocks(self.uri('inc'), 'c2')
+        self.assertEqual(c2_dirty, after | {SIZE // BLOCK - 1})
+        backup = bytearray(first)
+        h = nbd.NBD()
+        h.connect_uri(self.uri('inc'))
+        for b in sorted(c2_dirty):
+            backup[b * BLOCK:(b + 1) * BLOCK] = h.pread(BLOCK, b * BLOCK)
+        h.shutdown()
+        self.assertEqual(hashlib.sha256(backup).hexdigest(),
+                         hashlib.sha256(bytes(live)).hexdigest())
 
     def test_errors_leave_nothing(self):
         cases = [
@@ -229,8 +284,14 @@ class TestSnapshotExport(unittest.TestCase):
              "cbtd can export a snapshot of a 'raw' node over a 'file' node only; "
              "node 'src' is a 'file' node"),
             (dict(writable=True), 'A snapshot export cannot be writable'),
-            (dict(bitmaps=['b0']), 'cbtd cannot publish bitmaps on a snapshot export yet'),
+            (dict(bitmaps=['b0']), "Bitmap 'b0' is not found"),
+            (dict(bitmaps=[{'node': 'src', 'name': 'c1'}]),
+             "A snapshot export publishes bitmaps of node 'disk' only, not of 'src'"),
+            (dict(checkpoint='c1'), 'Bitmap already exists: c1'),
+            (dict(checkpoint='c2', bitmaps=['c1', 'b0']), "Bitmap 'b0' is not found"),
             (dict(snapshot=False), "'scratch-dir' needs 'snapshot': true"),
+            (dict(snapshot=False, scratch_dir=None, checkpoint='c2'),
+             "'checkpoint' needs 'snapshot': true"),
             (dict(scratch_dir=os.path.join(self.dir, 'missing')),
              "Cannot create a scratch file in '%s': No such file or directory"
              % os.path.join(self.dir, 'missing')),
@@ -239,6 +300,7 @@ class TestSnapshotExport(unittest.TestCase):
         cases.append((dict(node_name='win'),
                       "cbtd cannot export a snapshot of node 'win': its 'offset' or 'size' makes "
                       "it a window of its file node"))
+        self.q.execute('block-dirty-bitmap-add', {'node': 'disk', 'name': 'c1'})
         self.nodes_before = self.node_names()
         for extra, text in cases:
             with self.subTest(extra=extra):
@@ -247,6 +309,8 @@ class TestSnapshotExport(unittest.TestCase):
                 self.assertEqual((cm.exception.cls, cm.exception.desc), ('GenericError', text))
                 ids = [e['id'] for e in self.q.execute('query-block-exports')]
                 self.assertEqual(ids, ['live'])
+                self.assertEqual(sorted(self.bitmaps_of('disk')), ['c1'])
+                self.assertFalse(self.bitmaps_of('disk')['c1']['busy'])
                 self.assert_restored()
         # The internal nodes are not the monitor's.
         self.add_snapshot()

@@ -67,6 +67,24 @@ cbt_dirty_bitmaps_export_release(CbtBitmap *bm)
   releases++;
 }
 
+/* Snapshot exports: the double copies the test's bitmaps and starts no checkpoint (the Python
+ * tests run the real module). */
+CbtBitmap *
+cbt_dirty_bitmaps_freeze(CbtBlockdev *node, const char *name, gboolean *persistent, GError **error)
+{
+  CbtBitmap *bm = cbt_dirty_bitmaps_export_lookup(node, NULL, name, FALSE, error);
+  *persistent = FALSE;
+  return bm ? cbt_bitmap_copy(bm) : NULL;
+}
+
+gboolean
+cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, gboolean persistent,
+                             GError **error)
+{
+  g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "no checkpoint in the NBD harness");
+  return FALSE;
+}
+
 void
 harness_add_bitmap(const char *name, CbtBitmap *bm)
 {
