@@ -14,6 +14,14 @@ write of a writer present while an earlier one to another block is missing, or o
 a write it holds had landed) cannot match. The cut must also lie between the writes that were
 acknowledged before block-export-add was sent and the writes that were sent before its reply
 came back. The snapshot is read again after the writers have gone on, and must not change.
+
+The same cut checks the bitmaps: the published `c1` (recording since before the writers
+started, at 4 KiB granularity) must mark exactly the blocks of the writes inside the cut, and
+the `checkpoint` c2 exactly the blocks of the writes after it; the backup plus the blocks c2
+marks, read from the disk once the writers stopped, must equal the disk (sha256). Teardown
+(block-export-del, nbd-server-stop, a hard delete under a reader, every refused command) must
+leave the node list as it was, the node on its file node, no descriptor of the scratch
+directory open in the daemon and the checkpoint recording.
 """
 import hashlib
 import os
@@ -322,6 +330,31 @@ class TestSnapshotExport(unittest.TestCase):
                                  'Node %s is not owned by the monitor' % name))
         self.q.execute('block-export-del', id='snap')
         self.assert_restored()
+
+    def test_persistent_checkpoint(self):
+        """The checkpoint is persistent when a published bitmap is, and not otherwise."""
+        self.q.execute('block-dirty-bitmap-add', {'node': 'disk', 'name': 'p1',
+                                                  'persistent': True})
+        self.q.execute('block-dirty-bitmap-add', {'node': 'disk', 'name': 't1'})
+        self.add_snapshot(checkpoint='p2', bitmaps=['t1', 'p1'])
+        self.q.execute('block-export-del', id='snap')
+        self.add_snapshot(checkpoint='t2', bitmaps=['t1'])
+        self.q.execute('block-export-del', id='snap')
+        bitmaps = self.bitmaps_of('disk')
+        self.assertEqual({n: b['persistent'] for n, b in bitmaps.items()},
+                         {'p1': True, 't1': False, 'p2': True, 't2': False})
+        self.assertTrue(bitmaps['p2']['recording'])
+
+    def test_server_stop_undoes(self):
+        """The export going away with the server undoes the snapshot too."""
+        self.add_snapshot(checkpoint='c2')
+        self.q.execute('nbd-server-stop')
+        # In creation order (schemas/block-export.json, nbd-server-stop).
+        self.assertEqual(self.q.wait_event('BLOCK_EXPORT_DELETED')['data'], {'id': 'live'})
+        self.assertEqual(self.q.wait_event('BLOCK_EXPORT_DELETED')['data'], {'id': 'snap'})
+        self.assertEqual(self.node_names(), self.nodes_before)
+        self.assertEqual(proc_fds_under(self.d.proc.pid, self.scratch), [])
+        self.assertTrue(self.bitmaps_of('disk')['c2']['recording'])
 
     def test_delete_while_reading(self):
         self.add_snapshot()
