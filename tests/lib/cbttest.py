@@ -183,6 +183,17 @@ class Daemon:
                 # round trip means start-up (exports included) is complete.
                 self.qmp().close()
                 self.clients.pop()
+            except OSError as e:
+                # The daemon listens on QMP before it applies its later options, so a failing
+                # option can close the first connection: that is an exit, not a hang.
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.stop()
+                    raise e
+                text = self.stderr_text()
+                self.stop()
+                raise RuntimeError('daemon exited: ' + text) from e
             except BaseException:
                 self.stop()
                 raise
