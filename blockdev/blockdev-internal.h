@@ -181,6 +181,10 @@ CbtBlockdev *cbt_blockdev_primary_child(CbtBlockdev *bd);
 
 /* The frozen view of a snapshot-style filter @bd (its driver's snapshot_* operations), for the
  * node that reads it; -ENOTSUP when @bd has none. Between io_begin and io_end on the reader. */
+/* copy-before-write.c: bound what @cbw copies to its target (0: unbounded; past it a copy
+ * fails with ENOSPC) and be told, once, when its snapshot breaks. */
+void cbt_blockdev_cbw_set_limit(CbtBlockdev *cbw, guint64 max_bytes,
+                                CbtBlockdevSnapshotBrokenFunc fn, gpointer data);
 int cbt_blockdev_snapshot_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
 int cbt_blockdev_snapshot_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
                                        guint32 *status);

@@ -165,6 +165,12 @@ typedef gboolean (*CbtBlockdevSnapshotFunc)(CbtBlockdev *bd, gpointer opaque, GE
 CbtBlockdevSnapshot *cbt_blockdev_snapshot_new(CbtBlockdev *bd, const char *scratch_dir,
                                                CbtBlockdevSnapshotFunc at_instant, gpointer opaque,
                                                GError **error);
+/* The view broke (a copy to the scratch failed): called once, from the writer's thread. */
+typedef void (*CbtBlockdevSnapshotBrokenFunc)(int err, gpointer data);
+/* Bound the old data the scratch takes to @max_bytes (0: unbounded) and be told when the view
+ * breaks. Main thread, right after cbt_blockdev_snapshot_new(). */
+void cbt_blockdev_snapshot_set_limit(CbtBlockdevSnapshot *snap, guint64 max_bytes,
+                                     CbtBlockdevSnapshotBrokenFunc fn, gpointer data);
 /* The node that reads the view (a snapshot-access node), and the node it is a view of. */
 CbtBlockdev *cbt_blockdev_snapshot_get_view(CbtBlockdevSnapshot *snap);
 CbtBlockdev *cbt_blockdev_snapshot_get_source(CbtBlockdevSnapshot *snap);

@@ -68,9 +68,26 @@ typedef struct {
   CbtBitmap *zero;                 /* CBW_ZERO_GRANULARITY: zero runs of done clusters */
   GPtrArray *reqs;                 /* Req *, in flight */
   int snapshot_error;              /* < 0 once a copy failed with break-snapshot */
+  guint64 copied, max_copied;      /* bytes written to the target (atomic); 0: no bound */
+  CbtBlockdevSnapshotBrokenFunc broken;
+  gpointer broken_data;
 } CbwState;
 
 static CbtBlockdevBitmapCopyFunc bitmap_copy_fn;
+
+void
+cbt_blockdev_cbw_set_limit(CbtBlockdev *cbw, guint64 max_bytes, CbtBlockdevSnapshotBrokenFunc fn,
+                           gpointer data)
+{
+  CbwState *s = cbw->opaque;
+
+  CBT_ASSERT_MAIN_THREAD();
+  cbt_mutex_lock(&s->lock);
+  s->max_copied = max_bytes;
+  s->broken = fn;
+  s->broken_data = data;
+  cbt_mutex_unlock(&s->lock);
+}
 
 void
 cbt_blockdev_set_bitmap_copy(CbtBlockdevBitmapCopyFunc fn)
@@ -147,6 +164,11 @@ copy_data(CbtBlockdev *bd, guint64 offset, guint64 end)
 {
   if (offset >= end)
     return 0;
+  CbwState *s = state(bd);
+  /* The scratch's bound counts what it was asked to hold, failed copies included. */
+  if (s->max_copied &&
+      __atomic_add_fetch(&s->copied, end - offset, __ATOMIC_RELAXED) > s->max_copied)
+    return -ENOSPC;
   g_autofree guint8 *buf = g_malloc(end - offset);
   int r = cbt_blockdev_pread(source(bd), buf, offset, end - offset);
   return r < 0 ? r : cbt_blockdev_pwrite(state(bd)->target, buf, offset, end - offset, 0);
@@ -201,6 +223,8 @@ copy_finish_locked(CbtBlockdev *bd, CbwState *s, Req *req, int r, GArray *zeros)
     g_message("copy-before-write node '%s': copying old data to target '%s' failed (%s); the "
               "snapshot is broken, its reads fail from now on, writes to the source go on",
               bd->node_name, s->target->node_name, g_strerror(-r));
+    if (s->broken)
+      s->broken(r, s->broken_data);
   }
   req_remove_locked(s, req);
 }

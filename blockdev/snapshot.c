@@ -220,6 +220,13 @@ cbt_blockdev_snapshot_new(CbtBlockdev *bd, const char *scratch_dir,
   return snap;
 }
 
+void
+cbt_blockdev_snapshot_set_limit(CbtBlockdevSnapshot *snap, guint64 max_bytes,
+                                CbtBlockdevSnapshotBrokenFunc fn, gpointer data)
+{
+  cbt_blockdev_cbw_set_limit(snap->cbw, max_bytes, fn, data);
+}
+
 CbtBlockdev *
 cbt_blockdev_snapshot_get_view(CbtBlockdevSnapshot *snap)
 {

@@ -421,6 +421,15 @@ at_instant(CbtBlockdev *bd, gpointer opaque, GError **error)
          cbt_dirty_bitmaps_checkpoint(bd, a->o->u.nbd.checkpoint, persistent, error);
 }
 
+/* Any thread (the writer whose copy failed): the export's reads fail from now on. */
+static void
+snapshot_broken(int err, gpointer data)
+{
+  CbtNbdExport *exp = data;
+
+  cbt_qmp_event_block_export_snapshot_broken(exp->id, g_strerror(-err));
+}
+
 /* The one-call point-in-time export: a read-only export of a view cbtd builds for it. */
 static gboolean
 add_snapshot(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd, GError **error)
@@ -436,6 +445,9 @@ add_snapshot(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *b
   CbtNbdExport *exp = export_new(o, name, view);
   exp->bitmaps = g_steal_pointer(&bitmaps);
   exp->snapshot = snap;
+  /* The export outlives the filter: teardown frees the snapshot (drained) before the export. */
+  cbt_blockdev_snapshot_set_limit(snap, o->u.nbd.has_scratch_size ? o->u.nbd.scratch_size : 0,
+                                  snapshot_broken, exp);
   publish(exp, view);
   return TRUE;
 }
@@ -449,6 +461,8 @@ check_snapshot(const CbtQmpBlockExportOptions *o, GError **error)
   if (!o->u.nbd.snapshot) {
     if (o->u.nbd.scratch_dir)
       what = "'scratch-dir' needs 'snapshot': true";
+    else if (o->u.nbd.has_scratch_size)
+      what = "'scratch-size' needs 'snapshot': true";
     else if (o->u.nbd.checkpoint)
       what = "'checkpoint' needs 'snapshot': true";
   } else if (o->writable) {

@@ -24,6 +24,7 @@ leave the node list as it was, the node on its file node, no descriptor of the s
 directory open in the daemon and the checkpoint recording.
 """
 import hashlib
+import errno
 import os
 import shutil
 import struct
@@ -329,6 +330,36 @@ class TestSnapshotExport(unittest.TestCase):
             self.assertIn(desc, ('Node %s is in use' % name,
                                  'Node %s is not owned by the monitor' % name))
         self.q.execute('block-export-del', id='snap')
+        self.assert_restored()
+
+    def test_scratch_bound(self):
+        """A copy past scratch-size breaks the snapshot as a full scratch would: the event
+        names the export, the snapshot's reads fail, the guest's writes go on, and the
+        checkpoint started at the instant still covers every one of them."""
+        self.add_snapshot(checkpoint='c2', scratch_size=MiB)
+        view = nbd.NBD()
+        view.connect_uri(self.uri('snap'))
+        self.assertEqual(view.pread(BLOCK, 64 * KiB), self.img[64 * KiB:64 * KiB + BLOCK])
+        h = nbd.NBD()
+        h.connect_uri(self.uri('live'))
+        clusters = 24  # each first write copies a 64 KiB cluster: 16 fill the MiB
+        for i in range(clusters):
+            h.pwrite(b'\x5a' * BLOCK, i * 64 * KiB)
+        h.flush()
+        h.shutdown()
+        ev = self.q.wait_event('BLOCK_EXPORT_SNAPSHOT_BROKEN')
+        self.assertEqual(ev['data'], {'id': 'snap', 'error': os.strerror(errno.ENOSPC)})
+        with self.assertRaises(nbd.Error):
+            view.pread(BLOCK, 64 * KiB)
+        view.shutdown()
+        with open(self.img_path, 'rb') as f:
+            for i in range(clusters):
+                f.seek(i * 64 * KiB)
+                self.assertEqual(f.read(BLOCK), b'\x5a' * BLOCK)
+        self.assertEqual(self.bitmaps_of('disk')['c2']['count'], clusters * 64 * KiB)
+        self.assertIn('snapshot is broken', self.d.stderr_text())
+        self.q.execute('block-export-del', id='snap')
+        self.q.wait_event('BLOCK_EXPORT_DELETED')
         self.assert_restored()
 
     def test_persistent_checkpoint(self):
