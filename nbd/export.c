@@ -195,23 +195,45 @@ cbt_nbd_export_attach(CbtNbdExport *exp, CbtNbdConn *conn)
 
   cbt_mutex_lock(&cbt_nbd_lock);
   ok = !exp->shutting_down && !conn->closing;
-  if (ok)
+  if (ok) {
     g_ptr_array_add(exp->conns, conn);
+    exp->had_client = TRUE;
+  }
   cbt_mutex_unlock(&cbt_nbd_lock);
   return ok;
+}
+
+/* Main thread: an auto-remove export lost its last client. A client that came since, or a
+ * delete (and maybe a new export of the same id), makes this a no-op. */
+static gboolean
+auto_remove_idle(gpointer data)
+{
+  CbtNbdExport *exp = data;
+  g_autoptr(GError) error = NULL;
+
+  cbt_mutex_lock(&cbt_nbd_lock);
+  gboolean still = find_id_locked(exp->id) == exp && !exp->shutting_down && exp->conns->len == 0;
+  cbt_mutex_unlock(&cbt_nbd_lock);
+  if (still && !cbt_nbd_export_del(exp->id, FALSE, &error))
+    g_debug("auto-remove of export '%s': %s", exp->id, error->message);
+  return G_SOURCE_REMOVE;
 }
 
 void
 cbt_nbd_export_detach(CbtNbdExport *exp, CbtNbdConn *conn)
 {
-  gboolean last;
+  gboolean last, unused;
 
   cbt_mutex_lock(&cbt_nbd_lock);
   g_ptr_array_remove(exp->conns, conn);
   last = exp->shutting_down && !exp->deleted && exp->conns->len == 0;
+  unused = exp->auto_remove && exp->had_client && !exp->shutting_down && exp->conns->len == 0;
   cbt_mutex_unlock(&cbt_nbd_lock);
   if (last)
     g_idle_add_full(G_PRIORITY_DEFAULT, finalize_idle, cbt_nbd_export_ref(exp),
+                    (GDestroyNotify)cbt_nbd_export_unref);
+  if (unused)
+    g_idle_add_full(G_PRIORITY_DEFAULT, auto_remove_idle, cbt_nbd_export_ref(exp),
                     (GDestroyNotify)cbt_nbd_export_unref);
 }
 
@@ -340,6 +362,7 @@ export_new(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd)
   exp->writable = o->writable;
   exp->writethrough = o->writethrough;
   exp->allocation_depth = o->u.nbd.allocation_depth;
+  exp->auto_remove = o->u.nbd.auto_remove;
   exp->min_block = MAX(cbt_blockdev_get_min_io(bd), 1u);
   exp->pref_block = MAX(exp->min_block, 4096u);
   exp->max_payload = CBT_NBD_MAX_PAYLOAD;

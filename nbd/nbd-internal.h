@@ -69,10 +69,12 @@ struct CbtNbdExport {
   guint32 min_block;
   guint32 pref_block;
   guint32 max_payload;
-  GPtrArray *bitmaps; /* CbtNbdExportBitmap */
+  GPtrArray *bitmaps;   /* CbtNbdExportBitmap */
+  gboolean auto_remove; /* deleted when its last client leaves (once one came) */
   /* Under cbt_nbd_lock: */
   gboolean shutting_down;
   gboolean deleted;
+  gboolean had_client;
   GPtrArray *conns; /* attached CbtNbdConn (not owned) */
 };
 

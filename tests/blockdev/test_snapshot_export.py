@@ -362,6 +362,27 @@ class TestSnapshotExport(unittest.TestCase):
         self.q.wait_event('BLOCK_EXPORT_DELETED')
         self.assert_restored()
 
+    def test_auto_remove(self):
+        """With auto-remove the export stays while no client came, and goes (its view undone,
+        the checkpoint kept) when its last client leaves: a backup client that only
+        disconnects leaves nothing behind."""
+        self.add_snapshot(checkpoint='c2', auto_remove=True)
+        time.sleep(0.2)
+        ids = [e['id'] for e in self.q.execute('query-block-exports')]
+        self.assertIn('snap', ids)
+        clients = [nbd.NBD() for _ in range(2)]
+        for h in clients:
+            h.connect_uri(self.uri('snap'))
+            self.assertEqual(h.pread(BLOCK, 3 * BLOCK), self.img[3 * BLOCK:4 * BLOCK])
+        clients[0].shutdown()
+        time.sleep(0.2)  # one client is still reading: the export stays
+        self.assertIn('snap', [e['id'] for e in self.q.execute('query-block-exports')])
+        clients[1].shutdown()
+        self.assertEqual(self.q.wait_event('BLOCK_EXPORT_DELETED')['data'], {'id': 'snap'})
+        self.assertNotIn('snap', [e['id'] for e in self.q.execute('query-block-exports')])
+        self.assert_restored()
+        self.assertTrue(self.bitmaps_of('disk')['c2']['recording'])
+
     def test_persistent_checkpoint(self):
         """The checkpoint is persistent when a published bitmap is, and not otherwise."""
         self.q.execute('block-dirty-bitmap-add', {'node': 'disk', 'name': 'p1',
