@@ -490,6 +490,9 @@ check_snapshot(const CbtQmpBlockExportOptions *o, GError **error)
       what = "'checkpoint' needs 'snapshot': true";
   } else if (o->writable) {
     what = "A snapshot export cannot be writable";
+  } else if (o->u.nbd.has_scratch_size && o->u.nbd.scratch_size == 0) {
+    /* 0 would read as "unbounded" below: refuse it rather than guess. */
+    what = "'scratch-size' must be at least 1 byte";
   }
   if (what)
     g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, what);

@@ -136,31 +136,33 @@ posix_allocate(CbtStoreFile *file, guint64 offset, guint64 len)
   return -r;
 }
 
+/* SEEK_DATA or SEEK_HOLE from @offset; the file size when there is no more of either. */
 static gint64
-posix_next_data(CbtStoreFile *file, guint64 offset)
+seek_from(CbtStoreFile *file, guint64 offset, int whence)
 {
   int fd = ((PosixFile *)file)->fd;
-  off_t r = lseek(fd, (off_t)offset, SEEK_DATA);
+  off_t r = lseek(fd, (off_t)offset, whence);
 
   if (r >= 0)
     return r;
-  if (errno == ENXIO) {
-    struct stat st;
-    return fstat(fd, &st) < 0 ? -errno : st.st_size;
-  }
-  return errno == EINVAL ? (gint64)offset : -errno; /* no SEEK_DATA: everything is data */
+  if (errno == EINVAL && whence == SEEK_DATA)
+    return (gint64)offset; /* no SEEK_DATA here: everything is data */
+  if (errno != ENXIO && errno != EINVAL)
+    return -errno;
+  struct stat st;
+  return fstat(fd, &st) < 0 ? -errno : st.st_size;
+}
+
+static gint64
+posix_next_data(CbtStoreFile *file, guint64 offset)
+{
+  return seek_from(file, offset, SEEK_DATA);
 }
 
 static gint64
 posix_next_hole(CbtStoreFile *file, guint64 offset)
 {
-  int fd = ((PosixFile *)file)->fd;
-  off_t r = lseek(fd, (off_t)offset, SEEK_HOLE);
-
-  if (r >= 0)
-    return r;
-  struct stat st;
-  return fstat(fd, &st) < 0 ? -errno : st.st_size;
+  return seek_from(file, offset, SEEK_HOLE);
 }
 
 static gint64

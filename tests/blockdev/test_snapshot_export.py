@@ -301,6 +301,9 @@ class TestSnapshotExport(unittest.TestCase):
             (dict(snapshot=False), "'scratch-dir' needs 'snapshot': true"),
             (dict(snapshot=False, scratch_dir=None, checkpoint='c2'),
              "'checkpoint' needs 'snapshot': true"),
+            (dict(snapshot=False, scratch_dir=None, scratch_size=MiB),
+             "'scratch-size' needs 'snapshot': true"),
+            (dict(scratch_size=0), "'scratch-size' must be at least 1 byte"),
             (dict(scratch_dir=os.path.join(self.dir, 'missing')),
              "Cannot create a scratch file in '%s': No such file or directory"
              % os.path.join(self.dir, 'missing')),
