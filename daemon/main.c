@@ -124,6 +124,7 @@ main(int argc, char **argv)
   cbt_qmp_register_block_core(rpc);
   cbt_qmp_register_block_export(rpc);
   cbt_qmp_register_dirty_bitmap(rpc);
+  cbt_qmp_register_qom(rpc);
   cbt_dirty_bitmaps_init();
   cbt_dirty_bitmaps_set_state_dir(early.state_dir);
   if (!cbt_rpc_check_complete(rpc, &error)) {

@@ -258,8 +258,7 @@ apply_one(CbtRpc *rpc, int c, const char *arg, GError **error)
   case OPT_MONITOR:
     return apply_monitor(rpc, o, error);
   case OPT_OBJECT:
-    g_set_error_literal(error, CBTD_ERROR, 0, "objects (--object) are not supported yet");
-    return FALSE;
+    return run_command(rpc, "object-add", o, !is_json, error);
   default:
     g_assert_not_reached();
   }
