@@ -27,7 +27,7 @@ cbt_crypto_authz_is_allowed(CbtCryptoAuthz *authz, const char *identity, GError 
 {
   if (cbt_crypto_authz_list_match(authz->default_allow, authz->rules, identity))
     return TRUE;
-  g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "TLS x509 authz check for %s is denied",
+  g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "TLS authz check for %s is denied",
               identity);
   return FALSE;
 }

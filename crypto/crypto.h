@@ -17,6 +17,8 @@ typedef struct CbtCryptoAuthz CbtCryptoAuthz;
  * it is held): QEMU's "No TLS credentials with id '%s'" and "Expected TLS credentials for a
  * server endpoint" otherwise. */
 CbtCryptoTlsCreds *cbt_crypto_tls_creds_get_server(const char *id, GError **error);
+/* Another reference to credentials already held (any thread). */
+CbtCryptoTlsCreds *cbt_crypto_tls_creds_ref(CbtCryptoTlsCreds *creds);
 void cbt_crypto_tls_creds_unref(CbtCryptoTlsCreds *creds);
 gboolean cbt_crypto_tls_creds_is_psk(const CbtCryptoTlsCreds *creds);
 gboolean cbt_crypto_tls_creds_verify_peer(const CbtCryptoTlsCreds *creds);
@@ -32,6 +34,7 @@ char *cbt_crypto_tls_session_check_peer(gnutls_session_t session, CbtCryptoTlsCr
 
 /* The authz object @id with a reference: "No authorization object with id '%s'". */
 CbtCryptoAuthz *cbt_crypto_authz_get(const char *id, GError **error);
+CbtCryptoAuthz *cbt_crypto_authz_ref(CbtCryptoAuthz *authz);
 void cbt_crypto_authz_unref(CbtCryptoAuthz *authz);
 /* Whether @identity may connect: FALSE with @error when refused. */
 gboolean cbt_crypto_authz_is_allowed(CbtCryptoAuthz *authz, const char *identity, GError **error);

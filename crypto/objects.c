@@ -219,6 +219,14 @@ cbt_crypto_tls_creds_get_server(const char *id, GError **error)
   return &o->u.creds;
 }
 
+CbtCryptoTlsCreds *
+cbt_crypto_tls_creds_ref(CbtCryptoTlsCreds *creds)
+{
+  if (creds)
+    g_atomic_int_inc(&object_of_creds(creds)->users);
+  return creds;
+}
+
 void
 cbt_crypto_tls_creds_unref(CbtCryptoTlsCreds *creds)
 {
@@ -239,10 +247,23 @@ cbt_crypto_authz_get(const char *id, GError **error)
   return &o->u.authz;
 }
 
+static CbtCryptoObject *
+object_of_authz(CbtCryptoAuthz *a)
+{
+  return (CbtCryptoObject *)((char *)a - G_STRUCT_OFFSET(CbtCryptoObject, u));
+}
+
+CbtCryptoAuthz *
+cbt_crypto_authz_ref(CbtCryptoAuthz *authz)
+{
+  if (authz)
+    g_atomic_int_inc(&object_of_authz(authz)->users);
+  return authz;
+}
+
 void
 cbt_crypto_authz_unref(CbtCryptoAuthz *authz)
 {
   if (authz)
-    g_atomic_int_add(
-      &((CbtCryptoObject *)((char *)authz - G_STRUCT_OFFSET(CbtCryptoObject, u)))->users, -1);
+    g_atomic_int_add(&object_of_authz(authz)->users, -1);
 }

@@ -11,6 +11,10 @@
 #include "schemas/qmp-commands.h"
 
 static char *unix_path; /* socket file to unlink when the server stops */
+/* The running server's TLS objects (references, so object-del refuses them); under
+ * cbt_nbd_lock, as handshakes read them. */
+static CbtCryptoTlsCreds *tls_creds;
+static CbtCryptoAuthz *tls_authz;
 
 static gboolean G_GNUC_PRINTF(2, 3) fail(GError **error, const char *fmt, ...)
 {
@@ -22,34 +26,94 @@ static gboolean G_GNUC_PRINTF(2, 3) fail(GError **error, const char *fmt, ...)
   return FALSE;
 }
 
+gboolean
+cbt_nbd_tls_get(CbtCryptoTlsCreds **creds, CbtCryptoAuthz **authz)
+{
+  cbt_mutex_lock(&cbt_nbd_lock);
+  *creds = cbt_crypto_tls_creds_ref(tls_creds);
+  *authz = cbt_crypto_authz_ref(tls_authz);
+  cbt_mutex_unlock(&cbt_nbd_lock);
+  return *creds != NULL;
+}
+
+static void
+tls_set(CbtCryptoTlsCreds *creds, CbtCryptoAuthz *authz)
+{
+  cbt_mutex_lock(&cbt_nbd_lock);
+  CbtCryptoTlsCreds *old_creds = tls_creds;
+  CbtCryptoAuthz *old_authz = tls_authz;
+  tls_creds = creds;
+  tls_authz = authz;
+  cbt_mutex_unlock(&cbt_nbd_lock);
+  cbt_crypto_tls_creds_unref(old_creds);
+  cbt_crypto_authz_unref(old_authz);
+}
+
+/* The TLS objects of a new server. Stricter than qemu-storage-daemon 7.2 (docs/user-guide.md,
+ * "TLS"): tls-authz needs tls-creds, and x509 credentials that verify the peer (without a
+ * checked certificate there is no identity to authorize); the authz object must exist. */
+static gboolean
+tls_lookup(const char *creds_id, const char *authz_id, CbtCryptoTlsCreds **creds,
+           CbtCryptoAuthz **authz, GError **error)
+{
+  *creds = NULL;
+  *authz = NULL;
+  if (authz_id && !creds_id)
+    return fail(error, "tls-authz is not supported without tls-creds");
+  if (!creds_id)
+    return TRUE;
+  g_autoptr(CbtCryptoTlsCreds) c = cbt_crypto_tls_creds_get_server(creds_id, error);
+  if (!c)
+    return FALSE;
+  if (authz_id && !cbt_crypto_tls_creds_is_psk(c) && !cbt_crypto_tls_creds_verify_peer(c))
+    return fail(error,
+                "tls-authz needs TLS credentials with verify-peer=on: '%s' does not verify "
+                "client certificates",
+                creds_id);
+  if (authz_id && !(*authz = cbt_crypto_authz_get(authz_id, error)))
+    return FALSE;
+  *creds = g_steal_pointer(&c);
+  return TRUE;
+}
+
 /* @flags: CBT_SOCKET_ALLOW_FD on the command line. */
 static gboolean
-server_start(const CbtQmpSocketAddress *addr, const char *tls_creds, gboolean has_max, guint32 max,
-             CbtSocketFlags flags, GError **error)
+server_start(const CbtQmpSocketAddress *addr, const char *creds_id, const char *authz_id,
+             gboolean has_max, guint32 max, CbtSocketFlags flags, GError **error)
 {
+  CbtCryptoTlsCreds *creds;
+  CbtCryptoAuthz *authz;
+
   if (cbt_nbd_server_running())
     return fail(error, "NBD server already running");
-  if (tls_creds)
-    return fail(error, "No TLS credentials with id '%s'", tls_creds);
-  int fd = cbt_socket_listen(addr, flags, error);
-  if (fd < 0)
+  if (!tls_lookup(creds_id, authz_id, &creds, &authz, error))
     return FALSE;
+  int fd = cbt_socket_listen(addr, flags, error);
+  if (fd < 0) {
+    cbt_crypto_tls_creds_unref(creds);
+    cbt_crypto_authz_unref(authz);
+    return FALSE;
+  }
+  tls_set(creds, authz);
   const char *path = cbt_socket_address_path(addr);
   if (path) {
     g_free(unix_path);
     unix_path = g_strdup(path);
   }
-  return cbt_nbd_server_listen(cbt_qmp_socket_address_type_to_string(addr->type), fd,
-                               addr->type == CBT_QMP_SOCKET_ADDRESS_TYPE_INET, has_max ? max : 0,
-                               error);
+  if (cbt_nbd_server_listen(cbt_qmp_socket_address_type_to_string(addr->type), fd,
+                            addr->type == CBT_QMP_SOCKET_ADDRESS_TYPE_INET, has_max ? max : 0,
+                            error))
+    return TRUE;
+  tls_set(NULL, NULL);
+  return FALSE;
 }
 
 gboolean
 cbt_nbd_server_start_options(const CbtQmpNbdServerOptions *opts, GError **error)
 {
   CBT_ASSERT_MAIN_THREAD();
-  return server_start(opts->addr, opts->tls_creds, opts->has_max_connections, opts->max_connections,
-                      CBT_SOCKET_ALLOW_FD, error);
+  return server_start(opts->addr, opts->tls_creds, opts->tls_authz, opts->has_max_connections,
+                      opts->max_connections, CBT_SOCKET_ALLOW_FD, error);
 }
 
 gboolean
@@ -67,6 +131,7 @@ server_stop(gboolean wait)
 {
   cbt_nbd_server_stop_listening();
   cbt_nbd_export_shutdown_all(wait);
+  tls_set(NULL, NULL);
   if (unix_path) {
     unlink(unix_path);
     g_clear_pointer(&unix_path, g_free);
@@ -88,8 +153,8 @@ cbt_qmp_nbd_server_start(const CbtQmpNbdServerStartArg *args, GError **error)
   CbtQmpSocketAddress addr;
 
   cbt_socket_address_from_legacy(args->addr, &addr);
-  return server_start(&addr, args->tls_creds, args->has_max_connections, args->max_connections, 0,
-                      error);
+  return server_start(&addr, args->tls_creds, args->tls_authz, args->has_max_connections,
+                      args->max_connections, 0, error);
 }
 
 gboolean

@@ -7,6 +7,10 @@
 #include "nbd/nbd-internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "nbd/transport-tls.h"
 
 typedef enum { OPT_CONTINUE, OPT_TRANSMIT, OPT_DROP } OptResult;
 
@@ -254,11 +258,60 @@ opt_meta(CbtNbdConn *conn, guint32 opt, const guint8 *data, guint32 len)
   return ack(conn, opt);
 }
 
+/* NBD_OPT_STARTTLS acknowledged: the TLS handshake on the same socket, then the peer's
+ * certificate (verify-peer) and identity (tls-authz). A failure drops this client only. */
+static OptResult
+start_tls(CbtNbdConn *conn)
+{
+  g_autoptr(GError) error = NULL;
+
+  if (ack(conn, NBD_OPT_STARTTLS) != OPT_CONTINUE)
+    return OPT_DROP;
+  int fd = fcntl(conn->fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0)
+    return OPT_DROP;
+  gnutls_session_t session = cbt_crypto_tls_session_new(conn->tls_creds, fd, &error);
+  if (!session) {
+    g_message("NBD client dropped: %s", error->message);
+    close(fd);
+    return OPT_DROP;
+  }
+  CbtNbdTransport *tls = cbt_nbd_transport_tls_new(fd, session, conn->deadline, &error);
+  if (!tls) {
+    g_message("NBD client dropped: %s", error->message);
+    return OPT_DROP;
+  }
+  cbt_mutex_lock(&cbt_nbd_lock);
+  CbtNbdTransport *plain = conn->transport;
+  conn->transport = tls;
+  conn->fd = fd;
+  gboolean closing = conn->closing;
+  cbt_mutex_unlock(&cbt_nbd_lock);
+  cbt_nbd_transport_free(plain);
+  if (closing)
+    return OPT_DROP;
+
+  g_autofree char *who = cbt_crypto_tls_session_check_peer(session, conn->tls_creds, &error);
+  if (!who || (conn->tls_authz && !cbt_crypto_authz_is_allowed(conn->tls_authz, who, &error))) {
+    g_message("NBD client dropped: %s", error->message);
+    return OPT_DROP;
+  }
+  conn->tls_done = TRUE;
+  return OPT_CONTINUE;
+}
+
 static OptResult
 handle_option(CbtNbdConn *conn, guint32 opt, const guint8 *data, guint32 len, guint *budget)
 {
   if (!conn->fixed && opt != NBD_OPT_EXPORT_NAME)
     return send_error(conn, opt, NBD_REP_ERR_INVALID, "fixed newstyle not negotiated");
+  /* With TLS, nothing about exports before it (NBD spec, "TLS support": FORCEDTLS). */
+  if (conn->tls_creds && !conn->tls_done && opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT) {
+    if (opt == NBD_OPT_EXPORT_NAME)
+      return OPT_DROP; /* it has no error reply */
+    return send_error(conn, opt, NBD_REP_ERR_TLS_REQD, "TLS negotiation required before option %u",
+                      opt);
+  }
 
   switch (opt) {
   case NBD_OPT_EXPORT_NAME:
@@ -271,7 +324,11 @@ handle_option(CbtNbdConn *conn, guint32 opt, const guint8 *data, guint32 len, gu
   case NBD_OPT_STARTTLS:
     if (len)
       return send_error(conn, opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS with a payload");
-    return send_error(conn, opt, NBD_REP_ERR_POLICY, "TLS not configured");
+    if (!conn->tls_creds)
+      return send_error(conn, opt, NBD_REP_ERR_POLICY, "TLS not configured");
+    if (conn->tls_done)
+      return send_error(conn, opt, NBD_REP_ERR_INVALID, "TLS already negotiated");
+    return start_tls(conn);
   case NBD_OPT_INFO:
   case NBD_OPT_GO:
     return opt_info_go(conn, opt, data, len);
@@ -314,8 +371,20 @@ next_option(CbtNbdConn *conn, guint *budget)
   return handle_option(conn, opt, data, len, budget);
 }
 
+static gboolean negotiate(CbtNbdConn *conn);
+
 gboolean
 cbt_nbd_handshake(CbtNbdConn *conn)
+{
+  cbt_nbd_tls_get(&conn->tls_creds, &conn->tls_authz);
+  gboolean ok = negotiate(conn);
+  g_clear_pointer(&conn->tls_creds, cbt_crypto_tls_creds_unref);
+  g_clear_pointer(&conn->tls_authz, cbt_crypto_authz_unref);
+  return ok;
+}
+
+static gboolean
+negotiate(CbtNbdConn *conn)
 {
   guint8 greet[NBD_GREETING_SIZE], cflags[4];
   guint budget = CBT_NBD_OPTION_BUDGET;

@@ -17,6 +17,7 @@
 #include "common/assert.h"
 #include "nbd/nbd.h"
 #include "nbd/nbd-protocol.h"
+#include "crypto/crypto.h"
 #include "nbd/transport.h"
 
 /* Limits (docs/nbd-server.md, "Limits"). */
@@ -103,9 +104,12 @@ struct CbtNbdConn {
   gboolean no_zeroes;
   gboolean fixed;
   gboolean structured;
-  CbtNbdExport *exp;      /* attached export (ref held) once in transmission */
-  CbtNbdExport *meta_exp; /* export the meta selection was made for (ref held) */
-  GArray *meta;           /* CbtNbdMetaSel */
+  CbtCryptoTlsCreds *tls_creds; /* while handshaking, when the server requires TLS (ref held) */
+  CbtCryptoAuthz *tls_authz;    /* the same, for the identity check */
+  gboolean tls_done;            /* STARTTLS succeeded */
+  CbtNbdExport *exp;            /* attached export (ref held) once in transmission */
+  CbtNbdExport *meta_exp;       /* export the meta selection was made for (ref held) */
+  GArray *meta;                 /* CbtNbdMetaSel */
   guint16 eflags;
   gboolean closing;     /* under cbt_nbd_lock: the server asked this connection to end */
   CbtMutex send_lock;   /* one reply at a time on the socket */
@@ -208,6 +212,9 @@ void cbt_nbd_reply_hole_locked(CbtNbdConn *conn, guint64 cookie, gboolean done, 
                                guint32 len);
 void cbt_nbd_reply_status_locked(CbtNbdConn *conn, guint64 cookie, guint32 id, GArray *ext,
                                  gboolean done);
+
+/* cmds.c: the running server's TLS credentials and authz (references), FALSE without TLS. */
+gboolean cbt_nbd_tls_get(CbtCryptoTlsCreds **creds, CbtCryptoAuthz **authz);
 
 /* handshake.c: TRUE with conn->exp attached when transmission may start. */
 gboolean cbt_nbd_handshake(CbtNbdConn *conn);
