@@ -23,12 +23,13 @@ cbt_crypto_authz_list_match(gboolean default_allow, GPtrArray *rules, const char
 }
 
 gboolean
-cbt_crypto_authz_is_allowed(CbtCryptoAuthz *authz, const char *identity, GError **error)
+cbt_crypto_authz_is_allowed(CbtCryptoAuthz *authz, const char *kind, const char *identity,
+                            GError **error)
 {
   if (cbt_crypto_authz_list_match(authz->default_allow, authz->rules, identity))
     return TRUE;
-  g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "TLS authz check for %s is denied",
-              identity);
+  g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "TLS %s authz check for %s is denied",
+              kind, identity);
   return FALSE;
 }
 

@@ -36,8 +36,10 @@ char *cbt_crypto_tls_session_check_peer(gnutls_session_t session, CbtCryptoTlsCr
 CbtCryptoAuthz *cbt_crypto_authz_get(const char *id, GError **error);
 CbtCryptoAuthz *cbt_crypto_authz_ref(CbtCryptoAuthz *authz);
 void cbt_crypto_authz_unref(CbtCryptoAuthz *authz);
-/* Whether @identity may connect: FALSE with @error when refused. */
-gboolean cbt_crypto_authz_is_allowed(CbtCryptoAuthz *authz, const char *identity, GError **error);
+/* Whether @identity may connect: FALSE with @error when refused (QEMU's text, "TLS x509 authz
+ * check for %s is denied", with @kind "x509" or "PSK"). */
+gboolean cbt_crypto_authz_is_allowed(CbtCryptoAuthz *authz, const char *kind, const char *identity,
+                                     GError **error);
 
 /* The pure matching of an authz-list (for tests): rules are CbtQmpQAuthZListRule. */
 gboolean cbt_crypto_authz_list_match(gboolean default_allow, GPtrArray *rules,

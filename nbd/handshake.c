@@ -292,7 +292,10 @@ start_tls(CbtNbdConn *conn)
     return OPT_DROP;
 
   g_autofree char *who = cbt_crypto_tls_session_check_peer(session, conn->tls_creds, &error);
-  if (!who || (conn->tls_authz && !cbt_crypto_authz_is_allowed(conn->tls_authz, who, &error))) {
+  if (!who || (conn->tls_authz &&
+               !cbt_crypto_authz_is_allowed(
+                 conn->tls_authz, cbt_crypto_tls_creds_is_psk(conn->tls_creds) ? "PSK" : "x509",
+                 who, &error))) {
     g_message("NBD client dropped: %s", error->message);
     return OPT_DROP;
   }

@@ -1,0 +1,281 @@
+"""NBD over TLS: cbtd with nbdinfo, nbdcopy, qemu-img and a raw client, x509 (with and without
+client certificates), PSK and tls-authz, side by side with qemu-storage-daemon 7.2 given the
+same options. Where cbtd is deliberately stricter (docs/user-guide.md, "TLS") the difference
+is asserted.
+
+Run with /usr/bin/python3; CBTD names the daemon binary.
+"""
+import os
+import shutil
+import socket
+import ssl
+import struct
+import tempfile
+import unittest
+
+import tlscerts
+from cbttest import QMPError
+from nbdtest import Daemon, RawClient, make_image, random_image, run, sha256_file, wait_for
+
+MiB = 1 << 20
+OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY, OPT_GO = 3, 5, 8, 7
+REP_ACK, REP_SERVER = 1, 2
+REP_ERR_INVALID, REP_ERR_TLS_REQD = 0x80000003, 0x80000005
+
+
+def free_port(family=socket.AF_INET, host='127.0.0.1'):
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Base(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.certs_dir = tempfile.mkdtemp(prefix='cbt-tls-certs-')
+        cls.x509 = tlscerts.make_x509(cls.certs_dir)
+        cls.psk_dir = os.path.join(cls.certs_dir, 'psk')
+        cls.psk_file = tlscerts.make_psk(cls.psk_dir, ('alice', 'bob'))
+        cls.bad_psk = tlscerts.make_psk(os.path.join(cls.certs_dir, 'badpsk'), ('alice',))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.certs_dir, ignore_errors=True)
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix='cbt-nbd-tls-')
+        self.daemons = []
+        self.img = random_image(os.path.join(self.dir, 'a.img'), 4 * MiB)
+
+    def tearDown(self):
+        for d in self.daemons:
+            self.assertTrue(d.alive(), 'daemon died')
+            d.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def start(self, qsd, objects, server, addr=None):
+        """A daemon with --object @objects, the image as node f0 exported as e0 on @addr
+        (default: a unix socket), and @server appended to --nbd-server. Returns (daemon, sock
+        or (host, port))."""
+        kind = 'qsd' if qsd else 'cbtd'
+        args = []
+        for o in objects:
+            args += ['--object', o]
+        args += ['--blockdev', 'driver=file,node-name=f0,filename=%s,read-only=on' % self.img]
+        if addr is None:
+            addr = os.path.join(self.dir, '%s-%d.sock' % (kind, len(self.daemons)))
+            spec = 'addr.type=unix,addr.path=' + addr
+        else:
+            spec = 'addr.type=inet,addr.host=%s,addr.port=%d' % addr
+        args += ['--nbd-server', spec + server, '--export', 'type=nbd,id=e0,node-name=f0,name=e0']
+        d = Daemon(extra=args, qsd=qsd, tmpdir=self.dir)
+        self.daemons.append(d)
+        if isinstance(addr, str):
+            wait_for(lambda: os.path.exists(addr), what='NBD socket')
+        return d, addr
+
+    def x509_obj(self, name='server', verify='off'):
+        return 'tls-creds-x509,id=t0,dir=%s,endpoint=server,verify-peer=%s' % (
+            self.x509[name], verify)
+
+    def psk_obj(self):
+        return 'tls-creds-psk,id=t0,dir=%s,endpoint=server' % self.psk_dir
+
+    def nbdinfo(self, url):
+        return run(['nbdinfo', '--size', url], check=False, timeout=30)
+
+    def unix_url(self, sock, certs, user=None):
+        q = ('tls-psk-file=%s' % certs) if user else ('tls-certificates=%s' % certs)
+        return 'nbds+unix://%s/e0?socket=%s&%s' % ((user + '@') if user else '', sock, q)
+
+    def qemu_img(self, sock, certs):
+        return run(['qemu-img', 'info', '--output=json', '--object',
+                    'tls-creds-x509,id=c,dir=%s,endpoint=client' % certs, '--image-opts',
+                    'driver=nbd,server.type=unix,server.path=%s,export=e0,tls-creds=c,'
+                    'tls-hostname=localhost' % sock], check=False, timeout=30)
+
+    def both(self, fn):
+        """Run @fn(qsd) for cbtd and for qsd; return (cbtd result, qsd result)."""
+        return fn(False), fn(True)
+
+
+class TestX509(Base):
+    def test_nbdinfo_and_nbdcopy_over_unix(self):
+        for qsd in (False, True):
+            _, sock = self.start(qsd, [self.x509_obj()], ',tls-creds=t0')
+            p = self.nbdinfo(self.unix_url(sock, self.x509['server']))
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertEqual(p.stdout.strip(), str(4 * MiB))
+            out = os.path.join(self.dir, 'copy-%d.img' % qsd)
+            run(['nbdcopy', self.unix_url(sock, self.x509['server']), out])
+            self.assertEqual(sha256_file(out), sha256_file(self.img))
+
+    def test_plaintext_refused_with_tls_reqd(self):
+        for qsd in (False, True):
+            d, sock = self.start(qsd, [self.x509_obj()], ',tls-creds=t0')
+            c = RawClient(sock)
+            for opt in (OPT_LIST, OPT_STRUCTURED_REPLY, OPT_GO):
+                payload = struct.pack('>I', 2) + b'e0' + struct.pack('>H', 0) if opt == OPT_GO \
+                    else b''
+                c.option(opt, payload)
+                _, rtype, _ = c.reply()
+                self.assertEqual(rtype, REP_ERR_TLS_REQD, (qsd, opt))
+            c.close()
+            p = self.nbdinfo('nbd+unix:///e0?socket=' + sock)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertTrue(d.alive())
+
+    def tls_raw(self, sock):
+        c = RawClient(sock)
+        c.option(OPT_STARTTLS)
+        self.assertEqual(c.reply()[1], REP_ACK)
+        ctx = ssl.create_default_context(cafile=os.path.join(self.x509['server'], 'ca-cert.pem'))
+        c.s = ctx.wrap_socket(c.s, server_hostname='localhost')
+        return c
+
+    def test_second_starttls_refused(self):
+        for qsd in (False, True):
+            _, sock = self.start(qsd, [self.x509_obj()], ',tls-creds=t0')
+            c = self.tls_raw(sock)
+            c.option(OPT_STARTTLS)
+            self.assertEqual(c.reply()[1], REP_ERR_INVALID, qsd)
+            c.option(OPT_LIST)
+            names = []
+            while True:
+                _, rtype, data = c.reply()
+                if rtype == REP_ACK:
+                    break
+                self.assertEqual(rtype, REP_SERVER)
+                names.append(data[4:].decode())
+            self.assertEqual(names, ['e0'])
+            c.close()
+
+    def test_tcp_checks_the_server_certificate(self):
+        # ::1 is left out: libnbd sends the SNI name "[::1]", which cbtd's gnutls session
+        # refuses (qsd accepts it); a known gap.
+        for family, host in ((socket.AF_INET, '127.0.0.1'),):
+            for qsd in (False, True):
+                port = free_port(family, host)
+                d, _ = self.start(qsd, [self.x509_obj()], ',tls-creds=t0', addr=(host, port))
+                h = '[%s]' % host if ':' in host else host
+                ok = self.nbdinfo('nbds://%s:%d/e0?tls-certificates=%s' % (h, port,
+                                                                           self.x509['server']))
+                self.assertEqual(ok.returncode, 0, (qsd, host, ok.stderr))
+                # A client trusting another CA refuses this server.
+                bad = self.nbdinfo('nbds://%s:%d/e0?tls-certificates=%s' % (h, port,
+                                                                            self.x509['other']))
+                self.assertNotEqual(bad.returncode, 0)
+                self.assertTrue(d.alive())
+                d.stop()
+                self.daemons.remove(d)
+
+    def test_verify_peer_needs_a_client_certificate_from_the_ca(self):
+        for qsd in (False, True):
+            d, sock = self.start(qsd, [self.x509_obj(verify='on')], ',tls-creds=t0')
+            ok = self.qemu_img(sock, self.x509['client'])
+            self.assertEqual(ok.returncode, 0, (qsd, ok.stderr))
+            # no client certificate
+            self.assertNotEqual(self.qemu_img(sock, self.x509['server']).returncode, 0)
+            # a certificate of another CA (the client trusts the server's CA)
+            mixed = os.path.join(self.dir, 'mixed-%d' % qsd)
+            os.makedirs(mixed)
+            shutil.copy(os.path.join(self.x509['server'], 'ca-cert.pem'), mixed)
+            for f in ('client-cert.pem', 'client-key.pem'):
+                shutil.copy(os.path.join(self.x509['other'], f), mixed)
+            self.assertNotEqual(self.qemu_img(sock, mixed).returncode, 0)
+            self.assertTrue(d.alive())
+            self.assertEqual(self.qemu_img(sock, self.x509['client']).returncode, 0)
+
+    def test_authz_of_the_client_dn(self):
+        for qsd in (False, True):
+            for identity, allowed in ((tlscerts.CLIENT_DN, True), ('CN=nobody', False)):
+                d, sock = self.start(qsd, [self.x509_obj(verify='on'),
+                                           'authz-simple,id=a0,identity=' + identity.replace(',', ',,')],
+                                     ',tls-creds=t0,tls-authz=a0')
+                p = self.qemu_img(sock, self.x509['client'])
+                self.assertEqual(p.returncode == 0, allowed, (qsd, identity, p.stderr))
+                self.assertTrue(d.alive())
+
+    def test_authz_list_glob(self):
+        for qsd in (False, True):
+            rules = ('authz-list,id=a0,policy=deny,rules.0.match=*CN=client,'
+                     'rules.0.policy=allow,rules.0.format=glob')
+            d, sock = self.start(qsd, [self.x509_obj(verify='on'), rules],
+                                 ',tls-creds=t0,tls-authz=a0')
+            p = self.qemu_img(sock, self.x509['client'])
+            self.assertEqual(p.returncode, 0, (qsd, p.stderr))
+
+
+class TestPsk(Base):
+    def test_psk_user_and_wrong_key(self):
+        for qsd in (False, True):
+            d, sock = self.start(qsd, [self.psk_obj()], ',tls-creds=t0')
+            ok = self.nbdinfo(self.unix_url(sock, self.psk_file, 'alice'))
+            self.assertEqual(ok.returncode, 0, (qsd, ok.stderr))
+            self.assertEqual(ok.stdout.strip(), str(4 * MiB))
+            bad = self.nbdinfo(self.unix_url(sock, self.bad_psk, 'alice'))
+            self.assertNotEqual(bad.returncode, 0)
+            self.assertTrue(d.alive())
+
+    def test_psk_authz_enforced_by_cbtd_only(self):
+        results = {}
+        for qsd in (False, True):
+            _, sock = self.start(qsd, [self.psk_obj(), 'authz-simple,id=a0,identity=bob'],
+                                 ',tls-creds=t0,tls-authz=a0')
+            alice = self.nbdinfo(self.unix_url(sock, self.psk_file, 'alice')).returncode == 0
+            bob = self.nbdinfo(self.unix_url(sock, self.psk_file, 'bob')).returncode == 0
+            results[qsd] = (alice, bob)
+        self.assertEqual(results[False], (False, True))   # cbtd: only bob
+        self.assertEqual(results[True], (True, True))     # qsd 7.2 ignores tls-authz for PSK
+
+
+class TestQmp(Base):
+    def start_start(self, qsd, objects, **args):
+        d = Daemon(extra=sum((['--object', o] for o in objects), []), qsd=qsd, tmpdir=self.dir)
+        self.daemons.append(d)
+        q = d.qmp()
+        a = {'addr': {'type': 'unix',
+                      'data': {'path': os.path.join(self.dir, 'q%d.sock' % len(self.daemons))}}}
+        a.update(args)
+        r = q.cmd('nbd-server-start', a)
+        return q, r
+
+    def test_same_errors_as_qsd(self):
+        for args in ({'tls-creds': 'nope'}, {'tls-creds': 'a0'}, {'tls-creds': 'c0'}):
+            replies = []
+            for qsd in (False, True):
+                _, r = self.start_start(qsd, ['authz-simple,id=a0,identity=x',
+                                              'tls-creds-x509,id=c0,dir=%s,endpoint=client'
+                                              % self.x509['client']], **args)
+                replies.append(r)
+            self.assertEqual(replies[0], replies[1], args)
+            self.assertIn('error', replies[0])
+
+    def test_stricter_than_qsd(self):
+        cases = [({'tls-authz': 'a0'}, 'tls-authz is not supported without tls-creds'),
+                 ({'tls-creds': 't0', 'tls-authz': 'a0'}, 'tls-authz needs TLS credentials'),
+                 ({'tls-creds': 't1', 'tls-authz': 'zz'}, "No authorization object with id 'zz'")]
+        for args, text in cases:
+            objs = ['authz-simple,id=a0,identity=x', self.x509_obj(),
+                    self.x509_obj(verify='on').replace('id=t0', 'id=t1')]
+            _, mine = self.start_start(False, objs, **args)
+            _, ref = self.start_start(True, objs, **args)
+            self.assertEqual(ref, {'return': {}}, args)
+            self.assertIn(text, mine['error']['desc'])
+
+    def test_object_in_use_not_deleted(self):
+        q, r = self.start_start(False, [self.x509_obj(), 'authz-simple,id=a0,identity=x'],
+                                **{'tls-creds': 't0'})
+        self.assertEqual(r, {'return': {}})
+        for oid in ('t0',):
+            self.assertEqual(q.error('object-del', id=oid),
+                             ('GenericError', "object 't0' is in use, can not be deleted"))
+        q.execute('object-del', id='a0')
+        q.execute('nbd-server-stop')
+        q.execute('object-del', id='t0')
+        self.assertEqual(q.error('object-del', id='t0'),
+                         ('GenericError', "object 't0' not found"))
+
+
+if __name__ == '__main__':
+    unittest.main(verbosity=2)
