@@ -123,10 +123,15 @@ class CommandLineErrors(unittest.TestCase):
                                           '--monitor', 'm,mode=readline']),
                          "--monitor m,mode=readline: Parameter 'mode' does not accept value "
                          "'readline'")
-        self.assertEqual(self.cbtd_error(['--object', 'secret,id=s,data=x']),
-                         '--object secret,id=s,data=x: objects (--object) are not supported yet')
         self.assertEqual(self.cbtd_error(['-T', 'nbd_*']),
                          '-T nbd_*: tracing is not supported; use the logs on stderr')
+
+    def test_bad_objects(self):
+        """--object errors read as qsd's: unknown qom-type, missing secret data."""
+        self.assert_same(['--object', 'frob,id=x'])
+        self.assert_same(['--object', 'secret,id=s'])
+        self.assert_same(['--object', 'tls-creds-x509,id=t,dir=%s/nope,endpoint=server'
+                          % self.dir])
 
     def test_later_failure_removes_sockets(self):
         """A failing option after a monitor and an NBD server were set up leaves no socket."""
