@@ -1,11 +1,14 @@
 # Thin wrapper around meson: `make run` and `make check` are the two first commands.
 BUILD ?= build
+# The libFuzzer harnesses need their own clang build (tests/fuzz/).
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 600
 MESON_OPTS ?=
 ifdef CI
 MESON_OPTS += -Dwerror=true
 endif
 
-.PHONY: all deps build run check bench docs clean
+.PHONY: all deps build fuzz-build run check fuzz bench docs clean
 
 all: build
 
@@ -19,11 +22,23 @@ $(BUILD)/build.ninja:
 build: deps $(BUILD)/build.ninja
 	ninja -C $(BUILD)
 
+$(FUZZ_BUILD)/build.ninja:
+	@scripts/install-deps
+	CC=clang meson setup $(FUZZ_BUILD) -Dfuzzing=true $(MESON_OPTS)
+
+fuzz-build: deps $(FUZZ_BUILD)/build.ninja
+	ninja -C $(FUZZ_BUILD) fuzzers
+
 run: build
 	$(BUILD)/daemon/cbtd --state-dir var
 
-check: build
+check: build fuzz-build
 	@scripts/run-tests $(BUILD)
+	@scripts/run-tests $(FUZZ_BUILD) --no-rebuild --suite fuzz
+
+fuzz: fuzz-build
+	FUZZ_SECONDS=$(FUZZ_SECONDS) meson test -C $(FUZZ_BUILD) --no-rebuild --suite fuzz \
+	  --timeout-multiplier 0 --print-errorlogs
 
 bench: build
 	@bench/run $(BUILD)
@@ -32,4 +47,4 @@ docs: build
 	cp $(BUILD)/schemas/rpc.md docs/rpc.md
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(FUZZ_BUILD)

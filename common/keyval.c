@@ -9,10 +9,19 @@
 
 #define KEYVAL_ERROR (g_quark_from_static_string("cbtd-keyval"))
 
+/* A key fragment is a name (a letter, then letters, digits, '-' and '_') or, below the top
+ * level, a list index (digits only), as QEMU's keyval syntax has it. */
 static gboolean
-fragment_valid(const char *s, gsize len)
+fragment_valid(const char *s, gsize len, gboolean top)
 {
   if (len == 0)
+    return FALSE;
+  gsize digits = 0;
+  while (digits < len && g_ascii_isdigit(s[digits]))
+    digits++;
+  if (digits == len)
+    return !top;
+  if (!g_ascii_isalpha(s[0]))
     return FALSE;
   for (gsize i = 0; i < len; i++) {
     if (!g_ascii_isalnum(s[i]) && s[i] != '-' && s[i] != '_')
@@ -31,7 +40,7 @@ keyval_store(JsonObject *root, const char *key, const char *value, GError **erro
   g_autoptr(GString) prefix = g_string_new(NULL);
 
   for (guint i = 0; i < MAX(n, 1); i++) {
-    if (n == 0 || !fragment_valid(parts[i], strlen(parts[i]))) {
+    if (n == 0 || !fragment_valid(parts[i], strlen(parts[i]), i == 0)) {
       g_set_error(error, KEYVAL_ERROR, 0, "Invalid parameter '%s'", key);
       return FALSE;
     }
@@ -153,7 +162,7 @@ cbt_keyval_parse(const char *text, const char *implied_key, GError **error)
         continue;
       }
       g_autofree char *key = g_strndup(p, klen);
-      if (klen == 0 || !fragment_valid(key, klen))
+      if (klen == 0 || !fragment_valid(key, klen, TRUE))
         g_set_error(error, KEYVAL_ERROR, 0, "Invalid parameter '%s'", key);
       else
         g_set_error(error, KEYVAL_ERROR, 0, "Expected '=' after parameter '%s'", key);

@@ -126,6 +126,14 @@ class CommandLineErrors(unittest.TestCase):
         self.assertEqual(self.cbtd_error(['-T', 'nbd_*']),
                          '-T nbd_*: tracing is not supported; use the logs on stderr')
 
+    def test_key_fragments(self):
+        """A key fragment is a name or, below the top, an index; '0=x' once crashed cbtd
+        (found by tests/fuzz/fuzz-keyval)."""
+        for key in ('0', '0x', '_a', '-a', 'a0', 'a._b', 'a.0x', '0.x'):
+            self.assert_same(['--blockdev', 'driver=file,%s=1' % key])
+        self.assert_same(['--blockdev', '0=x,1=y'])
+        self.assert_same(['--object', '0=x'])
+
     def test_bad_objects(self):
         """--object errors read as qsd's: unknown qom-type, missing secret data."""
         self.assert_same(['--object', 'frob,id=x'])
