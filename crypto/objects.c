@@ -8,16 +8,6 @@
 
 static GHashTable *objects; /* id -> CbtCryptoObject * */
 
-static gboolean G_GNUC_PRINTF(2, 3) fail(GError **error, const char *fmt, ...)
-{
-  va_list ap;
-  va_start(ap, fmt);
-  g_autofree char *msg = g_strdup_vprintf(fmt, ap);
-  va_end(ap);
-  g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, msg);
-  return FALSE;
-}
-
 static void
 object_free(CbtCryptoObject *o)
 {
@@ -73,16 +63,16 @@ secret_create(CbtCryptoObject *o, const CbtQmpSecretProperties *p, GError **erro
   g_autofree char *raw = NULL;
 
   if (p->data && p->file)
-    return fail(error, "'file' and 'data' are mutually exclusive");
+    return cbt_rpc_fail(error, "'file' and 'data' are mutually exclusive");
   if (!p->data && !p->file)
-    return fail(error, "Either 'file' or 'data' must be provided");
+    return cbt_rpc_fail(error, "Either 'file' or 'data' must be provided");
   if (p->keyid || p->iv)
-    return fail(error, "encrypted secrets (keyid, iv) are not supported by cbtd");
+    return cbt_rpc_fail(error, "encrypted secrets (keyid, iv) are not supported by cbtd");
   if (p->file) {
     g_autoptr(GError) local = NULL;
     gsize len;
     if (!g_file_get_contents(p->file, &raw, &len, &local))
-      return fail(error, "Unable to read %s: %s", p->file, local->message);
+      return cbt_rpc_fail(error, "Unable to read %s: %s", p->file, local->message);
   } else {
     raw = g_strdup(p->data);
   }
@@ -139,7 +129,8 @@ object_create(CbtCryptoObject *o, const CbtQmpObjectOptions *args, GError **erro
     break;
   }
   default:
-    return fail(error, "invalid object type: %s", cbt_qmp_object_type_to_string(args->qom_type));
+    return cbt_rpc_fail(error, "invalid object type: %s",
+                        cbt_qmp_object_type_to_string(args->qom_type));
   }
   o->kind = CBT_CRYPTO_OBJ_TLS_CREDS;
   return cbt_crypto_tls_creds_load(&o->u.creds, &tp, error);
@@ -151,8 +142,8 @@ cbt_qmp_object_add(const CbtQmpObjectOptions *args, GError **error)
   if (!objects)
     objects = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, (GDestroyNotify)object_free);
   if (g_hash_table_contains(objects, args->id))
-    return fail(error, "attempt to add duplicate property '%s' to object (type 'container')",
-                args->id);
+    return cbt_rpc_fail(
+      error, "attempt to add duplicate property '%s' to object (type 'container')", args->id);
 
   CbtCryptoObject *o = g_new0(CbtCryptoObject, 1);
   o->id = g_strdup(args->id);
@@ -170,11 +161,11 @@ cbt_qmp_object_del(const CbtQmpObjectDelArg *args, GError **error)
   CbtCryptoObject *o = cbt_crypto_object_find(args->id);
 
   if (!o)
-    return fail(error, "object '%s' not found", args->id);
+    return cbt_rpc_fail(error, "object '%s' not found", args->id);
   /* Stricter than qemu-storage-daemon 7.2, which lets a running NBD server's credentials
    * go; the text is QEMU's for objects that refuse deletion. */
   if (g_atomic_int_get(&o->users) > 0)
-    return fail(error, "object '%s' is in use, can not be deleted", args->id);
+    return cbt_rpc_fail(error, "object '%s' is in use, can not be deleted", args->id);
   g_hash_table_remove(objects, args->id);
   return TRUE;
 }
@@ -185,7 +176,7 @@ cbt_crypto_secret_lookup(const char *id, GError **error)
   CbtCryptoObject *o = cbt_crypto_object_find(id);
 
   if (!o || o->kind != CBT_CRYPTO_OBJ_SECRET) {
-    fail(error, "No secret with id '%s'", id);
+    cbt_rpc_fail(error, "No secret with id '%s'", id);
     return NULL;
   }
   return o->u.secret;
@@ -204,15 +195,15 @@ cbt_crypto_tls_creds_get_server(const char *id, GError **error)
   CbtCryptoObject *o = cbt_crypto_object_find(id);
 
   if (!o) {
-    fail(error, "No TLS credentials with id '%s'", id);
+    cbt_rpc_fail(error, "No TLS credentials with id '%s'", id);
     return NULL;
   }
   if (o->kind != CBT_CRYPTO_OBJ_TLS_CREDS) {
-    fail(error, "Object with id '%s' is not TLS credentials", id);
+    cbt_rpc_fail(error, "Object with id '%s' is not TLS credentials", id);
     return NULL;
   }
   if (!o->u.creds.server) {
-    fail(error, "Expected TLS credentials for a server endpoint");
+    cbt_rpc_fail(error, "Expected TLS credentials for a server endpoint");
     return NULL;
   }
   g_atomic_int_inc(&o->users);
@@ -240,7 +231,7 @@ cbt_crypto_authz_get(const char *id, GError **error)
   CbtCryptoObject *o = cbt_crypto_object_find(id);
 
   if (!o || o->kind != CBT_CRYPTO_OBJ_AUTHZ) {
-    fail(error, "No authorization object with id '%s'", id);
+    cbt_rpc_fail(error, "No authorization object with id '%s'", id);
     return NULL;
   }
   g_atomic_int_inc(&o->users);

@@ -17,16 +17,6 @@
 #define DEFAULT_PRIORITY "NORMAL"
 #define PSK_PRIORITY_SUFFIX ":+ECDHE-PSK:+DHE-PSK:+PSK"
 
-static gboolean G_GNUC_PRINTF(2, 3) fail(GError **error, const char *fmt, ...)
-{
-  va_list ap;
-  va_start(ap, fmt);
-  g_autofree char *msg = g_strdup_vprintf(fmt, ap);
-  va_end(ap);
-  g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, msg);
-  return FALSE;
-}
-
 /* @dir/@name in *@path when it exists; a missing required file fails as QEMU does. */
 static gboolean
 file_path(const char *dir, const char *name, gboolean required, char **path, GError **error)
@@ -37,7 +27,7 @@ file_path(const char *dir, const char *name, gboolean required, char **path, GEr
   if (access(p, R_OK) < 0) {
     if (errno == ENOENT && !required)
       return TRUE;
-    return fail(error, "Unable to access credentials %s: %s", p, g_strerror(errno));
+    return cbt_rpc_fail(error, "Unable to access credentials %s: %s", p, g_strerror(errno));
   }
   *path = g_steal_pointer(&p);
   return TRUE;
@@ -55,13 +45,14 @@ load_dh(CbtCryptoTlsCreds *c, const char *dir, GError **error)
   if (!path)
     return TRUE; /* gnutls picks known parameters (RFC 7919) */
   if (!g_file_get_contents(path, &pem, &len, NULL))
-    return fail(error, "Cannot load DH parameters from %s", path);
+    return cbt_rpc_fail(error, "Cannot load DH parameters from %s", path);
   gnutls_datum_t d = { (unsigned char *)pem, len };
   int ret = gnutls_dh_params_init(&c->dh);
   if (ret >= 0)
     ret = gnutls_dh_params_import_pkcs3(c->dh, &d, GNUTLS_X509_FMT_PEM);
   if (ret < 0)
-    return fail(error, "Unable to load DH parameters from %s: %s", path, gnutls_strerror(ret));
+    return cbt_rpc_fail(error, "Unable to load DH parameters from %s: %s", path,
+                        gnutls_strerror(ret));
   return TRUE;
 }
 
@@ -83,21 +74,21 @@ load_x509(CbtCryptoTlsCreds *c, const CbtCryptoTlsParams *p, GError **error)
 
   ret = gnutls_certificate_allocate_credentials(&c->x509);
   if (ret < 0)
-    return fail(error, "Cannot allocate credentials: %s", gnutls_strerror(ret));
+    return cbt_rpc_fail(error, "Cannot allocate credentials: %s", gnutls_strerror(ret));
   ret = gnutls_certificate_set_x509_trust_file(c->x509, ca, GNUTLS_X509_FMT_PEM);
   if (ret < 0)
-    return fail(error, "Cannot load CA certificate '%s': %s", ca, gnutls_strerror(ret));
+    return cbt_rpc_fail(error, "Cannot load CA certificate '%s': %s", ca, gnutls_strerror(ret));
   if (cert && key) {
     ret =
       gnutls_certificate_set_x509_key_file2(c->x509, cert, key, GNUTLS_X509_FMT_PEM, password, 0);
     if (ret < 0)
-      return fail(error, "Cannot load certificate '%s' & key '%s': %s", cert, key,
-                  gnutls_strerror(ret));
+      return cbt_rpc_fail(error, "Cannot load certificate '%s' & key '%s': %s", cert, key,
+                          gnutls_strerror(ret));
   }
   if (crl) {
     ret = gnutls_certificate_set_x509_crl_file(c->x509, crl, GNUTLS_X509_FMT_PEM);
     if (ret < 0)
-      return fail(error, "Cannot load CRL '%s': %s", crl, gnutls_strerror(ret));
+      return cbt_rpc_fail(error, "Cannot load CRL '%s': %s", crl, gnutls_strerror(ret));
   }
   if (p->server && !load_dh(c, p->dir, error))
     return FALSE;
@@ -114,7 +105,7 @@ psk_key_of(const char *path, const char *user, GError **error)
   g_autoptr(GError) local = NULL;
 
   if (!g_file_get_contents(path, &text, NULL, &local)) {
-    fail(error, "Cannot read PSK file %s: %s", path, local->message);
+    cbt_rpc_fail(error, "Cannot read PSK file %s: %s", path, local->message);
     return NULL;
   }
   g_auto(GStrv) lines = g_strsplit(text, "\n", -1);
@@ -123,7 +114,7 @@ psk_key_of(const char *path, const char *user, GError **error)
     if (colon && (gsize)(colon - *l) == strlen(user) && strncmp(*l, user, colon - *l) == 0)
       return g_strstrip(g_strdup(colon + 1));
   }
-  fail(error, "Cannot find key for username '%s' in %s", user, path);
+  cbt_rpc_fail(error, "Cannot find key for username '%s' in %s", user, path);
   return NULL;
 }
 
@@ -137,12 +128,12 @@ load_psk(CbtCryptoTlsCreds *c, const CbtCryptoTlsParams *p, GError **error)
     return FALSE;
   if (p->server) {
     if (p->username)
-      return fail(error, "username should not be set when endpoint=server");
+      return cbt_rpc_fail(error, "username should not be set when endpoint=server");
     ret = gnutls_psk_allocate_server_credentials(&c->psk_server);
     if (ret >= 0)
       ret = gnutls_psk_set_server_credentials_file(c->psk_server, path);
     if (ret < 0)
-      return fail(error, "Cannot set PSK server credentials: %s", gnutls_strerror(ret));
+      return cbt_rpc_fail(error, "Cannot set PSK server credentials: %s", gnutls_strerror(ret));
     if (!load_dh(c, p->dir, error))
       return FALSE;
     if (c->dh)
@@ -158,7 +149,7 @@ load_psk(CbtCryptoTlsCreds *c, const CbtCryptoTlsParams *p, GError **error)
   if (ret >= 0)
     ret = gnutls_psk_set_client_credentials(c->psk_client, c->username, &key, GNUTLS_PSK_KEY_HEX);
   if (ret < 0)
-    return fail(error, "Cannot set PSK client credentials: %s", gnutls_strerror(ret));
+    return cbt_rpc_fail(error, "Cannot set PSK client credentials: %s", gnutls_strerror(ret));
   return TRUE;
 }
 
@@ -166,7 +157,7 @@ gboolean
 cbt_crypto_tls_creds_load(CbtCryptoTlsCreds *c, const CbtCryptoTlsParams *p, GError **error)
 {
   if (!p->dir)
-    return fail(error, "Missing 'dir' property value");
+    return cbt_rpc_fail(error, "Missing 'dir' property value");
   c->server = p->server;
   c->verify_peer = p->verify_peer;
   c->psk = p->psk;
@@ -177,8 +168,8 @@ cbt_crypto_tls_creds_load(CbtCryptoTlsCreds *c, const CbtCryptoTlsParams *p, GEr
   const char *where = NULL;
   int ret = gnutls_priority_init(&prio, c->priority, &where);
   if (ret < 0)
-    return fail(error, "Unable to set TLS session priority %s: %s", c->priority,
-                gnutls_strerror(ret));
+    return cbt_rpc_fail(error, "Unable to set TLS session priority %s: %s", c->priority,
+                        gnutls_strerror(ret));
   gnutls_priority_deinit(prio);
   return p->psk ? load_psk(c, p, error) : load_x509(c, p, error);
 }
@@ -222,7 +213,7 @@ cbt_crypto_tls_session_new(CbtCryptoTlsCreds *c, int fd, GError **error)
     ret = c->psk ? gnutls_credentials_set(s, GNUTLS_CRD_PSK, c->psk_server)
                  : gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, c->x509);
   if (ret < 0) {
-    fail(error, "Cannot start TLS session: %s", gnutls_strerror(ret));
+    cbt_rpc_fail(error, "Cannot start TLS session: %s", gnutls_strerror(ret));
     if (s)
       gnutls_deinit(s);
     return NULL;
@@ -260,15 +251,15 @@ x509_peer(gnutls_session_t s, CbtCryptoTlsCreds *c, GError **error)
   if (c->verify_peer) {
     int ret = gnutls_certificate_verify_peers2(s, &status);
     if (ret < 0) {
-      fail(error, "Verify failed: %s", gnutls_strerror(ret));
+      cbt_rpc_fail(error, "Verify failed: %s", gnutls_strerror(ret));
       return NULL;
     }
     if (status) {
-      fail(error, "%s", verify_reason(status));
+      cbt_rpc_fail(error, "%s", verify_reason(status));
       return NULL;
     }
     if (!certs || n == 0) {
-      fail(error, "No certificate peer");
+      cbt_rpc_fail(error, "No certificate peer");
       return NULL;
     }
   }
@@ -282,7 +273,7 @@ x509_peer(gnutls_session_t s, CbtCryptoTlsCreds *c, GError **error)
     ret = gnutls_x509_crt_get_dn(crt, dn, &len);
   gnutls_x509_crt_deinit(crt);
   if (ret < 0) {
-    fail(error, "Cannot read the peer's distinguished name: %s", gnutls_strerror(ret));
+    cbt_rpc_fail(error, "Cannot read the peer's distinguished name: %s", gnutls_strerror(ret));
     return NULL;
   }
   return g_strdup(dn);

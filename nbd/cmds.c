@@ -16,16 +16,6 @@ static char *unix_path; /* socket file to unlink when the server stops */
 static CbtCryptoTlsCreds *tls_creds;
 static CbtCryptoAuthz *tls_authz;
 
-static gboolean G_GNUC_PRINTF(2, 3) fail(GError **error, const char *fmt, ...)
-{
-  va_list ap;
-  va_start(ap, fmt);
-  g_autofree char *msg = g_strdup_vprintf(fmt, ap);
-  va_end(ap);
-  g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, msg);
-  return FALSE;
-}
-
 gboolean
 cbt_nbd_tls_get(CbtCryptoTlsCreds **creds, CbtCryptoAuthz **authz)
 {
@@ -59,17 +49,17 @@ tls_lookup(const char *creds_id, const char *authz_id, CbtCryptoTlsCreds **creds
   *creds = NULL;
   *authz = NULL;
   if (authz_id && !creds_id)
-    return fail(error, "tls-authz is not supported without tls-creds");
+    return cbt_rpc_fail(error, "tls-authz is not supported without tls-creds");
   if (!creds_id)
     return TRUE;
   g_autoptr(CbtCryptoTlsCreds) c = cbt_crypto_tls_creds_get_server(creds_id, error);
   if (!c)
     return FALSE;
   if (authz_id && !cbt_crypto_tls_creds_is_psk(c) && !cbt_crypto_tls_creds_verify_peer(c))
-    return fail(error,
-                "tls-authz needs TLS credentials with verify-peer=on: '%s' does not verify "
-                "client certificates",
-                creds_id);
+    return cbt_rpc_fail(error,
+                        "tls-authz needs TLS credentials with verify-peer=on: '%s' does not verify "
+                        "client certificates",
+                        creds_id);
   if (authz_id && !(*authz = cbt_crypto_authz_get(authz_id, error)))
     return FALSE;
   *creds = g_steal_pointer(&c);
@@ -85,7 +75,7 @@ server_start(const CbtQmpSocketAddress *addr, const char *creds_id, const char *
   CbtCryptoAuthz *authz;
 
   if (cbt_nbd_server_running())
-    return fail(error, "NBD server already running");
+    return cbt_rpc_fail(error, "NBD server already running");
   if (!tls_lookup(creds_id, authz_id, &creds, &authz, error))
     return FALSE;
   int fd = cbt_socket_listen(addr, flags, error);
@@ -121,7 +111,7 @@ cbt_nbd_server_start_fd(int listen_fd, GError **error)
 {
   CBT_ASSERT_MAIN_THREAD();
   if (cbt_nbd_server_running())
-    return fail(error, "NBD server already running");
+    return cbt_rpc_fail(error, "NBD server already running");
   return cbt_nbd_server_listen("socket activation", listen_fd, cbt_socket_is_inet(listen_fd), 0,
                                error);
 }
@@ -161,7 +151,7 @@ gboolean
 cbt_qmp_nbd_server_stop(GError **error)
 {
   if (!cbt_nbd_server_running())
-    return fail(error, "NBD server not running");
+    return cbt_rpc_fail(error, "NBD server not running");
   server_stop(FALSE);
   return TRUE;
 }
@@ -170,8 +160,8 @@ gboolean
 cbt_qmp_block_export_add(const CbtQmpBlockExportOptions *args, GError **error)
 {
   if (args->type != CBT_QMP_BLOCK_EXPORT_TYPE_NBD)
-    return fail(error, "Export type '%s' is not supported by cbtd",
-                cbt_qmp_block_export_type_to_string(args->type));
+    return cbt_rpc_fail(error, "Export type '%s' is not supported by cbtd",
+                        cbt_qmp_block_export_type_to_string(args->type));
   return cbt_nbd_export_add(args, error);
 }
 
@@ -210,7 +200,8 @@ cbt_qmp_nbd_server_add(const CbtQmpNbdServerAddOptions *args, GError **error)
 {
   /* qsd resolves the legacy "device" (a node name here) before anything else. */
   if (!cbt_blockdev_find(args->device))
-    return fail(error, "Cannot find device='%s' nor node-name='%s'", args->device, args->device);
+    return cbt_rpc_fail(error, "Cannot find device='%s' nor node-name='%s'", args->device,
+                        args->device);
 
   g_autoptr(CbtQmpBlockExportOptions) o = g_new0(CbtQmpBlockExportOptions, 1);
   o->type = CBT_QMP_BLOCK_EXPORT_TYPE_NBD;

@@ -29,6 +29,8 @@ typedef enum {
 #define CBT_RPC_ERROR (cbt_rpc_error_quark())
 GQuark cbt_rpc_error_quark(void);
 const char *cbt_rpc_error_class_name(CbtRpcErrorClass cls);
+/* Sets a GenericError with a formatted message and returns FALSE, for handlers' early exits. */
+gboolean cbt_rpc_fail(GError **error, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
 
 typedef struct CbtRpc CbtRpc;
 

@@ -8,6 +8,17 @@
 
 G_DEFINE_QUARK(cbt - rpc - error - quark, cbt_rpc_error)
 
+gboolean
+cbt_rpc_fail(GError **error, const char *fmt, ...)
+{
+  va_list ap;
+  va_start(ap, fmt);
+  g_autofree char *msg = g_strdup_vprintf(fmt, ap);
+  va_end(ap);
+  g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, msg);
+  return FALSE;
+}
+
 const char *
 cbt_rpc_error_class_name(CbtRpcErrorClass cls)
 {
