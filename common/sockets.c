@@ -65,6 +65,13 @@ unix_bind_listen(int fd, const char *path, const char *bind_path, GError **error
   strcpy(sun.sun_path, bind_path);
   if (bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0)
     return fail(error, "Failed to bind socket to %s: %s", path, g_strerror(errno));
+  /* Owner only, whatever the umask: connecting needs write permission on the socket, and
+   * before listen() nobody can connect, so no client ever sees a wider mode. */
+  if (chmod(bind_path, 0600) < 0) {
+    int err = errno;
+    unlink(bind_path);
+    return fail(error, "Failed to set the mode of %s: %s", path, g_strerror(err));
+  }
   if (listen(fd, SOMAXCONN) < 0 || (bind_path != path && rename(bind_path, path) < 0)) {
     int err = errno;
     unlink(bind_path);

@@ -263,6 +263,37 @@ class CommandLineServes(unittest.TestCase):
         self.assertTrue(r.stdout.startswith('cbtd version '), r.stdout)
 
 
+class SocketModes(unittest.TestCase):
+    """QMP and NBD unix sockets are owner-only (0600) whatever the umask: whoever may connect
+    to the NBD socket reads every exported disk."""
+
+    def test_sockets_are_owner_only(self):
+        d = tempfile.mkdtemp(prefix='cbtd-modes-')
+        self.addCleanup(shutil.rmtree, d, True)
+        socks = [os.path.join(d, n) for n in ('q.sock', 'n.sock', 'm.sock')]
+        p = subprocess.Popen([CBTD, '--qmp', socks[0],
+                              '--nbd-server', 'addr.type=unix,addr.path=' + socks[1],
+                              '--chardev', 'socket,id=m,path=%s,server=on,wait=off' % socks[2],
+                              '--monitor', 'm'],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0))
+        try:
+            wait_for(lambda: all(os.path.exists(s) for s in socks) or p.poll() is not None)
+            self.assertIsNone(p.poll())
+            for path in socks:
+                self.assertEqual(os.stat(path).st_mode & 0o777, 0o600, path)
+            # Sockets made later, over QMP, too.
+            later = os.path.join(d, 'later.sock')
+            qmp = QMP(socks[0])
+            qmp.execute('nbd-server-stop')
+            qmp.execute('nbd-server-start', addr={'type': 'unix', 'data': {'path': later}})
+            self.assertEqual(os.stat(later).st_mode & 0o777, 0o600)
+            qmp.close()
+        finally:
+            p.terminate()
+            p.wait(timeout=10)
+
+
 class StateDir(unittest.TestCase):
     """The embedded default that `make run` uses, driven with cbtctl."""
 
