@@ -277,5 +277,41 @@ class TestQmp(Base):
                          ('GenericError', "object 't0' not found"))
 
 
+class TestObjectsBesideQsd(Base):
+    """object-add and object-del over QMP: the same replies as qsd, error texts included."""
+
+    def replies(self, qsd, calls):
+        d = Daemon(qsd=qsd, tmpdir=self.dir)
+        self.daemons.append(d)
+        q = d.qmp()
+        return [q.cmd(name, args) for name, args in calls]
+
+    def test_same_replies(self):
+        x509 = {'qom-type': 'tls-creds-x509', 'id': 't0', 'dir': self.x509['server'],
+                'endpoint': 'server'}
+        calls = [
+            ('object-add', x509),
+            ('object-add', x509),                                   # duplicate id
+            ('object-add', dict(x509, id='t1', dir=self.dir + '/nope')),
+            ('object-add', {'qom-type': 'frob', 'id': 'f'}),
+            ('object-add', {'qom-type': 'authz-simple', 'id': 'a0'}),  # no identity
+            ('object-add', {'qom-type': 'authz-simple', 'id': 'a1', 'identity': 'CN=x'}),
+            ('object-add', {'qom-type': 'authz-list', 'id': 'l0', 'policy': 'maybe'}),
+            ('object-add', {'qom-type': 'authz-list', 'id': 'l1', 'policy': 'deny',
+                            'rules': [{'match': 'CN=*', 'policy': 'allow',
+                                       'format': 'glob'}]}),
+            ('object-add', {'qom-type': 'secret', 'id': 's0', 'data': 'pw'}),
+            ('object-add', {'qom-type': 'secret', 'id': 's1'}),
+            ('object-del', {'id': 'a1'}),
+            ('object-del', {'id': 'a1'}),                           # gone
+            ('object-del', {'id': 'nope'}),
+        ]
+        mine, ref = self.replies(False, calls), self.replies(True, calls)
+        for call, a, b in zip(calls, mine, ref):
+            self.assertEqual(a, b, call)
+        self.assertIn('error', mine[1])
+        self.assertEqual(mine[0], {'return': {}})
+
+
 if __name__ == '__main__':
     unittest.main(verbosity=2)
