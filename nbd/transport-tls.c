@@ -136,9 +136,17 @@ tls_sendv(CbtNbdTransport *tr, struct iovec *iov, int n)
 
   gnutls_record_cork(t->session);
   for (int i = 0; i < n; i++) {
-    ssize_t r = gnutls_record_send(t->session, iov[i].iov_base, iov[i].iov_len);
-    if (r < 0 && r != GNUTLS_E_AGAIN && r != GNUTLS_E_INTERRUPTED)
-      goto fail;
+    /* Corked, a send only appends to the record buffer; loop all the same, as a short or
+     * interrupted send must not drop the rest of the iovec. */
+    for (gsize done = 0; done < iov[i].iov_len;) {
+      ssize_t r =
+        gnutls_record_send(t->session, (char *)iov[i].iov_base + done, iov[i].iov_len - done);
+      if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED)
+        continue;
+      if (r < 0)
+        goto fail;
+      done += r;
+    }
   }
   for (;;) {
     int r = gnutls_record_uncork(t->session, GNUTLS_RECORD_WAIT);
