@@ -133,6 +133,26 @@ class TestX509(Base):
         c.s = ctx.wrap_socket(c.s, server_hostname='localhost')
         return c
 
+    def test_broken_handshakes_drop_that_client_only(self):
+        """After STARTTLS's ack: bytes that are not TLS, a ClientHello cut short, a client
+        that vanishes, one that never speaks. Each is dropped; the next client reads."""
+        hello_start = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03])
+        d, sock = self.start(False, [self.x509_obj()], ',tls-creds=t0')
+        for junk in (b'GET / HTTP/1.0\r\n\r\n' * 8, hello_start, b''):
+            c = RawClient(sock)
+            c.option(OPT_STARTTLS)
+            self.assertEqual(c.reply()[1], REP_ACK)
+            c.s.sendall(junk)
+            c.close()
+        idle = RawClient(sock)
+        idle.option(OPT_STARTTLS)
+        self.assertEqual(idle.reply()[1], REP_ACK)
+        p = self.nbdinfo(self.unix_url(sock, self.x509['server']))
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout.strip(), str(4 * MiB))
+        idle.close()
+        self.assertTrue(d.alive())
+
     def test_second_starttls_refused(self):
         for qsd in (False, True):
             _, sock = self.start(qsd, [self.x509_obj()], ',tls-creds=t0')
