@@ -243,6 +243,8 @@ fail:
   g_ptr_array_unref(bd->children);
   g_ptr_array_unref(bd->parents);
   json_object_unref(bd->full_opts);
+  g_free(bd->tracked);
+  g_free(bd->exact_filename); /* set by a driver that opened, then lost on permissions */
   g_free(bd->node_name);
   g_free(bd);
   return NULL;
