@@ -32,6 +32,8 @@ G_STATIC_ASSERT(G_BYTE_ORDER == G_LITTLE_ENDIAN); /* the structures below are re
 #define CBT_STORE_PAGE 4096u
 #define CBT_STORE_DIR_OFFSET (2 * CBT_STORE_PAGE)
 #define CBT_STORE_DIR_MAX (256u << 10)
+#define CBT_STORE_SLOTS_OFFSET (CBT_STORE_DIR_OFFSET + 2 * CBT_STORE_DIR_MAX)
+/* Areas start at multiples of this, the first one past the slots (which end before it). */
 #define CBT_STORE_AREA_ALIGN (G_GUINT64_CONSTANT(1) << 20)
 
 enum {

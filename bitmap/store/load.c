@@ -35,8 +35,17 @@ cbt_store_header_valid(const CbtStoreHeader *h)
       h->header_len != sizeof *h)
     return FALSE;
   cbt_store_checksum(sum, h, G_STRUCT_OFFSET(CbtStoreHeader, checksum), NULL, 0);
-  return memcmp(sum, h->checksum, 32) == 0 && h->region_shift >= 20 && h->region_shift < 63 &&
-         h->slot_len > CBT_STORE_PAGE && h->slot_len <= (G_GUINT64_CONSTANT(1) << 30);
+  if (memcmp(sum, h->checksum, 32) != 0 || h->region_shift < 20 || h->region_shift >= 63)
+    return FALSE;
+  /* The layout of format.h, whatever a checksummed header says: a store that followed a
+   * header's offsets into its own header, directories or areas would overwrite them. */
+  gboolean dir_ok = h->dir_offset == CBT_STORE_DIR_OFFSET ||
+                    h->dir_offset == CBT_STORE_DIR_OFFSET + CBT_STORE_DIR_MAX ||
+                    (h->dir_offset == 0 && h->dir_seq == 0);
+  return dir_ok && h->slot_len > CBT_STORE_PAGE && h->slot_len % 8 == 0 &&
+         h->slot_offset[0] == CBT_STORE_SLOTS_OFFSET &&
+         h->slot_offset[1] == CBT_STORE_SLOTS_OFFSET + h->slot_len &&
+         h->slot_offset[1] + h->slot_len <= CBT_STORE_AREA_ALIGN;
 }
 
 static gboolean
@@ -88,6 +97,7 @@ parse_dir(CbtStore *s, const guint8 *buf, gsize len, guint64 *seq, char **identi
         sizeof *d + d->name_len > d->entry_len || d->granularity < CBT_BITMAP_MIN_GRANULARITY ||
         d->granularity > CBT_BITMAP_MAX_GRANULARITY || (d->granularity & (d->granularity - 1)) ||
         d->area_len > CBT_STORE_MAX_AREA || d->area_offset > G_MAXUINT64 - d->area_len ||
+        d->area_offset < CBT_STORE_AREA_ALIGN || d->area_offset % CBT_STORE_AREA_ALIGN ||
         (d->entry_len & 7))
       return FALSE;
     CbtStoreEntry *e = g_new0(CbtStoreEntry, 1);
@@ -310,7 +320,7 @@ init_header(CbtStore *s, const CbtStoreConfig *config)
   s->hdr.device_size = s->size;
   g_strlcpy(s->hdr.identity, config->identity ? config->identity : "", sizeof s->hdr.identity);
   s->hdr.slot_len = CBT_STORE_PAGE + (1u << 20) / 8;
-  s->hdr.slot_offset[0] = CBT_STORE_DIR_OFFSET + 2 * CBT_STORE_DIR_MAX;
+  s->hdr.slot_offset[0] = CBT_STORE_SLOTS_OFFSET;
   s->hdr.slot_offset[1] = s->hdr.slot_offset[0] + s->hdr.slot_len;
   s->hdr.region_shift = cbt_store_region_shift(s, config->region_size);
 }

@@ -10,6 +10,8 @@
 #include <string.h>
 
 #include "bitmap/store/store.h"
+#include "bitmap/store/format.h"
+#include "bitmap/store/store-internal.h"
 #include "crashsim.h"
 
 #define MiB (G_GUINT64_CONSTANT(1) << 20)
@@ -462,6 +464,27 @@ test_corrupt(void)
   g_assert_true(lb->inconsistent);
   g_assert_cmpstr(lb->reason, ==, "the store file is shorter than its bits: it was cut");
   cbt_store_abandon(s);
+  crashsim_free(sim);
+
+  /* A header whose checksum holds but whose intent slots point elsewhere (found by
+   * tests/fuzz/fuzz-store: the store wrote its slots wherever the header said, into its own
+   * metadata or gigabytes away): not a valid copy, so the bitmaps come back inconsistent. */
+  sim = crashsim_new("boot-a");
+  g_free(make_store(sim));
+  b = crashsim_bytes(sim);
+  for (guint64 copy = 0; copy < 2; copy++) {
+    CbtStoreHeader h;
+    memcpy(&h, b->data + copy * CBT_STORE_PAGE, sizeof h);
+    h.slot_offset[0] = copy ? CBT_STORE_DIR_OFFSET : G_GUINT64_CONSTANT(4) << 30;
+    cbt_store_checksum(h.checksum, &h, G_STRUCT_OFFSET(CbtStoreHeader, checksum), NULL, 0);
+    memcpy(b->data + copy * CBT_STORE_PAGE, &h, sizeof h);
+  }
+  guint before = b->len;
+  s = open_ok(sim, FALSE);
+  lb = loaded(s, "a");
+  g_assert_true(lb->inconsistent);
+  cbt_store_abandon(s);
+  g_assert_cmpuint(crashsim_bytes(sim)->len, <, before + 4 * MiB);
   crashsim_free(sim);
 
   /* Another device's store. */
