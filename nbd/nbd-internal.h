@@ -36,6 +36,9 @@
 #define CBT_NBD_MAX_INFLIGHT 64u
 #define CBT_NBD_MAX_WORKERS 8u
 #define CBT_NBD_BUFFER_BUDGET (64u << 20)
+/* What one connection is counted to leave in its thread's malloc arena when it ends, towards
+ * a trim (common/memory.h): a handshake payload or a few replies. */
+#define CBT_NBD_CONN_OVERHEAD (256u << 10)
 /* Send buffer asked for on unix-socket connections (server.c). */
 #define CBT_NBD_UNIX_SNDBUF (2 << 20)
 /* Reads up to this size are copied through a buffer; longer ones go zero-copy (sendfile) from

@@ -17,7 +17,31 @@
 #include <pthread.h>
 #include <stdlib.h>
 
+#include "common/memory.h"
+
 #define BUF_ROUND (64u << 10)
+
+/* Large buffers are mappings of their own, so the memory of a client that asked for 32 MiB
+ * requests goes back to the system with the buffer, whatever malloc's thresholds became. */
+static void *
+buf_alloc(gsize cap)
+{
+  void *p = NULL;
+
+  if (cap >= CBT_MEMORY_MAP_MIN)
+    return cbt_memory_map(cap);
+  /* Page-aligned, so cache.direct nodes can use O_DIRECT on it. */
+  return posix_memalign(&p, 4096, cap) == 0 ? p : NULL;
+}
+
+static void
+buf_free(void *buf, gsize cap)
+{
+  if (cap >= CBT_MEMORY_MAP_MIN)
+    cbt_memory_unmap(buf, cap);
+  else
+    free(buf);
+}
 
 struct CbtNbdPool {
   CbtNbdConn *conn;
@@ -73,7 +97,7 @@ release_idle_locked(CbtNbdPool *pool, CbtNbdReq *keep)
     CbtNbdReq *r = &pool->slots[i];
     if (r != keep && r->buf) {
       pool->bytes -= r->cap;
-      g_clear_pointer(&r->buf, free);
+      buf_free(g_steal_pointer(&r->buf), r->cap);
       r->cap = 0;
       return TRUE;
     }
@@ -119,14 +143,12 @@ cbt_nbd_pool_admit(CbtNbdPool *pool, guint16 type, gsize buf_len)
   gsize grow = buf_len > r->cap ? round_cap(buf_len) : 0;
   if (grow) {
     pool->bytes += grow - r->cap;
-    g_clear_pointer(&r->buf, free);
+    buf_free(g_steal_pointer(&r->buf), r->cap);
     r->cap = grow;
   }
   cbt_mutex_unlock(&pool->lock);
 
-  /* Page-aligned, so cache.direct nodes can use O_DIRECT on it. */
-  if (grow && posix_memalign((void **)&r->buf, 4096, grow) != 0) {
-    r->buf = NULL;
+  if (grow && !(r->buf = buf_alloc(grow))) {
     cbt_mutex_lock(&pool->lock);
     pool->bytes -= r->cap;
     r->cap = 0;
@@ -247,10 +269,14 @@ cbt_nbd_pool_free(CbtNbdPool *pool)
 
   for (guint i = 0; i < pool->n_workers; i++)
     g_thread_join(pool->workers[i]);
-  for (guint i = 0; i < CBT_NBD_MAX_INFLIGHT; i++)
-    free(pool->slots[i].buf);
+  gsize bytes = 0;
+  for (guint i = 0; i < CBT_NBD_MAX_INFLIGHT; i++) {
+    buf_free(pool->slots[i].buf, pool->slots[i].cap);
+    bytes += pool->slots[i].cap;
+  }
   cbt_mutex_clear(&pool->lock);
   pthread_cond_destroy(&pool->work);
   pthread_cond_destroy(&pool->done);
   g_free(pool);
+  cbt_memory_released(bytes);
 }

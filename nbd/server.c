@@ -23,6 +23,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/memory.h"
+
 /* pthread's rather than GMutex/GCond (futex-based in glib, opaque to ThreadSanitizer): a
  * connection handed to a parked thread is ordered through this lock alone. */
 CbtMutex cbt_nbd_lock = CBT_MUTEX_INIT;
@@ -172,6 +174,9 @@ serve(CbtNbdConn *conn)
   current = g_ptr_array_remove(srv.conns, conn) && !conn->closing;
   cbt_mutex_unlock(&cbt_nbd_lock);
   conn_free(conn);
+  /* What a connection allocates besides its request buffers (handshake payloads, replies)
+   * stays in its thread's arena: count it, so that a stream of clients leads to a trim. */
+  cbt_memory_released(CBT_NBD_CONN_OVERHEAD);
 
   cbt_mutex_lock(&cbt_nbd_lock);
   if (current && srv.n_current > 0)

@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/memory.h"
+
 G_DEFINE_QUARK(cbt - json - error - quark, cbt_json_error)
 
 typedef enum {
@@ -497,6 +499,22 @@ emit_error(CbtJsonStream *js, int code, const char *msg)
   js->emit(NULL, g_error_new_literal(CBT_JSON_ERROR, code, msg), js->user_data);
 }
 
+/* A message this large has just been handled and its value freed: give back the token buffers
+ * and the nodes (one per value, tens of bytes each, in the main thread's heap), so that one
+ * 8 MiB request of small values does not leave a hundred MiB resident. */
+#define BIG_MESSAGE_TOKENS 16384u
+#define BYTES_PER_TOKEN 64u
+
+static void
+release_big(CbtJsonStream *js, guint ntokens)
+{
+  g_array_unref(js->tokens);
+  js->tokens = g_array_new(FALSE, FALSE, sizeof(Token));
+  g_string_free(js->text, TRUE);
+  js->text = g_string_new(NULL);
+  cbt_memory_released((gsize)ntokens * BYTES_PER_TOKEN);
+}
+
 static void
 emit_message(CbtJsonStream *js)
 {
@@ -510,8 +528,11 @@ emit_message(CbtJsonStream *js)
                                   "JSON parse error, expecting value");
   }
   /* Tokens after a complete value (only possible at flush) are ignored, as QEMU does. */
+  guint ntokens = js->tokens->len;
   stream_reset(js);
   js->emit(value, p.error, js->user_data);
+  if (ntokens >= BIG_MESSAGE_TOKENS)
+    release_big(js, ntokens);
 }
 
 static void

@@ -1,0 +1,39 @@
+/* common/memory.c — see memory.h. */
+#include "common/memory.h"
+
+#include <malloc.h>
+#include <sys/mman.h>
+
+static gsize released; /* bytes since the last trim (g_atomic_pointer_*: gsize wide) */
+
+void
+cbt_memory_init(void)
+{
+  mallopt(M_MMAP_THRESHOLD, CBT_MEMORY_MMAP_THRESHOLD);
+}
+
+void
+cbt_memory_released(gsize bytes)
+{
+  gsize now = (gsize)g_atomic_pointer_add(&released, bytes) + bytes;
+
+  if (now < CBT_MEMORY_TRIM_AFTER)
+    return;
+  /* One thread trims per threshold crossing; the others go on. */
+  if (g_atomic_pointer_compare_and_exchange(&released, now, 0))
+    malloc_trim(0);
+}
+
+void *
+cbt_memory_map(gsize len)
+{
+  void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+void
+cbt_memory_unmap(void *p, gsize len)
+{
+  if (p)
+    munmap(p, len);
+}
