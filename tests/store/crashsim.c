@@ -31,6 +31,10 @@ typedef struct {
 
 #define SIM(f) (((SimFile *)(f))->sim)
 
+/* The simulated file system's largest file (a real one has a limit too, ext4's 16 TiB): the
+ * file lives in memory, so a corrupt store that asks for a write far out gets EFBIG. */
+#define CRASHSIM_MAX_SIZE (G_GUINT64_CONSTANT(1) << 30)
+
 static void
 grow(GByteArray *b, guint64 len)
 {
@@ -109,6 +113,8 @@ static gssize
 sim_pwrite(CbtStoreFile *f, const void *buf, gsize len, guint64 off)
 {
   CrashSim *sim = SIM(f);
+  if (off > CRASHSIM_MAX_SIZE || len > CRASHSIM_MAX_SIZE - off)
+    return -EFBIG;
   if (sim->full && !allocated(sim, off, len))
     return -ENOSPC;
   set_alloc(sim, off, len, 1);
@@ -140,6 +146,8 @@ static int
 sim_allocate(CbtStoreFile *f, guint64 off, guint64 len)
 {
   CrashSim *sim = SIM(f);
+  if (off > CRASHSIM_MAX_SIZE || len > CRASHSIM_MAX_SIZE - off)
+    return -EFBIG;
   if (sim->full && !allocated(sim, off, len))
     return -ENOSPC;
   set_alloc(sim, off, len, 1);
