@@ -56,6 +56,15 @@ unix_socket(GError **error)
   return fd;
 }
 
+static guint unix_mode = CBT_SOCKET_DEFAULT_MODE;
+
+void
+cbt_socket_set_unix_mode(guint mode)
+{
+  g_return_if_fail((mode & ~0777u) == 0 && (mode & 0600) == 0600);
+  unix_mode = mode;
+}
+
 /* Bind and listen at @bind_path, publishing at @path by rename when they differ. */
 static int
 unix_bind_listen(int fd, const char *path, const char *bind_path, GError **error)
@@ -65,9 +74,9 @@ unix_bind_listen(int fd, const char *path, const char *bind_path, GError **error
   strcpy(sun.sun_path, bind_path);
   if (bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0)
     return fail(error, "Failed to bind socket to %s: %s", path, g_strerror(errno));
-  /* Owner only, whatever the umask: connecting needs write permission on the socket, and
-   * before listen() nobody can connect, so no client ever sees a wider mode. */
-  if (chmod(bind_path, 0600) < 0) {
+  /* Owner only (unless configured), whatever the umask: connecting needs write permission on
+   * the socket, and before listen() nobody can connect, so no client ever sees a wider mode. */
+  if (chmod(bind_path, unix_mode) < 0) {
     int err = errno;
     unlink(bind_path);
     return fail(error, "Failed to set the mode of %s: %s", path, g_strerror(err));

@@ -24,6 +24,10 @@ typedef enum {
 
 /* A listening socket at @addr (backlog SOMAXCONN). */
 int cbt_socket_listen(const CbtQmpSocketAddress *addr, CbtSocketFlags flags, GError **error);
+/* The mode of every unix socket created from now on (0600 unless set: docs/user-guide.md,
+ * "Limits and bad input"); it must keep read and write for the owner. Main thread, at start. */
+#define CBT_SOCKET_DEFAULT_MODE 0600
+void cbt_socket_set_unix_mode(guint mode);
 /* A socket connected to @addr. */
 int cbt_socket_connect(const CbtQmpSocketAddress *addr, GError **error);
 /* The same for the common case of a unix socket at @path. */

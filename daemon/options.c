@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "cbt-config.h"
+#include "common/sockets.h"
 #include "daemon/cbtd.h"
 #include "nbd/nbd.h"
 #include "schemas/qmp-types.h"
@@ -24,6 +25,7 @@ enum {
   OPT_OBJECT,
   OPT_PIDFILE,
   OPT_QMP,
+  OPT_SOCKET_MODE,
   OPT_STATE_DIR,
 };
 
@@ -38,6 +40,7 @@ static const struct option long_options[] = {
   { "object", required_argument, NULL, OPT_OBJECT },
   { "pidfile", required_argument, NULL, OPT_PIDFILE },
   { "qmp", required_argument, NULL, OPT_QMP },
+  { "socket-mode", required_argument, NULL, OPT_SOCKET_MODE },
   { "state-dir", required_argument, NULL, OPT_STATE_DIR },
   { "trace", required_argument, NULL, 'T' },
   { "version", no_argument, NULL, 'V' },
@@ -74,11 +77,30 @@ print_help(void)
          "\n"
          "cbtd's own shorthands:\n"
          "  --qmp <path>           serve QMP on a unix socket at <path>\n"
+         "  --socket-mode <octal>  mode of the unix sockets cbtd creates (default 0600; must\n"
+         "                         keep read and write for the owner, e.g. 0660 for a group)\n"
          "  --state-dir <dir>      the embedded default: a sparse 10 GiB disk 'disk0' in <dir>,\n"
          "                         QMP at <dir>/qmp.sock, NBD at <dir>/nbd.sock\n"
          "\n"
          "Options are applied in order. systemd socket activation (LISTEN_FDS) serves NBD on\n"
          "the inherited socket.\n");
+}
+
+static gboolean
+set_socket_mode(const char *text)
+{
+  char *end = NULL;
+  guint64 mode = g_ascii_strtoull(text, &end, 8);
+
+  if (!*text || *end || mode > 0777 || (mode & 0600) != 0600) {
+    fprintf(stderr,
+            "cbtd: --socket-mode '%s': expected an octal mode up to 0777 that keeps read and "
+            "write for the owner (such as 0600 or 0660)\n",
+            text);
+    return FALSE;
+  }
+  cbt_socket_set_unix_mode((guint)mode);
+  return TRUE;
 }
 
 int
@@ -103,6 +125,10 @@ cbtd_options_early(int argc, char **argv, CbtdEarlyOptions *early)
     case OPT_PIDFILE:
       g_free(early->pidfile);
       early->pidfile = g_strdup(optarg);
+      break;
+    case OPT_SOCKET_MODE:
+      if (!set_socket_mode(optarg))
+        return EXIT_FAILURE;
       break;
     case OPT_STATE_DIR:
       g_free(early->state_dir);
@@ -230,6 +256,7 @@ apply_one(CbtRpc *rpc, int c, const char *arg, GError **error)
     return cbtd_state_dir_setup(rpc, arg, error);
   case OPT_DAEMONIZE:
   case OPT_PIDFILE:
+  case OPT_SOCKET_MODE:
     return TRUE; /* handled early */
   case 'T':
     g_set_error_literal(error, CBTD_ERROR, 0,

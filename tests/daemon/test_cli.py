@@ -294,6 +294,33 @@ class SocketModes(unittest.TestCase):
             p.wait(timeout=10)
 
 
+    def test_socket_mode_option(self):
+        """--socket-mode widens (or keeps) the mode, for every socket made from then on."""
+        d = tempfile.mkdtemp(prefix='cbtd-modes-')
+        self.addCleanup(shutil.rmtree, d, True)
+        q, n = os.path.join(d, 'q.sock'), os.path.join(d, 'n.sock')
+        p = subprocess.Popen([CBTD, '--socket-mode', '0660', '--qmp', q,
+                              '--nbd-server', 'addr.type=unix,addr.path=' + n],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0o077))
+        try:
+            wait_for(lambda: (os.path.exists(q) and os.path.exists(n)) or p.poll() is not None)
+            self.assertIsNone(p.poll())
+            self.assertEqual(os.stat(q).st_mode & 0o777, 0o660)
+            self.assertEqual(os.stat(n).st_mode & 0o777, 0o660)
+        finally:
+            p.terminate()
+            p.wait(timeout=10)
+        for bad in ('0640x', '1777', '0060', '', '9'):
+            r = subprocess.run([CBTD, '--socket-mode', bad, '--qmp', os.path.join(d, 'x.sock')],
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=10)
+            self.assertEqual(r.returncode, 1, bad)
+            self.assertIn("cbtd: --socket-mode '%s': expected an octal mode up to 0777 that keeps "
+                          "read and write for the owner (such as 0600 or 0660)" % bad, r.stderr)
+            self.assertFalse(os.path.exists(os.path.join(d, 'x.sock')))
+
+
 class StateDir(unittest.TestCase):
     """The embedded default that `make run` uses, driven with cbtctl."""
 
