@@ -101,23 +101,3 @@ cbt_crypto_authz_list_file_load(CbtCryptoAuthz *a, const char *filename, GError 
   }
   return TRUE;
 }
-
-char *
-cbt_crypto_secret_decode(const char *data, gboolean base64, GError **error)
-{
-  if (!base64)
-    return g_strdup(data);
-  /* g_base64_decode skips bad characters; QEMU refuses them. */
-  for (const char *p = data; *p; p++) {
-    if (!g_ascii_isalnum(*p) && *p != '+' && *p != '/' && *p != '=') {
-      g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
-                          "Base64 data contains invalid characters");
-      return NULL;
-    }
-  }
-  gsize len;
-  guchar *raw = g_base64_decode(data, &len);
-  char *s = g_strndup((char *)raw, len);
-  g_free(raw);
-  return s;
-}

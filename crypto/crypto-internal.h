@@ -33,13 +33,17 @@ typedef struct {
   union {
     CbtCryptoAuthz authz;
     CbtCryptoTlsCreds creds;
-    char *secret;
+    struct {
+      char *data; /* NUL-terminated too */
+      gsize len;
+    } secret;
   } u;
 } CbtCryptoObject;
 
 CbtCryptoObject *cbt_crypto_object_find(const char *id);
-/* The bytes of secret @id ("No secret with id '%s'"). */
-const char *cbt_crypto_secret_lookup(const char *id, GError **error);
+/* The bytes of secret @id (NUL-terminated; their length in @len when not NULL), with QEMU's
+ * texts when there is none. */
+const char *cbt_crypto_secret_lookup(const char *id, gsize *len, GError **error);
 
 /* The members every TLS credentials object has, taken from either properties type. */
 typedef struct {

@@ -45,8 +45,18 @@ gboolean cbt_crypto_authz_is_allowed(CbtCryptoAuthz *authz, const char *kind, co
 gboolean cbt_crypto_authz_list_match(gboolean default_allow, GPtrArray *rules,
                                      const char *identity);
 
-/* Apply a secret's format: the raw bytes of base64 @data, or @data itself. */
-char *cbt_crypto_secret_decode(const char *data, gboolean base64, GError **error);
+/* A secret object's input, as its properties give it. */
+typedef struct {
+  const char *data; /* the data or the file's contents */
+  gsize len;
+  gboolean base64;   /* format=base64 */
+  const char *keyid; /* encrypted with this secret's key (AES-256-CBC), or NULL */
+  const char *iv;    /* base64 */
+} CbtCryptoSecretInput;
+
+/* The secret's bytes (NUL-terminated, length in @out_len): decoded from base64 when the format
+ * says so, then decrypted when it names a key. secret.c */
+char *cbt_crypto_secret_decode(const CbtCryptoSecretInput *s, gsize *out_len, GError **error);
 
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(CbtCryptoTlsCreds, cbt_crypto_tls_creds_unref)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(CbtCryptoAuthz, cbt_crypto_authz_unref)

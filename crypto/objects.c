@@ -16,9 +16,9 @@ object_free(CbtCryptoObject *o)
     g_clear_pointer(&o->u.authz.rules, g_ptr_array_unref);
     break;
   case CBT_CRYPTO_OBJ_SECRET:
-    if (o->u.secret)
-      memset(o->u.secret, 0, strlen(o->u.secret));
-    g_free(o->u.secret);
+    if (o->u.secret.data)
+      memset(o->u.secret.data, 0, o->u.secret.len);
+    g_free(o->u.secret.data);
     break;
   case CBT_CRYPTO_OBJ_TLS_CREDS:
     cbt_crypto_tls_creds_clear(&o->u.creds);
@@ -66,19 +66,25 @@ secret_create(CbtCryptoObject *o, const CbtQmpSecretProperties *p, GError **erro
     return cbt_rpc_fail(error, "'file' and 'data' are mutually exclusive");
   if (!p->data && !p->file)
     return cbt_rpc_fail(error, "Either 'file' or 'data' must be provided");
-  if (p->keyid || p->iv)
-    return cbt_rpc_fail(error, "encrypted secrets (keyid, iv) are not supported by cbtd");
+  gsize len = 0;
   if (p->file) {
     g_autoptr(GError) local = NULL;
-    gsize len;
     if (!g_file_get_contents(p->file, &raw, &len, &local))
       return cbt_rpc_fail(error, "Unable to read %s: %s", p->file, local->message);
   } else {
     raw = g_strdup(p->data);
+    len = strlen(raw);
   }
-  gboolean b64 = p->has_format && p->format == CBT_QMP_Q_CRYPTO_SECRET_FORMAT_BASE64;
-  o->u.secret = cbt_crypto_secret_decode(raw, b64, error);
-  return o->u.secret != NULL;
+  const CbtCryptoSecretInput in = {
+    .data = raw,
+    .len = len,
+    .base64 = p->has_format && p->format == CBT_QMP_Q_CRYPTO_SECRET_FORMAT_BASE64,
+    .keyid = p->keyid,
+    .iv = p->iv,
+  };
+  o->u.secret.data = cbt_crypto_secret_decode(&in, &o->u.secret.len, error);
+  memset(raw, 0, len);
+  return o->u.secret.data != NULL;
 }
 
 static gboolean
@@ -171,15 +177,21 @@ cbt_qmp_object_del(const CbtQmpObjectDelArg *args, GError **error)
 }
 
 const char *
-cbt_crypto_secret_lookup(const char *id, GError **error)
+cbt_crypto_secret_lookup(const char *id, gsize *len, GError **error)
 {
   CbtCryptoObject *o = cbt_crypto_object_find(id);
 
-  if (!o || o->kind != CBT_CRYPTO_OBJ_SECRET) {
+  if (!o) {
     cbt_rpc_fail(error, "No secret with id '%s'", id);
     return NULL;
   }
-  return o->u.secret;
+  if (o->kind != CBT_CRYPTO_OBJ_SECRET) {
+    cbt_rpc_fail(error, "Object with id '%s' is not a secret", id);
+    return NULL;
+  }
+  if (len)
+    *len = o->u.secret.len;
+  return o->u.secret.data;
 }
 
 /* Users hold the object, not a copy: its table entry stays while users > 0. */

@@ -69,7 +69,7 @@ load_x509(CbtCryptoTlsCreds *c, const CbtCryptoTlsParams *p, GError **error)
                  error) ||
       !file_path(p->dir, p->server ? "server-key.pem" : "client-key.pem", p->server, &key, error))
     return FALSE;
-  if (p->passwordid && !(password = cbt_crypto_secret_lookup(p->passwordid, error)))
+  if (p->passwordid && !(password = cbt_crypto_secret_lookup(p->passwordid, NULL, error)))
     return FALSE;
 
   ret = gnutls_certificate_allocate_credentials(&c->x509);

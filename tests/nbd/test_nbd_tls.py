@@ -5,11 +5,13 @@ is asserted.
 
 Run with /usr/bin/python3; CBTD names the daemon binary.
 """
+import base64
 import os
 import shutil
 import socket
 import ssl
 import struct
+import subprocess
 import tempfile
 import unittest
 
@@ -331,6 +333,66 @@ class TestObjectsBesideQsd(Base):
             self.assertEqual(a, b, call)
         self.assertIn('error', mine[1])
         self.assertEqual(mine[0], {'return': {}})
+
+    def test_encrypted_secrets(self):
+        """secret with keyid and iv: AES-256-CBC as QEMU decrypts it, with its texts."""
+        key, iv = os.urandom(32), os.urandom(16)
+        ct = encrypt(key, iv, b'a pass phrase')
+        bad_pad = encrypt(key, iv, b'x' * 15 + b'\x20', pad=False)
+        b64 = lambda b: base64.b64encode(b).decode()
+        enc = {'qom-type': 'secret', 'format': 'base64', 'keyid': 'k0', 'iv': b64(iv)}
+        calls = [
+            ('object-add', {'qom-type': 'secret', 'id': 'k0', 'data': b64(key),
+                            'format': 'base64'}),
+            ('object-add', {'qom-type': 'secret', 'id': 'k1', 'data': b64(key[:16]),
+                            'format': 'base64'}),
+            ('object-add', {'qom-type': 'authz-simple', 'id': 'z', 'identity': 'x'}),
+            ('object-add', dict(enc, id='s0', data=b64(ct))),              # decrypts
+            ('object-add', dict(enc, id='s1', data=b64(ct), iv=b64(iv[:8]))),
+            ('object-add', {'qom-type': 'secret', 'id': 's2', 'data': b64(ct),
+                            'format': 'base64', 'keyid': 'k0'}),          # no iv
+            ('object-add', dict(enc, id='s3', data=b64(ct[:-1]))),         # not whole blocks
+            ('object-add', dict(enc, id='s4', data=b64(ct), keyid='k1')),  # 16-byte key
+            ('object-add', dict(enc, id='s5', data=b64(ct), keyid='nope')),
+            ('object-add', dict(enc, id='s6', data=b64(ct), keyid='z')),   # not a secret
+            ('object-add', dict(enc, id='s7', data=b64(bad_pad))),
+            ('object-add', dict(enc, id='s8', data='not base64!')),
+            ('object-add', dict(enc, id='s9', data=b64(ct), iv='@@@@')),
+        ]
+        mine, ref = self.replies(False, calls), self.replies(True, calls)
+        for call, a, b in zip(calls, mine, ref):
+            self.assertEqual(a, b, call)
+        self.assertEqual(mine[3], {'return': {}})
+        self.assertEqual(sum('error' in r for r in mine), 9)
+
+    def test_encrypted_secret_unlocks_a_key(self):
+        """The decrypted bytes are the right ones: as passwordid, they open an encrypted
+        private key, and clients get through."""
+        key, iv = os.urandom(32), os.urandom(16)
+        creds = os.path.join(self.dir, 'enc-creds')
+        shutil.copytree(self.x509['server'], creds)
+        run(['openssl', 'pkcs8', '-topk8', '-v2', 'aes-256-cbc', '-passout', 'pass:p4ss w0rd',
+             '-in', os.path.join(self.x509['server'], 'server-key.pem'),
+             '-out', os.path.join(creds, 'server-key.pem')])
+        b64 = lambda b: base64.b64encode(b).decode()
+        objects = ['secret,id=k0,format=base64,data=' + b64(key),
+                   'secret,id=pw,format=base64,keyid=k0,iv=%s,data=%s'
+                   % (b64(iv), b64(encrypt(key, iv, b'p4ss w0rd'))),
+                   'tls-creds-x509,id=t0,dir=%s,endpoint=server,verify-peer=off,passwordid=pw'
+                   % creds]
+        for qsd in (False, True):
+            _, sock = self.start(qsd, objects, ',tls-creds=t0')
+            p = self.nbdinfo(self.unix_url(sock, self.x509['server']))
+            self.assertEqual(p.returncode, 0, (qsd, p.stderr))
+            self.assertEqual(p.stdout.strip(), str(4 * MiB))
+
+
+def encrypt(key, iv, plain, pad=True):
+    """AES-256-CBC with openssl(1): PKCS#7 padding unless @pad is False."""
+    argv = ['openssl', 'enc', '-aes-256-cbc', '-K', key.hex(), '-iv', iv.hex()]
+    if not pad:
+        argv.append('-nopad')
+    return subprocess.run(argv, input=plain, stdout=subprocess.PIPE, check=True).stdout
 
 
 if __name__ == '__main__':
