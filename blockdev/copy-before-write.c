@@ -41,6 +41,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
+#include <time.h>
 #include "blockdev/blockdev-internal.h"
 
 #define CBW_CLUSTER (64u * 1024)    /* QEMU's block-copy default cluster size */
@@ -61,7 +62,7 @@ typedef struct {
 typedef struct {
   CbtBlockdev *target;
   CbtQmpOnCbwError on_error;
-  guint32 timeout_s; /* accepted; a copy in flight is never abandoned */
+  guint32 timeout_s; /* cbw-timeout: a writer waits this long for its copy (0: no limit) */
   CbtMutex lock;     /* a CbtMutex and a pthread condition, so ThreadSanitizer sees the ordering */
   pthread_cond_t cond;
   CbtBitmap *need, *done, *access; /* CBW_CLUSTER granularity */
@@ -202,6 +203,22 @@ copy_range(CbtBlockdev *bd, guint64 offset, guint64 end, GArray *zeros)
   return 0;
 }
 
+/* break-snapshot: from now on every snapshot read fails, writes pass (1). */
+static void
+break_snapshot_locked(CbtBlockdev *bd, CbwState *s, int r)
+{
+  CBT_ASSERT_HELD(&s->lock);
+  if (s->snapshot_error)
+    return;
+  s->snapshot_error = r;
+  /* The one report of it: a full scratch (ENOSPC) ends up here (docs/user-guide.md). */
+  g_message("copy-before-write node '%s': copying old data to target '%s' failed (%s); the "
+            "snapshot is broken, its reads fail from now on, writes to the source go on",
+            bd->node_name, s->target->node_name, g_strerror(-r));
+  if (s->broken)
+    s->broken(r, s->broken_data);
+}
+
 /* The end of one copy, under lock: (1) and (2). */
 static void
 copy_finish_locked(CbtBlockdev *bd, CbwState *s, Req *req, int r, GArray *zeros)
@@ -217,16 +234,79 @@ copy_finish_locked(CbtBlockdev *bd, CbwState *s, Req *req, int r, GArray *zeros)
     cbt_bitmap_mark_range(s->done, req->offset, len);
   } else if (s->on_error == CBT_QMP_ON_CBW_ERROR_BREAK_GUEST_WRITE) {
     cbt_bitmap_mark_range(s->need, req->offset, len);
-  } else if (!s->snapshot_error) {
-    s->snapshot_error = r;
-    /* The one report of it: a full scratch (ENOSPC) ends up here (docs/user-guide.md). */
-    g_message("copy-before-write node '%s': copying old data to target '%s' failed (%s); the "
-              "snapshot is broken, its reads fail from now on, writes to the source go on",
-              bd->node_name, s->target->node_name, g_strerror(-r));
-    if (s->broken)
-      s->broken(r, s->broken_data);
+  } else {
+    break_snapshot_locked(bd, s, r);
   }
   req_remove_locked(s, req);
+}
+
+/* cbw-timeout: the copy runs on a thread of its own and the writer waits for it at most
+ * timeout_s. A copy that takes longer fails for the writer (QEMU's semantics: on-cbw-error
+ * decides) but goes on: it still owns its clusters (a later writer waits for it, (2)) and
+ * finishes them as any copy, done or back to need. It holds the node in flight, so a drain or
+ * the node's end waits for it. */
+typedef struct {
+  CbtBlockdev *bd;
+  Req *req;
+  int r;
+  gboolean finished;  /* under lock */
+  gboolean abandoned; /* under lock: the writer left; the thread frees this */
+} TimedCopy;
+
+static gpointer
+timed_copy_thread(gpointer data)
+{
+  TimedCopy *c = data;
+  CbtBlockdev *bd = c->bd;
+  CbwState *s = state(bd);
+  g_autoptr(GArray) zeros = g_array_new(FALSE, FALSE, sizeof(guint64));
+  int r = copy_range(bd, c->req->offset, c->req->end, zeros);
+
+  cbt_mutex_lock(&s->lock);
+  copy_finish_locked(bd, s, c->req, r, zeros);
+  c->r = r;
+  c->finished = TRUE;
+  gboolean abandoned = c->abandoned;
+  pthread_cond_broadcast(&s->cond);
+  cbt_mutex_unlock(&s->lock);
+  if (abandoned)
+    g_free(c);
+  cbt_blockdev_io_end(bd);
+  return NULL;
+}
+
+static int
+copy_timed_locked(CbtBlockdev *bd, CbwState *s, Req *req)
+{
+  CBT_ASSERT_HELD(&s->lock);
+  TimedCopy *c = g_new0(TimedCopy, 1);
+  gint64 end = g_get_monotonic_time() + (gint64)s->timeout_s * G_USEC_PER_SEC;
+  struct timespec ts = { .tv_sec = end / G_USEC_PER_SEC, .tv_nsec = end % G_USEC_PER_SEC * 1000 };
+
+  c->bd = bd;
+  c->req = req;
+  /* The writer is in flight on @bd, so no drain can be between here and the thread's end. */
+  g_atomic_int_inc(&bd->inflight);
+  GThread *t = g_thread_try_new("cbw-copy", timed_copy_thread, c, NULL);
+  if (!t) {
+    g_free(c);
+    cbt_blockdev_io_end(bd);
+    copy_finish_locked(bd, s, req, -EAGAIN, NULL);
+    return -EAGAIN;
+  }
+  g_thread_unref(t);
+  while (!c->finished)
+    if (cbt_mutex_cond_timedwait(&s->lock, &s->cond, &ts) == ETIMEDOUT && !c->finished)
+      break;
+  if (c->finished) {
+    int r = c->r;
+    g_free(c);
+    return r;
+  }
+  c->abandoned = TRUE;
+  if (s->on_error == CBT_QMP_ON_CBW_ERROR_BREAK_SNAPSHOT)
+    break_snapshot_locked(bd, s, -ETIMEDOUT);
+  return -ETIMEDOUT;
 }
 
 /* Claim and copy the first run of `need` clusters in [offset, end), with the lock held (it is
@@ -244,6 +324,8 @@ copy_one_locked(CbtBlockdev *bd, guint64 offset, guint64 end)
   stop = MIN(stop, bd->size);
   cbt_bitmap_clear_range(s->need, first, ROUND_UP(stop, CBW_CLUSTER) - first);
   Req *req = req_add_locked(s, first, stop, REQ_COPY);
+  if (s->timeout_s)
+    return copy_timed_locked(bd, s, req);
   g_autoptr(GArray) zeros = g_array_new(FALSE, FALSE, sizeof(guint64));
   cbt_mutex_unlock(&s->lock);
   int r = copy_range(bd, first, stop, zeros);
@@ -262,6 +344,11 @@ before_write(CbtBlockdev *bd, guint64 offset, guint64 len)
   guint64 end = MIN(ROUND_UP(offset + len, CBW_CLUSTER), bd->size);
   int r = 0;
 
+  /* cbw-timeout bounds the wait for another writer's copy too. */
+  gint64 deadline =
+    s->timeout_s ? g_get_monotonic_time() + (gint64)s->timeout_s * G_USEC_PER_SEC : 0;
+  struct timespec ts = { deadline / G_USEC_PER_SEC, deadline % G_USEC_PER_SEC * 1000 };
+
   cbt_mutex_lock(&s->lock);
   while (!s->snapshot_error) {
     r = copy_one_locked(bd, start, end);
@@ -270,9 +357,18 @@ before_write(CbtBlockdev *bd, guint64 offset, guint64 len)
     if (r != 1)
       continue; /* copied (or broke the snapshot): look again */
     r = 0;
-    if (!overlaps_locked(s, start, end, REQ_COPY) && !overlaps_locked(s, start, end, REQ_FROZEN))
+    gboolean copying = overlaps_locked(s, start, end, REQ_COPY);
+    if (!copying && !overlaps_locked(s, start, end, REQ_FROZEN))
       break;
-    cbt_mutex_cond_wait(&s->lock, &s->cond);
+    if (!deadline) {
+      cbt_mutex_cond_wait(&s->lock, &s->cond);
+    } else if (cbt_mutex_cond_timedwait(&s->lock, &s->cond, &ts) == ETIMEDOUT && copying &&
+               overlaps_locked(s, start, end, REQ_COPY)) {
+      r = -ETIMEDOUT;
+      if (s->on_error == CBT_QMP_ON_CBW_ERROR_BREAK_GUEST_WRITE)
+        break;
+      break_snapshot_locked(bd, s, r);
+    }
   }
   /* QEMU marks the whole range done; its clusters that were not copied are outside the view
    * (no access), so no read looks there, and the query's count is 7.2's. */
@@ -504,8 +600,14 @@ state_new(void)
 {
   CbwState *s = g_new0(CbwState, 1);
 
+  pthread_condattr_t a;
+
   cbt_mutex_init(&s->lock);
-  pthread_cond_init(&s->cond, NULL);
+  /* Deadlines (cbw-timeout) are g_get_monotonic_time()'s. */
+  pthread_condattr_init(&a);
+  pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+  pthread_cond_init(&s->cond, &a);
+  pthread_condattr_destroy(&a);
   return s;
 }
 

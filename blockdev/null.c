@@ -1,15 +1,28 @@
-/* null.c — `null-co` (and `null-aio`): reads return zeroes, writes are dropped. The size is
- * rounded up to 512 bytes, as QEMU reports it.
+/* null.c — `null-co` (and `null-aio`): reads return zeroes, writes are dropped, each after
+ * `latency-ns` when given (a slow device for tests). The size is rounded up to 512 bytes, as
+ * QEMU reports it.
  */
 #include <string.h>
 #include "blockdev/blockdev-internal.h"
 
-/* bd->opaque points at one of these: the node keeps no other state. */
-static const int read_zeroes_on = 1, read_zeroes_off = 0;
+typedef struct {
+  gboolean read_zeroes;
+  guint64 latency_ns; /* every read, write and flush takes this long (tests: a slow device) */
+} NullState;
+
+static void
+delay(CbtBlockdev *bd)
+{
+  const NullState *s = bd->opaque;
+
+  if (s->latency_ns)
+    g_usleep(s->latency_ns / 1000);
+}
 
 static int
 null_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
 {
+  delay(bd);
   memset(buf, 0, len);
   return 0;
 }
@@ -17,12 +30,14 @@ null_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
 static int
 null_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
 {
+  delay(bd);
   return 0;
 }
 
 static int
 null_flush(CbtBlockdev *bd)
 {
+  delay(bd);
   return 0;
 }
 
@@ -32,9 +47,11 @@ null_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
   return 0;
 }
 
+/* QEMU's null driver has no zero-write of its own: it writes zeroes, latency included. */
 static int
 null_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
 {
+  delay(bd);
   return 0;
 }
 
@@ -43,7 +60,7 @@ null_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum, g
 {
   /* As QEMU: allocated data, known to read as zeroes only with read-zeroes. */
   *pnum = len;
-  *status = bd->opaque == &read_zeroes_on ? CBT_BLOCKDEV_STATUS_ZERO : 0;
+  *status = ((const NullState *)bd->opaque)->read_zeroes ? CBT_BLOCKDEV_STATUS_ZERO : 0;
   return 0;
 }
 
@@ -72,22 +89,24 @@ null_open(CbtBlockdev *bd, const CbtQmpBlockdevOptions *opts, GError **error)
   /* Without size or read-zeroes QEMU names the node after its driver. */
   if (!o->has_size && !o->has_read_zeroes)
     bd->exact_filename = g_strdup_printf("%s://", bd->drv->name);
-  bd->opaque = (gpointer)(o->read_zeroes ? &read_zeroes_on : &read_zeroes_off);
+  NullState *st = g_new0(NullState, 1);
+  st->read_zeroes = o->read_zeroes;
+  st->latency_ns = o->has_latency_ns ? (guint64)o->latency_ns : 0;
+  bd->opaque = st;
   return TRUE;
 }
 
 static void
 null_close(CbtBlockdev *bd)
 {
-  bd->opaque = NULL;
+  g_clear_pointer(&bd->opaque, g_free);
 }
 
 /* null-co and null-aio behave the same here (QEMU's differ only in how they complete). */
 #define NULL_DRIVER(drv_name)                                                                      \
   {                                                                                                \
     .name = drv_name, .protocol = TRUE, .open = null_open,                                         \
-    .close =                                                                                       \
-      null_close, /* nothing is kept, so every request is as durable and as cheap as it can be */  \
+    .close = null_close, /* nothing is kept, so every request is as durable as it can be */        \
       .supported_flags = CBT_BLOCKDEV_FUA | CBT_BLOCKDEV_MAY_UNMAP | CBT_BLOCKDEV_NO_FALLBACK,     \
     .pread = null_pread, .pwrite = null_pwrite, .flush = null_flush, .discard = null_discard,      \
     .write_zeroes = null_write_zeroes, .block_status = null_block_status,                          \

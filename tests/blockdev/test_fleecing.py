@@ -473,6 +473,61 @@ class TestBitmap(unittest.TestCase):
         self.assertEqual(got[1], [hashlib.sha256(frozen).hexdigest(), 'refused', 'refused'])
 
 
+class TestCbwTimeout(unittest.TestCase):
+    """cbw-timeout: a copy slower than the timeout fails for the write that waits on it, and
+    on-cbw-error decides, on both daemons alike. The target is a null-co node whose every
+    request takes 2 s; the timeout is 1 s (none in the control run)."""
+
+    def session(self, qsd, timeout, on_error):
+        with Daemon(qsd=qsd) as d:
+            src = cbttest.make_image(d.path('src'), MiB, [(0, b'\x33' * MiB)])
+            s = Session(d, src, d.path('none'))
+            sock = d.path('nbd.sock')
+            s.ok('blockdev-add', driver='file', node_name='src', filename=src)
+            s.ok('blockdev-add', driver='null-co', node_name='slow', size=MiB,
+                 latency_ns=2 * 10**9)
+            cbw = dict(driver='copy-before-write', node_name='cbw', file='src', target='slow',
+                       on_cbw_error=on_error)
+            if timeout:
+                cbw['cbw_timeout'] = timeout
+            s.ok('blockdev-add', **cbw)
+            s.ok('blockdev-add', driver='snapshot-access', node_name='snap', file='cbw')
+            s.ok('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
+            s.ok('block-export-add', type='nbd', id='live', node_name='cbw', name='live',
+                 writable=True)
+            s.ok('block-export-add', type='nbd', id='snap', node_name='snap')
+            live = nbd.NBD()
+            live.connect_uri('nbd+unix:///live?socket=' + sock)
+            results = []
+            try:
+                live.pwrite(b'\x44' * 4096, 0)
+                results.append('written')
+            except nbd.Error:
+                results.append('write failed')
+            snap = nbd.NBD()
+            snap.connect_uri('nbd+unix:///snap?socket=' + sock)
+            try:  # a cluster never written: read from the source unless the snapshot broke
+                results.append(snap.pread(4096, 4 * CLUSTER)[:1].hex())
+            except nbd.Error:
+                results.append('snapshot read failed')
+            results.append(live.pread(1, 0).hex())
+            snap.shutdown()
+            live.shutdown()
+            del snap, live
+            return results
+
+    def test_timeout_and_on_cbw_error(self):
+        cases = [(0, 'break-guest-write', ['written', '33', '44']),
+                 (1, 'break-guest-write', ['write failed', '33', '33']),
+                 (1, 'break-snapshot', ['written', 'snapshot read failed', '44'])]
+        for timeout, on_error, expected in cases:
+            with self.subTest(timeout=timeout, on_error=on_error):
+                ref = self.session(True, timeout, on_error)
+                got = self.session(False, timeout, on_error)
+                self.assertEqual(got, ref)
+                self.assertEqual(got, expected)
+
+
 class TestCbtdRefusals(unittest.TestCase):
     """Where qemu-storage-daemon 7.2 asserts, cbtd refuses."""
 
