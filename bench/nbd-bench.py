@@ -498,8 +498,8 @@ class Bench:
     def tls_image(self, image):
         """cbtd, qsd and nbdkit requiring TLS with the same x509 credentials, over a unix
         socket and then over TCP on 127.0.0.1: sequential read (MiB/s) and random 4 KiB reads
-        at depth 1 and 32. Depth 1 over TCP is where a server that lets Nagle hold a reply's
-        last TLS record until the client's delayed ACK (~40 ms) shows: qsd 7.2 does."""
+        at depth 1 and 32, and the depth-1 latency. Depth 1 over TCP is where a Nagle /
+        delayed-ACK stall shows, one request at a time (qsd 7.2: ~44 ms a request)."""
         cfg = self.cfg
         # The test suite's certificates (tests/lib/tlscerts.py): a CA, and a server dir with
         # ca-cert.pem, server-cert.pem (localhost, 127.0.0.1), server-key.pem. The servers
