@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """The data-path benchmark: cbtd side by side with qemu-storage-daemon, qemu-nbd and nbdkit.
 
-Usage: nbd-bench.py --build BUILD_DIR [--quick] [--only cbtd,qsd,...] [--phases main,sparse]
+Usage: nbd-bench.py --build BUILD_DIR [--quick] [--only cbtd,qsd,...] [--phases main,tls,sparse]
 
 Every server runs on the same image behind a unix socket and is driven by the same clients
-(nbdcopy, nbdinfo, bench/nbd-loadgen, bench/qmp-ping). Each point is the median of REPS runs
+(nbdcopy, nbdinfo, bench/nbd-loadgen, bench/qmp-ping); the `tls` phase runs cbtd, qsd and
+nbdkit again with the same x509 credentials (made with certtool at run time, in the temp dir),
+over a unix socket and over TCP on 127.0.0.1. Each point is the median of REPS runs
 with [min-max]; the table ends with the ratio cbtd / reference and PASS/MISS against the
 targets of docs/performance.md. Everything lives in one temp dir, removed at exit; every server
 is stopped at exit, on a signal, and (PR_SET_PDEATHSIG) if this script itself is killed.
@@ -27,6 +29,9 @@ NULL_SIZE = 4 * GiB  # the null-co node of the bitmap rows
 TiB = 1 << 40
 SERVERS = ("cbtd", "qsd", "qemu-nbd", "nbdkit")
 ANCHORS = ("qsd", "qemu-nbd", "nbdkit")
+TLS_SERVERS = ("cbtd", "qsd", "nbdkit")  # qemu-nbd's TLS is qsd's code: one QEMU is enough
+TLS_ANCHORS = ("qsd", "nbdkit")
+MiB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -40,11 +45,13 @@ class Cfg:
     dirty = 100000      # scattered dirty chunks / data extents in the 1 TiB device
     bitmaps = (0, 1, 8)
     dmap_batch = 30     # dirty-bitmap maps per point (time and CPU are per map)
+    tls_size = 1 * GiB  # the TLS phase's image: 4 GiB through gnutls is ~5 s a pass per server
 
 
 def quick(cfg):
     cfg.reps, cfg.seq_reps, cfg.rand_secs, cfg.seq_size = 1, 1, 0.5, 1 * GiB
     cfg.cycles, cfg.qmp_rts, cfg.dirty, cfg.dmap_batch = 200, 1000, 10000, 2
+    cfg.tls_size = 256 << 20
 
 
 # ---- processes ----------------------------------------------------------------------------
@@ -101,11 +108,21 @@ class Qmp:
         self.sock.close()
 
 
-class Server:
-    """One server process on one image; `argv` documents the exact command line."""
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, kind, tmp, image, build, read_only=False):
+
+class Server:
+    """One server process on one image; `argv` documents the exact command line. With `tls`
+    (an x509 dir: ca-cert.pem, server-cert.pem, server-key.pem) it requires TLS; with `port`
+    it listens on 127.0.0.1:port instead of its unix socket."""
+
+    def __init__(self, kind, tmp, image, build, read_only=False, tls=None, port=None):
         self.kind, self.tmp, self.image = kind, tmp, image
+        self.tls, self.port = tls, port
         self.sock = os.path.join(tmp, f"{kind}.nbd")
         self.qmp_path = os.path.join(tmp, f"{kind}.qmp")
         self.argv = self.command(build, read_only)
@@ -117,15 +134,24 @@ class Server:
         if self.kind in ("cbtd", "qsd"):
             exe = os.path.join(build, "daemon", "cbtd") if self.kind == "cbtd" \
                 else "qemu-storage-daemon"
+            addr = f"addr.type=inet,addr.host=127.0.0.1,addr.port={self.port}" if self.port \
+                else f"addr.type=unix,addr.path={sock}"
+            tls = []
+            if self.tls:
+                # Server authentication only (verify-peer=off), as nbdkit without
+                # --tls-verify-peer: the client sends no certificate to any of them.
+                tls = ["--object", f"tls-creds-x509,id=tls0,dir={self.tls},endpoint=server,"
+                       "verify-peer=off"]
+                addr += ",tls-creds=tls0"
             # Identical options: cbtd takes qemu-storage-daemon's command line.
-            return [exe,
+            return [exe] + tls + [
                     "--chardev", f"socket,id=m,path={self.qmp_path},server=on,wait=off",
                     "--monitor", "chardev=m",
                     # A QEMU chardev serves one client at a time: qmp-ping gets its own.
                     "--chardev", f"socket,id=m2,path={self.qmp_path}2,server=on,wait=off",
                     "--monitor", "chardev=m2",
                     "--blockdev", f"driver=file,node-name=disk,filename={img}",
-                    "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                    "--nbd-server", addr,
                     "--export", "type=nbd,id=e,node-name=disk,name=e,"
                     + ("writable=off" if ro else "writable=on"),
                     # qsd 7.2 advertises multi-conn only on read-only exports.
@@ -135,14 +161,27 @@ class Server:
                     "--blockdev", f"driver=null-co,node-name=nul,size={NULL_SIZE}",
                     "--export", "type=nbd,id=n,node-name=nul,name=n,writable=on"]
         if self.kind == "qemu-nbd":
+            if self.tls or self.port:
+                raise ValueError("qemu-nbd runs on a plain unix socket only")
             return ["qemu-nbd", "-f", "raw", "-t", "--cache=writeback", "--aio=threads",
                     "-e", "8", "-x", "e", "-k", sock] + (["-r"] if ro else []) + [img]
-        return ["nbdkit", "-f", "-U", sock] + (["-r"] if ro else []) + ["file", img]
+        listen = ["-i", "127.0.0.1", "-p", str(self.port)] if self.port else ["-U", sock]
+        tls = ["--tls=require", f"--tls-certificates={self.tls}"] if self.tls else []
+        return ["nbdkit", "-f"] + listen + tls + (["-r"] if ro else []) + ["file", img]
 
     def uri(self, export="e"):
         if self.kind in ("qemu-nbd", "nbdkit"):
             export = "e"  # one export; nbdkit's file plugin ignores the name
-        return f"nbd+unix:///{export}?socket={self.sock}"
+        scheme = "nbds" if self.tls else "nbd"
+        if self.port:
+            uri = f"{scheme}://127.0.0.1:{self.port}/{export}"
+        else:
+            uri = f"{scheme}+unix:///{export}?socket={self.sock}"
+        if self.tls:
+            # libnbd reads ca-cert.pem there (and would send client-cert.pem if it were);
+            # it checks the server's name (127.0.0.1, in the certificate) over TCP only.
+            uri += ("&" if "?" in uri else "?") + f"tls-certificates={self.tls}"
+        return uri
 
     def start(self):
         for path in (self.sock, self.qmp_path, self.qmp_path + "2"):
@@ -152,7 +191,8 @@ class Server:
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         _live.append(self)
-        wait_for = [self.sock] + ([self.qmp_path] if self.kind in ("cbtd", "qsd") else [])
+        wait_for = [("127.0.0.1", self.port) if self.port else self.sock] \
+            + ([self.qmp_path] if self.kind in ("cbtd", "qsd") else [])
         deadline = time.monotonic() + 20
         while not all(self._accepts(p) for p in wait_for):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -165,6 +205,15 @@ class Server:
 
     @staticmethod
     def _accepts(path):
+        """A unix socket path or a (host, port): a bare connect, closed before any TLS, which
+        every server drops as a client that went away."""
+        if isinstance(path, tuple):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(path)
+                    return True
+                except OSError:
+                    return False
         if not os.path.exists(path):
             return False
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -446,6 +495,42 @@ class Bench:
                 srv.stop()
             log(f"{kind}: 1 TiB maps done")
 
+    def tls_image(self, image):
+        """cbtd, qsd and nbdkit requiring TLS with the same x509 credentials, over a unix
+        socket and then over TCP on 127.0.0.1: sequential read (MiB/s) and random 4 KiB reads
+        at depth 1 and 32, and the depth-1 latency. Depth 1 over TCP is where a Nagle /
+        delayed-ACK stall shows, one request at a time (qsd 7.2: ~44 ms a request)."""
+        cfg = self.cfg
+        # The test suite's certificates (tests/lib/tlscerts.py): a CA, and a server dir with
+        # ca-cert.pem, server-cert.pem (localhost, 127.0.0.1), server-key.pem. The servers
+        # read that dir; so does libnbd, which takes ca-cert.pem from it.
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                        "tests", "lib"))
+        import tlscerts
+        certs = tlscerts.make_x509(os.path.join(self.tmp, "tls"))["server"]
+        for transport in ("unix", "tcp"):
+            for kind in (k for k in self.kinds if k in TLS_SERVERS):
+                srv = Server(kind, self.tmp, image, self.build, tls=certs,
+                             port=free_port() if transport == "tcp" else None)
+                self.cmdlines[f"{kind} (TLS, {transport})"] = srv.argv
+                srv.start()
+                try:
+                    for rep in range(cfg.reps):
+                        if rep < cfg.seq_reps:
+                            t, _, _ = timed(["nbdcopy", "--requests=8", "--request-size=1048576",
+                                             "--connections=1", srv.uri(), "null:"])
+                            self.res.add(f"tls-{transport}-seq", kind, cfg.tls_size / t / MiB)
+                        for depth in (1, 32):
+                            r = self.loadgen(srv.uri(), "--op=read", f"--depth={depth}",
+                                             f"--seconds={cfg.rand_secs}", "--seed=7")
+                            self.res.add(f"tls-{transport}-rand{depth}", kind, r["iops"])
+                            if depth == 1:
+                                self.res.add(f"tls-{transport}-lat1", kind,
+                                             r["seconds"] * 1e6 / max(r["ops"], 1))
+                finally:
+                    srv.stop()
+            log(f"TLS over {transport}: loads done")
+
     def dirty(self, srv):
         q = srv.qmp
         q.cmd("block-dirty-bitmap-add", node="disk", name="d", granularity=65536)
@@ -566,6 +651,15 @@ def table(res, cfg):
     vs_anchor("peak RSS (VmHWM), 4 GiB image", "MiB", "{:.1f}", "rss", False, -1.0, ("qsd",))
     vs_anchor("peak RSS (VmHWM), 1 TiB + bitmap", "MiB", "{:.1f}", "rss-tib", False, -1.0,
               ("qsd",), ("cbtd", "qsd"))
+    for transport, name in (("unix", "unix"), ("tcp", "TCP")):
+        key = f"tls-{transport}-"
+        vs_anchor(f"TLS {name}: seq read 1M x8, 1 conn", "MiB/s", "{:.0f}", key + "seq", True,
+                  None, TLS_ANCHORS, TLS_SERVERS)
+        for depth in (1, 32):
+            vs_anchor(f"  rand read 4K, {depth} in flight", "IOPS", "{:.0f}", key + f"rand{depth}",
+                      True, None, TLS_ANCHORS, TLS_SERVERS)
+        vs_anchor("  read 4K latency, 1 in flight", "us", "{:.0f}", key + "lat1", False, None,
+                  TLS_ANCHORS, TLS_SERVERS)
 
     head = f"{'load':34} {'unit':5}" + "".join(f" {s:>21}" for s in SERVERS) \
         + f" {'cbtd/ref':>8} {'ref':>9} {'target':>7}"
@@ -587,8 +681,9 @@ def main():
     ap.add_argument("--build", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=",".join(SERVERS), help="servers to run")
-    ap.add_argument("--phases", default="main,persist,sparse",
-                    help="main (4 GiB image), persist (cbtd's persistent bitmaps), sparse (1 TiB)")
+    ap.add_argument("--phases", default="main,persist,tls,sparse",
+                    help="main (4 GiB image), persist (cbtd's persistent bitmaps), "
+                    "tls (cbtd, qsd, nbdkit over TLS), sparse (1 TiB)")
     args = ap.parse_args()
     cfg = Cfg()
     if args.quick or os.environ.get("BENCH_QUICK"):
@@ -602,7 +697,8 @@ def main():
         b.kinds = [k for k in SERVERS if k in args.only.split(",")]
         print(f"reps={cfg.reps} (median [min-max]; seq read {cfg.seq_reps}); "
               f"random points {cfg.rand_secs} s each; "
-              f"seq image {cfg.seq_size // GiB} GiB; {cfg.cycles} connects; "
+              f"seq image {cfg.seq_size // GiB} GiB (TLS {cfg.tls_size // MiB} MiB); "
+              f"{cfg.cycles} connects; "
               f"{cfg.qmp_rts} QMP round trips; {cfg.dirty} dirty chunks in 1 TiB", flush=True)
         t0 = time.monotonic()
         b.ceiling()
@@ -619,6 +715,11 @@ def main():
                 b.persistence(image)
             if os.path.exists(image):
                 os.unlink(image)
+            if "tls" in args.phases:
+                tls_image = os.path.join(tmp, "tls.raw")
+                make_image(tls_image, cfg.tls_size)
+                b.tls_image(tls_image)
+                os.unlink(tls_image)
             sparse = os.path.join(tmp, "sparse.raw")
             with open(sparse, "wb") as f:
                 f.truncate(TiB)

@@ -185,15 +185,25 @@ run_phase(Loadgen *lg, guint64 count, double seconds)
   return now() - start;
 }
 
+/* The URI is our own command line, so the files it names are the caller's choice: libnbd
+ * refuses tls-certificates=DIR (and tls-psk-file=) unless local file access is allowed. */
+static struct nbd_handle *
+connect_uri(const char *uri)
+{
+  struct nbd_handle *h = nbd_create();
+
+  if (!h || nbd_set_uri_allow_local_file(h, true) == -1 || nbd_connect_uri(h, uri) == -1)
+    die_nbd("nbd_connect_uri");
+  return h;
+}
+
 static int
 connect_cycles(const char *uri, int cycles)
 {
   double start = now();
 
   for (int i = 0; i < cycles; i++) {
-    struct nbd_handle *h = nbd_create();
-    if (!h || nbd_connect_uri(h, uri) == -1)
-      die_nbd("nbd_connect_uri");
+    struct nbd_handle *h = connect_uri(uri);
     if (nbd_shutdown(h, 0) == -1)
       die_nbd("nbd_shutdown");
     nbd_close(h);
@@ -233,9 +243,7 @@ loadgen_new(const char *uri)
   Loadgen *lg = g_new0(Loadgen, 1);
   int64_t size;
 
-  lg->h = nbd_create();
-  if (!lg->h || nbd_connect_uri(lg->h, uri) == -1)
-    die_nbd("nbd_connect_uri");
+  lg->h = connect_uri(uri);
   if ((size = nbd_get_size(lg->h)) == -1)
     die_nbd("nbd_get_size");
   lg->size = size;
