@@ -377,6 +377,118 @@ class TestReopen(unittest.TestCase):
         self.assertEqual(len(errors), 11)
 
 
+class TestBitmapsAtTheFreeze(unittest.TestCase):
+    """The QEMU 7.2 way with bitmaps, as a management layer scripts an incremental backup: a
+    transaction starts the next checkpoint c3 and freezes a copy b2 of the old one c2; with
+    the writer paused, blockdev-reopen puts the filter under the disk's node (the freeze); the
+    writer goes on; the snapshot is exported publishing b2 given as {node, name}. On both
+    daemons: the same replies (queries included), the same b2 map (exactly the writes before
+    the freeze), the same view (the disk at the freeze) and the same c3 count (the writes
+    after it)."""
+
+    BEFORE = [(0, 4096, 0x41), (5 * CLUSTER + 100, 3 * CLUSTER, 0x42), (40 * CLUSTER, 512, 0x43)]
+    AFTER = [(0, 4096, 0x51), (20 * CLUSTER, CLUSTER, 0x52), (40 * CLUSTER + 512, 512, 0x53)]
+
+    def session(self, qsd):
+        img = frozen_image()
+        with Daemon(qsd=qsd) as d:
+            src, scratch = d.path('src'), d.path('scratch')
+            write_image(src, img)
+            cbttest.make_image(scratch, SIZE)
+            s = Session(d, src, scratch)
+            sock = d.path('nbd.sock')
+            uri = 'nbd+unix:///%s?socket=' + sock
+            s.ok('blockdev-add', driver='file', node_name='disk0', filename=src)
+            s.ok('blockdev-add', driver='raw', node_name='disk', file='disk0')
+            s.ok('block-dirty-bitmap-add', node='disk', name='c2', granularity=CLUSTER)
+            s.ok('nbd-server-start', addr={'type': 'unix', 'data': {'path': sock}})
+            s.ok('block-export-add', type='nbd', id='live', node_name='disk', name='live',
+                 writable=True)
+            live = nbd.NBD()
+            live.connect_uri(uri % 'live')
+            for off, length, byte in self.BEFORE:
+                live.pwrite(bytes([byte]) * length, off)
+            live.flush()
+            # The writer is paused from here to the reopen (no request in flight).
+            s.ok('transaction', actions=[
+                {'type': 'block-dirty-bitmap-add', 'data': {'node': 'disk', 'name': 'c3',
+                                                            'granularity': CLUSTER}},
+                {'type': 'block-dirty-bitmap-add', 'data': {'node': 'disk', 'name': 'b2',
+                                                            'granularity': CLUSTER,
+                                                            'disabled': True}},
+                {'type': 'block-dirty-bitmap-merge',
+                 'data': {'node': 'disk', 'target': 'b2', 'bitmaps': ['c2']}},
+                {'type': 'block-dirty-bitmap-remove', 'data': {'node': 'disk', 'name': 'c2'}}])
+            s.ok('blockdev-add', driver='file', node_name='scrf', filename=scratch)
+            s.ok('blockdev-add', driver='raw', node_name='scr', file='scrf')
+            s.ok('blockdev-add', driver='copy-before-write', node_name='cbw', file='disk0',
+                 target='scr')
+            s.ok('blockdev-reopen', options=[{'driver': 'raw', 'node-name': 'disk',
+                                              'file': 'cbw'}])
+            for off, length, byte in self.AFTER:
+                live.pwrite(bytes([byte]) * length, off)
+            live.flush()
+            s.ok('blockdev-add', driver='snapshot-access', node_name='snap', file='cbw')
+            s.ok('block-export-add', type='nbd', id='snap', node_name='snap', name='snap',
+                 bitmaps=[{'node': 'disk', 'name': 'b2'}])
+            s.ok('query-named-block-nodes')
+            out = {'b2': nbd_map_context(uri % 'snap', 'qemu:dirty-bitmap:b2')}
+            snap = nbd.NBD()
+            snap.connect_uri(uri % 'snap')
+            out['view'] = hashlib.sha256(b''.join(
+                snap.pread(CLUSTER, off) for off in range(0, SIZE, CLUSTER))).hexdigest()
+            out['live'] = hashlib.sha256(live.pread(SIZE, 0)).hexdigest()
+            snap.shutdown()
+            live.shutdown()
+            del snap, live
+            s.ok('block-export-del', id='snap')
+            cbttest.wait_for(lambda: len(s.q.execute('query-block-exports')) == 1,
+                             what='snapshot export gone')
+            s.ok('blockdev-del', node_name='snap')
+            s.ok('blockdev-reopen', options=[{'driver': 'raw', 'node-name': 'disk',
+                                              'file': 'disk0'}])
+            for node in ('cbw', 'scr', 'scrf'):
+                s.ok('blockdev-del', node_name=node)
+            s.ok('block-dirty-bitmap-remove', node='disk', name='b2')
+            s.ok('query-named-block-nodes')
+            out['log'] = s.log
+            return out, img
+
+    @staticmethod
+    def apply(img, writes):
+        img = bytearray(img)
+        for off, length, byte in writes:
+            img[off:off + length] = bytes([byte]) * length
+        return bytes(img)
+
+    def test_bitmaps_at_the_freeze(self):
+        ref, img = self.session(qsd=True)
+        got, _ = self.session(qsd=False)
+        frozen = self.apply(img, self.BEFORE)
+        for name, out in (('qsd', ref), ('cbtd', got)):
+            self.assertEqual(out['view'], hashlib.sha256(frozen).hexdigest(), name)
+            self.assertEqual(out['live'],
+                             hashlib.sha256(self.apply(frozen, self.AFTER)).hexdigest(), name)
+        dirty = sorted((off, length) for off, length, kind in got['b2'] if kind == 1)
+        self.assertEqual(dirty, [(0, CLUSTER), (5 * CLUSTER, 4 * CLUSTER),
+                                 (40 * CLUSTER, CLUSTER)])
+        self.assertEqual(got['b2'], ref['b2'])
+        self.assertEqual([c for c, _ in got['log']], [c for c, _ in ref['log']])
+        for (cmd, mine), (_, theirs) in zip(got['log'], ref['log']):
+            self.assertEqual(mine, theirs, cmd)
+        counts = [json.loads(r) for c, r in got['log'] if c == 'query-named-block-nodes'][0]
+        disk = [n for n in counts['return'] if n['node-name'] == 'disk'][0]
+        c3 = [b for b in disk['dirty-bitmaps'] if b.get('name') == 'c3'][0]
+        self.assertEqual(c3['count'], 3 * CLUSTER)  # the writes after the freeze, and only they
+
+
+def nbd_map_context(uri, context):
+    """[(offset, length, type)] of @context over the whole export."""
+    out = subprocess.run(['nbdinfo', '--json', '--map=' + context, uri], capture_output=True,
+                         text=True, check=True).stdout
+    return [(e['offset'], e['length'], e['type']) for e in json.loads(out)]
+
+
 class TestPermissions(unittest.TestCase):
     """No writer may bypass the filter: once the filter is used, it unshares write on its
     source, and a conflict is refused with QEMU's text, on both daemons alike."""
