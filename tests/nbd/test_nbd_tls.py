@@ -6,6 +6,7 @@ is asserted.
 Run with /usr/bin/python3; CBTD names the daemon binary.
 """
 import base64
+import json
 import os
 import shutil
 import socket
@@ -174,7 +175,8 @@ class TestX509(Base):
 
     def test_tcp_checks_the_server_certificate(self):
         # ::1 is left out: libnbd sends the SNI name "[::1]", which gnutls refuses as a
-        # server name in cbtd and qsd alike ("A disallowed SNI server name").
+        # server name in cbtd and qsd alike ("A disallowed SNI server name");
+        # test_ipv6_with_qemu_img covers ::1.
         for family, host in ((socket.AF_INET, '127.0.0.1'),):
             for qsd in (False, True):
                 port = free_port(family, host)
@@ -190,6 +192,27 @@ class TestX509(Base):
                 self.assertTrue(d.alive())
                 d.stop()
                 self.daemons.remove(d)
+
+    def test_ipv6_with_qemu_img(self):
+        """::1 over TLS, with a client that names the server by host name (qemu-img's
+        tls-hostname), on both daemons."""
+        for qsd in (False, True):
+            port = free_port(socket.AF_INET6, '::1')
+            d, _ = self.start(qsd, [self.x509_obj()], ',tls-creds=t0', addr=('::1', port))
+            out = []
+            for certs in (self.x509['server'], self.x509['other']):
+                p = run(['qemu-img', 'info', '--output=json', '--object',
+                         'tls-creds-x509,id=c,dir=%s,endpoint=client' % certs, '--image-opts',
+                         'driver=nbd,server.type=inet,server.host=::1,server.port=%d,'
+                         'export=e0,tls-creds=c,tls-hostname=localhost' % port],
+                        check=False, timeout=30)
+                out.append(p)
+            self.assertEqual(out[0].returncode, 0, (qsd, out[0].stderr))
+            self.assertEqual(json.loads(out[0].stdout)['virtual-size'], 4 * MiB)
+            self.assertNotEqual(out[1].returncode, 0, qsd)  # another CA: refused
+            self.assertTrue(d.alive())
+            d.stop()
+            self.daemons.remove(d)
 
     def test_verify_peer_needs_a_client_certificate_from_the_ca(self):
         for qsd in (False, True):
