@@ -198,11 +198,13 @@ int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
   struct sockaddr_un sa = { .sun_family = AF_UNIX };
-  GByteArray *in = g_byte_array_new();
 
 #ifdef FUZZ_NBD_REQUESTS
   if (size == 0)
     return 0;
+#endif
+  GByteArray *in = g_byte_array_new();
+#ifdef FUZZ_NBD_REQUESTS
   put_handshake(in, data[0]);
   data++, size--;
 #endif

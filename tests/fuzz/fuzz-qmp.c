@@ -249,10 +249,9 @@ reset(Input *in)
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-  Input in = { .object_ids = g_ptr_array_new_with_free_func(g_free) };
-
   if (size == 0)
     return 0;
+  Input in = { .object_ids = g_ptr_array_new_with_free_func(g_free) };
   in.session.negotiated = data[0] & 1;
   gsize feed = (gsize)1 << ((data[0] >> 1) & 7);
   CbtJsonStream *js = cbt_json_stream_new(MAX_MESSAGE, on_message, &in);
