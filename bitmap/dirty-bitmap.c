@@ -14,6 +14,9 @@ struct CbtDirtyBitmap {
   gboolean persistent;
   gboolean read_only;
   gboolean inconsistent;
+  guint8 uuid[16];
+  guint64 created;
+  CbtDirtyBitmapBreak broken;
 };
 
 G_DEFINE_QUARK(cbt - bitmap - error - quark, cbt_bitmap_error)
@@ -67,7 +70,75 @@ cbt_dirty_bitmap_new(const char *name, guint64 size, guint32 granularity)
   dbm->size = size;
   dbm->granularity = granularity;
   dbm->bits = bits;
+  /* RFC 4122 version 4: random but for the version and variant bits. */
+  for (guint i = 0; i < 16; i += 4) {
+    guint32 r = g_random_int();
+    memcpy(dbm->uuid + i, &r, 4);
+  }
+  dbm->uuid[6] = (dbm->uuid[6] & 0x0f) | 0x40;
+  dbm->uuid[8] = (dbm->uuid[8] & 0x3f) | 0x80;
+  dbm->created = (guint64)(g_get_real_time() / G_USEC_PER_SEC);
   return dbm;
+}
+
+const guint8 *
+cbt_dirty_bitmap_get_uuid(const CbtDirtyBitmap *dbm)
+{
+  return dbm->uuid;
+}
+
+char *
+cbt_dirty_bitmap_get_uuid_string(const CbtDirtyBitmap *dbm)
+{
+  const guint8 *u = dbm->uuid;
+  return g_strdup_printf("%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+                         u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11],
+                         u[12], u[13], u[14], u[15]);
+}
+
+guint64
+cbt_dirty_bitmap_get_created(const CbtDirtyBitmap *dbm)
+{
+  return dbm->created;
+}
+
+CbtDirtyBitmapBreak
+cbt_dirty_bitmap_get_break(const CbtDirtyBitmap *dbm)
+{
+  return dbm->broken;
+}
+
+const char *
+cbt_dirty_bitmap_break_text(CbtDirtyBitmapBreak why)
+{
+  switch (why) {
+  case CBT_DIRTY_BITMAP_BROKEN_CREATED_DISABLED:
+    return "created disabled";
+  case CBT_DIRTY_BITMAP_BROKEN_CLEARED:
+    return "cleared";
+  case CBT_DIRTY_BITMAP_BROKEN_DISABLED:
+    return "disabled";
+  case CBT_DIRTY_BITMAP_BROKEN_INCONSISTENT:
+    return "inconsistent: its bits could not be read back";
+  default:
+    return NULL;
+  }
+}
+
+void
+cbt_dirty_bitmap_set_identity(CbtDirtyBitmap *dbm, const guint8 uuid[16], guint64 created,
+                              CbtDirtyBitmapBreak broken)
+{
+  memcpy(dbm->uuid, uuid, 16);
+  dbm->created = created;
+  dbm->broken = broken;
+}
+
+void
+cbt_dirty_bitmap_set_break(CbtDirtyBitmap *dbm, CbtDirtyBitmapBreak why)
+{
+  if (!dbm->broken)
+    dbm->broken = why;
 }
 
 void
@@ -187,6 +258,7 @@ cbt_dirty_bitmap_set_inconsistent(CbtDirtyBitmap *dbm)
 {
   dbm->inconsistent = TRUE;
   dbm->disabled = TRUE;
+  cbt_dirty_bitmap_set_break(dbm, CBT_DIRTY_BITMAP_BROKEN_INCONSISTENT);
   cbt_bitmap_clear_all(dbm->bits);
 }
 

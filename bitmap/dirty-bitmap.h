@@ -96,6 +96,30 @@ gboolean cbt_dirty_bitmap_is_inconsistent(const CbtDirtyBitmap *dbm);
 /* Marks the bitmap inconsistent: it stops recording and its bits are dropped (count 0). */
 void cbt_dirty_bitmap_set_inconsistent(CbtDirtyBitmap *dbm);
 
+/* Identity (docs/bitmaps.md, "Identity"): a random UUID and a creation time given at
+ * creation, kept by a persistent bitmap's store, and whether the bitmap has recorded every
+ * write since then. A break is for good (re-enabling does not heal it): */
+typedef enum {
+  CBT_DIRTY_BITMAP_UNBROKEN = 0,
+  CBT_DIRTY_BITMAP_BROKEN_CREATED_DISABLED = 1, /* it never recorded from the start */
+  CBT_DIRTY_BITMAP_BROKEN_CLEARED = 2,
+  CBT_DIRTY_BITMAP_BROKEN_DISABLED = 3,
+  CBT_DIRTY_BITMAP_BROKEN_INCONSISTENT = 4, /* its bits could not be read back */
+} CbtDirtyBitmapBreak;
+
+const guint8 *cbt_dirty_bitmap_get_uuid(const CbtDirtyBitmap *dbm);
+/* The UUID as text, 8-4-4-4-12 lower-case hex (transfer full). */
+char *cbt_dirty_bitmap_get_uuid_string(const CbtDirtyBitmap *dbm);
+guint64 cbt_dirty_bitmap_get_created(const CbtDirtyBitmap *dbm);
+CbtDirtyBitmapBreak cbt_dirty_bitmap_get_break(const CbtDirtyBitmap *dbm);
+/* What a break code says, for the query (NULL for CBT_DIRTY_BITMAP_UNBROKEN or unknown). */
+const char *cbt_dirty_bitmap_break_text(CbtDirtyBitmapBreak why);
+/* The identity a store kept (a loaded bitmap). */
+void cbt_dirty_bitmap_set_identity(CbtDirtyBitmap *dbm, const guint8 uuid[16], guint64 created,
+                                   CbtDirtyBitmapBreak broken);
+/* Records a break; the first one stays. */
+void cbt_dirty_bitmap_set_break(CbtDirtyBitmap *dbm, CbtDirtyBitmapBreak why);
+
 /* Refuses, with QEMU's text, the first state among busy, read-only, inconsistent (in that
  * order) that @flags names and @dbm is in. */
 gboolean cbt_dirty_bitmap_check(const CbtDirtyBitmap *dbm, CbtDirtyBitmapCheckFlags flags,

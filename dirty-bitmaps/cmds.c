@@ -20,6 +20,7 @@ typedef struct {
   CbtDirtyBitmap *dbm;
   CbtBitmap *backup; /* clear, merge: the bits before the action (only when it may abort) */
   gboolean was_recording;
+  CbtDirtyBitmapBreak was_broken; /* clear, disable: the break before the action */
 } Action;
 
 static Action *
@@ -116,8 +117,10 @@ add_prepare(const CbtQmpBlockDirtyBitmapAdd *args, CbtTxn *txn, GError **error)
   if (!bd)
     return FALSE;
   CbtDirtyBitmap *dbm = cbt_dirty_bitmap_new(args->name, cbt_blockdev_get_size(bd), granularity);
-  if (args->disabled)
+  if (args->disabled) {
     cbt_dirty_bitmap_set_recording(dbm, FALSE);
+    cbt_dirty_bitmap_set_break(dbm, CBT_DIRTY_BITMAP_BROKEN_CREATED_DISABLED);
+  }
   cbt_dirty_bitmap_set_persistent(dbm, args->persistent);
   cbt_blockdev_drain_in_txn(bd, txn);
   cbt_dirty_bitmaps_attach(bd, dbm);
@@ -185,6 +188,33 @@ remove_prepare(const CbtQmpBlockDirtyBitmap *args, CbtTxn *txn, GError **error)
   return TRUE;
 }
 
+/* identity: clear and disable break a bitmap's record of changes for good (docs/bitmaps.md,
+ * "Identity"). The break is durable before the bits or the state change, so that no crash
+ * leaves a cleared or stopped bitmap that claims an unbroken record; an abort undoes it. */
+
+static gboolean
+set_break(CbtBlockdev *bd, CbtDirtyBitmap *dbm, CbtDirtyBitmapBreak why, GError **error)
+{
+  cbt_dirty_bitmap_set_break(dbm, why);
+  return !cbt_dirty_bitmap_is_persistent(dbm) ||
+         cbt_dirty_bitmaps_persist_set_break(bd, dbm, error);
+}
+
+static void
+undo_break(Action *a)
+{
+  g_autoptr(GError) error = NULL;
+
+  if (cbt_dirty_bitmap_get_break(a->dbm) == a->was_broken)
+    return;
+  cbt_dirty_bitmap_set_identity(a->dbm, cbt_dirty_bitmap_get_uuid(a->dbm),
+                                cbt_dirty_bitmap_get_created(a->dbm), a->was_broken);
+  /* A store that cannot take the undo keeps the break: broken is the safe side. */
+  if (cbt_dirty_bitmap_is_persistent(a->dbm) &&
+      !cbt_dirty_bitmaps_persist_set_break(a->bd, a->dbm, &error))
+    cbt_dirty_bitmap_set_break(a->dbm, CBT_DIRTY_BITMAP_BROKEN_CLEARED);
+}
+
 /* clear, and the undo shared with merge ------------------------------------------------------ */
 
 static void
@@ -206,6 +236,8 @@ restore_backup(gpointer opaque)
   if (cbt_dirty_bitmap_is_persistent(a->dbm) &&
       !cbt_dirty_bitmaps_persist_rewrite(a->bd, a->dbm, &error))
     (void)cbt_dirty_bitmaps_persist_demote(a->bd, a->dbm, error);
+  else
+    undo_break(a);
 }
 
 static const CbtTxnActionOps clear_ops = { "block-dirty-bitmap-clear", NULL, restore_backup,
@@ -222,7 +254,10 @@ change_bits(const CbtTxnActionOps *ops, CbtBlockdev *bd, CbtDirtyBitmap *dbm, co
   CbtBitmap *bits = cbt_dirty_bitmap_get_bitmap(dbm);
   gboolean persistent = cbt_dirty_bitmap_is_persistent(dbm);
   g_autoptr(CbtBitmap) backup = NULL;
+  CbtDirtyBitmapBreak was_broken = cbt_dirty_bitmap_get_break(dbm);
 
+  if (!from && !set_break(bd, dbm, CBT_DIRTY_BITMAP_BROKEN_CLEARED, error))
+    return FALSE;
   if (cbt_txn_may_abort(txn) || persistent)
     backup = cbt_bitmap_copy(bits);
   if (from)
@@ -239,6 +274,7 @@ change_bits(const CbtTxnActionOps *ops, CbtBlockdev *bd, CbtDirtyBitmap *dbm, co
     return FALSE;
   }
   Action *a = action_new(bd, dbm);
+  a->was_broken = was_broken;
   if (cbt_txn_may_abort(txn))
     a->backup = g_steal_pointer(&backup);
   cbt_txn_add(txn, ops, a);
@@ -274,6 +310,8 @@ set_recording_abort(gpointer opaque)
 
   if (!set_recording(a->bd, a->dbm, a->was_recording, &error))
     (void)cbt_dirty_bitmaps_persist_demote(a->bd, a->dbm, error);
+  else
+    undo_break(a);
 }
 
 static const CbtTxnActionOps set_recording_ops = { "block-dirty-bitmap-enable/disable", NULL,
@@ -290,10 +328,14 @@ set_recording_prepare(const CbtQmpBlockDirtyBitmap *args, gboolean recording, Cb
   if (!dbm)
     return FALSE;
   gboolean was_recording = cbt_dirty_bitmap_is_recording(dbm);
+  CbtDirtyBitmapBreak was_broken = cbt_dirty_bitmap_get_break(dbm);
+  if (!recording && was_recording && !set_break(bd, dbm, CBT_DIRTY_BITMAP_BROKEN_DISABLED, error))
+    return FALSE;
   if (!set_recording(bd, dbm, recording, error))
     return FALSE;
   Action *a = action_new(bd, dbm);
   a->was_recording = was_recording;
+  a->was_broken = was_broken;
   cbt_txn_add(txn, &set_recording_ops, a);
   return TRUE;
 }

@@ -56,6 +56,8 @@ gboolean cbt_dirty_bitmaps_persist_remove(CbtBlockdev *bd, CbtDirtyBitmap *dbm, 
 gboolean cbt_dirty_bitmaps_persist_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm,
                                                  gboolean recording, GError **error);
 gboolean cbt_dirty_bitmaps_persist_rewrite(CbtBlockdev *bd, CbtDirtyBitmap *dbm, GError **error);
+/* The store records @dbm's break code as it is now (0 too: an undo). */
+gboolean cbt_dirty_bitmaps_persist_set_break(CbtBlockdev *bd, CbtDirtyBitmap *dbm, GError **error);
 void cbt_dirty_bitmaps_persist_untie(CbtBlockdev *bd, CbtDirtyBitmap *dbm);
 gboolean cbt_dirty_bitmaps_persist_demote(CbtBlockdev *bd, CbtDirtyBitmap *dbm, const GError *why);
 void cbt_dirty_bitmaps_persist_refresh(CbtBlockdev *bd);

@@ -301,6 +301,7 @@ adopt(Binding *b, const CbtStoreBitmap *sb, CbtStoreStop stop)
     cbt_dirty_bitmap_new(sb->name, cbt_blockdev_get_size(b->bd), sb->granularity);
 
   cbt_dirty_bitmap_set_persistent(dbm, TRUE);
+  cbt_dirty_bitmap_set_identity(dbm, sb->id.uuid, sb->id.created, sb->id.broken);
   if (sb->inconsistent) {
     cbt_dirty_bitmap_set_inconsistent(dbm);
   } else {
@@ -493,8 +494,11 @@ cbt_dirty_bitmaps_persist_add(CbtBlockdev *bd, CbtDirtyBitmap *dbm, GError **err
   CbtStore *store = ensure_store(b, error);
   if (!store)
     return FALSE;
-  if (!cbt_store_add(store, cbt_dirty_bitmap_get_name(dbm), cbt_dirty_bitmap_get_bitmap(dbm),
-                     cbt_dirty_bitmap_is_recording(dbm), &local)) {
+  CbtStoreIdentity id = { .created = cbt_dirty_bitmap_get_created(dbm),
+                          .broken = cbt_dirty_bitmap_get_break(dbm) };
+  memcpy(id.uuid, cbt_dirty_bitmap_get_uuid(dbm), 16);
+  if (!cbt_store_add_full(store, cbt_dirty_bitmap_get_name(dbm), cbt_dirty_bitmap_get_bitmap(dbm),
+                          cbt_dirty_bitmap_is_recording(dbm), &id, &local)) {
     store_failed(error, bd, dbm, local);
     return FALSE;
   }
@@ -533,6 +537,21 @@ cbt_dirty_bitmaps_persist_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gb
   }
   cbt_dirty_bitmap_set_recording(dbm, recording);
   refresh_observer(b);
+  return TRUE;
+}
+
+gboolean
+cbt_dirty_bitmaps_persist_set_break(CbtBlockdev *bd, CbtDirtyBitmap *dbm, GError **error)
+{
+  Binding *b = binding_of(bd);
+  g_autoptr(GError) local = NULL;
+
+  g_return_val_if_fail(b && b->store, FALSE);
+  if (!cbt_store_set_broken(b->store, cbt_dirty_bitmap_get_name(dbm),
+                            cbt_dirty_bitmap_get_break(dbm), &local)) {
+    store_failed(error, bd, dbm, local);
+    return FALSE;
+  }
   return TRUE;
 }
 

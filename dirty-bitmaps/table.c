@@ -132,6 +132,14 @@ cbt_dirty_bitmaps_info(const CbtDirtyBitmap *dbm)
   info->granularity = cbt_dirty_bitmap_get_granularity(dbm);
   info->count = (gint64)MIN(cbt_dirty_bitmap_get_count(dbm), G_MAXINT64);
   info->has_inconsistent = info->inconsistent = cbt_dirty_bitmap_is_inconsistent(dbm);
+  if (info->name) {
+    info->bitmap_uuid = cbt_dirty_bitmap_get_uuid_string(dbm);
+    info->has_bitmap_created = TRUE;
+    info->bitmap_created = (gint64)cbt_dirty_bitmap_get_created(dbm);
+    info->has_unbroken = TRUE;
+    info->unbroken = cbt_dirty_bitmap_get_break(dbm) == CBT_DIRTY_BITMAP_UNBROKEN;
+    info->broken_reason = g_strdup(cbt_dirty_bitmap_break_text(cbt_dirty_bitmap_get_break(dbm)));
+  }
   cbt_dirty_bitmaps_persist_fill_info(dbm, info);
   return info;
 }

@@ -89,7 +89,10 @@ typedef struct {
   guint8 uuid[16]; /* the bitmap's identity, stable across renames of its node */
   guint64 created; /* Unix time */
   guint8 sum[32];  /* with CBT_STORE_ENTRY_SUMMED: written by a clean stop */
-  guint64 reserved[4];
+  guint32 broken;  /* 0 while the bitmap has recorded without a break since `created`; else
+                    * why it broke (CbtDirtyBitmapBreak: bitmap/dirty-bitmap.h) */
+  guint32 reserved32;
+  guint64 reserved[3];
   /* the name follows, not NUL-terminated */
 } CbtStoreDirEntry;
 G_STATIC_ASSERT(sizeof(CbtStoreDirEntry) == 128);

@@ -116,6 +116,7 @@ parse_dir(CbtStore *s, const guint8 *buf, gsize len, guint64 *seq, char **identi
     memcpy(e->sum, d->sum, 32);
     memcpy(e->uuid, d->uuid, 16);
     e->created = d->created;
+    e->broken = d->broken;
     g_ptr_array_add(s->entries, e);
     at += d->entry_len;
   }
@@ -240,6 +241,9 @@ load_entries(CbtStore *s, guint64 *regions, guint64 nregions, const char *why)
     b->name = g_strdup(e->name);
     b->granularity = e->granularity;
     b->recording = e->recording;
+    memcpy(b->id.uuid, e->uuid, 16);
+    b->id.created = e->created;
+    b->id.broken = e->broken;
     g_ptr_array_add(s->loaded, b);
     if (why || e->inconsistent) {
       b->inconsistent = e->inconsistent = TRUE;

@@ -17,6 +17,7 @@ typedef struct {
   guint64 area_offset, area_len;
   guint8 uuid[16];
   guint64 created;
+  guint32 broken;
   gboolean summed; /* `sum` holds the checksum of the area (a clean stop wrote it) */
   guint8 sum[32];
 } CbtStoreEntry;

@@ -145,6 +145,7 @@ encode_dir(CbtStore *s, guint64 seq)
     d.area_len = e->area_len;
     memcpy(d.uuid, e->uuid, 16);
     d.created = e->created;
+    d.broken = e->broken;
     g_byte_array_append(b, (guint8 *)&d, sizeof d);
     g_byte_array_append(b, (guint8 *)e->name, (guint)nl);
     static const guint8 pad[8];
@@ -420,7 +421,8 @@ cbt_store_close(CbtStore *store, GError **error)
 /* ---- changes of the directory ---------------------------------------------------------- */
 
 gboolean
-cbt_store_add(CbtStore *store, const char *name, CbtBitmap *bm, gboolean recording, GError **error)
+cbt_store_add_full(CbtStore *store, const char *name, CbtBitmap *bm, gboolean recording,
+                   const CbtStoreIdentity *id, GError **error)
 {
   guint32 gran = cbt_bitmap_get_granularity(bm);
   guint64 len = cbt_store_area_len(store->size, gran);
@@ -444,9 +446,15 @@ cbt_store_add(CbtStore *store, const char *name, CbtBitmap *bm, gboolean recordi
   e->bm = bm;
   e->area_len = len;
   e->area_offset = place_area(store, len, NULL);
-  e->created = (guint64)(g_get_real_time() / G_USEC_PER_SEC);
-  for (guint i = 0; i < 16; i += 4)
-    *(guint32 *)(e->uuid + i) = g_random_int();
+  if (id) {
+    memcpy(e->uuid, id->uuid, 16);
+    e->created = id->created;
+    e->broken = id->broken;
+  } else {
+    e->created = (guint64)(g_get_real_time() / G_USEC_PER_SEC);
+    for (guint i = 0; i < 16; i += 4)
+      *(guint32 *)(e->uuid + i) = g_random_int();
+  }
   /* The area may hold an old bitmap's bits: zero it before the directory names it. */
   int r = store->f->io->punch(store->f, e->area_offset, e->area_len);
   if (r == 0)
@@ -505,6 +513,29 @@ cbt_store_set_recording(CbtStore *store, const char *name, gboolean recording, G
     return io_error(store, error, r,
                     recording ? "cannot enable the bitmap" : "cannot disable the bitmap");
   cbt_store_publish_recording(store);
+  return TRUE;
+}
+
+gboolean
+cbt_store_add(CbtStore *store, const char *name, CbtBitmap *bm, gboolean recording, GError **error)
+{
+  return cbt_store_add_full(store, name, bm, recording, NULL, error);
+}
+
+gboolean
+cbt_store_set_broken(CbtStore *store, const char *name, guint32 code, GError **error)
+{
+  CbtStoreEntry *e = find(store, name, NULL);
+
+  if (!e || e->broken == code)
+    return TRUE;
+  guint32 was = e->broken;
+  e->broken = code;
+  int r = cbt_store_write_dir(store);
+  if (r < 0) {
+    e->broken = was;
+    return io_error(store, error, r, "cannot record that the bitmap's record broke");
+  }
   return TRUE;
 }
 

@@ -63,9 +63,18 @@ typedef enum {
   CBT_STORE_STOP_NEW,     /* the store was created by this open */
 } CbtStoreStop;
 
+/* A bitmap's identity, kept with it (docs/bitmaps.md, "Identity"): the store keeps it, the
+ * caller gives it meaning. */
+typedef struct {
+  guint8 uuid[16];
+  guint64 created; /* Unix time */
+  guint32 broken;  /* 0: unbroken; else a reason code of the caller's */
+} CbtStoreIdentity;
+
 /* One bitmap as the load found it. */
 typedef struct {
   char *name;
+  CbtStoreIdentity id;
   guint32 granularity;
   gboolean recording;
   gboolean inconsistent; /* its bits could not be read back: only remove may follow */
@@ -87,9 +96,14 @@ CbtStoreStop cbt_store_last_stop(const CbtStore *store);
 GPtrArray *cbt_store_loaded(CbtStore *store);
 CbtBitmap *cbt_store_take_bitmap(CbtStore *store, const char *name);
 
-/* Add @bm (borrowed: it must outlive its entry) as @name, recording or not. */
+/* Add @bm (borrowed: it must outlive its entry) as @name, recording or not, with a fresh
+ * identity (cbt_store_add) or @id. */
 gboolean cbt_store_add(CbtStore *store, const char *name, CbtBitmap *bm, gboolean recording,
                        GError **error);
+gboolean cbt_store_add_full(CbtStore *store, const char *name, CbtBitmap *bm, gboolean recording,
+                            const CbtStoreIdentity *id, GError **error);
+/* Record, durably, @name's break code (0: unbroken, for an undo). */
+gboolean cbt_store_set_broken(CbtStore *store, const char *name, guint32 code, GError **error);
 gboolean cbt_store_remove(CbtStore *store, const char *name, GError **error);
 gboolean cbt_store_set_recording(CbtStore *store, const char *name, gboolean recording,
                                  GError **error);

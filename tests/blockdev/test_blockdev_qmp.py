@@ -472,10 +472,12 @@ class TestIntrospection(Base):
 
 
 # cbtd's optional members beyond qsd 7.2: persistent bitmaps of file, host_device and raw
-# nodes (BlockdevOptionsFile's bitmap-*, BlockDirtyInfo's recovery report; docs/bitmaps.md).
+# nodes (BlockdevOptionsFile's bitmap-*, BlockDirtyInfo's recovery report and identity;
+# docs/bitmaps.md).
 CBTD_ONLY = frozenset(('bitmap-store', 'bitmap-sync-interval', 'bitmap-intent-region',
                        'recovery', 'recovered-widening', 'recovery-reason',
-                       'store-degraded'))
+                       'store-degraded', 'bitmap-uuid', 'bitmap-created', 'unbroken',
+                       'broken-reason'))
 
 
 def resolve(schema, name, seen=(), drop=frozenset()):

@@ -11,7 +11,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'lib'))
-from cbttest import Daemon, make_image  # noqa: E402
+from cbttest import Daemon, make_image, without_identity  # noqa: E402
 
 import nbd  # noqa: E402  (Debian's python3-libnbd)
 
@@ -62,7 +62,8 @@ class Pair:
         return json.loads(text)
 
     def _unsubst(self, kind, value):
-        return json.loads(json.dumps(value).replace(self.daemons[kind].dir, '$DIR'))
+        return without_identity(json.loads(json.dumps(value).replace(self.daemons[kind].dir,
+                                                                     '$DIR')))
 
     def both(self, cmd, args=None):
         """{kind: raw reply} of @cmd run on both daemons."""
@@ -119,7 +120,7 @@ class Pair:
 
     def bitmaps_of(self, kind):
         """{node-name: dirty-bitmaps or None} from query-named-block-nodes on one daemon."""
-        nodes = self.qmp[kind].execute('query-named-block-nodes')
+        nodes = without_identity(self.qmp[kind].execute('query-named-block-nodes'))
         return {n['node-name']: n.get('dirty-bitmaps') for n in nodes}
 
     def bitmaps(self):

@@ -73,14 +73,27 @@ static G_GNUC_PRINTF(3, 4) void fails(const char *desc, const char *cmd, const c
   g_assert_cmpstr(error->message, ==, desc);
 }
 
-/* The node's `dirty-bitmaps` as JSON text, or "-" when the member is absent. */
+/* The node's `dirty-bitmaps` as JSON text, or "-" when the member is absent. The identity
+ * members (random, timed) are checked present and left out: test_bitmap_identity.py tests
+ * them. */
 static char *
 bitmaps_json(CbtBlockdev *bd)
 {
   g_autoptr(JsonObject) info = fake_blockdev_info(bd);
+  static const char *const identity[] = { "bitmap-uuid", "bitmap-created", "unbroken",
+                                          "broken-reason" };
 
   if (!json_object_has_member(info, "dirty-bitmaps"))
     return g_strdup("-");
+  JsonArray *a = json_object_get_array_member(info, "dirty-bitmaps");
+  for (guint i = 0; i < json_array_get_length(a); i++) {
+    JsonObject *b = json_array_get_object_element(a, i);
+    g_assert_true(json_object_has_member(b, "bitmap-uuid"));
+    g_assert_true(json_object_has_member(b, "unbroken"));
+    for (gsize k = 0; k < G_N_ELEMENTS(identity); k++)
+      if (json_object_has_member(b, identity[k]))
+        json_object_remove_member(b, identity[k]);
+  }
   return json_to_string(json_object_get_member(info, "dirty-bitmaps"), FALSE);
 }
 
@@ -463,7 +476,15 @@ test_info(void)
   g_autoptr(JsonNode) n1 = NULL, n2 = NULL, n3 = NULL, n4 = NULL;
 
   JsonObject *o = info(dbm, &n1);
-  g_assert_cmpuint(json_object_get_size(o), ==, 6);
+  /* QEMU's six, and cbtd's identity: a v4 UUID, the creation time, unbroken. */
+  g_assert_cmpuint(json_object_get_size(o), ==, 9);
+  g_autofree char *uuid = cbt_dirty_bitmap_get_uuid_string(dbm);
+  g_assert_cmpstr(json_object_get_string_member(o, "bitmap-uuid"), ==, uuid);
+  g_assert_true(g_uuid_string_is_valid(uuid));
+  g_assert_cmpint(uuid[14], ==, '4');
+  g_assert_cmpint(json_object_get_int_member(o, "bitmap-created"), ==,
+                  (gint64)cbt_dirty_bitmap_get_created(dbm));
+  g_assert_true(json_object_get_boolean_member(o, "unbroken"));
   g_assert_cmpstr(json_object_get_string_member(o, "name"), ==, "b0");
   g_assert_true(json_object_get_boolean_member(o, "recording"));
   g_assert_false(json_object_get_boolean_member(o, "persistent"));
@@ -500,7 +521,15 @@ test_info(void)
   g_assert_true(json_object_get_boolean_member(o, "inconsistent"));
   g_assert_false(json_object_get_boolean_member(o, "recording"));
   g_assert_cmpint(json_object_get_int_member(o, "count"), ==, 0);
-  g_assert_cmpuint(json_object_get_size(o), ==, 6);
+  g_assert_cmpuint(json_object_get_size(o), ==, 6); /* no identity without a name */
+
+  /* Inconsistent breaks the record, with its reason. */
+  cbt_dirty_bitmap_set_inconsistent(dbm);
+  g_autoptr(JsonNode) n5 = NULL;
+  o = info(dbm, &n5);
+  g_assert_false(json_object_get_boolean_member(o, "unbroken"));
+  g_assert_cmpstr(json_object_get_string_member(o, "broken-reason"), ==,
+                  "inconsistent: its bits could not be read back");
 }
 
 int

@@ -29,6 +29,20 @@ def _die_with_test():
     _libc.prctl(1, signal.SIGKILL)
 
 
+# BlockDirtyInfo members only cbtd has (docs/bitmaps.md, "Identity"): a bitmap's identity.
+IDENTITY_MEMBERS = ('bitmap-uuid', 'bitmap-created', 'unbroken', 'broken-reason')
+
+
+def without_identity(value):
+    """@value (a QMP reply or part of one) without cbtd's bitmap identity members, for
+    comparisons with qemu-storage-daemon; tests of the identity look at it directly."""
+    if isinstance(value, list):
+        return [without_identity(v) for v in value]
+    if isinstance(value, dict):
+        return {k: without_identity(v) for k, v in value.items() if k not in IDENTITY_MEMBERS}
+    return value
+
+
 def wait_for(pred, timeout=10.0, what='condition'):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
