@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """The fleecing benchmark: a point-in-time view's cost, cbtd beside qemu-storage-daemon 7.2.
 
-Usage: fleece-bench.py --build BUILD_DIR [--quick | --smoke] [--reps N]
+Usage: fleece-bench.py --build BUILD_DIR [--quick | --smoke] [--reps N] [--only qsd,cbtd-qemu,cbtd-snap]
 
 Three configurations, each on the same page-cached, fully written raw image:
   qsd        QEMU 7.2's fleecing choreography (tests/blockdev/test_fleecing.py): a scratch file
@@ -188,11 +188,22 @@ def log(msg):
 
 def make_image(path, size):
     """A fully written (not sparse), page-cached image of non-zero data: every copy has real
-    data to copy."""
+    data to copy. Written back before any load (see sync_file)."""
     block = bytes(range(256)) * 4096  # 1 MiB
     with open(path, "wb") as f:
         for _ in range(size // len(block)):
             f.write(block)
+    sync_file(path)
+
+
+def sync_file(path):
+    """Without it the kernel writes the image's dirty pages back 30 s after they were dirtied
+    (vm.dirty_expire_centisecs), in the middle of whichever configuration runs then."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_scratch(path, size):
@@ -255,6 +266,7 @@ class Bench:
         self.clusters = cfg.size // CLUSTER
         self.writes = self.clusters // 2
         self.argv = {}
+        self.only = args.only.split(",")
 
     def add(self, row, config, value):
         self.points.setdefault((row, config), []).append(value)
@@ -272,6 +284,7 @@ class Bench:
 
     def one(self, name):
         conf = Config(name, self)
+        sync_file(self.image)  # the previous configuration's writes: clean pages for this one
         make_scratch(self.scratch, self.cfg.size)
         d = Daemon(conf.kind, self.tmp, self.args.build)
         self.argv[conf.kind] = d.argv
@@ -295,7 +308,7 @@ class Bench:
 
     def run(self):
         for rep in range(self.cfg.reps):
-            order = CONFIGS[rep % 3:] + CONFIGS[:rep % 3]
+            order = [c for c in CONFIGS[rep % 3:] + CONFIGS[:rep % 3] if c in self.only]
             for name in order:
                 self.one(name)
             log(f"repetition {rep + 1}/{self.cfg.reps} done ({', '.join(order)})")
@@ -352,6 +365,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="2 repetitions, 512 MiB (~20 s)")
     ap.add_argument("--smoke", action="store_true", help="1 repetition, 64 MiB (a few s)")
     ap.add_argument("--reps", type=int, help="repetitions (default 5)")
+    ap.add_argument("--only", default=",".join(CONFIGS), help="configurations to run")
     args = ap.parse_args()
     cfg = Cfg()
     if args.smoke:
