@@ -14,9 +14,10 @@ Three configurations, each on the same page-cached, fully written raw image:
 For each: (a) random 4 KiB writes, 32 in flight, before any snapshot; the freeze; (b) the same
 load during the view, every write the first one to its 64 KiB cluster (a copy-before-write of
 the old data into the scratch); (c) the same offsets written again (no copy); then the backup:
-nbdcopy of the snapshot export to null:. The writes are `nbd-loadgen --spread=CLUSTERS
+nbdcopy of the snapshot export to null:; then, untimed, sampled blocks of (b) are checked on
+the snapshot (the frozen data) and on the disk (the new data). The writes are `nbd-loadgen --spread=CLUSTERS
 --count=N`: N requests in N distinct clusters of the image (half of them), the same offsets in
-(a), (b) and (c). Each daemon is started fresh for each repetition; the configurations take
+(b) and (c); (a) writes another block of the same clusters. Each daemon is started fresh for each repetition; the configurations take
 turns, the order rotating by one each repetition, so a neighbour's load on the shared cores
 spreads over all of them. Every point is the median of the repetitions with [min-max]; the
 ratios are cbtd's over qsd's. Everything lives in one temp dir, removed at exit; every daemon
@@ -25,6 +26,7 @@ is stopped at exit, on a signal, and (PR_SET_PDEATHSIG) if this script itself is
 import argparse
 import ctypes
 import json
+import math
 import os
 import shutil
 import signal
@@ -35,11 +37,17 @@ import sys
 import tempfile
 import time
 
+import nbd
+
 MiB = 1 << 20
 GiB = 1 << 30
 CLUSTER = 64 * 1024
 CONFIGS = ("qsd", "cbtd-qemu", "cbtd-snap")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SEED_A, SEED_B = 2, 3  # (a) writes other blocks of the same clusters than (b) and (c)
+BS = 4096
+CHECKED = 64           # clusters of (b) whose snapshot and live blocks are checked
+MASK = (1 << 64) - 1
 
 
 class Cfg:
@@ -213,6 +221,34 @@ def make_scratch(path, size):
         f.truncate(size)
 
 
+# ---- what the view must hold (bench/nbd-loadgen.c's offsets and data, as in
+# tests/bench/test_loadgen.py) ----
+
+def mix(x):
+    x = (x + 0x9e3779b97f4a7c15) & MASK
+    x = ((x ^ (x >> 30)) * 0xbf58476d1ce4e5b9) & MASK
+    x = ((x ^ (x >> 27)) * 0x94d049bb133111eb) & MASK
+    return x ^ (x >> 31)
+
+
+def spread_offsets(size, n, count, seed):
+    stride = size // n
+    stride -= stride % (CLUSTER if stride >= CLUSTER else BS)
+    step = max(2654435761 % n, 1)
+    while math.gcd(step, n) != 1:
+        step += 1
+    return [(k * step % n) * stride + mix((k * step % n) ^ seed) % (stride // BS) * BS
+            for k in range(count)]
+
+
+def pattern(offset, seed):
+    return b"".join(mix((offset + i + seed * 0x100000001b3) & MASK).to_bytes(8, "little")
+                    for i in range(0, BS, 8))
+
+
+ORIGINAL = bytes(range(256)) * (BS // 256)  # any 4 KiB-aligned block of make_image's data
+
+
 # ---- the configurations -------------------------------------------------------------------
 
 class Config:
@@ -273,8 +309,9 @@ class Bench:
 
     def writes_phase(self, d, export, row, conf):
         c0 = d.cpu()
+        seed = SEED_A if row == "a" else SEED_B
         out = run([self.loadgen_exe, d.uri(export), "--op=write", "--depth=32",
-                   f"--spread={self.clusters}", f"--count={self.writes}", "--seed=3"])
+                   f"--spread={self.clusters}", f"--count={self.writes}", f"--seed={seed}"])
         cpu = d.cpu() - c0
         r = kv(out.splitlines()[-1])
         if r["ops"] != self.writes:
@@ -284,7 +321,8 @@ class Bench:
 
     def one(self, name):
         conf = Config(name, self)
-        sync_file(self.image)  # the previous configuration's writes: clean pages for this one
+        self.restore_image()
+        sync_file(self.image)  # clean pages for this configuration
         make_scratch(self.scratch, self.cfg.size)
         d = Daemon(conf.kind, self.tmp, self.args.build)
         self.argv[conf.kind] = d.argv
@@ -303,8 +341,41 @@ class Bench:
             t = time.monotonic() - t0
             self.add("backup", name, self.cfg.size / MiB / t)
             self.add("backup-cpu", name, (d.cpu() - c0) * 1e3 / (self.cfg.size / GiB))
+            self.check(d, live, name)
         finally:
             d.stop()
+
+    def restore_image(self):
+        """Undo the previous configuration's writes: every configuration starts on the same
+        image (and check() knows what its view must hold)."""
+        fd = os.open(self.image, os.O_WRONLY)
+        try:
+            for seed in (SEED_A, SEED_B):
+                for off in spread_offsets(self.cfg.size, self.clusters, self.writes, seed):
+                    os.pwrite(fd, ORIGINAL, off)
+        finally:
+            os.close(fd)
+
+    def check(self, d, live, conf):
+        """Untimed: the blocks (b) wrote, in CHECKED of its clusters, hold (b)'s data on the
+        live export and the data from before the view (the image, or (a)'s write) in the
+        snapshot, so the loads above were fleecing, not plain writes."""
+        a = set(spread_offsets(self.cfg.size, self.clusters, self.writes, SEED_A))
+        b = spread_offsets(self.cfg.size, self.clusters, self.writes, SEED_B)
+        hs = {}
+        try:
+            for export in ("snap", live):
+                hs[export] = nbd.NBD()
+                hs[export].connect_uri(d.uri(export))
+            for off in b[::max(len(b) // CHECKED, 1)]:
+                frozen = pattern(off, SEED_A) if off in a else ORIGINAL
+                if hs["snap"].pread(BS, off) != frozen:
+                    raise RuntimeError(f"{conf}: the snapshot at {off} is not the frozen data")
+                if hs[live].pread(BS, off) != pattern(off, SEED_B):
+                    raise RuntimeError(f"{conf}: the disk at {off} lacks the write of (b)")
+        finally:
+            for h in hs.values():
+                h.shutdown()
 
     def run(self):
         for rep in range(self.cfg.reps):
