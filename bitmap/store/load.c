@@ -37,6 +37,11 @@ cbt_store_header_valid(const CbtStoreHeader *h)
   cbt_store_checksum(sum, h, G_STRUCT_OFFSET(CbtStoreHeader, checksum), NULL, 0);
   if (memcmp(sum, h->checksum, 32) != 0 || h->region_shift < 20 || h->region_shift >= 63)
     return FALSE;
+  /* Strings end inside their fields (found by tests/fuzz/fuzz-store: an identity without its
+   * NUL was compared on into the next field). */
+  if (!memchr(h->identity, '\0', sizeof h->identity) ||
+      !memchr(h->boot_id, '\0', sizeof h->boot_id))
+    return FALSE;
   /* The layout of format.h, whatever a checksummed header says: a store that followed a
    * header's offsets into its own header, directories or areas would overwrite them. */
   gboolean dir_ok = h->dir_offset == CBT_STORE_DIR_OFFSET ||

@@ -267,8 +267,16 @@ CbtStore *
 cbt_store_open(const char *path, const CbtStoreConfig *config, const CbtStoreIo *io, GError **error)
 {
   g_autoptr(GError) local = NULL;
-  CbtStore *s = g_new0(CbtStore, 1);
 
+  /* The header keeps the identity NUL-terminated in its field: a longer one would be cut and
+   * never match again. */
+  if (config->identity && strlen(config->identity) >= sizeof(((CbtStoreHeader *)0)->identity)) {
+    g_set_error(error, CBT_STORE_ERROR, CBT_STORE_ERROR_INVALID,
+                "Bitmap store '%s': the device identity '%s' is longer than %zu bytes", path,
+                config->identity, sizeof(((CbtStoreHeader *)0)->identity) - 1);
+    return NULL;
+  }
+  CbtStore *s = g_new0(CbtStore, 1);
   s->path = g_strdup(path);
   s->io = io ? io : cbt_store_io_posix();
   s->size = config->size;

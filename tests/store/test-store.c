@@ -487,6 +487,16 @@ test_corrupt(void)
   g_assert_cmpuint(crashsim_bytes(sim)->len, <, before + 4 * MiB);
   crashsim_free(sim);
 
+  /* An identity the header cannot hold whole is refused, not cut (it would never match). */
+  sim = crashsim_new("boot-a");
+  g_autofree char *longid = g_strnfill(192, 'x');
+  CbtStoreConfig too_long = config(TRUE);
+  too_long.identity = longid;
+  g_assert_null(cbt_store_open("x", &too_long, crashsim_io(sim), &error));
+  g_assert_error(error, CBT_STORE_ERROR, CBT_STORE_ERROR_INVALID);
+  g_clear_error(&error);
+  crashsim_free(sim);
+
   /* Another device's store. */
   sim = crashsim_new("boot-a");
   g_free(make_store(sim));
