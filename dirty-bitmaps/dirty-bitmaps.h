@@ -41,6 +41,9 @@ void cbt_dirty_bitmaps_export_release(CbtBitmap *bm);
  * @node drained, so no write is half marked. */
 CbtBitmap *cbt_dirty_bitmaps_freeze(CbtBlockdev *node, const char *name, gboolean *persistent,
                                     GError **error);
+/* Bitmap @name of @node's identity for NBD readers: "UUID:unbroken" or "UUID:broken"
+ * (transfer full), NULL when there is no such bitmap (docs/bitmaps.md, "Identity"). */
+char *cbt_dirty_bitmaps_identity_text(CbtBlockdev *node, const char *name);
 /* A snapshot export's `checkpoint`: block-dirty-bitmap-add of a recording bitmap @name on
  * @node (its checks and texts, e.g. "Bitmap already exists: X"), with @node drained. */
 gboolean cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, gboolean persistent,

@@ -119,6 +119,17 @@ cbt_dirty_bitmaps_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gboolean r
   cbt_dirty_bitmap_set_recording(dbm, recording);
 }
 
+char *
+cbt_dirty_bitmaps_identity_text(CbtBlockdev *node, const char *name)
+{
+  CbtDirtyBitmap *dbm = cbt_dirty_bitmaps_find(node, name);
+
+  if (!dbm)
+    return NULL;
+  g_autofree char *uuid = cbt_dirty_bitmap_get_uuid_string(dbm);
+  return g_strconcat(uuid, cbt_dirty_bitmap_get_break(dbm) ? ":broken" : ":unbroken", NULL);
+}
+
 CbtQmpBlockDirtyInfo *
 cbt_dirty_bitmaps_info(const CbtDirtyBitmap *dbm)
 {

@@ -32,6 +32,7 @@ export_bitmap_free(gpointer p)
   CbtNbdExportBitmap *eb = p;
   export_bitmap_clear(eb);
   g_free(eb->name);
+  g_free(eb->identity);
   g_free(eb);
 }
 
@@ -282,6 +283,7 @@ resolve_bitmaps(const CbtQmpBlockExportOptions *o, CbtBlockdev *bd, GPtrArray *o
     }
     CbtNbdExportBitmap *eb = g_new0(CbtNbdExportBitmap, 1);
     eb->name = g_strdup(name);
+    eb->identity = cbt_dirty_bitmaps_identity_text(node, name);
     eb->bm = bm;
     g_ptr_array_add(out, eb);
   }
@@ -423,6 +425,7 @@ freeze_bitmaps(CbtBlockdev *bd, AtInstant *a, gboolean *persistent, GError **err
       return FALSE;
     CbtNbdExportBitmap *eb = g_new0(CbtNbdExportBitmap, 1);
     eb->name = g_strdup(bname);
+    eb->identity = cbt_dirty_bitmaps_identity_text(bd, bname); /* the instant's: drained */
     eb->bm = bm;
     eb->frozen = TRUE;
     g_ptr_array_add(a->bitmaps, eb);

@@ -3,6 +3,9 @@
  * Contexts: base:allocation (always), qemu:allocation-depth (when the export enables it),
  * qemu:dirty-bitmap:NAME (one per published bitmap). LIST also takes the wildcards `base:`,
  * `qemu:`, `qemu:dirty-bitmap:` and an empty query list (everything); SET takes exact names only.
+ * LIST of `cbtd:` or `cbtd:bitmap-identity:[NAME]` answers, for each published bitmap (NAME
+ * only), `cbtd:bitmap-identity:NAME:UUID:unbroken` (or `:broken`): its identity when the
+ * export was made (docs/bitmaps.md, "Identity"). Those names cannot be selected.
  * Unknown namespaces and leaves are skipped, not errors (docs/nbd-server.md, "Meta contexts").
  */
 #include "nbd/nbd-internal.h"
@@ -41,6 +44,19 @@ add_bitmaps(CbtNbdExport *exp, GArray *out, const char *only)
 }
 
 static void
+add_identities(CbtNbdExport *exp, GArray *out, const char *only)
+{
+  for (guint i = 0; i < exp->bitmaps->len; i++) {
+    CbtNbdExportBitmap *eb = g_ptr_array_index(exp->bitmaps, i);
+    if (!eb->identity || (only && strcmp(only, eb->name) != 0))
+      continue;
+    g_autofree char *name =
+      g_strconcat(NBD_CONTEXT_CBTD_IDENTITY, eb->name, ":", eb->identity, NULL);
+    add_match(out, CBT_NBD_META_IDENTITY, i, name);
+  }
+}
+
+static void
 add_qemu(CbtNbdExport *exp, GArray *out)
 {
   if (exp->allocation_depth)
@@ -57,6 +73,10 @@ match_query(CbtNbdExport *exp, gboolean list, const char *q, GArray *out)
     add_qemu(exp, out);
   else if (strcmp(q, NBD_CONTEXT_QEMU_DEPTH) == 0 && exp->allocation_depth)
     add_match(out, CBT_NBD_META_ALLOCATION_DEPTH, 0, NBD_CONTEXT_QEMU_DEPTH);
+  else if (list && (strcmp(q, "cbtd:") == 0 || strcmp(q, NBD_CONTEXT_CBTD_IDENTITY) == 0))
+    add_identities(exp, out, NULL);
+  else if (list && g_str_has_prefix(q, NBD_CONTEXT_CBTD_IDENTITY))
+    add_identities(exp, out, q + strlen(NBD_CONTEXT_CBTD_IDENTITY));
   else if (g_str_has_prefix(q, NBD_CONTEXT_QEMU_BITMAP)) {
     const char *leaf = q + strlen(NBD_CONTEXT_QEMU_BITMAP);
     if (*leaf)

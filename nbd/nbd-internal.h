@@ -52,7 +52,8 @@ typedef struct CbtNbdConn CbtNbdConn;
 typedef struct CbtNbdPool CbtNbdPool;
 
 typedef struct {
-  char *name; /* the bitmap's name; the context is qemu:dirty-bitmap:<name> */
+  char *name;     /* the bitmap's name; the context is qemu:dirty-bitmap:<name> */
+  char *identity; /* "UUID:unbroken" or "UUID:broken" as the export was made, or NULL */
   CbtBitmap *bm;
   gboolean frozen; /* a snapshot export's own copy: freed, not released */
 } CbtNbdExportBitmap;
@@ -87,6 +88,7 @@ typedef enum {
   CBT_NBD_META_BASE_ALLOCATION,
   CBT_NBD_META_ALLOCATION_DEPTH,
   CBT_NBD_META_DIRTY_BITMAP,
+  CBT_NBD_META_IDENTITY, /* LIST only: a published bitmap's identity, in the context's name */
 } CbtNbdMetaKind;
 
 typedef struct {

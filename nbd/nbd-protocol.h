@@ -138,4 +138,6 @@
 #define NBD_CONTEXT_BASE_ALLOCATION   "base:allocation"
 #define NBD_CONTEXT_QEMU_DEPTH        "qemu:allocation-depth"
 #define NBD_CONTEXT_QEMU_BITMAP       "qemu:dirty-bitmap:"
+/* cbtd's own namespace (docs/bitmaps.md, "Identity"): listed, never selected. */
+#define NBD_CONTEXT_CBTD_IDENTITY     "cbtd:bitmap-identity:"
 /* clang-format on */

@@ -126,6 +126,8 @@ cbt_nbd_status_extents(CbtNbdExport *exp, const CbtNbdMetaSel *sel, guint64 offs
     dirty_bitmap(((CbtNbdExportBitmap *)g_ptr_array_index(exp->bitmaps, sel->bitmap))->bm, offset,
                  &a);
     return 0;
+  case CBT_NBD_META_IDENTITY: /* listed only, never selected (meta.c) */
+    break;
   }
   return -EINVAL;
 }

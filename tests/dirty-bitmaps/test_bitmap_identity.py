@@ -3,7 +3,8 @@ time from its creation, and `unbroken` says whether it has recorded every write 
 real daemon: what breaks the record (clear, disable, creation disabled) and what does not
 (enable again, merge into it, an aborted transaction, crash recovery that widens it), a new
 identity for a bitmap added again under the same name, and the identity and the break kept by
-a persistent bitmap across a clean stop and kill -9.
+a persistent bitmap across a clean stop and kill -9, and what an NBD reader of an export
+sees of it.
 
 Run with /usr/bin/python3; CBTD names the daemon binary.
 """
@@ -94,6 +95,45 @@ class Identity(Base):
         self.assertIn(n.bitmaps()['p']['recovery'], ('process', 'system'))
         self.assertEqual(self.identity(n, 'p'), first['p'])
         self.assertGreaterEqual(n.bitmaps()['p']['count'], 64 * 65536)
+
+    def test_nbd_readers_see_it(self):
+        """LIST_META_CONTEXT of `cbtd:` names each published bitmap's identity as it was when
+        the export was made; such a name cannot be selected."""
+        n = self.node().start()
+        n.add('c1')
+        n.add('old')
+        n.ok('block-dirty-bitmap-disable', node='d0', name='old')
+        uuid = self.identity(n, 'c1')[0]
+        n.ok('block-export-add', type='nbd', id='snap', node_name='d0', name='snap',
+             snapshot=True, bitmaps=['c1', 'old'], checkpoint='c2')
+        uri = 'nbd+unix:///snap?socket=' + n.nbd_sock
+        self.assertEqual(list_contexts(uri, 'cbtd:'), [
+            'cbtd:bitmap-identity:c1:%s:unbroken' % uuid,
+            'cbtd:bitmap-identity:old:%s:broken' % self.identity(n, 'old')[0]])
+        self.assertEqual(list_contexts(uri, 'cbtd:bitmap-identity:c1'),
+                         ['cbtd:bitmap-identity:c1:%s:unbroken' % uuid])
+        self.assertEqual(list_contexts(uri, 'cbtd:bitmap-identity:nope'), [])
+        h = nbd.NBD()
+        h.add_meta_context('cbtd:bitmap-identity:c1:%s:unbroken' % uuid)
+        h.add_meta_context('qemu:dirty-bitmap:c1')
+        h.connect_uri(uri)
+        self.assertFalse(h.can_meta_context('cbtd:bitmap-identity:c1:%s:unbroken' % uuid))
+        self.assertTrue(h.can_meta_context('qemu:dirty-bitmap:c1'))
+        h.shutdown()
+        # The export froze c1 and started c2: c2 is a new, unbroken bitmap.
+        self.assertEqual(self.identity(n, 'c2')[2:], (True, None))
+        self.assertNotEqual(self.identity(n, 'c2')[0], uuid)
+
+
+def list_contexts(uri, query):
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(uri)
+    h.add_meta_context(query)
+    got = []
+    h.opt_list_meta_context(lambda name: got.append(name))
+    h.opt_abort()
+    return got
 
 
 if __name__ == '__main__':
