@@ -50,6 +50,10 @@ HANDSHAKE = {
     "refusals": FLAGS + option("STARTTLS") + struct.pack(">QII", IHAVEOPT, 99, 3) + b"abc"
     + option("GO", go("nope")) + option("SET_META_CONTEXT", meta("e", "base:allocation")),
     "old-flags": struct.pack(">I", 0) + option("LIST"),
+    "cbtd-identity": FLAGS + option("STRUCTURED_REPLY")
+    + option("LIST_META_CONTEXT", meta("e", "cbtd:", "cbtd:bitmap-identity:b0"))
+    + option("SET_META_CONTEXT", meta("e", "cbtd:bitmap-identity:b0", "qemu:dirty-bitmap:b0"))
+    + option("GO", go("e")) + req("BLOCK_STATUS", 0, 1 << 20) + req("DISC"),
 }
 
 REQUESTS = {
