@@ -33,11 +33,31 @@ cbt_crypto_authz_is_allowed(CbtCryptoAuthz *authz, const char *kind, const char 
   return FALSE;
 }
 
+/* Member @member of @o: absent (TRUE, *out NULL), a string (TRUE), or anything else (FALSE). */
+static gboolean
+string_member(JsonObject *o, const char *member, const char **out)
+{
+  JsonNode *n = json_object_get_member(o, member);
+
+  *out = NULL;
+  if (!n)
+    return TRUE;
+  if (!JSON_NODE_HOLDS_VALUE(n) || json_node_get_value_type(n) != G_TYPE_STRING)
+    return FALSE;
+  *out = json_node_get_string(n);
+  return TRUE;
+}
+
 static gboolean
 parse_enum(JsonObject *o, const char *member, const char *const *names, int *out,
            const char *filename, GError **error)
 {
-  const char *v = json_object_get_string_member_with_default(o, member, NULL);
+  const char *v;
+  if (!string_member(o, member, &v)) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
+                "Invalid parameter type for '%s', expected: string (in %s)", member, filename);
+    return FALSE;
+  }
   if (!v)
     return TRUE;
   for (int i = 0; names[i]; i++) {
@@ -77,14 +97,20 @@ cbt_crypto_authz_list_file_load(CbtCryptoAuthz *a, const char *filename, GError 
   if (!parse_enum(o, "policy", policies, &policy, filename, error))
     return FALSE;
   a->default_allow = policy == CBT_QMP_Q_AUTH_Z_LIST_POLICY_ALLOW;
-  JsonArray *rules = json_object_has_member(o, "rules")
-                       ? json_node_get_array(json_object_get_member(o, "rules"))
-                       : NULL;
+  JsonNode *rn = json_object_get_member(o, "rules");
+  if (rn && !JSON_NODE_HOLDS_ARRAY(rn)) {
+    g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
+                "Invalid parameter type for 'rules', expected: array (in %s)", filename);
+    return FALSE;
+  }
+  JsonArray *rules = rn ? json_node_get_array(rn) : NULL;
   for (guint i = 0; rules && i < json_array_get_length(rules); i++) {
-    JsonObject *ro = json_array_get_object_element(rules, i);
-    const char *match = ro ? json_object_get_string_member_with_default(ro, "match", NULL) : NULL;
+    JsonNode *en = json_array_get_element(rules, i);
+    JsonObject *ro = JSON_NODE_HOLDS_OBJECT(en) ? json_node_get_object(en) : NULL;
+    const char *match = NULL;
     int rp = -1, rf = 0;
-    if (!match || !json_object_has_member(ro, "policy")) {
+    if (!ro || !string_member(ro, "match", &match) || !match ||
+        !json_object_has_member(ro, "policy")) {
       g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC,
                   "%s: rule %u needs 'match' and 'policy'", filename, i);
       return FALSE;
