@@ -56,5 +56,9 @@ gboolean cbt_nbd_export_del(const char *id, gboolean hard, GError **error);
 /* A client that has not finished the handshake after this long is dropped. Default 10 s; the
  * environment variable CBTD_NBD_HANDSHAKE_TIMEOUT_MS overrides it at server start (for tests). */
 void cbt_nbd_set_handshake_timeout(guint ms);
+/* How long a connection thread waits for the next client before it ends (default 10 s). The
+ * fuzzers keep them: LeakSanitizer, checking after each input, can take the per-thread state
+ * GLib frees as a thread ends for a leak. */
+void cbt_nbd_set_spare_wait(gint64 us);
 
 G_END_DECLS

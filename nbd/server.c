@@ -78,6 +78,7 @@ cond_wait_until(pthread_cond_t *cond, gint64 end)
 
 #define CBT_NBD_SPARE_THREADS 4u
 #define CBT_NBD_SPARE_WAIT_US (10 * G_USEC_PER_SEC)
+static gint64 spare_wait_us = CBT_NBD_SPARE_WAIT_US;
 
 static gboolean on_accept(gint fd, GIOCondition cond, gpointer data);
 
@@ -91,6 +92,12 @@ guint32
 cbt_nbd_server_max_connections(void)
 {
   return srv.max_conn;
+}
+
+void
+cbt_nbd_set_spare_wait(gint64 us)
+{
+  spare_wait_us = us;
 }
 
 void
@@ -193,7 +200,7 @@ static CbtNbdConn *
 park_locked(void)
 {
   CBT_ASSERT_HELD(&cbt_nbd_lock);
-  gint64 end = g_get_monotonic_time() + CBT_NBD_SPARE_WAIT_US;
+  gint64 end = g_get_monotonic_time() + spare_wait_us;
 
   if (!srv.running || srv.n_parked >= CBT_NBD_SPARE_THREADS)
     return NULL;

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "nbd/nbd-protocol.h"
+#include "nbd/nbd.h"
 #include "nbd/transport.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
@@ -139,6 +140,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     "block-export-add",
     "{\"type\": \"nbd\", \"id\": \"ro\", \"name\": \"ro\", \"node-name\": \"n1\"}");
   cbt_nbd_set_transport_new(mem_new);
+  cbt_nbd_set_spare_wait(G_MAXINT64 / 4); /* no thread ends while the fuzzer runs */
   return 0;
 }
 
