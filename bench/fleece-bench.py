@@ -24,18 +24,19 @@ ratios are cbtd's over qsd's. Everything lives in one temp dir, removed at exit;
 is stopped at exit, on a signal, and (PR_SET_PDEATHSIG) if this script itself is killed.
 """
 import argparse
-import ctypes
-import json
 import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (Qmp, cpu_seconds, die_with_parent, fill_image, kv, log, on_signal,  # noqa: E402
+                      run, stop_all, stop_process)
 
 import nbd
 
@@ -43,7 +44,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 CLUSTER = 64 * 1024
 CONFIGS = ("qsd", "cbtd-qemu", "cbtd-snap")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SEED_A, SEED_B = 2, 3  # (a) writes other blocks of the same clusters than (b) and (c)
 BS = 4096
 CHECKED = 64           # clusters of (b) whose snapshot and live blocks are checked
@@ -65,48 +65,7 @@ def smoke(cfg):
 
 # ---- processes ----------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _live = []
-
-
-def _die_with_parent():
-    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no daemon outlives the benchmark
-
-
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-class Qmp:
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rwb")
-        json.loads(self.f.readline())  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, command, **args):
-        msg = {"execute": command}
-        if args:
-            msg["arguments"] = {k.replace("_", "-"): v for k, v in args.items()}
-        self.f.write(json.dumps(msg).encode() + b"\n")
-        self.f.flush()
-        while True:
-            reply = json.loads(self.f.readline())
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                raise RuntimeError(f"{command}: {reply['error']['desc']}")
-
-    def close(self):
-        self.f.close()
-        self.sock.close()
 
 
 class Daemon:
@@ -127,7 +86,7 @@ class Daemon:
                 os.unlink(p)
         self.log = open(os.path.join(self.tmp, f"{self.kind}.log"), "ab")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                     stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         _live.append(self)
         deadline = time.monotonic() + 20
         while True:
@@ -159,48 +118,16 @@ class Daemon:
         if self.q:
             self.q.close()
             self.q = None
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self in _live:
             _live.remove(self)
         self.log.close()
 
 
-def stop_all():
-    for d in list(_live):
-        try:
-            d.stop()
-        except Exception as e:  # keep stopping the others
-            print(f"fleece-bench: stopping {d.kind}: {e}", file=sys.stderr)
-
-
-def run(argv):
-    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr[-2000:]}")
-    return r.stdout
-
-
-def kv(line):
-    return {k: float(v) for k, v in (w.split("=") for w in line.split() if "=" in w)}
-
-
-def log(msg):
-    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def make_image(path, size):
     """A fully written (not sparse), page-cached image of non-zero data: every copy has real
     data to copy. Written back before any load (see sync_file)."""
-    block = bytes(range(256)) * 4096  # 1 MiB
-    with open(path, "wb") as f:
-        for _ in range(size // len(block)):
-            f.write(block)
+    fill_image(path, size)
     sync_file(path)
 
 
@@ -446,7 +373,7 @@ def main():
     if args.reps:
         cfg.reps = args.reps
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+        signal.signal(sig, on_signal)
 
     tmp = tempfile.mkdtemp(prefix="cbt-fleece-")
     try:
@@ -466,7 +393,7 @@ def main():
             for kind, argv in b.argv.items():
                 print(f"{kind}: {' '.join(argv)}")
     finally:
-        stop_all()
+        stop_all(_live, "fleece-bench")
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -12,8 +12,6 @@ targets of docs/performance.md. Everything lives in one temp dir, removed at exi
 is stopped at exit, on a signal, and (PR_SET_PDEATHSIG) if this script itself is killed.
 """
 import argparse
-import ctypes
-import json
 import os
 import signal
 import shutil
@@ -24,6 +22,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (Qmp, cpu_seconds, die_with_parent, fill_image, kv, log, on_signal,  # noqa: E402
+                      run, stop_all, stop_process, vm_hwm_kib)
+
 GiB = 1 << 30
 NULL_SIZE = 4 * GiB  # the null-co node of the bitmap rows
 TiB = 1 << 40
@@ -32,7 +34,6 @@ ANCHORS = ("qsd", "qemu-nbd", "nbdkit")
 TLS_SERVERS = ("cbtd", "qsd", "nbdkit")  # qemu-nbd's TLS is qsd's code: one QEMU is enough
 TLS_ANCHORS = ("qsd", "nbdkit")
 MiB = 1 << 20
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class Cfg:
@@ -56,56 +57,7 @@ def quick(cfg):
 
 # ---- processes ----------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _live = []
-
-
-def _die_with_parent():
-    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no server outlives the benchmark
-
-
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-def vm_hwm_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
-
-
-class Qmp:
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rwb")
-        json.loads(self.f.readline())  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, command, **args):
-        msg = {"execute": command}
-        if args:
-            msg["arguments"] = args
-        self.f.write(json.dumps(msg).encode() + b"\n")
-        self.f.flush()
-        while True:
-            reply = json.loads(self.f.readline())
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                raise RuntimeError(f"{command}: {reply['error']['desc']}")
-
-    def close(self):
-        self.f.close()
-        self.sock.close()
 
 
 def free_port():
@@ -189,7 +141,7 @@ class Server:
                 os.unlink(path)
         self.log = open(os.path.join(self.tmp, f"{self.kind}.log"), "wb")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                     stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         _live.append(self)
         wait_for = [("127.0.0.1", self.port) if self.port else self.sock] \
             + ([self.qmp_path] if self.kind in ("cbtd", "qsd") else [])
@@ -207,16 +159,10 @@ class Server:
     def _accepts(path):
         """A unix socket path or a (host, port): a bare connect, closed before any TLS, which
         every server drops as a client that went away."""
-        if isinstance(path, tuple):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(path)
-                    return True
-                except OSError:
-                    return False
-        if not os.path.exists(path):
+        family = socket.AF_INET if isinstance(path, tuple) else socket.AF_UNIX
+        if family == socket.AF_UNIX and not os.path.exists(path):
             return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
                 s.connect(path)
                 return True
@@ -237,35 +183,10 @@ class Server:
         if self.qmp:
             self.qmp.close()
             self.qmp = None
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self in _live:
             _live.remove(self)
         self.log.close()
-
-
-def stop_all():
-    for s in list(_live):
-        try:
-            s.stop()
-        except Exception as e:  # keep stopping the others
-            print(f"nbd-bench: stopping {s.kind}: {e}", file=sys.stderr)
-
-
-def run(argv, **kw):
-    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr[-2000:]}")
-    return r.stdout
-
-
-def kv(line):
-    return {k: float(v) for k, v in (w.split("=") for w in line.split() if "=" in w)}
 
 
 def timed(argv, server=None):
@@ -558,17 +479,6 @@ class Bench:
                                f"expected {self.cfg.dirty} x {unit}")
 
 
-def log(msg):
-    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def make_image(path, size):
-    """A fully written (not sparse), page-cached image of non-zero data."""
-    block = bytes(range(256)) * 4096  # 1 MiB
-    with open(path, "wb") as f:
-        for _ in range(size // len(block)):
-            f.write(block)
-
 
 # ---- the table ----------------------------------------------------------------------------
 
@@ -689,7 +599,7 @@ def main():
     if args.quick or os.environ.get("BENCH_QUICK"):
         quick(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+        signal.signal(sig, on_signal)
 
     tmp = tempfile.mkdtemp(prefix="cbt-bench-")
     try:
@@ -704,20 +614,20 @@ def main():
         b.ceiling()
         image = os.path.join(tmp, "image.raw")
         if "main" in args.phases:
-            make_image(image, cfg.seq_size)
+            fill_image(image, cfg.seq_size)
             log("image written")
         try:
             if "main" in args.phases:
                 b.main_image(image)
             if "persist" in args.phases and "cbtd" in b.kinds:
                 if not os.path.exists(image):
-                    make_image(image, cfg.seq_size)
+                    fill_image(image, cfg.seq_size)
                 b.persistence(image)
             if os.path.exists(image):
                 os.unlink(image)
             if "tls" in args.phases:
                 tls_image = os.path.join(tmp, "tls.raw")
-                make_image(tls_image, cfg.tls_size)
+                fill_image(tls_image, cfg.tls_size)
                 b.tls_image(tls_image)
                 os.unlink(tls_image)
             sparse = os.path.join(tmp, "sparse.raw")
@@ -732,7 +642,7 @@ def main():
             for what, argv in b.cmdlines.items():
                 print(f"{what}: {' '.join(argv)}")
     finally:
-        stop_all()
+        stop_all(_live, "nbd-bench")
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -16,7 +16,6 @@
 #include "common/assert.h"
 #include "common/memory.h"
 #include "daemon/cbtd.h"
-#include "dirty-bitmaps/dirty-bitmaps-private.h"
 #include "dirty-bitmaps/dirty-bitmaps.h"
 #include "nbd/nbd.h"
 #include "rpc/rpc.h"
@@ -37,23 +36,6 @@ reexec_without_slices(char **argv)
   g_setenv("G_SLICE", "always-malloc", TRUE);
   execv("/proc/self/exe", argv);
   /* Cannot: go on with slices (more memory after bursts, nothing else). */
-}
-
-/* copy-before-write's `bitmap` option reaches the named bitmaps of dirty-bitmaps/ through
- * this (blockdev/ sits below that module): the bits as they are, copied with the node drained
- * so no write is half-marked. */
-static CbtBitmap *
-copy_named_bitmap(const char *node, const char *name, GError **error)
-{
-  CbtBlockdev *bd = NULL;
-  CbtDirtyBitmap *dbm = cbt_dirty_bitmaps_lookup(node, name, &bd, error);
-
-  if (!dbm)
-    return NULL;
-  cbt_blockdev_drain_begin(bd);
-  CbtBitmap *copy = cbt_bitmap_copy(cbt_dirty_bitmap_get_bitmap(dbm));
-  cbt_blockdev_drain_end(bd);
-  return copy;
 }
 
 static gboolean
@@ -136,7 +118,7 @@ main(int argc, char **argv)
     cbtd_daemonize_done(EXIT_FAILURE);
     return EXIT_FAILURE;
   }
-  cbt_blockdev_set_bitmap_copy(copy_named_bitmap);
+  cbt_blockdev_set_bitmap_copy(cbt_dirty_bitmaps_copy_named);
   /* Every schema file's commands: linking these needs every handler. */
   cbt_qmp_register_control(rpc);
   cbt_qmp_register_block_core(rpc);

@@ -41,6 +41,10 @@ void cbt_dirty_bitmaps_export_release(CbtBitmap *bm);
  * @node drained, so no write is half marked. */
 CbtBitmap *cbt_dirty_bitmaps_freeze(CbtBlockdev *node, const char *name, gboolean *persistent,
                                     GError **error);
+/* copy-before-write's `bitmap` option (cbt_blockdev_set_bitmap_copy(): blockdev/ sits below
+ * this module): the bits of bitmap @name of node @node as they are, copied with the node
+ * drained so no write is half-marked (transfer full), or NULL with QEMU's error. */
+CbtBitmap *cbt_dirty_bitmaps_copy_named(const char *node, const char *name, GError **error);
 /* Bitmap @name of @node's identity for NBD readers: "UUID:unbroken" or "UUID:broken"
  * (transfer full), NULL when there is no such bitmap (docs/bitmaps.md, "Identity"). */
 char *cbt_dirty_bitmaps_identity_text(CbtBlockdev *node, const char *name);

@@ -119,6 +119,20 @@ cbt_dirty_bitmaps_set_recording(CbtBlockdev *bd, CbtDirtyBitmap *dbm, gboolean r
   cbt_dirty_bitmap_set_recording(dbm, recording);
 }
 
+CbtBitmap *
+cbt_dirty_bitmaps_copy_named(const char *node, const char *name, GError **error)
+{
+  CbtBlockdev *bd = NULL;
+  CbtDirtyBitmap *dbm = cbt_dirty_bitmaps_lookup(node, name, &bd, error);
+
+  if (!dbm)
+    return NULL;
+  cbt_blockdev_drain_begin(bd);
+  CbtBitmap *copy = cbt_bitmap_copy(cbt_dirty_bitmap_get_bitmap(dbm));
+  cbt_blockdev_drain_end(bd);
+  return copy;
+}
+
 char *
 cbt_dirty_bitmaps_identity_text(CbtBlockdev *node, const char *name)
 {

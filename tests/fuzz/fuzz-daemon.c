@@ -9,7 +9,6 @@
 
 #include "blockdev/blockdev.h"
 #include "common/assert.h"
-#include "dirty-bitmaps/dirty-bitmaps-private.h"
 #include "dirty-bitmaps/dirty-bitmaps.h"
 #include "nbd/nbd.h"
 #include "schemas/qmp-commands.h"
@@ -21,21 +20,6 @@ gboolean
 cbt_qmp_quit(GError **error)
 {
   return TRUE;
-}
-
-/* copy-before-write's `bitmap` option, as daemon/main.c gives it to blockdev/. */
-static CbtBitmap *
-copy_named_bitmap(const char *node, const char *name, GError **error)
-{
-  CbtBlockdev *bd = NULL;
-  CbtDirtyBitmap *dbm = cbt_dirty_bitmaps_lookup(node, name, &bd, error);
-
-  if (!dbm)
-    return NULL;
-  cbt_blockdev_drain_begin(bd);
-  CbtBitmap *copy = cbt_bitmap_copy(cbt_dirty_bitmap_get_bitmap(dbm));
-  cbt_blockdev_drain_end(bd);
-  return copy;
 }
 
 static void
@@ -79,7 +63,7 @@ fuzz_daemon_init(void)
   cbt_main_thread_init();
   fuzz_daemon.rpc = cbt_rpc_new(&error);
   g_assert_no_error(error);
-  cbt_blockdev_set_bitmap_copy(copy_named_bitmap);
+  cbt_blockdev_set_bitmap_copy(cbt_dirty_bitmaps_copy_named);
   cbt_qmp_register_control(fuzz_daemon.rpc);
   cbt_qmp_register_block_core(fuzz_daemon.rpc);
   cbt_qmp_register_block_export(fuzz_daemon.rpc);
@@ -130,6 +114,15 @@ fuzz_daemon_add_node(const char *node, guint64 size)
   g_autofree char *args = g_strdup_printf(
     "{\"driver\": \"file\", \"node-name\": \"%s\", \"filename\": \"%s\"}", node, path);
   fuzz_daemon_qmp_ok("blockdev-add", args);
+}
+
+void
+fuzz_daemon_init_standard(void)
+{
+  fuzz_daemon_init();
+  fuzz_daemon_nbd_start();
+  fuzz_daemon_add_node("n0", 1 << 20);
+  fuzz_daemon_add_node("n1", 1 << 20);
 }
 
 void

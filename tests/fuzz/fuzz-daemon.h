@@ -22,6 +22,9 @@ void fuzz_daemon_init(void);
 void fuzz_daemon_qmp_ok(const char *command, const char *json_args);
 /* Start the NBD server on a unix socket in the temp dir. */
 void fuzz_daemon_nbd_start(void);
+/* fuzz_daemon_init(), the NBD server, and nodes n0 and n1 (1 MiB each): what every harness of
+ * the whole daemon starts from. */
+void fuzz_daemon_init_standard(void);
 /* A sparse image file in the temp dir with a node `node` over it. */
 void fuzz_daemon_add_node(const char *node, guint64 size);
 /* Iterate the main context until nothing is ready. */

@@ -125,10 +125,7 @@ mem_new(int fd)
 int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-  fuzz_daemon_init();
-  fuzz_daemon_nbd_start();
-  fuzz_daemon_add_node("n0", 1 << 20);
-  fuzz_daemon_add_node("n1", 1 << 20);
+  fuzz_daemon_init_standard();
   fuzz_daemon_qmp_ok("block-dirty-bitmap-add",
                      "{\"node\": \"n0\", \"name\": \"b0\", \"granularity\": 65536}");
   fuzz_daemon_qmp_ok(

@@ -153,10 +153,7 @@ on_message(JsonNode *value, GError *error, gpointer user_data)
 int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-  fuzz_daemon_init();
-  fuzz_daemon_nbd_start();
-  fuzz_daemon_add_node("n0", 1 << 20);
-  fuzz_daemon_add_node("n1", 1 << 20);
+  fuzz_daemon_init_standard();
   return 0;
 }
 

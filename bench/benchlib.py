@@ -1,0 +1,111 @@
+"""What the benchmark scripts share: processes that never outlive the benchmark, their CPU and
+memory from /proc, a minimal QMP client, running a tool, and images of real data.
+
+Imported by bench/nbd-bench.py and bench/fleece-bench.py (their directory is on sys.path when
+they run)."""
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent():
+    """preexec_fn of every server: PR_SET_PDEATHSIG, so none outlives the benchmark."""
+    _libc.prctl(1, signal.SIGKILL)
+
+
+def on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def vm_hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+class Qmp:
+    """Blocking QMP over a unix socket; keyword arguments may spell '-' as '_'."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.f = self.sock.makefile("rwb")
+        json.loads(self.f.readline())  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, command, **args):
+        msg = {"execute": command}
+        if args:
+            msg["arguments"] = {k.replace("_", "-"): v for k, v in args.items()}
+        self.f.write(json.dumps(msg).encode() + b"\n")
+        self.f.flush()
+        while True:
+            reply = json.loads(self.f.readline())
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"{command}: {reply['error']['desc']}")
+
+    def close(self):
+        self.f.close()
+        self.sock.close()
+
+
+def stop_process(proc, timeout=10):
+    """Terminate @proc, killing it if it does not exit within @timeout seconds."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def stop_all(live, prog):
+    """stop() every server in @live, whatever the others do."""
+    for s in list(live):
+        try:
+            s.stop()
+        except Exception as e:  # keep stopping the others
+            print(f"{prog}: stopping {s.kind}: {e}", file=sys.stderr)
+
+
+def run(argv, **kw):
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return r.stdout
+
+
+def kv(line):
+    """The key=value words of a tool's output line, as numbers."""
+    return {k: float(v) for k, v in (w.split("=") for w in line.split() if "=" in w)}
+
+
+def log(msg):
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fill_image(path, size):
+    """A fully written (not sparse), page-cached image of non-zero data."""
+    block = bytes(range(256)) * 4096  # 1 MiB
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
