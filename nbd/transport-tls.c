@@ -1,7 +1,12 @@
 /* nbd/transport-tls.c — a gnutls session over the connection's socket (after NBD_OPT_STARTTLS).
  *
- * gnutls may hold decrypted bytes of a record the caller has not read yet: pending() reports
- * them so the reader does not poll() a socket that has nothing more to say. A reply's iovecs go
+ * The transport reads ahead: one recv() takes as many records as have arrived (gnutls alone
+ * asks for each record's header and then its body: two system calls per pipelined request).
+ * Bytes may so wait in three places: raw in `ahead`, decrypted in gnutls, or decrypted in
+ * `stash`. pending() counts the decrypted ones; wait_readable() first turns raw bytes into
+ * decrypted ones without blocking, and polls the socket only when what is held is not a whole
+ * record (gnutls then keeps the part), so it neither sleeps on data it holds nor spins on a
+ * record still arriving. A reply's iovecs go
  * out corked, so one reply becomes as few full-size records as it fits in. No sendfile: the
  * bytes must pass through the cipher. The reader receives while a worker sends, which gnutls
  * allows on one session (one receiver, one sender at a time).
@@ -10,16 +15,26 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "rpc/rpc.h"
 
+#define READ_AHEAD (16u << 10)
+#define TLS_MAX_PLAINTEXT 16384u /* one record's plaintext at most (RFC 8446, 5.1) */
+
+/* Everything below `session` belongs to the receiving thread (one at a time: the handshake's,
+ * then the reader). */
 typedef struct {
   CbtNbdTransport base;
   int fd;
   gnutls_session_t session;
   gboolean nowait; /* the reader's current recv must not block (recv_nowait) */
+  gsize ahead_pos, ahead_len, stash_pos, stash_len;
+  gboolean eof;
+  guint8 ahead[READ_AHEAD];        /* received, not yet given to gnutls */
+  guint8 stash[TLS_MAX_PLAINTEXT]; /* decrypted by wait_readable(), not yet read */
 } Tls;
 
 static Tls *
@@ -34,12 +49,22 @@ pull(gnutls_transport_ptr_t ptr, void *buf, size_t len)
   Tls *t = ptr;
   ssize_t r;
 
-  do
-    r = recv(t->fd, buf, len, t->nowait ? MSG_DONTWAIT : 0);
-  while (r < 0 && errno == EINTR);
-  if (r < 0)
-    gnutls_transport_set_errno(t->session, errno);
-  return r;
+  if (t->ahead_pos == t->ahead_len) {
+    do
+      r = recv(t->fd, t->ahead, sizeof t->ahead, t->nowait ? MSG_DONTWAIT : 0);
+    while (r < 0 && errno == EINTR);
+    if (r <= 0) {
+      if (r < 0)
+        gnutls_transport_set_errno(t->session, errno);
+      return r;
+    }
+    t->ahead_pos = 0;
+    t->ahead_len = (gsize)r;
+  }
+  gsize n = MIN(len, t->ahead_len - t->ahead_pos);
+  memcpy(buf, t->ahead + t->ahead_pos, n);
+  t->ahead_pos += n;
+  return (ssize_t)n;
 }
 
 static int
@@ -49,6 +74,8 @@ pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
   struct pollfd pfd = { .fd = t->fd, .events = POLLIN };
   int r;
 
+  if (t->ahead_pos < t->ahead_len)
+    return 1; /* gnutls asks before it pulls: what is read ahead is there */
   do
     r = poll(&pfd, 1, ms == GNUTLS_INDEFINITE_TIMEOUT ? -1 : (int)ms);
   while (r < 0 && errno == EINTR);
@@ -74,6 +101,14 @@ tls_recv_flags(CbtNbdTransport *tr, void *buf, gsize len, gboolean nowait)
   Tls *t = tls_of(tr);
   ssize_t r;
 
+  if (t->stash_pos < t->stash_len) {
+    gsize n = MIN(len, t->stash_len - t->stash_pos);
+    memcpy(buf, t->stash + t->stash_pos, n);
+    t->stash_pos += n;
+    return (ssize_t)n;
+  }
+  if (t->eof)
+    return 0;
   t->nowait = nowait;
   do
     r = gnutls_record_recv(t->session, buf, len);
@@ -105,26 +140,49 @@ tls_recv_nowait(CbtNbdTransport *t, void *buf, gsize len)
 }
 
 static gsize
-tls_pending(CbtNbdTransport *t)
+tls_pending(CbtNbdTransport *tr)
 {
-  return gnutls_record_check_pending(tls_of(t)->session);
+  Tls *t = tls_of(tr);
+  return (t->stash_len - t->stash_pos) + gnutls_record_check_pending(t->session);
+}
+
+/* Raw bytes read ahead become decrypted ones in `stash`, without blocking: TRUE when there is
+ * something (or EOF, or an error) for the next recv to report, FALSE when the bytes held do
+ * not finish a record (gnutls keeps them; only the socket can bring the rest). */
+static gboolean
+decrypt_ahead(Tls *t)
+{
+  if (t->ahead_pos == t->ahead_len)
+    return FALSE;
+  ssize_t r = tls_recv_flags(&t->base, t->stash, sizeof t->stash, TRUE);
+  if (r > 0) {
+    t->stash_pos = 0;
+    t->stash_len = (gsize)r;
+    return TRUE;
+  }
+  if (r == 0)
+    t->eof = TRUE;
+  return r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
 }
 
 static int
-tls_wait_readable(CbtNbdTransport *t, gint64 deadline)
+tls_wait_readable(CbtNbdTransport *tr, gint64 deadline)
 {
+  Tls *t = tls_of(tr);
+
   for (;;) {
-    if (tls_pending(t))
+    if (tls_pending(tr) || t->eof || decrypt_ahead(t))
       return 0;
     gint64 left = deadline - g_get_monotonic_time();
     if (left <= 0) {
       errno = ETIMEDOUT;
       return -1;
     }
-    int r = pull_timeout(t, (unsigned)MIN((left + 999) / 1000, G_MAXINT));
+    struct pollfd pfd = { .fd = t->fd, .events = POLLIN };
+    int r = poll(&pfd, 1, (int)MIN((left + 999) / 1000, G_MAXINT));
     if (r > 0)
       return 0;
-    if (r < 0)
+    if (r < 0 && errno != EINTR)
       return -1;
   }
 }

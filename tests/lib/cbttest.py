@@ -43,6 +43,13 @@ def without_identity(value):
     return value
 
 
+def cpu_seconds(pid):
+    """User and system CPU time process @pid has used, from /proc."""
+    with open('/proc/%d/stat' % pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def wait_for(pred, timeout=10.0, what='condition'):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,8 +14,10 @@ import ssl
 import struct
 import subprocess
 import tempfile
+import time
 import unittest
 
+import cbttest
 import tlscerts
 from cbttest import QMPError
 from nbdtest import Daemon, RawClient, make_image, random_image, run, sha256_file, wait_for
@@ -154,6 +156,52 @@ class TestX509(Base):
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertEqual(p.stdout.strip(), str(4 * MiB))
         idle.close()
+        self.assertTrue(d.alive())
+
+    def test_record_arriving_in_pieces(self):
+        """A TLS record that arrives in two pieces, a second apart: the daemon waits for the
+        rest without spinning (its CPU time stays far below the wait) and then answers it;
+        records that arrive together are all answered."""
+        d, sock = self.start(False, [self.x509_obj()], ',tls-creds=t0')
+        c = RawClient(sock)
+        c.option(OPT_STARTTLS)
+        self.assertEqual(c.reply()[1], REP_ACK)
+        ctx = ssl.create_default_context(cafile=os.path.join(self.x509['server'], 'ca-cert.pem'))
+        rd, wr = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(rd, wr, server_hostname='localhost')
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                c.s.sendall(wr.read())
+                rd.write(c.s.recv(65536))
+        c.s.sendall(wr.read())
+
+        def option_records(n):
+            for _ in range(n):
+                tls.write(struct.pack('>QII', 0x49484156454F5054, OPT_LIST, 0))
+            return wr.read()
+
+        def replies(n):
+            got = b''
+            while got.count(b'e0') < n:  # each LIST reply names export e0
+                try:
+                    got += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    rd.write(c.s.recv(65536))
+            return got
+
+        record = option_records(1)
+        cpu0 = cbttest.cpu_seconds(d.proc.pid)
+        c.s.sendall(record[:len(record) // 2])
+        time.sleep(1)
+        self.assertLess(cbttest.cpu_seconds(d.proc.pid) - cpu0, 0.3)  # waited, did not spin
+        c.s.sendall(record[len(record) // 2:])
+        replies(1)
+        c.s.sendall(option_records(5))  # five records in one send: all read, none left behind
+        replies(5)
+        c.close()
         self.assertTrue(d.alive())
 
     def test_second_starttls_refused(self):
