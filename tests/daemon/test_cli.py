@@ -6,10 +6,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import unittest
 
-from cbttest import CBTCTL, CBTD, QSD, QMP, Daemon, make_image, wait_for
+from cbttest import CBTCTL, CBTD, QSD, QMP, make_image, wait_for
 
 
 def run(argv, timeout=10):

@@ -27,7 +27,7 @@ import unittest
 import nbd
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'nbd'))
-from nbdtest import IHAVEOPT, REQUEST_MAGIC, RawClient, random_image, start  # noqa: E402
+from nbdtest import IHAVEOPT, RawClient, random_image, start  # noqa: E402
 
 MiB = 1 << 20
 GROWTH_BOUND_KIB = 64 * 1024

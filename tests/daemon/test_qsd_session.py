@@ -6,7 +6,6 @@ every reply as a JSON value. Differences allowed, each for a stated reason:
   both are checked for shape and for the commands cbtd claims, not for equality);
 - image actual-size (allocation of two different files may differ in filesystem detail).
 """
-import json
 import os
 import unittest
 

@@ -19,8 +19,7 @@ import unittest
 
 import cbttest
 import tlscerts
-from cbttest import QMPError
-from nbdtest import Daemon, RawClient, make_image, random_image, run, sha256_file, wait_for
+from nbdtest import Daemon, RawClient, random_image, run, sha256_file, wait_for
 
 MiB = 1 << 20
 OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY, OPT_GO = 3, 5, 8, 7
