@@ -189,19 +189,22 @@ finalize_idle(gpointer data)
   return G_SOURCE_REMOVE;
 }
 
-gboolean
+CbtNbdAttach
 cbt_nbd_export_attach(CbtNbdExport *exp, CbtNbdConn *conn)
 {
-  gboolean ok;
+  CbtNbdAttach r = CBT_NBD_ATTACH_OK;
 
   cbt_mutex_lock(&cbt_nbd_lock);
-  ok = !exp->shutting_down && !conn->closing;
-  if (ok) {
+  if (exp->shutting_down || conn->closing)
+    r = CBT_NBD_ATTACH_GONE;
+  else if (exp->max_clients && exp->conns->len >= exp->max_clients)
+    r = CBT_NBD_ATTACH_FULL;
+  if (r == CBT_NBD_ATTACH_OK) {
     g_ptr_array_add(exp->conns, conn);
     exp->had_client = TRUE;
   }
   cbt_mutex_unlock(&cbt_nbd_lock);
-  return ok;
+  return r;
 }
 
 /* Main thread: an auto-remove export lost its last client. A client that came since, or a
@@ -365,6 +368,7 @@ export_new(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd)
   exp->writethrough = o->writethrough;
   exp->allocation_depth = o->u.nbd.allocation_depth;
   exp->auto_remove = o->u.nbd.auto_remove;
+  exp->max_clients = o->u.nbd.has_max_clients ? o->u.nbd.max_clients : 0;
   exp->min_block = MAX(cbt_blockdev_get_min_io(bd), 1u);
   exp->pref_block = MAX(exp->min_block, 4096u);
   exp->max_payload = CBT_NBD_MAX_PAYLOAD;
@@ -375,7 +379,7 @@ export_new(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd)
    * keeps one state for all its users (a file node one descriptor, one page cache), so a flush
    * on one connection covers writes acknowledged on the others. A single-connection server
    * gains nothing by advertising it. */
-  exp->multi_conn = cbt_nbd_server_max_connections() != 1;
+  exp->multi_conn = cbt_nbd_server_max_connections() != 1 && exp->max_clients != 1;
   exp->conns = g_ptr_array_new();
   return exp;
 }

@@ -80,7 +80,7 @@ opt_export_name(CbtNbdConn *conn, const guint8 *data, guint32 len)
   if (len > NBD_MAX_STRING || strlen(name) != len)
     return OPT_DROP;
   g_autoptr(CbtNbdExport) exp = cbt_nbd_export_find_name(name);
-  if (!exp || !cbt_nbd_export_attach(exp, conn))
+  if (!exp || cbt_nbd_export_attach(exp, conn) != CBT_NBD_ATTACH_OK)
     return OPT_DROP;
   enter_transmission(conn, g_steal_pointer(&exp));
   cbt_nbd_put64(reply, conn->exp->size);
@@ -165,7 +165,13 @@ opt_info_go(CbtNbdConn *conn, guint32 opt, const guint8 *data, guint32 len)
 
   /* GO attaches before answering, so a deletion cannot slip in between. */
   g_autoptr(CbtNbdExport) exp = cbt_nbd_export_find_name(name);
-  if (!exp || (opt == NBD_OPT_GO && !cbt_nbd_export_attach(exp, conn)))
+  CbtNbdAttach at = !exp                ? CBT_NBD_ATTACH_GONE
+                    : opt == NBD_OPT_GO ? cbt_nbd_export_attach(exp, conn)
+                                        : CBT_NBD_ATTACH_OK;
+  if (at == CBT_NBD_ATTACH_FULL)
+    return send_error(conn, opt, NBD_REP_ERR_POLICY,
+                      "export '%s' has reached its limit of %u clients", name, exp->max_clients);
+  if (at != CBT_NBD_ATTACH_OK)
     return send_error(conn, opt, NBD_REP_ERR_UNKNOWN, "export '%s' not present", name);
   if (!send_infos(conn, opt, exp, want_name, want_desc) || ack(conn, opt) != OPT_CONTINUE) {
     if (opt == NBD_OPT_GO)

@@ -76,6 +76,7 @@ struct CbtNbdExport {
   guint32 max_payload;
   GPtrArray *bitmaps;   /* CbtNbdExportBitmap */
   gboolean auto_remove; /* deleted when its last client leaves (once one came) */
+  guint32 max_clients;  /* attached connections at most (0: no limit) */
   /* Under cbt_nbd_lock: */
   gboolean shutting_down;
   gboolean deleted;
@@ -241,7 +242,9 @@ CbtNbdExport *cbt_nbd_export_find_name(const char *name); /* ref'd; skips shutti
 CbtNbdExport *cbt_nbd_export_ref(CbtNbdExport *exp);
 void cbt_nbd_export_unref(CbtNbdExport *exp);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(CbtNbdExport, cbt_nbd_export_unref)
-gboolean cbt_nbd_export_attach(CbtNbdExport *exp, CbtNbdConn *conn);
+/* The export's clients include @conn from now on: CBT_NBD_ATTACH_OK, or why not. */
+typedef enum { CBT_NBD_ATTACH_OK, CBT_NBD_ATTACH_GONE, CBT_NBD_ATTACH_FULL } CbtNbdAttach;
+CbtNbdAttach cbt_nbd_export_attach(CbtNbdExport *exp, CbtNbdConn *conn);
 void cbt_nbd_export_detach(CbtNbdExport *exp, CbtNbdConn *conn);
 /* (name, description-or-NULL) pairs of every listable export, in creation order. */
 GPtrArray *cbt_nbd_export_list(void);

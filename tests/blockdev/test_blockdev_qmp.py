@@ -477,7 +477,7 @@ class TestIntrospection(Base):
 CBTD_ONLY = frozenset(('bitmap-store', 'bitmap-sync-interval', 'bitmap-intent-region',
                        'recovery', 'recovered-widening', 'recovery-reason',
                        'store-degraded', 'bitmap-uuid', 'bitmap-created', 'unbroken',
-                       'broken-reason'))
+                       'broken-reason', 'max-clients'))
 
 
 def resolve(schema, name, seen=(), drop=frozenset()):

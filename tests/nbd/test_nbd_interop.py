@@ -6,7 +6,9 @@ Run with /usr/bin/python3; CBTD names the daemon binary.
 import os
 import shutil
 import socket
+import struct
 import tempfile
+import time
 import unittest
 
 import nbd
@@ -15,6 +17,7 @@ from nbdtest import (CBTD_ARGV, Daemon, RawClient, make_image, nbdinfo_json, ran
                      sha256_file, start, uri)
 
 MiB = 1 << 20
+OPT_GO, REP_ERR_POLICY = 7, 0x80000002
 
 
 def layout_image(path):
@@ -159,6 +162,56 @@ class TestClients(Base):
         self.assertEqual(h.pread(4096, 3 * MiB), b'\x5a' * 4096)
         h.shutdown()
         del h
+
+
+class TestMaxClients(Base):
+    """block-export-add's max-clients (cbtd's own): a client past the limit is refused at GO
+    with ERR_POLICY and a text that says so, the others go on, a freed place is taken again,
+    and a limit of 1 withdraws multi-conn; exports without a limit are not affected."""
+
+    def test_limit(self):
+        img = layout_image(self.path('a.img'))
+        _, sock = self.start([('f0', img, True)],
+                             ['id=one,node-name=f0,name=one,max-clients=1',
+                              'id=two,node-name=f0,name=two,max-clients=2',
+                              'id=any,node-name=f0,name=any'])
+
+        def client(name):
+            h = nbd.NBD()
+            h.set_export_name(name)
+            h.connect_unix(sock)
+            return h
+
+        first = client('one')
+        self.assertFalse(first.can_multi_conn())
+        with self.assertRaises(nbd.Error) as refused:
+            client('one')
+        self.assertIn('server policy prevents NBD_OPT_GO', str(refused.exception))
+        c = RawClient(sock)  # the reply itself, with its text
+        c.option(OPT_GO, struct.pack('>I', 3) + b'one' + struct.pack('>H', 0))
+        _, rtype, text = c.reply()
+        self.assertEqual((rtype, text), (REP_ERR_POLICY,
+                                         b"export 'one' has reached its limit of 1 clients"))
+        c.close()
+        self.assertEqual(first.pread(4096, MiB), open(img, 'rb').read()[MiB:MiB + 4096])
+        first.shutdown()
+        # The place is free again once the server has seen the client go.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client('one').shutdown()
+                break
+            except nbd.Error:
+                self.assertLess(time.monotonic(), deadline, 'the freed place never came back')
+                time.sleep(0.01)
+
+        pair = [client('two'), client('two')]
+        self.assertTrue(pair[0].can_multi_conn())
+        with self.assertRaises(nbd.Error):
+            client('two')
+        many = [client('any') for _ in range(5)]
+        for h in pair + many:
+            h.shutdown()
 
 
 class TestSideBySide(Base):
