@@ -35,6 +35,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 enum { FIX_SUMS = 1, OTHER_BOOT = 2, COPY1 = 4 };
 #define PLACE_MAX (G_GUINT64_CONSTANT(2) << 20)
 #define SIZE_MAX_FUZZ (G_GUINT64_CONSTANT(1) << 30)
+/* The in-memory file stays small enough for many runs under the fuzzer's RSS limit. */
+#define FILE_MAX (G_GUINT64_CONSTANT(64) << 20)
 
 static void
 put(GByteArray *file, guint64 offset, const guint8 *data, gsize len)
@@ -113,6 +115,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   dir_len = MIN(dir_len, size);
 
   CrashSim *sim = crashsim_new("boot-a");
+  crashsim_set_max_size(sim, FILE_MAX);
   GByteArray *file = crashsim_bytes(sim);
   put(file, 0, (const guint8 *)&h, sizeof h);
   put(file, h.dir_offset, data, dir_len);

@@ -22,6 +22,7 @@ struct CrashSim {
   GByteArray *base;  /* the file when the log began */
   char boot_id[64];
   gboolean full, sync_error, open;
+  guint64 max_size; /* writes past it fail with EFBIG */
 };
 
 typedef struct {
@@ -31,8 +32,9 @@ typedef struct {
 
 #define SIM(f) (((SimFile *)(f))->sim)
 
-/* The simulated file system's largest file (a real one has a limit too, ext4's 16 TiB): the
- * file lives in memory, so a corrupt store that asks for a write far out gets EFBIG. */
+/* The simulated file system's largest file by default (a real one has a limit too, ext4's
+ * 16 TiB): the file lives in memory, so a corrupt store that asks for a write far out gets
+ * EFBIG. */
 #define CRASHSIM_MAX_SIZE (G_GUINT64_CONSTANT(1) << 30)
 
 static void
@@ -113,7 +115,7 @@ static gssize
 sim_pwrite(CbtStoreFile *f, const void *buf, gsize len, guint64 off)
 {
   CrashSim *sim = SIM(f);
-  if (off > CRASHSIM_MAX_SIZE || len > CRASHSIM_MAX_SIZE - off)
+  if (off > sim->max_size || len > sim->max_size - off)
     return -EFBIG;
   if (sim->full && !allocated(sim, off, len))
     return -ENOSPC;
@@ -146,7 +148,7 @@ static int
 sim_allocate(CbtStoreFile *f, guint64 off, guint64 len)
 {
   CrashSim *sim = SIM(f);
-  if (off > CRASHSIM_MAX_SIZE || len > CRASHSIM_MAX_SIZE - off)
+  if (off > sim->max_size || len > sim->max_size - off)
     return -EFBIG;
   if (sim->full && !allocated(sim, off, len))
     return -ENOSPC;
@@ -194,6 +196,7 @@ CrashSim *
 crashsim_new(const char *boot_id)
 {
   CrashSim *sim = g_new0(CrashSim, 1);
+  sim->max_size = CRASHSIM_MAX_SIZE;
   sim->io = (CbtStoreIo){
     .open = sim_open,
     .pread = sim_pread,
@@ -247,6 +250,12 @@ crashsim_set_boot_id(CrashSim *sim, const char *boot_id)
 }
 
 void
+crashsim_set_max_size(CrashSim *sim, guint64 bytes)
+{
+  sim->max_size = bytes;
+}
+
+void
 crashsim_set_full(CrashSim *sim, gboolean full)
 {
   sim->full = full;
@@ -276,6 +285,8 @@ crashsim_after_crash(CrashSim *sim, guint ops, gboolean process, guint32 seed)
   g_autoptr(GRand) rand = g_rand_new_with_seed(seed);
   CrashSim *out = crashsim_new(sim->boot_id);
   guint last_sync = 0;
+
+  out->max_size = sim->max_size;
 
   g_byte_array_append(out->bytes, sim->base->data, sim->base->len);
   ops = MIN(ops, sim->log->len);

@@ -13,6 +13,9 @@ CrashSim *crashsim_new(const char *boot_id);
 void crashsim_free(CrashSim *sim);
 const CbtStoreIo *crashsim_io(CrashSim *sim);
 void crashsim_set_boot_id(CrashSim *sim, const char *boot_id);
+/* The largest file (default 1 GiB): writes past it fail with EFBIG, as at a file system's
+ * limit. */
+void crashsim_set_max_size(CrashSim *sim, guint64 bytes);
 /* Writes that would allocate (into bytes never written or allocated) fail with ENOSPC. */
 void crashsim_set_full(CrashSim *sim, gboolean full);
 /* Fail every sync with EIO. */
