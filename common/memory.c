@@ -10,6 +10,11 @@ void
 cbt_memory_init(void)
 {
   mallopt(M_MMAP_THRESHOLD, CBT_MEMORY_MMAP_THRESHOLD);
+  /* Fixing the mapping threshold also fixes the trim threshold at glibc's 128 KiB, so every
+   * heap would give back and fault in again its top at each burst of requests (measured:
+   * ~10% fewer 4 KiB writes at depth 32). Tops up to this size stay; the trims after a
+   * burst (cbt_memory_released) still return everything. */
+  mallopt(M_TRIM_THRESHOLD, CBT_MEMORY_TRIM_THRESHOLD);
 }
 
 void

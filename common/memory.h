@@ -21,6 +21,9 @@
  * +17 MiB with the moving threshold and +1 MiB with it fixed. */
 #define CBT_MEMORY_MMAP_THRESHOLD (128u << 10)
 
+/* Free memory at the top of a heap that glibc keeps between bursts (see memory.c). */
+#define CBT_MEMORY_TRIM_THRESHOLD (4u << 20)
+
 /* Once, early in main(): set the allocator up as above. */
 void cbt_memory_init(void);
 
