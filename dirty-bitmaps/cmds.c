@@ -205,14 +205,17 @@ undo_break(Action *a)
 {
   g_autoptr(GError) error = NULL;
 
-  if (cbt_dirty_bitmap_get_break(a->dbm) == a->was_broken)
+  CbtDirtyBitmapBreak now = cbt_dirty_bitmap_get_break(a->dbm);
+
+  if (now == a->was_broken)
     return;
   cbt_dirty_bitmap_set_identity(a->dbm, cbt_dirty_bitmap_get_uuid(a->dbm),
                                 cbt_dirty_bitmap_get_created(a->dbm), a->was_broken);
-  /* A store that cannot take the undo keeps the break: broken is the safe side. */
+  /* A store that cannot take the undo keeps the break, with its reason: broken is the safe
+   * side, and memory must not claim what the store would not keep. */
   if (cbt_dirty_bitmap_is_persistent(a->dbm) &&
       !cbt_dirty_bitmaps_persist_set_break(a->bd, a->dbm, &error))
-    cbt_dirty_bitmap_set_break(a->dbm, CBT_DIRTY_BITMAP_BROKEN_CLEARED);
+    cbt_dirty_bitmap_set_break(a->dbm, now);
 }
 
 /* clear, and the undo shared with merge ------------------------------------------------------ */
