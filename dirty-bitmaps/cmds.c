@@ -451,12 +451,14 @@ cbt_qmp_block_dirty_bitmap_add(const CbtQmpBlockDirtyBitmapAdd *args, GError **e
 }
 
 gboolean
-cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, gboolean persistent,
-                             GError **error)
+cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, guint32 granularity,
+                             gboolean persistent, GError **error)
 {
   const CbtQmpBlockDirtyBitmapAdd add = {
     .node = (char *)cbt_blockdev_get_node_name(node),
     .name = (char *)name,
+    .has_granularity = granularity != 0,
+    .granularity = granularity,
     .has_persistent = TRUE,
     .persistent = persistent,
   };

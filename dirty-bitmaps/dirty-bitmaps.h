@@ -49,9 +49,10 @@ CbtBitmap *cbt_dirty_bitmaps_copy_named(const char *node, const char *name, GErr
  * (transfer full), NULL when there is no such bitmap (docs/bitmaps.md, "Identity"). */
 char *cbt_dirty_bitmaps_identity_text(CbtBlockdev *node, const char *name);
 /* A snapshot export's `checkpoint`: block-dirty-bitmap-add of a recording bitmap @name on
- * @node (its checks and texts, e.g. "Bitmap already exists: X"), with @node drained. */
-gboolean cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, gboolean persistent,
-                                      GError **error);
+ * @node (its checks and texts, e.g. "Bitmap already exists: X"), with @node drained;
+ * @granularity 0 takes block-dirty-bitmap-add's default. */
+gboolean cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, guint32 granularity,
+                                      gboolean persistent, GError **error);
 
 /* QMP BlockDirtyInfo of @dbm (transfer full): name absent when anonymous, inconsistent only
  * when true, count not clipped to the node's size. */

@@ -438,17 +438,24 @@ freeze_bitmaps(CbtBlockdev *bd, AtInstant *a, gboolean *persistent, GError **err
   return TRUE;
 }
 
-/* Copies first, the checkpoint last: nothing after it can fail, so it needs no undo here. */
+/* Copies first, the checkpoint last: nothing after it can fail, so it needs no undo here. The
+ * checkpoint records at the granularity of the first published bitmap, the chain it continues:
+ * the next incremental then reads no more than this one's bitmap would have made it read. */
 static gboolean
 at_instant(CbtBlockdev *bd, gpointer opaque, GError **error)
 {
   AtInstant *a = opaque;
   gboolean persistent = FALSE;
+  guint32 granularity = 0;
 
   if (!freeze_bitmaps(bd, a, &persistent, error))
     return FALSE;
+  if (a->bitmaps->len > 0) {
+    const CbtNbdExportBitmap *first = g_ptr_array_index(a->bitmaps, 0);
+    granularity = cbt_bitmap_get_granularity(first->bm);
+  }
   return !a->o->u.nbd.checkpoint ||
-         cbt_dirty_bitmaps_checkpoint(bd, a->o->u.nbd.checkpoint, persistent, error);
+         cbt_dirty_bitmaps_checkpoint(bd, a->o->u.nbd.checkpoint, granularity, persistent, error);
 }
 
 /* Any thread (the writer whose copy failed): the export's reads fail from now on. */

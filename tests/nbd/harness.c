@@ -78,8 +78,8 @@ cbt_dirty_bitmaps_freeze(CbtBlockdev *node, const char *name, gboolean *persiste
 }
 
 gboolean
-cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, gboolean persistent,
-                             GError **error)
+cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, guint32 granularity,
+                             gboolean persistent, GError **error)
 {
   g_set_error(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, "no checkpoint in the NBD harness");
   return FALSE;
