@@ -454,6 +454,10 @@ at_instant(CbtBlockdev *bd, gpointer opaque, GError **error)
     const CbtNbdExportBitmap *first = g_ptr_array_index(a->bitmaps, 0);
     granularity = cbt_bitmap_get_granularity(first->bm);
   }
+  if (a->o->u.nbd.has_checkpoint_granularity)
+    granularity = a->o->u.nbd.checkpoint_granularity;
+  if (a->o->u.nbd.has_checkpoint_persistent)
+    persistent = a->o->u.nbd.checkpoint_persistent;
   return !a->o->u.nbd.checkpoint ||
          cbt_dirty_bitmaps_checkpoint(bd, a->o->u.nbd.checkpoint, granularity, persistent, error);
 }
@@ -507,6 +511,12 @@ check_snapshot(const CbtQmpBlockExportOptions *o, GError **error)
   } else if (o->u.nbd.has_scratch_size && o->u.nbd.scratch_size == 0) {
     /* 0 would read as "unbounded" below: refuse it rather than guess. */
     what = "'scratch-size' must be at least 1 byte";
+  }
+  if (!what && !o->u.nbd.checkpoint) {
+    if (o->u.nbd.has_checkpoint_persistent)
+      what = "'checkpoint-persistent' needs 'checkpoint'";
+    else if (o->u.nbd.has_checkpoint_granularity)
+      what = "'checkpoint-granularity' needs 'checkpoint'";
   }
   if (what)
     g_set_error_literal(error, CBT_RPC_ERROR, CBT_RPC_ERROR_GENERIC, what);

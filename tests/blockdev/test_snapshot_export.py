@@ -307,6 +307,10 @@ class TestSnapshotExport(unittest.TestCase):
             (dict(snapshot=False, scratch_dir=None, scratch_size=MiB),
              "'scratch-size' needs 'snapshot': true"),
             (dict(scratch_size=0), "'scratch-size' must be at least 1 byte"),
+            (dict(checkpoint_persistent=True), "'checkpoint-persistent' needs 'checkpoint'"),
+            (dict(checkpoint_granularity=4096), "'checkpoint-granularity' needs 'checkpoint'"),
+            (dict(checkpoint='c2', checkpoint_granularity=1000),
+             'Granularity must be power of 2 and at least 512'),
             (dict(scratch_dir=os.path.join(self.dir, 'missing')),
              "Cannot create a scratch file in '%s': No such file or directory"
              % os.path.join(self.dir, 'missing')),
@@ -398,9 +402,19 @@ class TestSnapshotExport(unittest.TestCase):
         self.q.execute('block-export-del', id='snap')
         self.add_snapshot(checkpoint='t2', bitmaps=['t1'])
         self.q.execute('block-export-del', id='snap')
+        # Asked for: a full backup has no bitmap to take it from, and a chain may change it.
+        self.add_snapshot(checkpoint='f1', checkpoint_persistent=True,
+                          checkpoint_granularity=16 * KiB)
+        self.q.execute('block-export-del', id='snap')
+        self.add_snapshot(checkpoint='t3', bitmaps=['p1'], checkpoint_persistent=False)
+        self.q.execute('block-export-del', id='snap')
         bitmaps = self.bitmaps_of('disk')
         self.assertEqual({n: b['persistent'] for n, b in bitmaps.items()},
-                         {'p1': True, 't1': False, 'p2': True, 't2': False})
+                         {'p1': True, 't1': False, 'p2': True, 't2': False, 'f1': True,
+                          't3': False})
+        self.assertEqual({n: b['granularity'] for n, b in bitmaps.items()},
+                         {'p1': 64 * KiB, 't1': 64 * KiB, 'p2': 64 * KiB, 't2': 64 * KiB,
+                          'f1': 16 * KiB, 't3': 64 * KiB})
         self.assertTrue(bitmaps['p2']['recording'])
 
     def test_server_stop_undoes(self):
