@@ -1,0 +1,156 @@
+/* tools/backup/copy.c — the copy of a point's pieces, on several NBD connections at once.
+ *
+ * Each worker has its own connection to the frozen view and to the point's image and takes the
+ * next piece from a shared counter: the pieces are independent, so order does not matter. A
+ * data piece that reads as zeroes is not written in a full (the point stays sparse) and is
+ * written as zeroes in an incremental (it must mask the older point); either way the manifest
+ * records it as zeroes. The first error stops every worker; the caller then throws the point
+ * away, so a partial copy is never mistaken for a point.
+ */
+#include "backup.h"
+
+#include <gnutls/crypto.h>
+#include <string.h>
+
+typedef struct {
+  const CbtBackupCopyArgs *a;
+  GArray *pieces;
+  gint next;
+  gint stop;
+  GMutex lock;
+  GError *error;
+  CbtBackupCopyStats stats;
+  guint64 max_len;
+} Copy;
+
+static void
+fail(Copy *c, GError *err)
+{
+  g_mutex_lock(&c->lock);
+  if (!c->error)
+    c->error = err;
+  else
+    g_error_free(err);
+  g_mutex_unlock(&c->lock);
+  g_atomic_int_set(&c->stop, 1);
+}
+
+static gboolean
+all_zero(const guint8 *buf, gsize len)
+{
+  return len == 0 || (buf[0] == 0 && memcmp(buf, buf + 1, len - 1) == 0);
+}
+
+/* One piece; on failure @error says what and where. */
+static gboolean
+copy_piece(Copy *c, struct nbd_handle *src, struct nbd_handle *dst, guint8 *buf, CbtBackupPiece *p,
+           CbtBackupCopyStats *st, GError **error)
+{
+  if (p->kind == CBT_BACKUP_DATA) {
+    if (nbd_pread(src, buf, p->length, p->offset, 0) == -1) {
+      cbt_backup_nbd_error(error, "reading the view");
+      return FALSE;
+    }
+    st->read += p->length;
+    if (all_zero(buf, p->length))
+      p->kind = CBT_BACKUP_ZERO;
+  }
+  if (p->kind == CBT_BACKUP_ZERO) {
+    if (c->a->write_zeroes && nbd_zero(dst, p->length, p->offset, 0) == -1) {
+      cbt_backup_nbd_error(error, "writing zeroes to the point");
+      return FALSE;
+    }
+    st->zeroed += c->a->write_zeroes ? p->length : 0;
+    return TRUE;
+  }
+  gnutls_hash_fast(GNUTLS_DIG_SHA256, buf, p->length, p->sha256);
+  if (nbd_pwrite(dst, buf, p->length, p->offset, 0) == -1) {
+    cbt_backup_nbd_error(error, "writing the point");
+    return FALSE;
+  }
+  st->written += p->length;
+  return TRUE;
+}
+
+static gpointer
+worker(gpointer data)
+{
+  Copy *c = data;
+  GError *err = NULL;
+  CbtBackupCopyStats st = { 0 };
+  struct nbd_handle *src = cbt_backup_nbd_connect(c->a->source, c->a->source_export, NULL, &err);
+  struct nbd_handle *dst = NULL;
+  g_autofree guint8 *buf = g_malloc(MAX(c->max_len, 1));
+
+  if (src && !(dst = nbd_create()))
+    cbt_backup_nbd_error(&err, "nbd_create");
+  if (dst && nbd_connect_uri(dst, c->a->target_uri) == -1)
+    cbt_backup_nbd_error(&err, "connecting to the point's image");
+  while (!err && !g_atomic_int_get(&c->stop) && !cbt_backup_interrupted()) {
+    guint i = (guint)g_atomic_int_add(&c->next, 1);
+    if (i >= c->pieces->len)
+      break;
+    CbtBackupPiece *p = &g_array_index(c->pieces, CbtBackupPiece, i);
+    if (!copy_piece(c, src, dst, buf, p, &st, &err))
+      g_prefix_error(&err, "at offset %" G_GUINT64_FORMAT ": ", p->offset);
+    else if (c->a->progress)
+      cbt_backup_progress_add(c->a->progress, p->length);
+  }
+  if (!err && dst && nbd_flush(dst, 0) == -1)
+    cbt_backup_nbd_error(&err, "flushing the point");
+  if (err)
+    fail(c, err);
+  if (dst) {
+    nbd_shutdown(dst, 0);
+    nbd_close(dst);
+  }
+  if (src) {
+    nbd_shutdown(src, 0);
+    nbd_close(src);
+  }
+  g_mutex_lock(&c->lock);
+  c->stats.read += st.read;
+  c->stats.written += st.written;
+  c->stats.zeroed += st.zeroed;
+  g_mutex_unlock(&c->lock);
+  return NULL;
+}
+
+gboolean
+cbt_backup_copy(const CbtBackupCopyArgs *a, GArray *pieces, CbtBackupCopyStats *stats,
+                GError **error)
+{
+  Copy c = { .a = a, .pieces = pieces };
+  guint n = CLAMP(a->connections, 1, 16);
+  g_autoptr(GPtrArray) threads = g_ptr_array_new();
+
+  for (guint i = 0; i < pieces->len; i++) {
+    const CbtBackupPiece *p = &g_array_index(pieces, CbtBackupPiece, i);
+    if (p->kind == CBT_BACKUP_DATA)
+      c.max_len = MAX(c.max_len, p->length);
+  }
+  g_mutex_init(&c.lock);
+  for (guint i = 0; i < n; i++)
+    g_ptr_array_add(threads, g_thread_new("copy", worker, &c));
+  /* The owner of the progress output is this thread: it ticks while the workers copy. */
+  for (guint i = 0; i < n; i++) {
+    GThread *t = g_ptr_array_index(threads, i);
+    while (a->progress && !g_atomic_int_get(&c.stop) &&
+           (guint)g_atomic_int_get(&c.next) < pieces->len && !cbt_backup_interrupted()) {
+      g_usleep(200 * 1000);
+      cbt_backup_progress_tick(a->progress, FALSE);
+    }
+    g_thread_join(t);
+  }
+  g_mutex_clear(&c.lock);
+  *stats = c.stats;
+  if (c.error) {
+    g_propagate_error(error, c.error);
+    return FALSE;
+  }
+  if (!cbt_backup_check_interrupt(error))
+    return FALSE;
+  if (a->progress)
+    cbt_backup_progress_tick(a->progress, TRUE);
+  return TRUE;
+}

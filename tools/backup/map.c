@@ -1,0 +1,149 @@
+/* tools/backup/map.c — which extents a point must copy, from NBD_CMD_BLOCK_STATUS.
+ *
+ * A full copies every extent base:allocation does not report as reading zeroes (NBD_STATE_ZERO):
+ * a hole stays a hole in the point. An incremental copies the extents its dirty bitmap marks;
+ * of those, the ones that now read as zeroes become zero pieces, written as zeroes over the
+ * older point (without them the older data would show through).
+ */
+#include "backup.h"
+
+#include <string.h>
+
+#define NBD_STATE_DIRTY 1u /* qemu:dirty-bitmap: (the NBD spec's metadata-contexts document) */
+#define NBD_STATE_ZERO 2u  /* base:allocation */
+#define STATUS_STEP (1ull << 30)
+#define MAX_ZERO_PIECE (1ull << 30)
+
+typedef struct {
+  guint64 offset, length;
+  gboolean hit;
+} Segment;
+
+typedef struct {
+  const char *context;
+  guint32 mask;
+  gboolean invert;
+  guint64 pos, end;
+  GArray *out;
+} Walk;
+
+static void
+append(GArray *out, guint64 offset, guint64 length, gboolean hit)
+{
+  if (out->len) {
+    Segment *last = &g_array_index(out, Segment, out->len - 1);
+    if (last->hit == hit && last->offset + last->length == offset) {
+      last->length += length;
+      return;
+    }
+  }
+  Segment s = { offset, length, hit };
+  g_array_append_val(out, s);
+}
+
+static int
+extent_cb(void *opaque, const char *context, uint64_t offset, uint32_t *entries, size_t n,
+          int *error)
+{
+  Walk *w = opaque;
+
+  if (strcmp(context, w->context) != 0 || offset != w->pos)
+    return 0;
+  for (size_t i = 0; i + 1 < n && offset < w->end; i += 2) {
+    guint64 len = MIN((guint64)entries[i], w->end - offset);
+    gboolean hit = (entries[i + 1] & w->mask) != 0;
+    append(w->out, offset, len, w->invert ? !hit : hit);
+    offset += len;
+  }
+  w->pos = offset;
+  return 0;
+}
+
+/* Segments covering [from, to) of @context, each saying whether (flags & mask) (or not). */
+static gboolean
+walk(struct nbd_handle *h, const char *context, guint32 mask, gboolean invert, guint64 from,
+     guint64 to, GArray *out, GError **error)
+{
+  Walk w = { context, mask, invert, from, to, out };
+
+  while (w.pos < to) {
+    guint64 before = w.pos;
+    if (!cbt_backup_check_interrupt(error))
+      return FALSE;
+    if (nbd_block_status(h, MIN(to - w.pos, STATUS_STEP), w.pos,
+                         (nbd_extent_callback){ .callback = extent_cb, .user_data = &w },
+                         0) == -1) {
+      cbt_backup_nbd_error(error, "NBD_CMD_BLOCK_STATUS");
+      return FALSE;
+    }
+    if (w.pos == before) {
+      g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED,
+                  "the server sent no extent of '%s' at %" G_GUINT64_FORMAT, context, before);
+      return FALSE;
+    }
+  }
+  return TRUE;
+}
+
+static void
+add_pieces(GArray *pieces, guint64 offset, guint64 length, CbtBackupKind kind, guint64 max)
+{
+  while (length) {
+    guint64 n = MIN(length, max);
+    CbtBackupPiece p = { .offset = offset, .length = n, .kind = kind };
+    g_array_append_val(pieces, p);
+    offset += n;
+    length -= n;
+  }
+}
+
+GArray *
+cbt_backup_map(struct nbd_handle *h, const char *dirty_context, guint64 max_piece, GError **error)
+{
+  g_autoptr(GArray) pieces = g_array_new(FALSE, FALSE, sizeof(CbtBackupPiece));
+  g_autoptr(GArray) top = g_array_new(FALSE, FALSE, sizeof(Segment));
+  int64_t size = nbd_get_size(h);
+
+  if (size < 0) {
+    cbt_backup_nbd_error(error, "export size");
+    return NULL;
+  }
+  if (!dirty_context) {
+    if (!walk(h, "base:allocation", NBD_STATE_ZERO, TRUE, 0, size, top, error))
+      return NULL;
+    for (guint i = 0; i < top->len; i++) {
+      const Segment *s = &g_array_index(top, Segment, i);
+      if (s->hit)
+        add_pieces(pieces, s->offset, s->length, CBT_BACKUP_DATA, max_piece);
+    }
+    return g_steal_pointer(&pieces);
+  }
+  if (!walk(h, dirty_context, NBD_STATE_DIRTY, FALSE, 0, size, top, error))
+    return NULL;
+  for (guint i = 0; i < top->len; i++) {
+    const Segment *s = &g_array_index(top, Segment, i);
+    if (!s->hit)
+      continue;
+    g_autoptr(GArray) alloc = g_array_new(FALSE, FALSE, sizeof(Segment));
+    if (!walk(h, "base:allocation", NBD_STATE_ZERO, FALSE, s->offset, s->offset + s->length, alloc,
+              error))
+      return NULL;
+    for (guint j = 0; j < alloc->len; j++) {
+      const Segment *a = &g_array_index(alloc, Segment, j);
+      if (a->hit)
+        add_pieces(pieces, a->offset, a->length, CBT_BACKUP_ZERO, MAX_ZERO_PIECE);
+      else
+        add_pieces(pieces, a->offset, a->length, CBT_BACKUP_DATA, max_piece);
+    }
+  }
+  return g_steal_pointer(&pieces);
+}
+
+guint64
+cbt_backup_map_bytes(GArray *pieces)
+{
+  guint64 n = 0;
+  for (guint i = 0; i < pieces->len; i++)
+    n += g_array_index(pieces, CbtBackupPiece, i).length;
+  return n;
+}

@@ -1,0 +1,223 @@
+/* tools/backup/point.c — a point's image with stock tools: qemu-img creates it, qemu-nbd serves
+ * it (to write it, to read a chain back), and the file-level helpers its commit needs. */
+#include "backup.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <glib/gstdio.h>
+#include <gnutls/crypto.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+struct CbtBackupServe {
+  GPid pid;
+  char *dir, *sock, *uri;
+};
+
+gboolean
+cbt_backup_run(const char *const *argv, char **out, GError **error)
+{
+  g_autofree char *o = NULL, *e = NULL;
+  int status = 0;
+  g_autoptr(GError) local = NULL;
+
+  if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL, &o, &e, &status,
+                    &local)) {
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "%s: %s", argv[0], local->message);
+    return FALSE;
+  }
+  if (!g_spawn_check_wait_status(status, NULL)) {
+    g_strchomp(e);
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "%s failed: %s", argv[0],
+                e && *e ? e : "(no message)");
+    return FALSE;
+  }
+  if (out)
+    *out = g_steal_pointer(&o);
+  return TRUE;
+}
+
+/* A qcow2 image of @size, an overlay of @backing (a file name relative to the image's own
+ * directory, so a repository can move) when given. */
+gboolean
+cbt_backup_image_create(const char *path, const char *backing, guint64 size, GError **error)
+{
+  g_autofree char *sz = g_strdup_printf("%" G_GUINT64_FORMAT, size);
+  const char *plain[] = { "qemu-img", "create", "-q", "-f", "qcow2", path, sz, NULL };
+  const char *overlay[] = { "qemu-img", "create", "-q",    "-f", "qcow2", "-b",
+                            backing,    "-F",     "qcow2", path, sz,      NULL };
+  return cbt_backup_run(backing ? overlay : plain, NULL, error);
+}
+
+/* Ready once it completes a handshake (a bare connect that closes at once makes qemu-nbd log a
+ * broken pipe). */
+static gboolean
+socket_ready(const char *path)
+{
+  struct nbd_handle *h;
+  gboolean ok;
+
+  if (!g_file_test(path, G_FILE_TEST_EXISTS) || !(h = nbd_create()))
+    return FALSE;
+  ok = nbd_connect_unix(h, path) != -1;
+  if (ok)
+    nbd_shutdown(h, 0);
+  nbd_close(h);
+  return ok;
+}
+
+/* qemu-nbd must not outlive us: a killed backup would leave it holding the image. */
+static void
+die_with_parent(gpointer data)
+{
+  prctl(PR_SET_PDEATHSIG, SIGTERM);
+}
+
+CbtBackupServe *
+cbt_backup_serve(const char *image, gboolean writable, guint connections, GError **error)
+{
+  g_autoptr(GError) local = NULL;
+  g_autofree char *dir = g_dir_make_tmp("cbt-backup-XXXXXX", &local);
+  if (!dir) {
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "%s", local->message);
+    return NULL;
+  }
+  CbtBackupServe *sv = g_new0(CbtBackupServe, 1);
+  sv->dir = g_steal_pointer(&dir);
+  sv->sock = g_build_filename(sv->dir, "nbd.sock", NULL);
+  sv->uri = g_strdup_printf("nbd+unix:///?socket=%s", sv->sock);
+  g_autofree char *sock_arg = g_strconcat("--socket=", sv->sock, NULL);
+  /* One more than the copy's connections: the probe below counts as a client. */
+  g_autofree char *shared = g_strdup_printf("--shared=%u", connections + 1);
+  const char *argv[] = { "qemu-nbd",
+                         sock_arg,
+                         "--format=qcow2",
+                         shared,
+                         "--persistent",
+                         "--cache=writeback",
+                         writable ? "--discard=unmap" : "--read-only",
+                         image,
+                         NULL };
+
+  if (!g_spawn_async(NULL, (char **)argv, NULL,
+                     G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD | G_SPAWN_STDOUT_TO_DEV_NULL,
+                     die_with_parent, NULL, &sv->pid, &local)) {
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "qemu-nbd: %s", local->message);
+    cbt_backup_serve_stop(sv, NULL);
+    return NULL;
+  }
+  for (int i = 0; i < 1000; i++) {
+    int status;
+    if (waitpid(sv->pid, &status, WNOHANG) == sv->pid) {
+      sv->pid = 0;
+      g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "qemu-nbd could not serve %s",
+                  image);
+      cbt_backup_serve_stop(sv, NULL);
+      return NULL;
+    }
+    if (socket_ready(sv->sock))
+      return sv;
+    g_usleep(10 * 1000);
+  }
+  g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "qemu-nbd did not start on %s",
+              image);
+  cbt_backup_serve_stop(sv, NULL);
+  return NULL;
+}
+
+const char *
+cbt_backup_serve_uri(CbtBackupServe *sv)
+{
+  return sv->uri;
+}
+
+const char *
+cbt_backup_serve_socket(CbtBackupServe *sv)
+{
+  return sv->sock;
+}
+
+/* qemu-nbd closes the image cleanly on SIGTERM (flushing it). */
+gboolean
+cbt_backup_serve_stop(CbtBackupServe *sv, GError **error)
+{
+  gboolean ok = TRUE;
+
+  if (sv->pid > 0) {
+    int status = 0;
+    kill(sv->pid, SIGTERM);
+    while (waitpid(sv->pid, &status, 0) < 0 && errno == EINTR)
+      ;
+    if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0) &&
+        !(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM)) {
+      g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED,
+                  "qemu-nbd did not close the image cleanly (status %d)", status);
+      ok = FALSE;
+    }
+    g_spawn_close_pid(sv->pid);
+  }
+  if (sv->sock)
+    g_unlink(sv->sock);
+  if (sv->dir)
+    g_rmdir(sv->dir);
+  g_free(sv->sock);
+  g_free(sv->dir);
+  g_free(sv->uri);
+  g_free(sv);
+  return ok;
+}
+
+char *
+cbt_backup_file_sha256(const char *path, GError **error)
+{
+  int fd = g_open(path, O_RDONLY | O_CLOEXEC, 0);
+  gnutls_hash_hd_t hd;
+  g_autofree guint8 *buf = g_malloc(1 << 20);
+  guint8 digest[32];
+  ssize_t n;
+
+  if (fd < 0) {
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
+    return NULL;
+  }
+  gnutls_hash_init(&hd, GNUTLS_DIG_SHA256);
+  while ((n = read(fd, buf, 1 << 20)) > 0)
+    gnutls_hash(hd, buf, n);
+  int err = n < 0 ? errno : 0;
+  close(fd);
+  gnutls_hash_deinit(hd, digest);
+  if (err) {
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "%s: %s", path, g_strerror(err));
+    return NULL;
+  }
+  GString *hex = g_string_new(NULL);
+  for (int i = 0; i < 32; i++)
+    g_string_append_printf(hex, "%02x", digest[i]);
+  return g_string_free(hex, FALSE);
+}
+
+gboolean
+cbt_backup_fsync_path(const char *path, GError **error)
+{
+  int fd = g_open(path, O_RDONLY | O_CLOEXEC, 0);
+
+  if (fd < 0 || fsync(fd) < 0) {
+    int err = errno;
+    if (fd >= 0)
+      close(fd);
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "fsync %s: %s", path,
+                g_strerror(err));
+    return FALSE;
+  }
+  close(fd);
+  return TRUE;
+}
+
+char *
+cbt_backup_now_iso(void)
+{
+  g_autoptr(GDateTime) now = g_date_time_new_now_utc();
+  return g_date_time_format_iso8601(now);
+}

@@ -1,0 +1,361 @@
+/* tools/backup/take.c — one backup: prove the chain, freeze a view, copy, commit, release.
+ *
+ * Invariants (each survives a failure or a kill at any instant):
+ *   1. A point exists only once its manifest exists; the manifest is written last, atomically,
+ *      after its image is complete and durable. An image without a manifest (N.qcow2.part) is
+ *      a failed run's leftover and is deleted by the next run.
+ *   2. The checkpoint the last point's manifest names is never removed before a newer point is
+ *      committed: a failed, killed or refused backup leaves the chain as it was.
+ *   3. An incremental is taken only from a checkpoint proven to be the one the last point
+ *      started: present, recording, consistent and, on cbtd, the same identity with no break
+ *      (docs/bitmaps.md, "Identity"), checked again over NBD at the instant of the view.
+ */
+#include "backup.h"
+
+#include <glib/gstdio.h>
+#include <string.h>
+
+#define MAX_PIECE (4u << 20)
+
+typedef struct {
+  const CbtBackupRunArgs *a;
+  CbtBackupRepo *repo;
+  CbtBackupServer *server;
+  JsonObject *base; /* the last point (incremental) */
+  guint seq;
+  guint64 size;
+  CbtBackupFreezeArgs fz;
+  char *new_checkpoint;
+  CbtBackupView view;
+  char *part, *image, *started, *fallback;
+  struct nbd_handle *map;
+} Take;
+
+static const char *
+str_member(JsonObject *o, const char *name)
+{
+  return o && json_object_has_member(o, name) && !json_object_get_null_member(o, name)
+           ? json_object_get_string_member(o, name)
+           : NULL;
+}
+
+/* Why the chain from @t->base cannot be continued, or NULL when it can. */
+static char *
+chain_refusal(Take *t, CbtBackupBitmapInfo *info, GError **error)
+{
+  JsonObject *b = t->base;
+  const char *cp = str_member(b, "checkpoint"), *uuid = str_member(b, "checkpoint-uuid");
+  guint seq = json_object_get_int_member(b, "seq");
+  g_autofree char *image = cbt_backup_repo_file(t->repo, str_member(b, "file"));
+
+  if (!g_file_test(image, G_FILE_TEST_EXISTS))
+    return g_strdup_printf("the image of point %u is missing (%s)", seq, image);
+  if ((guint64)json_object_get_int_member(b, "size") != t->size)
+    return g_strdup_printf("node '%s' is %" G_GUINT64_FORMAT
+                           " bytes, point %u was %" G_GINT64_FORMAT,
+                           t->a->node, t->size, seq, json_object_get_int_member(b, "size"));
+  if (!cbt_backup_server_bitmap(t->server, t->a->node, cp, info, error))
+    return NULL;
+  if (!info->exists)
+    return g_strdup_printf("checkpoint '%s' of point %u is missing on node '%s'", cp, seq,
+                           t->a->node);
+  if (info->inconsistent)
+    return g_strdup_printf("checkpoint '%s' is inconsistent", cp);
+  if (!info->recording)
+    return g_strdup_printf("checkpoint '%s' is not recording", cp);
+  if (uuid && !info->uuid)
+    return g_strdup_printf("point %u was proven by a bitmap identity, and %s has none", seq,
+                           cbt_backup_server_name(t->server));
+  if (uuid && strcmp(uuid, info->uuid) != 0)
+    return g_strdup_printf("checkpoint '%s' was replaced: its identity is %s, point %u "
+                           "started %s",
+                           cp, info->uuid, seq, uuid);
+  if (info->has_unbroken && !info->unbroken)
+    return g_strdup_printf("checkpoint '%s' has a break in its record: %s", cp,
+                           info->broken_reason ? info->broken_reason : "broken");
+  return NULL;
+}
+
+/* cbtd: the identity published at the instant is the one proven before it. */
+static char *
+instant_refusal(Take *t, GError **error)
+{
+  const char *uuid = str_member(t->base, "checkpoint-uuid");
+  const char *cp = str_member(t->base, "checkpoint");
+  if (!t->view.identity_context || !uuid)
+    return NULL;
+  g_autoptr(GPtrArray) names =
+    cbt_backup_nbd_list_contexts(&t->a->nbd, t->view.export_name, t->view.identity_context, error);
+  if (!names)
+    return NULL;
+  g_autofree char *want = g_strdup_printf("%s:%s:unbroken", t->view.identity_context, uuid);
+  for (guint i = 0; i < names->len; i++)
+    if (strcmp(g_ptr_array_index(names, i), want) == 0)
+      return NULL;
+  return g_strdup_printf("checkpoint '%s' changed before the instant of the view (%s)", cp,
+                         names->len ? (char *)g_ptr_array_index(names, 0) : "not published");
+}
+
+static gboolean
+freeze(Take *t, GError **error)
+{
+  g_autoptr(GError) local = NULL;
+
+  if (cbt_backup_server_freeze(t->server, &t->fz, &t->view, &local))
+    return TRUE;
+  /* No store for persistent bitmaps on this node: a checkpoint in memory still works while
+   * the daemon runs (docs/backup-vendors.md). */
+  if (t->a->persistent < 0 && t->fz.persistent && strstr(local->message, "persistent")) {
+    g_printerr("cbt-backup: note: %s; the checkpoint is kept in memory only\n", local->message);
+    t->fz.persistent = FALSE;
+    return cbt_backup_server_freeze(t->server, &t->fz, &t->view, error);
+  }
+  g_propagate_error(error, g_steal_pointer(&local));
+  return FALSE;
+}
+
+static gboolean
+open_map(Take *t, GError **error)
+{
+  const char *contexts[] = { "base:allocation", t->view.dirty_context, NULL };
+
+  t->map = cbt_backup_nbd_connect(&t->a->nbd, t->view.export_name, contexts, error);
+  if (!t->map)
+    return FALSE;
+  for (guint i = 0; contexts[i]; i++)
+    if (nbd_can_meta_context(t->map, contexts[i]) != 1) {
+      g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "the view does not publish '%s'",
+                  contexts[i]);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+static gboolean
+copy_into_part(Take *t, GArray *pieces, CbtBackupCopyStats *st, GError **error)
+{
+  g_autofree char *backing = NULL;
+  if (t->base)
+    backing = g_strdup(str_member(t->base, "file"));
+  if (!cbt_backup_image_create(t->part, backing, t->size, error))
+    return FALSE;
+  guint conns = nbd_can_multi_conn(t->map) == 1 ? MAX(t->a->connections, 1) : 1;
+  CbtBackupServe *sv = cbt_backup_serve(t->part, TRUE, conns, error);
+  if (!sv)
+    return FALSE;
+  g_autoptr(CbtBackupProgress) prog = NULL;
+  prog = cbt_backup_progress_new(t->a->progress, "copy", cbt_backup_map_bytes(pieces));
+  CbtBackupCopyArgs ca = { &t->a->nbd, t->view.export_name, cbt_backup_serve_uri(sv),
+                           conns,      t->base != NULL,     prog };
+  gboolean ok = cbt_backup_copy(&ca, pieces, st, error);
+  return cbt_backup_serve_stop(sv, ok ? error : NULL) && ok;
+}
+
+static JsonObject *
+manifest(Take *t, GArray *pieces, const CbtBackupCopyStats *st, const char *sha,
+         const CbtBackupBitmapInfo *cp)
+{
+  JsonObject *m = json_object_new();
+  g_autofree char *file = cbt_backup_point_name(t->seq, ".qcow2");
+  g_autofree char *finished = cbt_backup_now_iso();
+
+  json_object_set_string_member(m, "format", "cbt-backup-point/1");
+  json_object_set_int_member(m, "seq", t->seq);
+  json_object_set_string_member(m, "kind", t->base ? "incremental" : "full");
+  json_object_set_string_member(m, "file", file);
+  if (t->base)
+    json_object_set_string_member(m, "backing", str_member(t->base, "file"));
+  else
+    json_object_set_null_member(m, "backing");
+  json_object_set_string_member(m, "node", t->a->node);
+  json_object_set_string_member(m, "server", cbt_backup_server_name(t->server));
+  json_object_set_string_member(m, "checkpoint", t->new_checkpoint);
+  if (cp->uuid)
+    json_object_set_string_member(m, "checkpoint-uuid", cp->uuid);
+  json_object_set_int_member(m, "checkpoint-granularity", cp->granularity);
+  json_object_set_boolean_member(m, "checkpoint-persistent", cp->persistent);
+  if (t->base) {
+    JsonObject *b = json_object_new();
+    json_object_set_int_member(b, "seq", json_object_get_int_member(t->base, "seq"));
+    json_object_set_string_member(b, "checkpoint", str_member(t->base, "checkpoint"));
+    if (str_member(t->base, "checkpoint-uuid"))
+      json_object_set_string_member(b, "checkpoint-uuid", str_member(t->base, "checkpoint-uuid"));
+    json_object_set_object_member(m, "based-on", b);
+  }
+  if (t->fallback)
+    json_object_set_string_member(m, "fallback-reason", t->fallback);
+  json_object_set_int_member(m, "size", t->size);
+  json_object_set_int_member(m, "bytes-read", st->read);
+  json_object_set_int_member(m, "bytes-written", st->written);
+  json_object_set_int_member(m, "bytes-zeroed", st->zeroed);
+  json_object_set_string_member(m, "started", t->started);
+  json_object_set_string_member(m, "frozen", t->view.frozen_at);
+  json_object_set_string_member(m, "finished", finished);
+  json_object_set_string_member(m, "file-sha256", sha);
+  json_object_set_array_member(m, "pieces", cbt_backup_pieces_to_json(pieces));
+  return m;
+}
+
+/* Invariant 1: the image complete and durable under its final name, then the manifest. */
+static gboolean
+commit(Take *t, GArray *pieces, const CbtBackupCopyStats *st, GError **error)
+{
+  CbtBackupBitmapInfo cp;
+  if (!cbt_backup_fsync_path(t->part, error) ||
+      !cbt_backup_server_bitmap(t->server, t->a->node, t->new_checkpoint, &cp, error))
+    return FALSE;
+  gboolean ok = FALSE;
+  if (!cp.exists) {
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED,
+                "the new checkpoint '%s' is gone from node '%s'", t->new_checkpoint, t->a->node);
+  } else if (g_rename(t->part, t->image) < 0) {
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "rename %s: %s", t->part,
+                g_strerror(errno));
+  } else {
+    g_autofree char *sha = cbt_backup_file_sha256(t->image, error);
+    g_autofree char *name = cbt_backup_point_name(t->seq, ".json");
+    g_autoptr(JsonObject) m = sha ? manifest(t, pieces, st, sha, &cp) : NULL;
+    ok = m && cbt_backup_repo_write_json(t->repo, name, m, error);
+    if (ok)
+      g_ptr_array_add(t->repo->points, json_object_ref(m));
+    else
+      g_unlink(t->image);
+  }
+  cbt_backup_bitmap_info_clear(&cp);
+  return ok;
+}
+
+static void
+report(Take *t, const CbtBackupCopyStats *st)
+{
+  JsonObject *m = cbt_backup_repo_last(t->repo);
+  g_autoptr(JsonObject) o = json_object_new();
+
+  json_object_set_int_member(o, "seq", t->seq);
+  json_object_set_string_member(o, "kind", t->base ? "incremental" : "full");
+  json_object_set_string_member(o, "checkpoint", t->new_checkpoint);
+  json_object_set_int_member(o, "bytes-read", st->read);
+  json_object_set_int_member(o, "bytes-written", st->written);
+  json_object_set_int_member(o, "bytes-zeroed", st->zeroed);
+  json_object_set_string_member(o, "image", str_member(m, "file"));
+  if (t->fallback)
+    json_object_set_string_member(o, "fallback-reason", t->fallback);
+  if (t->a->progress == CBT_BACKUP_PROGRESS_JSON) {
+    cbt_backup_progress_event(t->a->progress, "result", o);
+    return;
+  }
+  g_print("point %u: %s backup of node '%s', %" G_GUINT64_FORMAT " bytes copied, %" G_GUINT64_FORMAT
+          " zeroed, checkpoint %s%s%s\n",
+          t->seq, t->base ? "incremental" : "full", t->a->node, st->written, st->zeroed,
+          t->new_checkpoint, t->fallback ? "; a full because " : "",
+          t->fallback ? t->fallback : "");
+}
+
+/* Choose full or incremental, the names and the checkpoint's properties. */
+static gboolean
+prepare(Take *t, gboolean incremental, GError **error)
+{
+  CbtBackupBitmapInfo old = { 0 };
+  JsonObject *last = cbt_backup_repo_last(t->repo);
+  g_autofree char *why = NULL;
+
+  if (incremental && !last)
+    why = g_strdup_printf("the repository %s has no point yet", t->repo->path);
+  if (incremental && last) {
+    t->base = last;
+    why = chain_refusal(t, &old, error);
+    if (!why && error && *error)
+      return FALSE;
+  }
+  if (why && !t->a->auto_full) {
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_CHAIN,
+                "cannot take an incremental backup: %s", why);
+    cbt_backup_bitmap_info_clear(&old);
+    return FALSE;
+  }
+  if (why) {
+    t->base = NULL;
+    t->fallback = g_steal_pointer(&why);
+  }
+  t->seq = last ? (guint)json_object_get_int_member(last, "seq") + 1 : 1;
+  t->new_checkpoint = g_strdup_printf("%s-%u", t->repo->prefix, t->seq);
+  t->fz.node = t->a->node;
+  t->fz.file_node = t->a->file_node;
+  t->fz.old_checkpoint = t->base ? str_member(t->base, "checkpoint") : NULL;
+  t->fz.new_checkpoint = t->new_checkpoint;
+  t->fz.persistent = t->a->persistent >= 0 ? t->a->persistent : t->base ? old.persistent : TRUE;
+  t->fz.granularity = t->a->granularity ? t->a->granularity : t->base ? old.granularity : 0;
+  t->fz.scratch_dir = t->a->scratch_dir;
+  t->fz.size = t->size;
+  g_autofree char *pname = cbt_backup_point_name(t->seq, ".qcow2.part");
+  g_autofree char *iname = cbt_backup_point_name(t->seq, ".qcow2");
+  t->part = cbt_backup_repo_file(t->repo, pname);
+  t->image = cbt_backup_repo_file(t->repo, iname);
+  cbt_backup_bitmap_info_clear(&old);
+  return TRUE;
+}
+
+static int
+take(Take *t, gboolean incremental, GError **error)
+{
+  JsonObject *last;
+
+  t->size = cbt_backup_server_node_size(t->server, t->a->node, error);
+  if (!t->size)
+    return CBT_BACKUP_EXIT_FAILED;
+  last = cbt_backup_repo_last(t->repo);
+  cbt_backup_server_clean_stale(t->server, t->a->node,
+                                last ? str_member(last, "checkpoint") : NULL);
+  if (!prepare(t, incremental, error))
+    return (*error)->code;
+  if (!freeze(t, error))
+    return CBT_BACKUP_EXIT_FAILED;
+  g_autofree char *why = NULL;
+  g_autoptr(GArray) pieces = NULL;
+  CbtBackupCopyStats st = { 0 };
+  gboolean ok = open_map(t, error) && !(why = instant_refusal(t, error)) && !(error && *error) &&
+                (pieces = cbt_backup_map(t->map, t->view.dirty_context, MAX_PIECE, error)) &&
+                copy_into_part(t, pieces, &st, error) && commit(t, pieces, &st, error);
+  if (why)
+    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_CHAIN,
+                "cannot take an incremental backup: %s", why);
+  if (t->map) {
+    nbd_shutdown(t->map, 0);
+    g_clear_pointer(&t->map, nbd_close);
+  }
+  g_unlink(t->part);
+  cbt_backup_server_release(t->server, &t->fz, ok);
+  if (!ok)
+    return (*error)->code;
+  /* Older checkpoints of this repository (a full restarts the chain) cost writes: remove. */
+  cbt_backup_server_clean_stale(t->server, t->a->node, t->new_checkpoint);
+  report(t, &st);
+  return CBT_BACKUP_EXIT_OK;
+}
+
+int
+cbt_backup_take(const CbtBackupRunArgs *a, gboolean incremental, GError **error)
+{
+  Take t = { .a = a };
+  int rc;
+
+  t.repo = cbt_backup_repo_open(a->repo, a->node, TRUE, TRUE, error);
+  if (!t.repo)
+    return CBT_BACKUP_EXIT_FAILED;
+  t.server = cbt_backup_server_connect(a->qmp, t.repo->prefix, error);
+  if (!t.server) {
+    cbt_backup_repo_free(t.repo);
+    return CBT_BACKUP_EXIT_FAILED;
+  }
+  t.started = cbt_backup_now_iso();
+  rc = take(&t, incremental, error);
+  cbt_backup_view_clear(&t.view);
+  cbt_backup_server_free(t.server);
+  cbt_backup_repo_free(t.repo);
+  g_free(t.new_checkpoint);
+  g_free(t.part);
+  g_free(t.image);
+  g_free(t.started);
+  g_free(t.fallback);
+  return rc;
+}
