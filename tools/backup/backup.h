@@ -154,6 +154,7 @@ typedef struct {
   const char *target_uri; /* the point's image, through qemu-nbd */
   guint connections;
   gboolean write_zeroes; /* incremental: ZERO pieces are written as zeroes */
+  guint64 max_rate;      /* bytes read per second, all connections together; 0: no limit */
   CbtBackupProgress *progress;
 } CbtBackupCopyArgs;
 
@@ -210,6 +211,7 @@ typedef struct {
   const char *qmp, *node, *file_node, *repo, *scratch_dir;
   CbtBackupNbdAddr nbd;
   guint connections;
+  guint64 max_rate;
   gboolean auto_full;
   int persistent; /* -1: as the chain (or the daemon) decides */
   guint32 granularity;

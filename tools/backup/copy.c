@@ -21,6 +21,8 @@ typedef struct {
   GError *error;
   CbtBackupCopyStats stats;
   guint64 max_len;
+  gint64 start_us;
+  guint64 taken; /* bytes the rate limit has let through; under lock */
 } Copy;
 
 static void
@@ -41,12 +43,30 @@ all_zero(const guint8 *buf, gsize len)
   return len == 0 || (buf[0] == 0 && memcmp(buf, buf + 1, len - 1) == 0);
 }
 
+/* --max-rate: a piece may start once the bytes before it fit the rate since the start, so a
+ * backup never takes more of the storage than it was given, however many connections. */
+static void
+throttle(Copy *c, guint64 len)
+{
+  if (!c->a->max_rate)
+    return;
+  g_mutex_lock(&c->lock);
+  gint64 due = c->start_us + (gint64)(c->taken * G_USEC_PER_SEC / c->a->max_rate);
+  c->taken += len;
+  g_mutex_unlock(&c->lock);
+  while (g_get_monotonic_time() < due && !cbt_backup_interrupted() && !g_atomic_int_get(&c->stop))
+    g_usleep(MIN(due - g_get_monotonic_time(), 50 * 1000));
+}
+
 /* One piece; on failure @error says what and where. */
 static gboolean
 copy_piece(Copy *c, struct nbd_handle *src, struct nbd_handle *dst, guint8 *buf, CbtBackupPiece *p,
            CbtBackupCopyStats *st, GError **error)
 {
   if (p->kind == CBT_BACKUP_DATA) {
+    throttle(c, p->length);
+    if (cbt_backup_interrupted() || g_atomic_int_get(&c->stop))
+      return TRUE; /* the caller sees why */
     if (nbd_pread(src, buf, p->length, p->offset, 0) == -1) {
       cbt_backup_nbd_error(error, "reading the view");
       return FALSE;
@@ -130,6 +150,7 @@ cbt_backup_copy(const CbtBackupCopyArgs *a, GArray *pieces, CbtBackupCopyStats *
       c.max_len = MAX(c.max_len, p->length);
   }
   g_mutex_init(&c.lock);
+  c.start_us = g_get_monotonic_time();
   for (guint i = 0; i < n; i++)
     g_ptr_array_add(threads, g_thread_new("copy", worker, &c));
   /* The owner of the progress output is this thread: it ticks while the workers copy. */

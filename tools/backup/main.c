@@ -51,7 +51,7 @@ catch_signals(void)
 }
 
 static char *opt_qmp, *opt_nbd, *opt_node, *opt_file_node, *opt_repo, *opt_scratch, *opt_progress;
-static char *opt_tls_certs, *opt_tls_psk, *opt_tls_user, *opt_persistent, *opt_to;
+static char *opt_tls_certs, *opt_tls_psk, *opt_tls_user, *opt_persistent, *opt_to, *opt_rate;
 static gboolean opt_auto, opt_json;
 static int opt_connections = 4, opt_point = -1, opt_keep = 0, opt_granularity = 0;
 
@@ -67,6 +67,8 @@ static const GOptionEntry take_entries[] = {
     "incremental: take a full when the chain cannot be proven, and say why", NULL },
   { "connections", 0, 0, G_OPTION_ARG_INT, &opt_connections,
     "NBD connections in parallel when the export allows multi-conn (default 4)", "N" },
+  { "max-rate", 0, 0, G_OPTION_ARG_STRING, &opt_rate,
+    "read at most this many bytes per second (suffixes K, M, G: powers of 1024)", "RATE" },
   { "scratch-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_scratch,
     "where the daemon keeps old data of the frozen view", "DIR" },
   { "persistent", 0, 0, G_OPTION_ARG_STRING, &opt_persistent,
@@ -127,6 +129,23 @@ progress_mode(CbtBackupProgressMode *mode, GError **error)
 }
 
 static gboolean
+parse_rate(const char *text, guint64 *out, GError **error)
+{
+  char *end = NULL;
+  guint64 v = g_ascii_strtoull(text, &end, 10);
+  guint shift = 0;
+
+  if (end && *end && !end[1] && strchr("KMG", g_ascii_toupper(*end)))
+    shift = 10 * (guint)(strchr("KMG", g_ascii_toupper(*end)) - "KMG" + 1);
+  else if (end && *end)
+    v = 0;
+  if (end == text || v == 0 || v > (G_MAXUINT64 >> 30))
+    return usage(error, "--max-rate=%s: expected a positive number of bytes per second", text);
+  *out = v << shift;
+  return TRUE;
+}
+
+static gboolean
 take_args(CbtBackupRunArgs *a, GError **error)
 {
   if (!opt_qmp || !opt_nbd || !opt_node || !opt_repo)
@@ -148,6 +167,8 @@ take_args(CbtBackupRunArgs *a, GError **error)
     return usage(error, "%s", "--connections must be between 1 and 16");
   a->connections = opt_connections;
   a->granularity = opt_granularity;
+  if (opt_rate && !parse_rate(opt_rate, &a->max_rate, error))
+    return FALSE;
   if (!opt_persistent || !strcmp(opt_persistent, "auto"))
     a->persistent = -1;
   else if (!strcmp(opt_persistent, "yes") || !strcmp(opt_persistent, "no"))

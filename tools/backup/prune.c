@@ -36,7 +36,11 @@ cbt_backup_flatten(const char *image, const char *out, guint64 size, CbtBackupPr
                 (dst = cbt_backup_serve(out, TRUE, 2, error));
   if (ok) {
     CbtBackupProgress *prog = cbt_backup_progress_new(mode, "prune", cbt_backup_map_bytes(p));
-    CbtBackupCopyArgs a = { &addr, "", cbt_backup_serve_uri(dst), 2, FALSE, prog };
+    CbtBackupCopyArgs a = { .source = &addr,
+                            .source_export = "",
+                            .target_uri = cbt_backup_serve_uri(dst),
+                            .connections = 2,
+                            .progress = prog };
     CbtBackupCopyStats st;
     ok = cbt_backup_copy(&a, p, &st, error);
     cbt_backup_progress_free(prog);
@@ -157,7 +161,7 @@ cbt_backup_prune(const char *repo, guint keep, CbtBackupProgressMode mode, GErro
   }
   g_autoptr(CbtBackupRepo) r = cbt_backup_repo_open(repo, NULL, TRUE, FALSE, error);
   if (!r)
-    return CBT_BACKUP_EXIT_FAILED;
+    return (*error)->code;
   guint n = r->points->len;
   if (n <= keep) {
     g_print("%u point%s, nothing to prune\n", n, n == 1 ? "" : "s");

@@ -282,7 +282,7 @@ cbt_backup_list(const char *repo, gboolean json, GError **error)
 {
   g_autoptr(CbtBackupRepo) r = cbt_backup_repo_open(repo, NULL, FALSE, FALSE, error);
   if (!r)
-    return CBT_BACKUP_EXIT_FAILED;
+    return (*error)->code;
   if (json) {
     g_autoptr(JsonArray) arr = json_array_new();
     for (guint i = 0; i < r->points->len; i++) {

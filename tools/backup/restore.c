@@ -20,7 +20,7 @@ cbt_backup_restore(const char *repo, int point, const char *to, GError **error)
 {
   g_autoptr(CbtBackupRepo) r = cbt_backup_repo_open(repo, NULL, FALSE, FALSE, error);
   if (!r)
-    return CBT_BACKUP_EXIT_FAILED;
+    return (*error)->code;
   JsonObject *m = cbt_backup_repo_point(r, point, error);
   if (!m)
     return CBT_BACKUP_EXIT_USAGE;

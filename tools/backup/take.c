@@ -145,8 +145,13 @@ copy_into_part(Take *t, GArray *pieces, CbtBackupCopyStats *st, GError **error)
     return FALSE;
   g_autoptr(CbtBackupProgress) prog = NULL;
   prog = cbt_backup_progress_new(t->a->progress, "copy", cbt_backup_map_bytes(pieces));
-  CbtBackupCopyArgs ca = { &t->a->nbd, t->view.export_name, cbt_backup_serve_uri(sv),
-                           conns,      t->base != NULL,     prog };
+  CbtBackupCopyArgs ca = { .source = &t->a->nbd,
+                           .source_export = t->view.export_name,
+                           .target_uri = cbt_backup_serve_uri(sv),
+                           .connections = conns,
+                           .write_zeroes = t->base != NULL,
+                           .max_rate = t->a->max_rate,
+                           .progress = prog };
   gboolean ok = cbt_backup_copy(&ca, pieces, st, error);
   return cbt_backup_serve_stop(sv, ok ? error : NULL) && ok;
 }
@@ -341,7 +346,7 @@ cbt_backup_take(const CbtBackupRunArgs *a, gboolean incremental, GError **error)
 
   t.repo = cbt_backup_repo_open(a->repo, a->node, TRUE, TRUE, error);
   if (!t.repo)
-    return CBT_BACKUP_EXIT_FAILED;
+    return (*error)->code;
   t.server = cbt_backup_server_connect(a->qmp, t.repo->prefix, error);
   if (!t.server) {
     cbt_backup_repo_free(t.repo);

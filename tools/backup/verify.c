@@ -126,7 +126,7 @@ cbt_backup_verify(const char *repo, int point, CbtBackupProgressMode mode, GErro
   guint damaged = 0, checked = 0;
 
   if (!r)
-    return CBT_BACKUP_EXIT_FAILED;
+    return (*error)->code;
   for (guint i = 0; i < r->points->len; i++) {
     JsonObject *m = g_ptr_array_index(r->points, i);
     gint64 seq = json_object_get_int_member(m, "seq");
