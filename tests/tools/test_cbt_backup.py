@@ -233,6 +233,62 @@ class Base:
         self.assertIn('is missing', self.manifest(2)['fallback-reason'])
         self.assertEqual(self.restored(2), self.read_live())
 
+    def verify_live(self, *extra, expect=0):
+        p = self.tool('verify', '--live', '--repo', self.repo, '--qmp', self.tool_qmp,
+                      '--nbd', self.nbd_sock, '--scratch-dir', self.dir, '--progress=json',
+                      *extra, expect=expect)
+        lines = [json.loads(line) for line in p.stdout.splitlines()]
+        return [e for e in lines if e['type'] == 'verify'], p.stderr
+
+    def test_verify_live(self):
+        """verify --live compares the last point with a frozen view where its checkpoint says
+        nothing changed: it passes while writers write (their extents are changed since), finds
+        a write that went around the daemon (into the image file) with exit 4, leaves the
+        server and the chain as they were, and refuses a chain it cannot prove (exit 3)."""
+        nodes_before = self.node_names()
+        res1, _ = self.backup('full')
+        self.write_live(2 * MiB, b'\x42' * MiB)
+        res2, _ = self.backup('incremental')
+        writers = [seqwriter.Writer(self.live_uri(), w, WRITERS, HOT, BLOCK, pause=0.0005)
+                   for w in range(WRITERS)]
+        for wr in writers:
+            wr.start()
+        try:
+            cbttest.wait_for(lambda: all(len(wr.log) > 50 for wr in writers), what='writes')
+            (ev,), _ = self.verify_live()
+        finally:
+            for wr in writers:
+                wr.stop.set()
+            for wr in writers:
+                wr.join()
+        self.assertEqual((ev['seq'], ev['ok'], ev['live']), (2, True, True))
+        self.assertGreater(ev['bytes-changed-since'], 0)
+        self.assertLessEqual(ev['bytes-changed-since'], HOT)
+        self.assertEqual(ev['bytes-compared'] + ev['bytes-changed-since'], SIZE)
+        self.assert_server_clean(nodes_before)
+        self.assertEqual(list(self.bitmaps()), [res2['checkpoint']])
+        # A write the daemon never saw, outside the writers' area: the point and the disk now
+        # differ where the checkpoint says nothing changed.
+        with open(self.img_path, 'r+b') as f:
+            os.pwrite(f.fileno(), b'\xee' * BLOCK, 20 * MiB + 3 * BLOCK)
+        (ev,), err = self.verify_live(expect=4)
+        self.assertFalse(ev['ok'])
+        self.assertIn('the data at offset %d differs from the live disk' % (20 * MiB + 3 * BLOCK),
+                      ev['problem'])
+        self.assertIn('does not match the live disk', err)
+        self.assert_server_clean(nodes_before)
+        # The chain is untouched: the next incremental is taken from the same checkpoint.
+        self.assertTrue(self.bitmaps()[res2['checkpoint']]['recording'])
+        res3, _ = self.backup('incremental')
+        self.assertEqual(res3['kind'], 'incremental')
+        # Only the last point's checkpoint records; and a missing one cannot be compared.
+        self.verify_live('--point', '1', expect=2)
+        self.q.execute('block-dirty-bitmap-remove', {'node': 'disk', 'name': res3['checkpoint']})
+        _, err = self.verify_live(expect=3)
+        self.assertIn("cannot compare point 3 with the live disk: checkpoint '%s' of point 3 is "
+                      "missing" % res3['checkpoint'], err)
+        self.assertNotEqual(res1['checkpoint'], res3['checkpoint'])
+
     def test_interrupted_backup_keeps_the_chain(self):
         """SIGINT in the middle of a copy: exit 130, no point, no partial image, nothing left on
         the server, the old checkpoint still recording; the next incremental works. SIGKILL:

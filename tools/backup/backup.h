@@ -6,9 +6,11 @@
  *   map.c       which extents a point must copy (base:allocation, a dirty bitmap)
  *   copy.c      the parallel NBD copy of those extents into a point, with checksums
  *   point.c     a point's image (qemu-img, qemu-nbd) and its manifest
+ *   chain.c     the proof that a checkpoint continues a point's chain
  *   take.c      a full or incremental backup: proof, freeze, copy, commit, release
  *   repo.c      the repository: its layout, points and manifests; list
  *   verify.c    a point against its manifest
+ *   live.c      the last point against the live disk, where its checkpoint says nothing changed
  *   restore.c   a point to a file, a device or an NBD export, with qemu-img
  *   prune.c     the oldest points merged into one full
  *   progress.c  the progress bar and JSON progress lines
@@ -98,10 +100,10 @@ void cbt_backup_server_clean_stale(CbtBackupServer *s, const char *node, const c
 typedef struct {
   const char *node, *file_node; /* file_node: qemu-storage-daemon only (NULL: looked up) */
   const char *old_checkpoint;   /* NULL for a full */
-  const char *new_checkpoint;
-  gboolean persistent;     /* of the new checkpoint */
-  guint32 granularity;     /* of the new checkpoint; 0: the daemon's choice */
-  const char *scratch_dir; /* qemu-storage-daemon: where its scratch file goes */
+  const char *new_checkpoint;   /* NULL: a view only (verify --live) */
+  gboolean persistent;          /* of the new checkpoint */
+  guint32 granularity;          /* of the new checkpoint; 0: the daemon's choice */
+  const char *scratch_dir;      /* qemu-storage-daemon: where its scratch file goes */
   guint64 size;
 } CbtBackupFreezeArgs;
 
@@ -130,6 +132,10 @@ typedef struct {
 GArray *cbt_backup_map(struct nbd_handle *h, const char *dirty_context, guint64 max_piece,
                        GError **error);
 guint64 cbt_backup_map_bytes(GArray *pieces);
+/* The extents @dirty_context does not mark (DATA pieces of at most @max_piece bytes), and in
+ * @dirty_bytes how much it marks. */
+GArray *cbt_backup_map_clean(struct nbd_handle *h, const char *dirty_context, guint64 max_piece,
+                             guint64 *dirty_bytes, GError **error);
 
 /* ---- progress.c ---------------------------------------------------------------------------- */
 typedef enum {
@@ -218,10 +224,24 @@ typedef struct {
   CbtBackupProgressMode progress;
 } CbtBackupRunArgs;
 
+/* ---- chain.c ------------------------------------------------------------------------------- */
+/* A manifest's string member, NULL when absent or null. */
+const char *cbt_backup_manifest_str(JsonObject *m, const char *name);
+/* Why @base's checkpoint on @node (now @size bytes) does not continue its chain, NULL when it
+ * does (or with @error set: could not tell). @info: the checkpoint as the daemon shows it. */
+char *cbt_backup_chain_refusal(CbtBackupServer *s, CbtBackupRepo *r, const char *node, guint64 size,
+                               JsonObject *base, CbtBackupBitmapInfo *info, GError **error);
+/* cbtd: why the identity @view published at its instant is not @base's, NULL when it is. */
+char *cbt_backup_instant_refusal(const CbtBackupNbdAddr *nbd, const CbtBackupView *view,
+                                 JsonObject *base, GError **error);
+
 void cbt_backup_prune_recover(CbtBackupRepo *r, const char *manifest_new);
 int cbt_backup_take(const CbtBackupRunArgs *a, gboolean incremental, GError **error);
 int cbt_backup_list(const char *repo, gboolean json, GError **error);
 int cbt_backup_verify(const char *repo, int point, CbtBackupProgressMode progress, GError **error);
+/* The last point against a frozen view of the live node: where its checkpoint says nothing
+ * changed since, both must read the same. */
+int cbt_backup_verify_live(const CbtBackupRunArgs *a, int point, GError **error);
 int cbt_backup_restore(const char *repo, int point, const char *to, GError **error);
 int cbt_backup_prune(const char *repo, guint keep, CbtBackupProgressMode progress, GError **error);
 

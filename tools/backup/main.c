@@ -52,7 +52,7 @@ catch_signals(void)
 
 static char *opt_qmp, *opt_nbd, *opt_node, *opt_file_node, *opt_repo, *opt_scratch, *opt_progress;
 static char *opt_tls_certs, *opt_tls_psk, *opt_tls_user, *opt_persistent, *opt_to, *opt_rate;
-static gboolean opt_auto, opt_json;
+static gboolean opt_auto, opt_json, opt_live;
 static int opt_connections = 4, opt_point = -1, opt_keep = 0, opt_granularity = 0;
 
 static const GOptionEntry take_entries[] = {
@@ -96,6 +96,25 @@ static const GOptionEntry repo_entries[] = {
   { "keep", 0, 0, G_OPTION_ARG_INT, &opt_keep, "prune: the number of points to keep", "K" },
   { "json", 0, 0, G_OPTION_ARG_NONE, &opt_json, "list: as JSON", NULL },
   { "progress", 0, 0, G_OPTION_ARG_STRING, &opt_progress, "as for a backup", "MODE" },
+  { NULL }
+};
+
+/* verify --live reaches the daemon as a backup does. */
+static const GOptionEntry live_entries[] = {
+  { "live", 0, 0, G_OPTION_ARG_NONE, &opt_live,
+    "verify: compare the last point with a frozen view of the node, where its checkpoint says "
+    "nothing changed since",
+    NULL },
+  { "qmp", 0, 0, G_OPTION_ARG_FILENAME, &opt_qmp, "--live: the daemon's QMP unix socket", "PATH" },
+  { "nbd", 0, 0, G_OPTION_ARG_STRING, &opt_nbd, "--live: its NBD server", "ADDR" },
+  { "node", 0, 0, G_OPTION_ARG_STRING, &opt_node, "--live: the node (default: the repository's)",
+    "NAME" },
+  { "file-node", 0, 0, G_OPTION_ARG_STRING, &opt_file_node, "--live: as for a backup", "NAME" },
+  { "scratch-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_scratch, "--live: as for a backup", "DIR" },
+  { "tls-certificates", 0, 0, G_OPTION_ARG_FILENAME, &opt_tls_certs, "--live: as for a backup",
+    "DIR" },
+  { "tls-psk-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_tls_psk, "--live: as for a backup", "FILE" },
+  { "tls-username", 0, 0, G_OPTION_ARG_STRING, &opt_tls_user, "--live: as for a backup", "NAME" },
   { NULL }
 };
 
@@ -146,10 +165,8 @@ parse_rate(const char *text, guint64 *out, GError **error)
 }
 
 static gboolean
-take_args(CbtBackupRunArgs *a, GError **error)
+server_args(CbtBackupRunArgs *a, GError **error)
 {
-  if (!opt_qmp || !opt_nbd || !opt_node || !opt_repo)
-    return usage(error, "%s", "--qmp, --nbd, --node and --repo are required");
   if (!cbt_backup_nbd_addr_parse(&a->nbd, opt_nbd, error) || !progress_mode(&a->progress, error))
     return FALSE;
   a->nbd.tls_certificates = g_strdup(opt_tls_certs);
@@ -162,6 +179,30 @@ take_args(CbtBackupRunArgs *a, GError **error)
   a->file_node = opt_file_node;
   a->repo = opt_repo;
   a->scratch_dir = opt_scratch;
+  return TRUE;
+}
+
+static int
+verify_live(GError **error)
+{
+  CbtBackupRunArgs a = { 0 };
+  int rc = CBT_BACKUP_EXIT_USAGE;
+
+  if (!opt_qmp || !opt_nbd)
+    usage(error, "%s", "verify --live needs --qmp and --nbd");
+  else if (server_args(&a, error))
+    rc = cbt_backup_verify_live(&a, opt_point, error);
+  cbt_backup_nbd_addr_clear(&a.nbd);
+  return rc;
+}
+
+static gboolean
+take_args(CbtBackupRunArgs *a, GError **error)
+{
+  if (!opt_qmp || !opt_nbd || !opt_node || !opt_repo)
+    return usage(error, "%s", "--qmp, --nbd, --node and --repo are required");
+  if (!server_args(a, error))
+    return FALSE;
   a->auto_full = opt_auto;
   if (opt_connections < 1 || opt_connections > 16)
     return usage(error, "%s", "--connections must be between 1 and 16");
@@ -198,6 +239,8 @@ dispatch(const char *cmd, GError **error)
     return CBT_BACKUP_EXIT_USAGE;
   if (!strcmp(cmd, "list"))
     return cbt_backup_list(opt_repo, opt_json, error);
+  if (!strcmp(cmd, "verify") && opt_live)
+    return verify_live(error);
   if (!strcmp(cmd, "verify"))
     return cbt_backup_verify(opt_repo, opt_point, mode, error);
   if (!strcmp(cmd, "prune"))
@@ -228,6 +271,8 @@ main(int argc, char **argv)
   g_autofree char *param = g_strdup_printf("%s - cbtd's backup client", cmd);
   g_autoptr(GOptionContext) ctx = g_option_context_new(param);
   g_option_context_add_main_entries(ctx, take ? take_entries : repo_entries, NULL);
+  if (!strcmp(cmd, "verify"))
+    g_option_context_add_main_entries(ctx, live_entries, NULL);
   argv[1] = argv[0];
   argc--;
   argv++;

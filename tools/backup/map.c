@@ -147,3 +147,28 @@ cbt_backup_map_bytes(GArray *pieces)
     n += g_array_index(pieces, CbtBackupPiece, i).length;
   return n;
 }
+
+GArray *
+cbt_backup_map_clean(struct nbd_handle *h, const char *dirty_context, guint64 max_piece,
+                     guint64 *dirty_bytes, GError **error)
+{
+  g_autoptr(GArray) pieces = g_array_new(FALSE, FALSE, sizeof(CbtBackupPiece));
+  g_autoptr(GArray) segs = g_array_new(FALSE, FALSE, sizeof(Segment));
+  int64_t size = nbd_get_size(h);
+
+  if (size < 0) {
+    cbt_backup_nbd_error(error, "export size");
+    return NULL;
+  }
+  if (!walk(h, dirty_context, NBD_STATE_DIRTY, TRUE, 0, size, segs, error))
+    return NULL;
+  *dirty_bytes = 0;
+  for (guint i = 0; i < segs->len; i++) {
+    const Segment *s = &g_array_index(segs, Segment, i);
+    if (s->hit)
+      add_pieces(pieces, s->offset, s->length, CBT_BACKUP_DATA, max_piece);
+    else
+      *dirty_bytes += s->length;
+  }
+  return g_steal_pointer(&pieces);
+}

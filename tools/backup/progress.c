@@ -79,6 +79,10 @@ cbt_backup_progress_tick(CbtBackupProgress *p, gboolean last)
 
   if (p->mode == CBT_BACKUP_PROGRESS_NONE)
     return;
+  /* At most four lines (or redraws) a second, however small the pieces: a program reading
+   * them wants news, not one line per read. */
+  if (!last && p->last_us > p->start_us && now - p->last_us < G_USEC_PER_SEC / 4)
+    return;
   if (dt > 0) {
     double inst = (double)(done - p->last_done) / dt;
     p->rate = p->last_done == 0 && p->rate == 0 ? inst : 0.7 * p->rate + 0.3 * inst;
@@ -98,7 +102,7 @@ cbt_backup_progress_tick(CbtBackupProgress *p, gboolean last)
   json_object_set_int_member(o, "total", (gint64)p->total);
   json_object_set_int_member(o, "bytes-per-second", (gint64)p->rate);
   if (eta >= 0)
-    json_object_set_double_member(o, "eta-seconds", eta);
+    json_object_set_double_member(o, "eta-seconds", (double)(gint64)(eta * 10 + 0.5) / 10);
   cbt_backup_progress_event(p->mode, "progress", o);
 }
 

@@ -220,16 +220,20 @@ static gboolean
 freeze_cbtd(CbtBackupServer *s, const CbtBackupFreezeArgs *a, CbtBackupView *v, GError **error)
 {
   g_autofree char *id = name_of(s, "export");
-  g_autofree char *qid = quote(id), *qnode = quote(a->node), *qnew = quote(a->new_checkpoint);
+  g_autofree char *qid = quote(id), *qnode = quote(a->node);
   g_autofree char *bitmaps = NULL, *extra = NULL;
 
   if (a->old_checkpoint) {
     g_autofree char *qold = quote(a->old_checkpoint);
     bitmaps = g_strdup_printf(", \"bitmaps\": [%s]", qold);
   }
-  extra = g_strdup_printf("%s, \"checkpoint-persistent\": %s", bitmaps ? bitmaps : "",
-                          a->persistent ? "true" : "false");
-  if (a->granularity) {
+  extra = g_strdup(bitmaps ? bitmaps : "");
+  if (a->new_checkpoint) {
+    g_autofree char *e = extra, *qnew = quote(a->new_checkpoint);
+    extra = g_strdup_printf("%s, \"checkpoint\": %s, \"checkpoint-persistent\": %s", e, qnew,
+                            a->persistent ? "true" : "false");
+  }
+  if (a->new_checkpoint && a->granularity) {
     g_autofree char *e = extra;
     extra = g_strdup_printf("%s, \"checkpoint-granularity\": %u", e, a->granularity);
   }
@@ -240,8 +244,8 @@ freeze_cbtd(CbtBackupServer *s, const CbtBackupFreezeArgs *a, CbtBackupView *v, 
   /* auto-remove: if this process dies after its first connection, the view goes with it. */
   g_autofree char *args =
     g_strdup_printf("{\"type\": \"nbd\", \"id\": %s, \"name\": %s, \"node-name\": %s, "
-                    "\"snapshot\": true, \"checkpoint\": %s, \"auto-remove\": true%s}",
-                    qid, qid, qnode, qnew, extra);
+                    "\"snapshot\": true, \"auto-remove\": true%s}",
+                    qid, qid, qnode, extra);
   if (!call_ok(s, "block-export-add", args, error))
     return FALSE;
   v->export_name = g_steal_pointer(&id);
@@ -315,12 +319,15 @@ freeze_qsd(CbtBackupServer *s, const CbtBackupFreezeArgs *a, CbtBackupView *v, G
   g_autofree char *id = name_of(s, "export");
   g_autofree char *qnode = quote(a->node), *qfile = quote(file), *qscratch = quote(scratch);
   g_autofree char *qcbw = quote(cbw), *qsnap = quote(snap), *qid = quote(id);
-  g_autofree char *qpath = quote(s->scratch_path), *qnew = quote(a->new_checkpoint);
+  g_autofree char *qpath = quote(s->scratch_path);
+  g_autofree char *qnew = a->new_checkpoint ? quote(a->new_checkpoint) : NULL;
   g_autofree char *gran =
     a->granularity ? g_strdup_printf(", \"granularity\": %u", a->granularity) : g_strdup("");
 
-  g_autofree char *add_cp = g_strdup_printf("{\"node\": %s, \"name\": %s, \"persistent\": %s%s}",
-                                            qnode, qnew, a->persistent ? "true" : "false", gran);
+  g_autofree char *add_cp =
+    qnew ? g_strdup_printf("{\"node\": %s, \"name\": %s, \"persistent\": %s%s}", qnode, qnew,
+                           a->persistent ? "true" : "false", gran)
+         : NULL;
   g_autofree char *add_scratch =
     g_strdup_printf("{\"driver\": \"file\", \"node-name\": %s, \"filename\": %s}", qscratch, qpath);
   g_autofree char *add_cbw = g_strdup_printf(
@@ -331,7 +338,7 @@ freeze_qsd(CbtBackupServer *s, const CbtBackupFreezeArgs *a, CbtBackupView *v, G
     "{\"options\": [{\"driver\": \"raw\", \"node-name\": %s, \"file\": %s}]}", qnode, qcbw);
   g_autofree char *add_snap = g_strdup_printf(
     "{\"driver\": \"snapshot-access\", \"node-name\": %s, \"file\": %s}", qsnap, qcbw);
-  if (!call_ok(s, "block-dirty-bitmap-add", add_cp, error) ||
+  if ((a->new_checkpoint && !call_ok(s, "block-dirty-bitmap-add", add_cp, error)) ||
       !call_ok(s, "blockdev-add", add_scratch, error) ||
       !call_ok(s, "blockdev-add", add_cbw, error) || !call_ok(s, "blockdev-reopen", reopen, error))
     return FALSE;
@@ -482,7 +489,7 @@ cbt_backup_server_release(CbtBackupServer *s, const CbtBackupFreezeArgs *a, gboo
    * old one still covers everything since the last point: the new one would only cost. */
   if (committed && a->old_checkpoint)
     remove_bitmap(s, a->node, a->old_checkpoint);
-  else if (!committed)
+  else if (!committed && a->new_checkpoint)
     remove_bitmap(s, a->node, a->new_checkpoint);
 }
 

@@ -31,71 +31,6 @@ typedef struct {
   struct nbd_handle *map;
 } Take;
 
-static const char *
-str_member(JsonObject *o, const char *name)
-{
-  return o && json_object_has_member(o, name) && !json_object_get_null_member(o, name)
-           ? json_object_get_string_member(o, name)
-           : NULL;
-}
-
-/* Why the chain from @t->base cannot be continued, or NULL when it can. */
-static char *
-chain_refusal(Take *t, CbtBackupBitmapInfo *info, GError **error)
-{
-  JsonObject *b = t->base;
-  const char *cp = str_member(b, "checkpoint"), *uuid = str_member(b, "checkpoint-uuid");
-  guint seq = json_object_get_int_member(b, "seq");
-  g_autofree char *image = cbt_backup_repo_file(t->repo, str_member(b, "file"));
-
-  if (!g_file_test(image, G_FILE_TEST_EXISTS))
-    return g_strdup_printf("the image of point %u is missing (%s)", seq, image);
-  if ((guint64)json_object_get_int_member(b, "size") != t->size)
-    return g_strdup_printf("node '%s' is %" G_GUINT64_FORMAT
-                           " bytes, point %u was %" G_GINT64_FORMAT,
-                           t->a->node, t->size, seq, json_object_get_int_member(b, "size"));
-  if (!cbt_backup_server_bitmap(t->server, t->a->node, cp, info, error))
-    return NULL;
-  if (!info->exists)
-    return g_strdup_printf("checkpoint '%s' of point %u is missing on node '%s'", cp, seq,
-                           t->a->node);
-  if (info->inconsistent)
-    return g_strdup_printf("checkpoint '%s' is inconsistent", cp);
-  if (!info->recording)
-    return g_strdup_printf("checkpoint '%s' is not recording", cp);
-  if (uuid && !info->uuid)
-    return g_strdup_printf("point %u was proven by a bitmap identity, and %s has none", seq,
-                           cbt_backup_server_name(t->server));
-  if (uuid && strcmp(uuid, info->uuid) != 0)
-    return g_strdup_printf("checkpoint '%s' was replaced: its identity is %s, point %u "
-                           "started %s",
-                           cp, info->uuid, seq, uuid);
-  if (info->has_unbroken && !info->unbroken)
-    return g_strdup_printf("checkpoint '%s' has a break in its record: %s", cp,
-                           info->broken_reason ? info->broken_reason : "broken");
-  return NULL;
-}
-
-/* cbtd: the identity published at the instant is the one proven before it. */
-static char *
-instant_refusal(Take *t, GError **error)
-{
-  const char *uuid = str_member(t->base, "checkpoint-uuid");
-  const char *cp = str_member(t->base, "checkpoint");
-  if (!t->view.identity_context || !uuid)
-    return NULL;
-  g_autoptr(GPtrArray) names =
-    cbt_backup_nbd_list_contexts(&t->a->nbd, t->view.export_name, t->view.identity_context, error);
-  if (!names)
-    return NULL;
-  g_autofree char *want = g_strdup_printf("%s:%s:unbroken", t->view.identity_context, uuid);
-  for (guint i = 0; i < names->len; i++)
-    if (strcmp(g_ptr_array_index(names, i), want) == 0)
-      return NULL;
-  return g_strdup_printf("checkpoint '%s' changed before the instant of the view (%s)", cp,
-                         names->len ? (char *)g_ptr_array_index(names, 0) : "not published");
-}
-
 static gboolean
 freeze(Take *t, GError **error)
 {
@@ -136,7 +71,7 @@ copy_into_part(Take *t, GArray *pieces, CbtBackupCopyStats *st, GError **error)
 {
   g_autofree char *backing = NULL;
   if (t->base)
-    backing = g_strdup(str_member(t->base, "file"));
+    backing = g_strdup(cbt_backup_manifest_str(t->base, "file"));
   if (!cbt_backup_image_create(t->part, backing, t->size, error))
     return FALSE;
   guint conns = nbd_can_multi_conn(t->map) == 1 ? MAX(t->a->connections, 1) : 1;
@@ -169,7 +104,7 @@ manifest(Take *t, GArray *pieces, const CbtBackupCopyStats *st, const char *sha,
   json_object_set_string_member(m, "kind", t->base ? "incremental" : "full");
   json_object_set_string_member(m, "file", file);
   if (t->base)
-    json_object_set_string_member(m, "backing", str_member(t->base, "file"));
+    json_object_set_string_member(m, "backing", cbt_backup_manifest_str(t->base, "file"));
   else
     json_object_set_null_member(m, "backing");
   json_object_set_string_member(m, "node", t->a->node);
@@ -182,9 +117,10 @@ manifest(Take *t, GArray *pieces, const CbtBackupCopyStats *st, const char *sha,
   if (t->base) {
     JsonObject *b = json_object_new();
     json_object_set_int_member(b, "seq", json_object_get_int_member(t->base, "seq"));
-    json_object_set_string_member(b, "checkpoint", str_member(t->base, "checkpoint"));
-    if (str_member(t->base, "checkpoint-uuid"))
-      json_object_set_string_member(b, "checkpoint-uuid", str_member(t->base, "checkpoint-uuid"));
+    json_object_set_string_member(b, "checkpoint", cbt_backup_manifest_str(t->base, "checkpoint"));
+    if (cbt_backup_manifest_str(t->base, "checkpoint-uuid"))
+      json_object_set_string_member(b, "checkpoint-uuid",
+                                    cbt_backup_manifest_str(t->base, "checkpoint-uuid"));
     json_object_set_object_member(m, "based-on", b);
   }
   if (t->fallback)
@@ -242,7 +178,7 @@ report(Take *t, const CbtBackupCopyStats *st)
   json_object_set_int_member(o, "bytes-read", st->read);
   json_object_set_int_member(o, "bytes-written", st->written);
   json_object_set_int_member(o, "bytes-zeroed", st->zeroed);
-  json_object_set_string_member(o, "image", str_member(m, "file"));
+  json_object_set_string_member(o, "image", cbt_backup_manifest_str(m, "file"));
   if (t->fallback)
     json_object_set_string_member(o, "fallback-reason", t->fallback);
   if (t->a->progress == CBT_BACKUP_PROGRESS_JSON) {
@@ -268,7 +204,7 @@ prepare(Take *t, gboolean incremental, GError **error)
     why = g_strdup_printf("the repository %s has no point yet", t->repo->path);
   if (incremental && last) {
     t->base = last;
-    why = chain_refusal(t, &old, error);
+    why = cbt_backup_chain_refusal(t->server, t->repo, t->a->node, t->size, last, &old, error);
     if (!why && error && *error)
       return FALSE;
   }
@@ -286,7 +222,7 @@ prepare(Take *t, gboolean incremental, GError **error)
   t->new_checkpoint = g_strdup_printf("%s-%u", t->repo->prefix, t->seq);
   t->fz.node = t->a->node;
   t->fz.file_node = t->a->file_node;
-  t->fz.old_checkpoint = t->base ? str_member(t->base, "checkpoint") : NULL;
+  t->fz.old_checkpoint = t->base ? cbt_backup_manifest_str(t->base, "checkpoint") : NULL;
   t->fz.new_checkpoint = t->new_checkpoint;
   t->fz.persistent = t->a->persistent >= 0 ? t->a->persistent : t->base ? old.persistent : TRUE;
   t->fz.granularity = t->a->granularity ? t->a->granularity : t->base ? old.granularity : 0;
@@ -310,7 +246,7 @@ take(Take *t, gboolean incremental, GError **error)
     return CBT_BACKUP_EXIT_FAILED;
   last = cbt_backup_repo_last(t->repo);
   cbt_backup_server_clean_stale(t->server, t->a->node,
-                                last ? str_member(last, "checkpoint") : NULL);
+                                last ? cbt_backup_manifest_str(last, "checkpoint") : NULL);
   if (!prepare(t, incremental, error))
     return (*error)->code;
   if (!freeze(t, error))
@@ -318,7 +254,9 @@ take(Take *t, gboolean incremental, GError **error)
   g_autofree char *why = NULL;
   g_autoptr(GArray) pieces = NULL;
   CbtBackupCopyStats st = { 0 };
-  gboolean ok = open_map(t, error) && !(why = instant_refusal(t, error)) && !(error && *error) &&
+  gboolean ok = open_map(t, error) &&
+                !(why = cbt_backup_instant_refusal(&t->a->nbd, &t->view, t->base, error)) &&
+                !(error && *error) &&
                 (pieces = cbt_backup_map(t->map, t->view.dirty_context, MAX_PIECE, error)) &&
                 copy_into_part(t, pieces, &st, error) && commit(t, pieces, &st, error);
   if (why)
