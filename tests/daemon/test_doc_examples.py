@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""The complete examples in docs/ run as written.
+"""The complete examples in README.md and docs/ run as written.
 
 A complete example is a ```sh block whose first line sets D= (its scratch directory) and
 that cleans up after itself; it refers to the programs as build/daemon/cbtd and
@@ -21,21 +21,24 @@ BLOCK = re.compile(r'^```sh\n(.*?)^```', re.S | re.M)
 
 def examples():
     docs = os.path.join(SRCDIR, 'docs')
-    for name in sorted(os.listdir(docs)):
-        if name.endswith('.md'):
-            with open(os.path.join(docs, name)) as f:
-                text = f.read()
-            for m in BLOCK.finditer(text):
-                if m.group(1).startswith('D='):
-                    line = text.count('\n', 0, m.start()) + 1
-                    yield '%s:%d' % (name, line), m.group(1)
+    files = [os.path.join(SRCDIR, 'README.md')]
+    files += [os.path.join(docs, n) for n in sorted(os.listdir(docs)) if n.endswith('.md')]
+    for path in files:
+        name = os.path.relpath(path, SRCDIR)
+        with open(path) as f:
+            text = f.read()
+        for m in BLOCK.finditer(text):
+            if m.group(1).startswith('D='):
+                line = text.count('\n', 0, m.start()) + 1
+                yield '%s:%d' % (name, line), m.group(1)
 
 
 class DocExamples(unittest.TestCase):
     def test_examples_run(self):
         found = list(examples())
-        # user-guide.md: three fleecing ways and TLS; backup-vendors.md: a busy disk's backups.
-        self.assertGreaterEqual(len(found), 5)
+        # README.md: cbt-backup; user-guide.md: three fleecing ways and TLS; backup-vendors.md:
+        # a busy disk's backups, cbt-backup on cbtd and on qemu-storage-daemon.
+        self.assertGreaterEqual(len(found), 8)
         for where, script in found:
             with self.subTest(where), tempfile.TemporaryDirectory() as cwd:
                 self.run_example(where, script, cwd)
