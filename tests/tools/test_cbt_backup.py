@@ -458,6 +458,17 @@ class TestCbtd(Base, unittest.TestCase):
         p = self.tool('verify', '--repo', self.repo, '--point', '1', expect=4)
         self.assertIn("point 1: DAMAGED: its image's SHA-256 is", p.stdout)
 
+    def test_file_node_refused_with_a_way_out(self):
+        """cbtd freezes a raw node over a file node: a file node is refused (exit 1) with the
+        daemon's reason and what to do instead, and nothing is left behind."""
+        nodes_before = self.node_names()
+        p = self.tool('full', '--qmp', self.tool_qmp, '--nbd', self.nbd_sock, '--node', 'disk0',
+                      '--repo', os.path.join(self.dir, 'repo0'), expect=1)
+        self.assertIn('back up a raw node over the file node instead', p.stderr)
+        self.assertIn("node 'disk0' is a 'file' node", p.stderr)
+        self.assertEqual(self.bitmaps(), {})
+        self.assert_server_clean(nodes_before)
+
     def test_prune(self):
         """prune --keep 2 of four points: the third becomes a full holding the disk as at its
         instant, the first two go, the fourth still restores, verify passes."""

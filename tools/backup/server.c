@@ -246,8 +246,12 @@ freeze_cbtd(CbtBackupServer *s, const CbtBackupFreezeArgs *a, CbtBackupView *v, 
     g_strdup_printf("{\"type\": \"nbd\", \"id\": %s, \"name\": %s, \"node-name\": %s, "
                     "\"snapshot\": true, \"auto-remove\": true%s}",
                     qid, qid, qnode, extra);
-  if (!call_ok(s, "block-export-add", args, error))
+  if (!call_ok(s, "block-export-add", args, error)) {
+    if (strstr((*error)->message, "is a 'file' node"))
+      g_prefix_error(error, "back up a raw node over the file node instead (blockdev-add "
+                            "driver=raw,file=FILE-NODE; the workload writes through it): ");
     return FALSE;
+  }
   v->export_name = g_steal_pointer(&id);
   if (a->old_checkpoint) {
     v->dirty_context = g_strconcat("qemu:dirty-bitmap:", a->old_checkpoint, NULL);
