@@ -91,15 +91,13 @@ cbt_backup_serve(const char *image, gboolean writable, guint connections, GError
   g_autofree char *sock_arg = g_strconcat("--socket=", sv->sock, NULL);
   /* One more than the copy's connections: the probe below counts as a client. */
   g_autofree char *shared = g_strdup_printf("--shared=%u", connections + 1);
-  const char *argv[] = { "qemu-nbd",
-                         sock_arg,
-                         "--format=qcow2",
-                         shared,
-                         "--persistent",
-                         "--cache=writeback",
-                         writable ? "--discard=unmap" : "--read-only",
-                         image,
-                         NULL };
+  const char *argv[] = { "qemu-nbd", sock_arg, "--format=qcow2", shared, "--persistent",
+                         /* A point being written is trusted only after qemu-nbd closed it
+                          * cleanly and the file was fsync'ed (take.c, invariant 1): qcow2's
+                          * own flushes in between (a refcount block before an L2 table) would
+                          * only write back the copy so far, many times over. */
+                         writable ? "--cache=unsafe" : "--cache=writeback",
+                         writable ? "--discard=unmap" : "--read-only", image, NULL };
 
   if (!g_spawn_async(NULL, (char **)argv, NULL,
                      G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD | G_SPAWN_STDOUT_TO_DEV_NULL,

@@ -137,13 +137,46 @@ manifest(Take *t, GArray *pieces, const CbtBackupCopyStats *st, const char *sha,
   return m;
 }
 
+typedef struct {
+  const char *path;
+  char *sha;
+  GError *error;
+} Hash;
+
+static gpointer
+hash_thread(gpointer data)
+{
+  Hash *h = data;
+  h->sha = cbt_backup_file_sha256(h->path, &h->error);
+  return NULL;
+}
+
+/* The image's SHA-256 (read from the page cache) while the same bytes go to the medium. */
+static char *
+sync_and_hash(const char *path, GError **error)
+{
+  Hash h = { .path = path };
+  GThread *th = g_thread_new("sha256", hash_thread, &h);
+  gboolean synced = cbt_backup_fsync_path(path, error);
+
+  g_thread_join(th);
+  if (synced && !h.sha) {
+    g_propagate_error(error, h.error);
+    return NULL;
+  }
+  g_clear_error(&h.error);
+  if (!synced)
+    g_clear_pointer(&h.sha, g_free);
+  return h.sha;
+}
+
 /* Invariant 1: the image complete and durable under its final name, then the manifest. */
 static gboolean
 commit(Take *t, GArray *pieces, const CbtBackupCopyStats *st, GError **error)
 {
   CbtBackupBitmapInfo cp;
-  if (!cbt_backup_fsync_path(t->part, error) ||
-      !cbt_backup_server_bitmap(t->server, t->a->node, t->new_checkpoint, &cp, error))
+  g_autofree char *sha = sync_and_hash(t->part, error);
+  if (!sha || !cbt_backup_server_bitmap(t->server, t->a->node, t->new_checkpoint, &cp, error))
     return FALSE;
   gboolean ok = FALSE;
   if (!cp.exists) {
@@ -153,10 +186,9 @@ commit(Take *t, GArray *pieces, const CbtBackupCopyStats *st, GError **error)
     g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "rename %s: %s", t->part,
                 g_strerror(errno));
   } else {
-    g_autofree char *sha = cbt_backup_file_sha256(t->image, error);
     g_autofree char *name = cbt_backup_point_name(t->seq, ".json");
-    g_autoptr(JsonObject) m = sha ? manifest(t, pieces, st, sha, &cp) : NULL;
-    ok = m && cbt_backup_repo_write_json(t->repo, name, m, error);
+    g_autoptr(JsonObject) m = manifest(t, pieces, st, sha, &cp);
+    ok = cbt_backup_repo_write_json(t->repo, name, m, error);
     if (ok)
       g_ptr_array_add(t->repo->points, json_object_ref(m));
     else
