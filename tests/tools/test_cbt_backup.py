@@ -13,7 +13,9 @@ missed writes leaves older data, which no cut explains) or from another moment f
 import hashlib
 import json
 import os
+import pty
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -457,6 +459,44 @@ class TestCbtd(Base, unittest.TestCase):
             f.write(bytes([b[0] ^ 0xff]))
         p = self.tool('verify', '--repo', self.repo, '--point', '1', expect=4)
         self.assertIn("point 1: DAMAGED: its image's SHA-256 is", p.stdout)
+
+    def test_progress_bar_on_a_terminal(self):
+        """With stderr on a terminal (a pty), --progress=auto draws the bar: phase, percent,
+        bytes done and total, rate and time left, ending at 100 %; off a terminal it draws
+        nothing."""
+        master, slave = pty.openpty()
+        args = [BACKUP, 'full', '--qmp', self.tool_qmp, '--nbd', self.nbd_sock, '--node', 'disk',
+                '--repo', self.repo, '--max-rate', '24M']
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        out = b''
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(master)
+        self.assertEqual(p.wait(timeout=60), 0)
+        frames = [f for f in out.decode().split('\r') if f.strip()]
+        bar = re.compile(r'copy \[[#-]{30}\] +(\d+\.\d)%  (\S+ \S+) / (\S+ \S+)  (\S+ \S+)/s  '
+                         r'ETA (\d+:\d\d|-:--)')
+        matched = [bar.match(f.strip()) for f in frames]
+        matched = [m for m in matched if m]
+        self.assertGreaterEqual(len(matched), 2, out)
+        self.assertEqual(matched[-1].group(1), '100.0')
+        self.assertEqual(matched[-1].group(2), '32.00 MiB')  # the image file holds no hole
+        self.assertEqual(matched[-1].group(3), '32.00 MiB')
+        self.assertLess(float(matched[0].group(1)), 100.0)
+        self.assertIn('point 1: full backup', p.stdout.read())
+        p.stdout.close()
+        # Off a terminal: no bar at all.
+        self.write_live(0, b'\x01' * KiB)
+        p = self.tool('incremental', '--qmp', self.tool_qmp, '--nbd', self.nbd_sock,
+                      '--node', 'disk', '--repo', self.repo)
+        self.assertNotIn('copy [', p.stderr)
 
     def test_file_node_refused_with_a_way_out(self):
         """cbtd freezes a raw node over a file node: a file node is refused (exit 1) with the
