@@ -97,19 +97,28 @@ add_pieces(GArray *pieces, guint64 offset, guint64 length, CbtBackupKind kind, g
   }
 }
 
-GArray *
-cbt_backup_map(struct nbd_handle *h, const char *dirty_context, guint64 max_piece, GError **error)
+/* The segments of @context over the whole export: hit where (flags & mask) (or not). */
+static GArray *
+walk_all(struct nbd_handle *h, const char *context, guint32 mask, gboolean invert, GError **error)
 {
-  g_autoptr(GArray) pieces = g_array_new(FALSE, FALSE, sizeof(CbtBackupPiece));
-  g_autoptr(GArray) top = g_array_new(FALSE, FALSE, sizeof(Segment));
+  g_autoptr(GArray) segs = g_array_new(FALSE, FALSE, sizeof(Segment));
   int64_t size = nbd_get_size(h);
 
   if (size < 0) {
     cbt_backup_nbd_error(error, "export size");
     return NULL;
   }
+  return walk(h, context, mask, invert, 0, size, segs, error) ? g_steal_pointer(&segs) : NULL;
+}
+
+GArray *
+cbt_backup_map(struct nbd_handle *h, const char *dirty_context, guint64 max_piece, GError **error)
+{
+  g_autoptr(GArray) pieces = g_array_new(FALSE, FALSE, sizeof(CbtBackupPiece));
+  g_autoptr(GArray) top = NULL;
+
   if (!dirty_context) {
-    if (!walk(h, "base:allocation", NBD_STATE_ZERO, TRUE, 0, size, top, error))
+    if (!(top = walk_all(h, "base:allocation", NBD_STATE_ZERO, TRUE, error)))
       return NULL;
     for (guint i = 0; i < top->len; i++) {
       const Segment *s = &g_array_index(top, Segment, i);
@@ -118,7 +127,7 @@ cbt_backup_map(struct nbd_handle *h, const char *dirty_context, guint64 max_piec
     }
     return g_steal_pointer(&pieces);
   }
-  if (!walk(h, dirty_context, NBD_STATE_DIRTY, FALSE, 0, size, top, error))
+  if (!(top = walk_all(h, dirty_context, NBD_STATE_DIRTY, FALSE, error)))
     return NULL;
   for (guint i = 0; i < top->len; i++) {
     const Segment *s = &g_array_index(top, Segment, i);
@@ -153,14 +162,9 @@ cbt_backup_map_clean(struct nbd_handle *h, const char *dirty_context, guint64 ma
                      guint64 *dirty_bytes, GError **error)
 {
   g_autoptr(GArray) pieces = g_array_new(FALSE, FALSE, sizeof(CbtBackupPiece));
-  g_autoptr(GArray) segs = g_array_new(FALSE, FALSE, sizeof(Segment));
-  int64_t size = nbd_get_size(h);
+  g_autoptr(GArray) segs = walk_all(h, dirty_context, NBD_STATE_DIRTY, TRUE, error);
 
-  if (size < 0) {
-    cbt_backup_nbd_error(error, "export size");
-    return NULL;
-  }
-  if (!walk(h, dirty_context, NBD_STATE_DIRTY, TRUE, 0, size, segs, error))
+  if (!segs)
     return NULL;
   *dirty_bytes = 0;
   for (guint i = 0; i < segs->len; i++) {
