@@ -235,6 +235,22 @@ class Base:
         self.assertIn('is missing', self.manifest(2)['fallback-reason'])
         self.assertEqual(self.restored(2), self.read_live())
 
+    def test_restore_into_the_live_export(self):
+        """restore --to an NBD URI writes the point into an existing export (here the disk's
+        own, in place), checks it with qemu-img compare, and the daemon's checkpoint records
+        the restore's writes, so the next incremental holds exactly the restored disk."""
+        res1, _ = self.backup('full')
+        at_point = self.read_live()
+        self.write_live(5 * MiB, b'\xdd' * (2 * MiB))
+        self.write_live(28 * MiB, b'\xcc' * MiB)
+        self.assertNotEqual(sha(self.read_live()), sha(at_point))
+        p = self.tool('restore', '--repo', self.repo, '--point', '1', '--to', self.live_uri())
+        self.assertIn('point 1 restored to %s (compared equal)' % self.live_uri(), p.stdout)
+        self.assertEqual(sha(self.read_live()), sha(at_point))
+        res2, _ = self.backup('incremental')
+        self.assertEqual(sha(self.restored(2)), sha(at_point))
+        self.assertNotEqual(res1['checkpoint'], res2['checkpoint'])
+
     def verify_live(self, *extra, expect=0):
         p = self.tool('verify', '--live', '--repo', self.repo, '--qmp', self.tool_qmp,
                       '--nbd', self.nbd_sock, '--scratch-dir', self.dir, '--progress=json',
