@@ -5,7 +5,8 @@
  *   server.c    the QMP side: which daemon, the chain proof, the frozen view and its teardown
  *   map.c       which extents a point must copy (base:allocation, a dirty bitmap)
  *   copy.c      the parallel NBD copy of those extents into a point, with checksums
- *   point.c     a point's image (qemu-img, qemu-nbd) and its manifest
+ *   qcow2.c     a point's image, written once as a qcow2 file
+ *   point.c     serving a point read-only (qemu-nbd); files, times
  *   chain.c     the proof that a checkpoint continues a point's chain
  *   take.c      a full or incremental backup: proof, freeze, copy, commit, release
  *   repo.c      the repository: its layout, points and manifests; list
@@ -128,7 +129,9 @@ typedef struct {
 
 /* The pieces of a full (every extent not known to read as zeroes) or, with @dirty_context, of
  * an incremental (the dirty extents: data, or zeroes that must mask the older point). Pieces
- * are at most @max_piece bytes, in offset order. */
+ * are whole clusters of the point's image (the view is the disk at its instant everywhere, so
+ * reading a whole cluster around a change is always right), at most @max_piece bytes, in
+ * offset order. */
 GArray *cbt_backup_map(struct nbd_handle *h, const char *dirty_context, guint64 max_piece,
                        GError **error);
 guint64 cbt_backup_map_bytes(GArray *pieces);
@@ -153,13 +156,30 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(CbtBackupProgress, cbt_backup_progress_free)
 /* A JSON line on stdout in JSON mode ({"type": TYPE, ...} with @obj's members). */
 void cbt_backup_progress_event(CbtBackupProgressMode mode, const char *type, JsonObject *obj);
 
+/* ---- qcow2.c ------------------------------------------------------------------------------- */
+/* A qcow2 image of @size bytes written once, front to back; an overlay of @backing (a name
+ * relative to the image's directory, a qcow2 file) when not NULL. Writes are whole clusters
+ * (cbt_backup_qcow2_cluster(); the last may end at @size) and may come from several threads;
+ * the file is an image only after cbt_backup_qcow2_finish(). */
+typedef struct CbtBackupQcow2 CbtBackupQcow2;
+CbtBackupQcow2 *cbt_backup_qcow2_create(const char *path, const char *backing, guint64 size,
+                                        GError **error);
+/* Clusters of zeroes in @buf are left out: unallocated, or with @zero_flag read as zeroes over
+ * the backing file. */
+gboolean cbt_backup_qcow2_write(CbtBackupQcow2 *q, guint64 offset, const guint8 *buf, gsize len,
+                                gboolean zero_flag, GError **error);
+gboolean cbt_backup_qcow2_zero(CbtBackupQcow2 *q, guint64 offset, guint64 len, GError **error);
+gboolean cbt_backup_qcow2_finish(CbtBackupQcow2 *q, GError **error);
+void cbt_backup_qcow2_free(CbtBackupQcow2 *q);
+guint64 cbt_backup_qcow2_cluster(void);
+
 /* ---- copy.c -------------------------------------------------------------------------------- */
 typedef struct {
   const CbtBackupNbdAddr *source;
   const char *source_export;
-  const char *target_uri; /* the point's image, through qemu-nbd */
+  CbtBackupQcow2 *target; /* the point's image */
   guint connections;
-  gboolean write_zeroes; /* incremental: ZERO pieces are written as zeroes */
+  gboolean write_zeroes; /* incremental: ZERO pieces read as zeroes over the older point */
   guint64 max_rate;      /* bytes read per second, all connections together; 0: no limit */
   CbtBackupProgress *progress;
 } CbtBackupCopyArgs;
@@ -173,13 +193,11 @@ gboolean cbt_backup_copy(const CbtBackupCopyArgs *a, GArray *pieces, CbtBackupCo
 
 /* ---- point.c ------------------------------------------------------------------------------- */
 typedef struct CbtBackupServe CbtBackupServe; /* a qemu-nbd serving an image */
-CbtBackupServe *cbt_backup_serve(const char *image, gboolean writable, guint connections,
-                                 GError **error);
+/* qemu-nbd serving @image (and its backing chain) read-only. */
+CbtBackupServe *cbt_backup_serve(const char *image, guint connections, GError **error);
 const char *cbt_backup_serve_uri(CbtBackupServe *sv);
 const char *cbt_backup_serve_socket(CbtBackupServe *sv);
 gboolean cbt_backup_serve_stop(CbtBackupServe *sv, GError **error); /* frees it */
-gboolean cbt_backup_image_create(const char *path, const char *backing, guint64 size,
-                                 GError **error);
 gboolean cbt_backup_run(const char *const *argv, char **out, GError **error);
 char *cbt_backup_file_sha256(const char *path, GError **error);
 gboolean cbt_backup_fsync_path(const char *path, GError **error);

@@ -1,11 +1,12 @@
 /* tools/backup/copy.c — the copy of a point's pieces, on several NBD connections at once.
  *
- * Each worker has its own connection to the frozen view and to the point's image and takes the
- * next piece from a shared counter: the pieces are independent, so order does not matter. A
- * data piece that reads as zeroes is not written in a full (the point stays sparse) and is
- * written as zeroes in an incremental (it must mask the older point); either way the manifest
- * records it as zeroes. The first error stops every worker; the caller then throws the point
- * away, so a partial copy is never mistaken for a point.
+ * Each worker has its own connection to the frozen view, writes into the point's image
+ * (qcow2.c, which takes writes from several threads) and takes the next piece from a shared
+ * counter: the pieces are independent, so order does not matter. A piece or cluster that reads
+ * as zeroes is not written in a full (the point stays sparse) and is flagged zero in an
+ * incremental (it must mask the older point); a whole piece of zeroes is recorded as zeroes in
+ * the manifest. The first error stops every worker; the caller then throws the point away, so
+ * a partial copy is never mistaken for a point.
  */
 #include "backup.h"
 
@@ -22,7 +23,9 @@ typedef struct {
   CbtBackupCopyStats stats;
   guint64 max_len;
   gint64 start_us;
-  guint64 taken; /* bytes the rate limit has let through; under lock */
+  guint64 taken;  /* bytes the rate limit has let through; under lock */
+  guint finished; /* workers done; under lock, signalled on @done */
+  GCond done;
 } Copy;
 
 static void
@@ -60,8 +63,8 @@ throttle(Copy *c, guint64 len)
 
 /* One piece; on failure @error says what and where. */
 static gboolean
-copy_piece(Copy *c, struct nbd_handle *src, struct nbd_handle *dst, guint8 *buf, CbtBackupPiece *p,
-           CbtBackupCopyStats *st, GError **error)
+copy_piece(Copy *c, struct nbd_handle *src, guint8 *buf, CbtBackupPiece *p, CbtBackupCopyStats *st,
+           GError **error)
 {
   if (p->kind == CBT_BACKUP_DATA) {
     throttle(c, p->length);
@@ -76,18 +79,14 @@ copy_piece(Copy *c, struct nbd_handle *src, struct nbd_handle *dst, guint8 *buf,
       p->kind = CBT_BACKUP_ZERO;
   }
   if (p->kind == CBT_BACKUP_ZERO) {
-    if (c->a->write_zeroes && nbd_zero(dst, p->length, p->offset, 0) == -1) {
-      cbt_backup_nbd_error(error, "writing zeroes to the point");
+    if (c->a->write_zeroes && !cbt_backup_qcow2_zero(c->a->target, p->offset, p->length, error))
       return FALSE;
-    }
     st->zeroed += c->a->write_zeroes ? p->length : 0;
     return TRUE;
   }
   gnutls_hash_fast(GNUTLS_DIG_SHA256, buf, p->length, p->sha256);
-  if (nbd_pwrite(dst, buf, p->length, p->offset, 0) == -1) {
-    cbt_backup_nbd_error(error, "writing the point");
+  if (!cbt_backup_qcow2_write(c->a->target, p->offset, buf, p->length, c->a->write_zeroes, error))
     return FALSE;
-  }
   st->written += p->length;
   return TRUE;
 }
@@ -99,31 +98,20 @@ worker(gpointer data)
   GError *err = NULL;
   CbtBackupCopyStats st = { 0 };
   struct nbd_handle *src = cbt_backup_nbd_connect(c->a->source, c->a->source_export, NULL, &err);
-  struct nbd_handle *dst = NULL;
   g_autofree guint8 *buf = g_malloc(MAX(c->max_len, 1));
 
-  if (src && !(dst = nbd_create()))
-    cbt_backup_nbd_error(&err, "nbd_create");
-  if (dst && nbd_connect_uri(dst, c->a->target_uri) == -1)
-    cbt_backup_nbd_error(&err, "connecting to the point's image");
   while (!err && !g_atomic_int_get(&c->stop) && !cbt_backup_interrupted()) {
     guint i = (guint)g_atomic_int_add(&c->next, 1);
     if (i >= c->pieces->len)
       break;
     CbtBackupPiece *p = &g_array_index(c->pieces, CbtBackupPiece, i);
-    if (!copy_piece(c, src, dst, buf, p, &st, &err))
+    if (!copy_piece(c, src, buf, p, &st, &err))
       g_prefix_error(&err, "at offset %" G_GUINT64_FORMAT ": ", p->offset);
     else if (c->a->progress)
       cbt_backup_progress_add(c->a->progress, p->length);
   }
-  if (!err && dst && nbd_flush(dst, 0) == -1)
-    cbt_backup_nbd_error(&err, "flushing the point");
   if (err)
     fail(c, err);
-  if (dst) {
-    nbd_shutdown(dst, 0);
-    nbd_close(dst);
-  }
   if (src) {
     nbd_shutdown(src, 0);
     nbd_close(src);
@@ -132,6 +120,8 @@ worker(gpointer data)
   c->stats.read += st.read;
   c->stats.written += st.written;
   c->stats.zeroed += st.zeroed;
+  c->finished++;
+  g_cond_signal(&c->done);
   g_mutex_unlock(&c->lock);
   return NULL;
 }
@@ -150,19 +140,24 @@ cbt_backup_copy(const CbtBackupCopyArgs *a, GArray *pieces, CbtBackupCopyStats *
       c.max_len = MAX(c.max_len, p->length);
   }
   g_mutex_init(&c.lock);
+  g_cond_init(&c.done);
   c.start_us = g_get_monotonic_time();
   for (guint i = 0; i < n; i++)
     g_ptr_array_add(threads, g_thread_new("copy", worker, &c));
-  /* The owner of the progress output is this thread: it ticks while the workers copy. */
-  for (guint i = 0; i < n; i++) {
-    GThread *t = g_ptr_array_index(threads, i);
-    while (a->progress && !g_atomic_int_get(&c.stop) &&
-           (guint)g_atomic_int_get(&c.next) < pieces->len && !cbt_backup_interrupted()) {
-      g_usleep(200 * 1000);
+  /* The owner of the progress output is this thread: it ticks while the workers copy, and
+   * wakes as soon as the last one is done. */
+  g_mutex_lock(&c.lock);
+  while (c.finished < n) {
+    if (!g_cond_wait_until(&c.done, &c.lock, g_get_monotonic_time() + 200 * 1000) && a->progress) {
+      g_mutex_unlock(&c.lock);
       cbt_backup_progress_tick(a->progress, FALSE);
+      g_mutex_lock(&c.lock);
     }
-    g_thread_join(t);
   }
+  g_mutex_unlock(&c.lock);
+  for (guint i = 0; i < n; i++)
+    g_thread_join(g_ptr_array_index(threads, i));
+  g_cond_clear(&c.done);
   g_mutex_clear(&c.lock);
   *stats = c.stats;
   if (c.error) {

@@ -83,7 +83,7 @@ connect_both(Live *l, GError **error)
                 l->view.dirty_context);
     return FALSE;
   }
-  l->serve = cbt_backup_serve(image, FALSE, 1, error);
+  l->serve = cbt_backup_serve(image, 1, error);
   if (!l->serve)
     return FALSE;
   l->saved = nbd_create();

@@ -97,6 +97,59 @@ add_pieces(GArray *pieces, guint64 offset, guint64 length, CbtBackupKind kind, g
   }
 }
 
+/* Append [from, to) of @kind to @runs (starts never decrease), merging with the last run. Where
+ * a data run and a zero run would share a cluster the data run wins: reading the cluster from
+ * the view is right whatever it holds. */
+static void
+add_run(GArray *runs, guint64 from, guint64 to, CbtBackupKind kind)
+{
+  if (from >= to)
+    return;
+  if (runs->len) {
+    CbtBackupPiece *last = &g_array_index(runs, CbtBackupPiece, runs->len - 1);
+    guint64 end = last->offset + last->length;
+    if (from < end && kind != last->kind)
+      kind = last->kind = CBT_BACKUP_DATA;
+    if (from <= end && kind == last->kind) {
+      last->length = MAX(end, to) - last->offset;
+      return;
+    }
+  }
+  CbtBackupPiece p = { .offset = from, .length = to - from, .kind = kind };
+  g_array_append_val(runs, p);
+}
+
+/* @raw (disjoint, in order) in whole clusters of @cluster bytes (the last one ends at @size):
+ * data grows out to the clusters it touches, zeroes shrink to the clusters they cover and
+ * their edges become data. Then cut into pieces. */
+static GArray *
+in_clusters(GArray *raw, guint64 size, guint64 cluster, guint64 max_piece)
+{
+  g_autoptr(GArray) runs = g_array_new(FALSE, FALSE, sizeof(CbtBackupPiece));
+  GArray *pieces = g_array_new(FALSE, FALSE, sizeof(CbtBackupPiece));
+
+  for (guint i = 0; i < raw->len; i++) {
+    const CbtBackupPiece *p = &g_array_index(raw, CbtBackupPiece, i);
+    guint64 a = p->offset, b = p->offset + p->length;
+    guint64 down_a = a / cluster * cluster, up_a = MIN((a + cluster - 1) / cluster * cluster, size);
+    guint64 down_b = b == size ? size : b / cluster * cluster;
+    guint64 up_b = MIN((b + cluster - 1) / cluster * cluster, size);
+    if (p->kind == CBT_BACKUP_DATA || up_a >= down_b) {
+      add_run(runs, down_a, up_b, CBT_BACKUP_DATA);
+      continue;
+    }
+    add_run(runs, down_a, up_a, CBT_BACKUP_DATA);
+    add_run(runs, up_a, down_b, CBT_BACKUP_ZERO);
+    add_run(runs, down_b, up_b, CBT_BACKUP_DATA);
+  }
+  for (guint i = 0; i < runs->len; i++) {
+    const CbtBackupPiece *r = &g_array_index(runs, CbtBackupPiece, i);
+    add_pieces(pieces, r->offset, r->length, r->kind,
+               r->kind == CBT_BACKUP_DATA ? max_piece : MAX_ZERO_PIECE);
+  }
+  return pieces;
+}
+
 /* The segments of @context over the whole export: hit where (flags & mask) (or not). */
 static GArray *
 walk_all(struct nbd_handle *h, const char *context, guint32 mask, gboolean invert, GError **error)
@@ -111,8 +164,20 @@ walk_all(struct nbd_handle *h, const char *context, guint32 mask, gboolean inver
   return walk(h, context, mask, invert, 0, size, segs, error) ? g_steal_pointer(&segs) : NULL;
 }
 
+static GArray *raw_map(struct nbd_handle *h, const char *dirty_context, GError **error);
+
 GArray *
 cbt_backup_map(struct nbd_handle *h, const char *dirty_context, guint64 max_piece, GError **error)
+{
+  g_autoptr(GArray) raw = raw_map(h, dirty_context, error);
+  int64_t size = nbd_get_size(h);
+
+  return raw ? in_clusters(raw, (guint64)size, cbt_backup_qcow2_cluster(), max_piece) : NULL;
+}
+
+/* The extents as block status gives them, not yet in clusters nor cut. */
+static GArray *
+raw_map(struct nbd_handle *h, const char *dirty_context, GError **error)
 {
   g_autoptr(GArray) pieces = g_array_new(FALSE, FALSE, sizeof(CbtBackupPiece));
   g_autoptr(GArray) top = NULL;
@@ -123,7 +188,7 @@ cbt_backup_map(struct nbd_handle *h, const char *dirty_context, guint64 max_piec
     for (guint i = 0; i < top->len; i++) {
       const Segment *s = &g_array_index(top, Segment, i);
       if (s->hit)
-        add_pieces(pieces, s->offset, s->length, CBT_BACKUP_DATA, max_piece);
+        add_pieces(pieces, s->offset, s->length, CBT_BACKUP_DATA, G_MAXUINT64);
     }
     return g_steal_pointer(&pieces);
   }
@@ -140,9 +205,9 @@ cbt_backup_map(struct nbd_handle *h, const char *dirty_context, guint64 max_piec
     for (guint j = 0; j < alloc->len; j++) {
       const Segment *a = &g_array_index(alloc, Segment, j);
       if (a->hit)
-        add_pieces(pieces, a->offset, a->length, CBT_BACKUP_ZERO, MAX_ZERO_PIECE);
+        add_pieces(pieces, a->offset, a->length, CBT_BACKUP_ZERO, G_MAXUINT64);
       else
-        add_pieces(pieces, a->offset, a->length, CBT_BACKUP_DATA, max_piece);
+        add_pieces(pieces, a->offset, a->length, CBT_BACKUP_DATA, G_MAXUINT64);
     }
   }
   return g_steal_pointer(&pieces);

@@ -1,5 +1,5 @@
-/* tools/backup/point.c — a point's image with stock tools: qemu-img creates it, qemu-nbd serves
- * it (to write it, to read a chain back), and the file-level helpers its commit needs. */
+/* tools/backup/point.c — a point read back with a stock tool (qemu-nbd serves its chain
+ * read-only), and the file-level helpers a commit needs. */
 #include "backup.h"
 
 #include <errno.h>
@@ -41,16 +41,6 @@ cbt_backup_run(const char *const *argv, char **out, GError **error)
 
 /* A qcow2 image of @size, an overlay of @backing (a file name relative to the image's own
  * directory, so a repository can move) when given. */
-gboolean
-cbt_backup_image_create(const char *path, const char *backing, guint64 size, GError **error)
-{
-  g_autofree char *sz = g_strdup_printf("%" G_GUINT64_FORMAT, size);
-  const char *plain[] = { "qemu-img", "create", "-q", "-f", "qcow2", path, sz, NULL };
-  const char *overlay[] = { "qemu-img", "create", "-q",    "-f", "qcow2", "-b",
-                            backing,    "-F",     "qcow2", path, sz,      NULL };
-  return cbt_backup_run(backing ? overlay : plain, NULL, error);
-}
-
 /* Ready once it completes a handshake (a bare connect that closes at once makes qemu-nbd log a
  * broken pipe). */
 static gboolean
@@ -76,7 +66,7 @@ die_with_parent(gpointer data)
 }
 
 CbtBackupServe *
-cbt_backup_serve(const char *image, gboolean writable, guint connections, GError **error)
+cbt_backup_serve(const char *image, guint connections, GError **error)
 {
   g_autoptr(GError) local = NULL;
   g_autofree char *dir = g_dir_make_tmp("cbt-backup-XXXXXX", &local);
@@ -91,13 +81,9 @@ cbt_backup_serve(const char *image, gboolean writable, guint connections, GError
   g_autofree char *sock_arg = g_strconcat("--socket=", sv->sock, NULL);
   /* One more than the copy's connections: the probe below counts as a client. */
   g_autofree char *shared = g_strdup_printf("--shared=%u", connections + 1);
-  const char *argv[] = { "qemu-nbd", sock_arg, "--format=qcow2", shared, "--persistent",
-                         /* A point being written is trusted only after qemu-nbd closed it
-                          * cleanly and the file was fsync'ed (take.c, invariant 1): qcow2's
-                          * own flushes in between (a refcount block before an L2 table) would
-                          * only write back the copy so far, many times over. */
-                         writable ? "--cache=unsafe" : "--cache=writeback",
-                         writable ? "--discard=unmap" : "--read-only", image, NULL };
+  const char *argv[] = { "qemu-nbd",    sock_arg,       "--format=qcow2",
+                         shared,        "--persistent", "--cache=writeback",
+                         "--read-only", image,          NULL };
 
   if (!g_spawn_async(NULL, (char **)argv, NULL,
                      G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD | G_SPAWN_STDOUT_TO_DEV_NULL,

@@ -24,29 +24,25 @@ gboolean
 cbt_backup_flatten(const char *image, const char *out, guint64 size, CbtBackupProgressMode mode,
                    GArray **pieces, GError **error)
 {
-  CbtBackupServe *src = cbt_backup_serve(image, FALSE, 2, error);
+  CbtBackupServe *src = cbt_backup_serve(image, 2, error);
   if (!src)
     return FALSE;
-  CbtBackupServe *dst = NULL;
+  CbtBackupQcow2 *dst = NULL;
   CbtBackupNbdAddr addr = { .unix_path = (char *)cbt_backup_serve_socket(src) };
   const char *ctx[] = { "base:allocation", NULL };
   struct nbd_handle *h = cbt_backup_nbd_connect(&addr, "", ctx, error);
   g_autoptr(GArray) p = h ? cbt_backup_map(h, NULL, MAX_PIECE, error) : NULL;
-  gboolean ok = p && cbt_backup_image_create(out, NULL, size, error) &&
-                (dst = cbt_backup_serve(out, TRUE, 2, error));
+  gboolean ok = p && (dst = cbt_backup_qcow2_create(out, NULL, size, error));
   if (ok) {
     CbtBackupProgress *prog = cbt_backup_progress_new(mode, "prune", cbt_backup_map_bytes(p));
-    CbtBackupCopyArgs a = { .source = &addr,
-                            .source_export = "",
-                            .target_uri = cbt_backup_serve_uri(dst),
-                            .connections = 2,
-                            .progress = prog };
+    CbtBackupCopyArgs a = {
+      .source = &addr, .source_export = "", .target = dst, .connections = 2, .progress = prog
+    };
     CbtBackupCopyStats st;
-    ok = cbt_backup_copy(&a, p, &st, error);
+    ok = cbt_backup_copy(&a, p, &st, error) && cbt_backup_qcow2_finish(dst, error);
     cbt_backup_progress_free(prog);
   }
-  if (dst)
-    ok = cbt_backup_serve_stop(dst, ok ? error : NULL) && ok;
+  cbt_backup_qcow2_free(dst);
   if (h) {
     nbd_shutdown(h, 0);
     nbd_close(h);

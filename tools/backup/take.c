@@ -69,26 +69,23 @@ open_map(Take *t, GError **error)
 static gboolean
 copy_into_part(Take *t, GArray *pieces, CbtBackupCopyStats *st, GError **error)
 {
-  g_autofree char *backing = NULL;
-  if (t->base)
-    backing = g_strdup(cbt_backup_manifest_str(t->base, "file"));
-  if (!cbt_backup_image_create(t->part, backing, t->size, error))
+  const char *backing = t->base ? cbt_backup_manifest_str(t->base, "file") : NULL;
+  CbtBackupQcow2 *img = cbt_backup_qcow2_create(t->part, backing, t->size, error);
+  if (!img)
     return FALSE;
   guint conns = nbd_can_multi_conn(t->map) == 1 ? MAX(t->a->connections, 1) : 1;
-  CbtBackupServe *sv = cbt_backup_serve(t->part, TRUE, conns, error);
-  if (!sv)
-    return FALSE;
   g_autoptr(CbtBackupProgress) prog = NULL;
   prog = cbt_backup_progress_new(t->a->progress, "copy", cbt_backup_map_bytes(pieces));
   CbtBackupCopyArgs ca = { .source = &t->a->nbd,
                            .source_export = t->view.export_name,
-                           .target_uri = cbt_backup_serve_uri(sv),
+                           .target = img,
                            .connections = conns,
                            .write_zeroes = t->base != NULL,
                            .max_rate = t->a->max_rate,
                            .progress = prog };
-  gboolean ok = cbt_backup_copy(&ca, pieces, st, error);
-  return cbt_backup_serve_stop(sv, ok ? error : NULL) && ok;
+  gboolean ok = cbt_backup_copy(&ca, pieces, st, error) && cbt_backup_qcow2_finish(img, error);
+  cbt_backup_qcow2_free(img);
+  return ok;
 }
 
 static JsonObject *

@@ -53,7 +53,7 @@ piece_ok(struct nbd_handle *h, guint8 *buf, JsonArray *e, GError **error)
 static gboolean
 data_ok(const char *image, JsonObject *m, CbtBackupProgress *prog, char **bad, GError **error)
 {
-  CbtBackupServe *sv = cbt_backup_serve(image, FALSE, 1, error);
+  CbtBackupServe *sv = cbt_backup_serve(image, 1, error);
   if (!sv)
     return FALSE;
   struct nbd_handle *h = nbd_create();
