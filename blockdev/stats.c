@@ -236,7 +236,8 @@ cbt_qmp_query_blockstats(const CbtQmpQueryBlockstatsArg *args, GError **error)
 
   if (!args->query_nodes)
     return list; /* no named block devices (see the schema) */
-  for (GList *l = cbt_blockdev_list(); l; l = l->next)
+  /* Oldest first, as QEMU walks its nodes (the node list is newest first). */
+  for (GList *l = g_list_last(cbt_blockdev_list()); l; l = l->prev)
     g_ptr_array_add(list, node_stats(l->data));
   return list;
 }
