@@ -448,9 +448,11 @@ class TestBlockstats(Base):
             for i in range(3):
                 h.pwrite(b'\x09' * 8192, MiB + i * 8192)  # 3 writes, 24 KiB
             h.zero(65536, 2 * MiB)                       # a zero-write, 64 KiB
+            h.flush()
+            after_zero = q.execute('query-blockstats', query_nodes=True)
+            h.pwrite(b'\x0a' * 4096, 3 * MiB - 4096)    # the highest write: data
             h.trim(131072, 3 * MiB)                      # 2 trims, 192 KiB
             h.trim(65536, 3 * MiB + 131072)
-            h.flush()
             h.flush()
             for kind in ('pread', 'pwrite', 'trim'):    # past the end: invalid
                 try:
@@ -466,7 +468,7 @@ class TestBlockstats(Base):
             all_nodes = q.execute('query-blockstats', query_nodes=True)
             devices = q.execute('query-blockstats')
             explicit = q.execute('query-blockstats', query_nodes=False)
-        return empty, all_nodes, devices, explicit
+        return empty, all_nodes, devices, explicit, after_zero
 
     def test_counts_after_a_workload(self):
         want = self.session(True)
@@ -486,7 +488,7 @@ class TestBlockstats(Base):
         self.assertEqual(shape(r0), shape(ref['r0']))
         self.assertEqual(shape(nodes['f0']), shape(ref['f0']))
         expect = {'rd_operations': 6, 'rd_bytes': 5 * 4096 + MiB,
-                  'wr_operations': 4, 'wr_bytes': 3 * 8192 + 65536,
+                  'wr_operations': 5, 'wr_bytes': 3 * 8192 + 65536 + 4096,
                   'unmap_operations': 2, 'unmap_bytes': 196608,
                   'flush_operations': 2,
                   'invalid_rd_operations': 1, 'invalid_wr_operations': 1,
@@ -509,7 +511,10 @@ class TestBlockstats(Base):
             for where in (nodes[name], nodes['r0']['parent'] if name == 'f0' else nodes[name]):
                 self.assertEqual(where['stats']['wr_highest_offset'],
                                  ref[name]['stats']['wr_highest_offset'])
-        self.assertEqual(ref['r0']['stats']['wr_highest_offset'], 2 * MiB + 65536)
+        self.assertEqual(ref['r0']['stats']['wr_highest_offset'], 3 * MiB)
+        highest = [[s['stats']['wr_highest_offset'] for s in r[4]] for r in (got, want)]
+        self.assertEqual(highest[0], highest[1])
+        self.assertEqual(highest[0], [2 * MiB + 65536] * 2)
         self.assertEqual(nodes['f0']['driver-specific'], ref['f0']['driver-specific'])
         self.assertEqual(nodes['f0']['driver-specific']['discard-nb-ok'], 2)
         self.assertEqual(nodes['f0']['driver-specific']['discard-bytes-ok'], 196608)
