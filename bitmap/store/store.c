@@ -588,19 +588,23 @@ cbt_store_replace_bitmap(CbtStore *store, const char *name, CbtBitmap *bm, GErro
   return cbt_store_rewrite(store, name, error);
 }
 
-/* Give @e an area for the store's size: in place when it fits, else zeroed somewhere free. */
+/* Give @e an area for the store's size: in place when it fits, else zeroed somewhere free. Only
+ * a new place has its last byte claimed: in place that byte may hold bits (a bitmap that fills
+ * its last page) and the file already reaches past it. */
 int
 cbt_store_fit_area(CbtStore *s, CbtStoreEntry *e)
 {
   guint64 len = cbt_store_area_len(s->size, e->granularity);
 
-  if (len > e->area_len) {
-    guint64 at = place_area(s, len);
-    int r = s->f->io->punch(s->f, at, len);
-    if (r < 0)
-      return r;
-    e->area_offset = at;
+  if (len <= e->area_len) {
+    e->area_len = len;
+    return 0;
   }
+  guint64 at = place_area(s, len);
+  int r = s->f->io->punch(s->f, at, len);
+  if (r < 0)
+    return r;
+  e->area_offset = at;
   e->area_len = len;
   return claim_area_end(s, e);
 }

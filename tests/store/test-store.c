@@ -537,6 +537,30 @@ test_resize(void)
   crashsim_free(sim);
 }
 
+/* An area that ends in bits (its bitmap fills its last page) keeps its last byte when the
+ * store is opened again, and after a resize that keeps it in place. */
+static void
+test_last_byte(void)
+{
+  CrashSim *sim = crashsim_new("boot-a");
+  g_autoptr(GError) error = NULL;
+  CbtStore *s = open_ok(sim, TRUE);
+  g_autoptr(CbtBitmap) bm = cbt_bitmap_new(DEV, 512);
+
+  g_assert_true(cbt_store_add(s, "b", bm, TRUE, &error));
+  cbt_store_mark(s, DEV - 512, 512);
+  g_assert_true(cbt_store_close(s, &error));
+  s = open_ok(sim, FALSE);
+  g_assert_true(covers(loaded(s, "b")->bitmap, DEV - 512, 512));
+  cbt_store_abandon(s); /* killed: the page cache stays */
+  CrashSim *copy = crashsim_after_crash(sim, crashsim_ops(sim), TRUE, 0);
+  s = open_ok(copy, FALSE);
+  g_assert_true(covers(loaded(s, "b")->bitmap, DEV - 512, 512));
+  cbt_store_abandon(s);
+  crashsim_free(copy);
+  crashsim_free(sim);
+}
+
 /* ---- a live resize under crashes ------------------------------------------------------ */
 
 /* block_resize's order (dirty-bitmaps/persist.c): the device already has its new size, then the
@@ -684,6 +708,7 @@ main(int argc, char **argv)
   g_test_add_func("/store/corrupt", test_corrupt);
   g_test_add_func("/store/resize", test_resize);
   g_test_add_func("/store/resize-replay", test_resize_replay);
+  g_test_add_func("/store/last-byte", test_last_byte);
   g_test_add_func("/store/posix-lock", test_posix_lock);
   return g_test_run();
 }
