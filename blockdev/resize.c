@@ -94,7 +94,6 @@ cbt_qmp_block_resize(const CbtQmpBlockResizeArg *args, GError **error)
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Parameter 'size' expects a >0 size");
     return FALSE;
   }
-  g_autoptr(CbtBlockdev) ref = cbt_blockdev_ref(bd);
   bd->resizers++;
   gboolean ok = cbt_blockdev_refresh_perms(bd, error);
   if (ok) {
