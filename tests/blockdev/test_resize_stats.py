@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import unittest
 
 import nbd
@@ -537,6 +538,71 @@ class TestBlockstats(Base):
         self.assertEqual(r0, ref['r0'])
         self.assertEqual(nodes['f0'], ref['f0'])
 
+
+
+class TestConcurrentCounting(Base):
+    """cbtd only: counters without a lock stay exact under writers on several connections (and
+    their worker threads), and a threshold they all cross fires once."""
+
+    def test_many_writers(self):
+        img = self.image('c.img', 64 * MiB)
+        with Daemon() as d:
+            q = connect(d)
+            sock = start_nbd(q, d)
+            q.execute('blockdev-add', {'driver': 'file', 'filename': img, 'node-name': 'f0'})
+            q.execute('blockdev-add', {'driver': 'raw', 'file': 'f0', 'node-name': 'r0'})
+            q.execute('block-set-write-threshold', node_name='r0', write_threshold=MiB)
+            q.execute('block-export-add', type='nbd', id='e0', node_name='r0', writable=True)
+            q.execute('block-export-add', {'type': 'nbd', 'id': 'e1', 'node-name': 'r0',
+                                           'name': 'other', 'writable': True})
+            per, conns = 400, 4
+            errors = []
+
+            def writer(n):
+                try:
+                    h = nbd_client(sock, 'r0' if n % 2 == 0 else 'other')
+                    done = []
+                    for i in range(per):
+                        off = (n * per + i) * 8192 + 2 * MiB
+                        # Several in flight at once, so the workers run them in parallel.
+                        done.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(4096)),
+                                                 off))
+                        if len(done) >= 16:
+                            while h.aio_in_flight() > 0:
+                                h.poll(-1)
+                            done.clear()
+                    while h.aio_in_flight() > 0:
+                        h.poll(-1)
+                    h.shutdown()
+                except Exception as e:  # reported below
+                    errors.append(e)
+            threads = [threading.Thread(target=writer, args=(n,)) for n in range(conns)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            self.assertEqual(errors, [])
+            ev = q.wait_event('BLOCK_WRITE_THRESHOLD')
+            self.assertEqual(ev['data']['write-threshold'], MiB)
+            q.execute('query-version')
+            q.sock.settimeout(0.5)
+            with self.assertRaises(OSError):  # no second event
+                while True:
+                    msg = q.recv()
+                    if msg and msg.get('event') == 'BLOCK_WRITE_THRESHOLD':
+                        raise AssertionError('a second threshold event: %r' % msg)
+            q.sock.settimeout(10)
+            stats = {s['node-name']: s for s in q.execute('query-blockstats', query_nodes=True)}
+            r0 = stats['r0']
+            self.assertEqual(r0['stats']['wr_operations'], per * conns)
+            self.assertEqual(r0['stats']['wr_bytes'], per * conns * 4096)
+            by_id = {e['id']: e['stats'] for e in r0['exports']}
+            self.assertEqual(sorted(by_id), ['e0', 'e1'])
+            for eid in ('e0', 'e1'):
+                self.assertEqual(by_id[eid]['wr_operations'], per * conns // 2)
+            self.assertEqual(r0['stats']['wr_highest_offset'],
+                             ((conns - 1) * per + per - 1) * 8192 + 2 * MiB + 4096)
+            self.assertNotIn('exports', stats['f0'])
 
 if __name__ == '__main__':
     cbttest.main()
