@@ -443,19 +443,21 @@ cbt_dirty_bitmaps_persist_resized(CbtBlockdev *bd)
     if (!cbt_dirty_bitmap_is_persistent(dbm) || cbt_dirty_bitmap_is_inconsistent(dbm))
       continue;
     if (!cbt_store_replace_bitmap(b->store, cbt_dirty_bitmap_get_name(dbm),
-                                  cbt_dirty_bitmap_get_bitmap(dbm), &local))
+                                  cbt_dirty_bitmap_get_bitmap(dbm), &local)) {
       g_ptr_array_add(failed, dbm);
+      if (!error)
+        error = g_steal_pointer(&local);
+    }
   }
-  if (!cbt_store_resize(b->store, cbt_blockdev_get_size(bd), &error)) {
+  g_autoptr(GError) resize_error = NULL;
+  if (!cbt_store_resize(b->store, cbt_blockdev_get_size(bd), &resize_error)) {
     for (guint i = 0; arr && i < arr->len; i++) {
       CbtDirtyBitmap *dbm = g_ptr_array_index(arr, i);
       if (cbt_dirty_bitmap_is_persistent(dbm) && !g_ptr_array_find(failed, dbm, NULL))
         g_ptr_array_add(failed, dbm);
     }
-  } else {
-    g_clear_error(&error);
-    g_set_error(&error, CBT_BITMAP_ERROR, CBT_BITMAP_ERROR_FAILED,
-                "the store could not take its new bits after a resize");
+    if (!error)
+      error = g_steal_pointer(&resize_error);
   }
   for (guint i = 0; i < failed->len; i++)
     cbt_dirty_bitmaps_persist_demote(bd, g_ptr_array_index(failed, i), error);
