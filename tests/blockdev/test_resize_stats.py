@@ -193,6 +193,31 @@ class TestResizeQmp(Base):
                          [('size', MiB), ('size', MiB), ('size', 3 * MiB),
                           ('events', [])])
 
+    def test_fleecing_nodes(self):
+        """The filter's children and the snapshot cannot be resized, with qsd's texts; a
+        raw node over null-co neither. qsd 7.2 resizes the filter's source through the filter
+        (leaving its target and snapshot smaller); cbtd refuses that too."""
+        fleece = [
+            ['blockdev-add', {'driver': 'file', 'filename': '{img}', 'node-name': 'f0'}],
+            ['blockdev-add', {'driver': 'file', 'filename': '{b}', 'node-name': 's0'}],
+            ['blockdev-add', {'driver': 'copy-before-write', 'file': 'f0', 'target': 's0',
+                              'node-name': 'cbw'}],
+            ['blockdev-add', {'driver': 'snapshot-access', 'file': 'cbw', 'node-name': 'snap'}],
+        ]
+        self.compare(fleece + [
+            ['block_resize', {'node-name': 'snap', 'size': 2 * MiB}],
+            ['block_resize', {'node-name': 's0', 'size': 2 * MiB}],
+            ['block_resize', {'node-name': 'f0', 'size': 2 * MiB}],
+            ['blockdev-add', {'driver': 'null-co', 'node-name': 'n0'}],
+            ['blockdev-add', {'driver': 'raw', 'file': 'n0', 'node-name': 'rn'}],
+            ['block_resize', {'node-name': 'rn', 'size': 2 * MiB}],
+            ['query-named-block-nodes'],
+        ])
+        got = self.replies(False, fleece + [['block_resize', {'node-name': 'cbw', 'size': 2 * MiB}],
+                                            ['file-size']])
+        self.assertIn('Image format driver does not support resize', got[4])
+        self.assertEqual(got[5], ('file', MiB))
+
     def test_host_device(self):
         backing = self.image('dev.img', 4 * MiB)
         dev = loop_attach(backing)
