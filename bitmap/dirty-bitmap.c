@@ -185,6 +185,26 @@ cbt_dirty_bitmap_swap_bitmap(CbtDirtyBitmap *dbm, CbtBitmap *bm)
   return old;
 }
 
+static gboolean
+copy_run(guint64 offset, guint64 len, gpointer dst)
+{
+  cbt_bitmap_mark_range(dst, offset, len);
+  return TRUE;
+}
+
+CbtBitmap *
+cbt_dirty_bitmap_truncate(CbtDirtyBitmap *dbm, guint64 size)
+{
+  CbtBitmap *bm = cbt_bitmap_new(size, dbm->granularity);
+  CbtBitmap *old = dbm->bits;
+
+  /* Chunk for chunk: a run clipped to the shorter size marks exactly the chunks it overlaps. */
+  cbt_bitmap_foreach_dirty_run(old, 0, MIN(size, dbm->size), copy_run, bm);
+  dbm->bits = bm;
+  dbm->size = size;
+  return old;
+}
+
 guint64
 cbt_dirty_bitmap_get_count(const CbtDirtyBitmap *dbm)
 {

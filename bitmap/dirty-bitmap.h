@@ -79,6 +79,11 @@ CbtBitmap *cbt_dirty_bitmap_get_bitmap(const CbtDirtyBitmap *dbm);
 /* Replaces the bits with @bm (transfer full, same size and granularity) and returns the old
  * ones (transfer full): for transactions' undo of clear and merge. */
 CbtBitmap *cbt_dirty_bitmap_swap_bitmap(CbtDirtyBitmap *dbm, CbtBitmap *bm);
+/* QEMU's bdrv_dirty_bitmap_truncate(): the bitmap now covers @size bytes; growing keeps every
+ * bit and leaves the new area clean, shrinking drops the chunks that start past the end.
+ * Returns the old bits (transfer full) for the caller to free once nothing uses them (the node
+ * is drained around it). */
+CbtBitmap *cbt_dirty_bitmap_truncate(CbtDirtyBitmap *dbm, guint64 size);
 /* Bytes: set bits x granularity, not clipped to the device (QEMU's "count"). */
 guint64 cbt_dirty_bitmap_get_count(const CbtDirtyBitmap *dbm);
 

@@ -89,6 +89,15 @@ struct CbtBlockdev {
   gint draining;
   gint drains_own; /* drains of this node itself (main thread) */
   CbtBlockdevTracked *tracked;
+
+  guint resizers; /* block_resize in progress: a holder that needs resize (graph.c) */
+  /* The write threshold (stats.c): 0 when disarmed; read on every write with one relaxed
+   * load, disarmed by the compare-and-swap of the write that crosses it. */
+  guint64 write_threshold;
+  guint64 wr_highest;      /* end of the highest write that reached the node (relaxed atomics) */
+  CbtBlockdevStats stats;  /* requests that entered the graph here (relaxed atomics) */
+  GPtrArray *export_stats; /* CbtBlockdevExportStats * (owned), oldest first (main thread) */
+  guint64 discard_ok, discard_failed, discard_bytes_ok; /* file.c: the backend's discards */
 };
 
 /* A child a driver has (its driver table lists them, NULL-terminated by name). */
@@ -145,6 +154,12 @@ struct CbtBlockdevDriver {
   void (*query_bitmaps)(CbtBlockdev *bd, CbtBlockdev *shown, GPtrArray *out);
   /* Bytes allocated on the host, or -1 when unknown. */
   gint64 (*actual_size)(CbtBlockdev *bd);
+  /* Optional (block_resize, with the nodes drained): make the node @size bytes, setting
+   * bd->size, or FALSE with QEMU's text. A format resizes its child through
+   * cbt_blockdev_truncate(). Without it the node cannot be resized. */
+  gboolean (*truncate)(CbtBlockdev *bd, guint64 size, GError **error);
+  /* Optional: child @c's size changed; set bd->size from it (raw without `size`). */
+  void (*child_resized)(CbtBlockdev *bd, CbtBlockdevChild *c);
 };
 
 extern const CbtBlockdevDriver cbt_blockdev_file_driver;
@@ -212,6 +227,32 @@ CbtBlockdev *cbt_blockdev_open_internal(const CbtQmpBlockdevOptions *opts, GErro
 /* Make @file the `file` child of raw node @bd, which the caller drains, and refresh the
  * permissions; on a refusal the old child is back and FALSE is returned (reopen.c). */
 gboolean cbt_blockdev_swap_file(CbtBlockdev *bd, CbtBlockdev *file, GError **error);
+
+/* Resize @bd to @size bytes with QEMU's checks and texts, then raise RESIZED on it and on every
+ * parent that follows its size (resize.c). The caller holds the resize permission and the
+ * nodes drained. */
+gboolean cbt_blockdev_truncate(CbtBlockdev *bd, guint64 size, GError **error);
+/* @bd's size changed from @old_size: RESIZED for it, then for the parents that follow it. */
+void cbt_blockdev_resized(CbtBlockdev *bd, guint64 old_size);
+
+/* The write path's accounting (stats.c): @bd's threshold and highest offset for a write of
+ * [offset, offset + len) that reached it. One relaxed load each when nothing changes. */
+void cbt_blockdev_threshold_crossed(CbtBlockdev *bd, guint64 threshold, guint64 end);
+static inline void
+cbt_blockdev_account_write(CbtBlockdev *bd, guint64 offset, guint64 len, gboolean data)
+{
+  guint64 end = offset + len;
+  guint64 t = __atomic_load_n(&bd->write_threshold, __ATOMIC_RELAXED);
+
+  if (G_UNLIKELY(t != 0) && t < end)
+    cbt_blockdev_threshold_crossed(bd, t, end);
+  if (!data)
+    return;
+  guint64 cur = __atomic_load_n(&bd->wr_highest, __ATOMIC_RELAXED);
+  while (cur < end && !__atomic_compare_exchange_n(&bd->wr_highest, &cur, end, TRUE,
+                                                   __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+    ;
+}
 
 /* Query output (info.c, transfer full). */
 CbtQmpBlockDeviceInfo *cbt_blockdev_info(CbtBlockdev *bd);

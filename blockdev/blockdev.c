@@ -123,6 +123,7 @@ node_free(CbtBlockdev *bd)
     cbt_blockdev_detach_child(g_ptr_array_index(bd->children, bd->children->len - 1));
   g_ptr_array_unref(bd->children);
   g_ptr_array_unref(bd->parents);
+  g_clear_pointer(&bd->export_stats, g_ptr_array_unref);
   g_free(bd->tracked);
   g_clear_pointer(&bd->full_opts, json_object_unref);
   g_free(bd->exact_filename);
@@ -405,10 +406,11 @@ cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len,
   if (bd->read_only)
     return -EPERM;
   mark(bd, offset, len);
-  if (bd->cache_no_flush)
-    flags &= ~CBT_BLOCKDEV_FUA;
   if (len == 0)
     return 0;
+  cbt_blockdev_account_write(bd, offset, len, TRUE);
+  if (bd->cache_no_flush)
+    flags &= ~CBT_BLOCKDEV_FUA;
   /* detect-zeroes, as QEMU: a write of zeroes becomes a zero-write (unmapping with "unmap",
    * which needs discard=unmap). */
   if (bd->detect_zeroes != CBT_QMP_BLOCKDEV_DETECT_ZEROES_OPTIONS_OFF && is_zero(buf, len)) {
@@ -438,6 +440,7 @@ cbt_blockdev_discard(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
   if (!bd->discard_unmap || len == 0)
     return 0;
   mark(bd, offset, len);
+  cbt_blockdev_account_write(bd, offset, len, FALSE);
   return bd->drv->discard(bd, offset, len);
 }
 
@@ -449,6 +452,8 @@ cbt_blockdev_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint fl
   if (bd->read_only)
     return -EPERM;
   mark(bd, offset, len);
+  if (len)
+    cbt_blockdev_account_write(bd, offset, len, TRUE);
   if (!bd->discard_unmap)
     flags &= ~CBT_BLOCKDEV_MAY_UNMAP;
   if (bd->cache_no_flush)

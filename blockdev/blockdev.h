@@ -130,8 +130,8 @@ const char *cbt_blockdev_get_driver_name(CbtBlockdev *bd);
  *   OPENED   a node was opened and is now visible to lookups (@data NULL)
  *   CLOSING  a node is about to close, drained, and will not be visible again (@data NULL):
  *            whatever a module keeps for it goes now
- *   RESIZED  a node's size changed, drained (@data: the old size, a guint64 *); nothing in
- *            cbtd changes a node's size yet, so nothing raises it today
+ *   RESIZED  a node's size changed (block_resize), drained (@data: the old size, a guint64 *):
+ *            bitmaps follow the new size
  *   QUERY    query-named-block-nodes is describing the node (@data: its CbtQmpBlockDeviceInfo
  *            *): a module fills the members it owns (dirty-bitmaps) */
 typedef enum {
@@ -176,6 +176,39 @@ CbtBlockdev *cbt_blockdev_snapshot_get_view(CbtBlockdevSnapshot *snap);
 CbtBlockdev *cbt_blockdev_snapshot_get_source(CbtBlockdevSnapshot *snap);
 /* Undo it all, newest first: @bd back on its file child, the nodes built for it gone. */
 void cbt_blockdev_snapshot_free(CbtBlockdevSnapshot *snap);
+
+/* I/O statistics (query-blockstats): counted by the server where a request enters the graph,
+ * on the node and on the export's own block, with relaxed atomics and no lock. Times are
+ * CLOCK_MONOTONIC nanoseconds (cbt_blockdev_now_ns). */
+typedef enum {
+  CBT_BLOCKDEV_ACCT_READ,
+  CBT_BLOCKDEV_ACCT_WRITE,
+  CBT_BLOCKDEV_ACCT_FLUSH,
+  CBT_BLOCKDEV_ACCT_UNMAP,
+  CBT_BLOCKDEV_ACCT__MAX,
+} CbtBlockdevAcct;
+typedef struct {
+  guint64 bytes[CBT_BLOCKDEV_ACCT__MAX];
+  guint64 ops[CBT_BLOCKDEV_ACCT__MAX];
+  guint64 total_ns[CBT_BLOCKDEV_ACCT__MAX];
+  guint64 failed[CBT_BLOCKDEV_ACCT__MAX];
+  guint64 invalid[CBT_BLOCKDEV_ACCT__MAX];
+  gint64 last_access_ns; /* 0 before the first counted request */
+} CbtBlockdevStats;
+gint64 cbt_blockdev_now_ns(void);
+/* A request of @kind over @bytes that started at @start_ns ended now (@now_ns), failed or not. */
+void cbt_blockdev_stats_done(CbtBlockdevStats *s, CbtBlockdevAcct kind, guint64 bytes,
+                             gint64 start_ns, gint64 now_ns, gboolean failed);
+/* A request of @kind the server refused before it reached the node. */
+void cbt_blockdev_stats_invalid(CbtBlockdevStats *s, CbtBlockdevAcct kind);
+/* The node's own block (requests that entered the graph at @bd). */
+CbtBlockdevStats *cbt_blockdev_get_stats(CbtBlockdev *bd);
+/* An export's block, listed under its node by query-blockstats (`exports`) until removed. Main
+ * thread; the block stays valid until cbt_blockdev_remove_export_stats(). */
+typedef struct CbtBlockdevExportStats CbtBlockdevExportStats;
+CbtBlockdevExportStats *cbt_blockdev_add_export_stats(CbtBlockdev *bd, const char *id);
+CbtBlockdevStats *cbt_blockdev_export_stats_get(CbtBlockdevExportStats *es);
+void cbt_blockdev_remove_export_stats(CbtBlockdev *bd, CbtBlockdevExportStats *es);
 
 /* Drain: wait for in-flight requests on @bd (and nodes above it), admit none until _end. */
 void cbt_blockdev_drain_begin(CbtBlockdev *bd);

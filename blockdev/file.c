@@ -46,6 +46,8 @@ typedef struct {
   guint64 bitmap_intent_region;
 } FileState;
 
+static gboolean get_size(FileState *s, const struct stat *st, guint64 *size, GError **error);
+
 static FileState *
 state(CbtBlockdev *bd)
 {
@@ -144,8 +146,65 @@ file_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
   }
   /* A discard is advisory: a medium that cannot do it has done nothing wrong. */
   if (r < 0 && (errno == EOPNOTSUPP || errno == ENOTTY || errno == EINVAL))
-    return 0;
-  return r < 0 ? -errno : 0;
+    r = 0;
+  r = r < 0 ? -errno : 0;
+  /* QEMU's file-posix counters (query-blockstats driver-specific). */
+  if (r < 0) {
+    __atomic_add_fetch(&bd->discard_failed, 1, __ATOMIC_RELAXED);
+  } else {
+    __atomic_add_fetch(&bd->discard_ok, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&bd->discard_bytes_ok, len, __ATOMIC_RELAXED);
+  }
+  return r;
+}
+
+/* QEMU's allocate_first_block(): a file grown from empty gets its first block written, so
+ * that the file system learns its alignment; zeroes, as the growth reads anyway. */
+static void
+allocate_first_block(int fd, guint64 size)
+{
+  static const guint8 zeroes[4096];
+  gsize n = size < sizeof zeroes ? SECTOR : sizeof zeroes;
+  ssize_t r;
+
+  do
+    r = pwrite(fd, zeroes, n, 0);
+  while (r < 0 && errno == EINTR);
+}
+
+/* file-posix's raw_co_truncate with exact=false: a regular file is truncated (growing reads as
+ * zeroes); a device cannot grow, and a smaller size leaves it as it is. */
+static gboolean
+file_truncate(CbtBlockdev *bd, guint64 size, GError **error)
+{
+  FileState *s = state(bd);
+  int fd = image_fd(s);
+  struct stat st;
+
+  if (fstat(fd, &st) < 0) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Failed to fstat() the file: %s", g_strerror(errno));
+    return FALSE;
+  }
+  if (s->is_device) {
+    guint64 cur;
+    if (!get_size(s, &st, &cur, error))
+      return FALSE;
+    if (size > cur) {
+      g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Cannot grow device files");
+      return FALSE;
+    }
+    bd->size = (cur + SECTOR - 1) / SECTOR * SECTOR;
+    return TRUE;
+  }
+  if (ftruncate(fd, (off_t)size) < 0) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Could not resize file: %s", g_strerror(errno));
+    return FALSE;
+  }
+  if (st.st_size == 0 && size > 0)
+    allocate_first_block(fd, size);
+  s->tail_padded = size % SECTOR != 0;
+  bd->size = (size + SECTOR - 1) / SECTOR * SECTOR;
+  return TRUE;
 }
 
 static int
@@ -631,7 +690,7 @@ cbt_blockdev_get_store_info(CbtBlockdev *bd, CbtBlockdevStoreInfo *info)
     .flush = file_flush, .discard = file_discard, .write_zeroes = file_write_zeroes,               \
     .block_status = file_block_status, .block_status_walk = file_block_status_walk,                \
     .get_data_fd = file_get_data_fd, .update_perms = file_update_perms,                            \
-    .actual_size = file_actual_size,                                                               \
+    .actual_size = file_actual_size, .truncate = file_truncate,                                    \
   }
 
 const CbtBlockdevDriver cbt_blockdev_file_driver = FILE_DRIVER("file");

@@ -244,6 +244,8 @@ static void
 cumulate(CbtBlockdev *bd)
 {
   user_perms(bd, &bd->perm, &bd->shared);
+  if (bd->resizers)
+    bd->perm |= CBT_PERM_RESIZE;
   for (guint i = 0; i < bd->parents->len; i++) {
     CbtBlockdevChild *c = g_ptr_array_index(bd->parents, i);
     bd->perm |= c->perm;
@@ -264,10 +266,11 @@ perm_names(guint64 perm)
   return g_string_free(out, FALSE);
 }
 
-/* One holder of permissions on a node: a parent's edge, or the node's users together (QEMU's
- * BlockBackends: an export is "an unnamed block device" using the node as its "root"). */
+/* One holder of permissions on a node: a parent's edge, the node's users together, or a
+ * block_resize in progress (QEMU's BlockBackends: an export, and the one block_resize makes,
+ * are each "an unnamed block device" using the node as its "root"). */
 typedef struct {
-  const CbtBlockdevChild *edge; /* NULL: the users */
+  const CbtBlockdevChild *edge; /* NULL: the users, or the resize */
   guint64 perm, shared;
 } Holder;
 
@@ -281,14 +284,17 @@ holder_text(const Holder *h, const CbtBlockdev *bd)
                          bd->node_name, h->edge->name);
 }
 
-/* QEMU's parents' compliance check: every holder must share what every other one needs. The
- * users come first, then the parents newest first, as QEMU's list of parents is ordered. */
+/* QEMU's parents' compliance check: every holder must share what every other one needs. A
+ * resize comes first (the newest BlockBackend), then the users, then the parents newest first,
+ * as QEMU's list of parents is ordered. */
 static gboolean
 check_conflicts(CbtBlockdev *bd, GError **error)
 {
   g_autoptr(GArray) hs = g_array_new(FALSE, FALSE, sizeof(Holder));
-  Holder users = { NULL, 0, CBT_PERM_ALL };
+  Holder users = { NULL, 0, CBT_PERM_ALL }, resize = { NULL, CBT_PERM_RESIZE, CBT_PERM_ALL };
 
+  if (bd->resizers)
+    g_array_append_val(hs, resize);
   user_perms(bd, &users.perm, &users.shared);
   if (bd->users || bd->writers)
     g_array_append_val(hs, users);

@@ -142,7 +142,8 @@ cbt_blockdev_info(CbtBlockdev *bd)
   info->cache->writeback = TRUE;
   info->cache->direct = bd->cache_direct;
   info->cache->no_flush = bd->cache_no_flush;
-  /* Throttling and thresholds: cbtd has neither, so they stay 0. */
+  /* Throttling: cbtd has none, so it stays 0. */
+  info->write_threshold = (gint64)__atomic_load_n(&bd->write_threshold, __ATOMIC_RELAXED);
   cbt_blockdev_notify(bd, CBT_BLOCKDEV_EVENT_QUERY, info);
   add_driver_bitmaps(bd, info);
   return info;

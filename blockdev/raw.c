@@ -8,6 +8,7 @@
 typedef struct {
   guint64 offset;
   gboolean windowed; /* offset or size given: others may not resize the child */
+  gboolean has_size; /* a fixed size: block_resize is refused, and it never follows the child */
 } RawState;
 
 static guint64
@@ -143,11 +144,41 @@ window(CbtBlockdev *bd, const CbtQmpBlockdevOptionsRaw *o, RawState *s, GError *
   }
   bd->size = o->has_size ? size : csize - s->offset;
   s->windowed = o->has_offset || o->has_size;
+  s->has_size = o->has_size;
   if (o->has_offset)
     json_object_set_int_member(bd->full_opts, "offset", (gint64)s->offset);
   if (o->has_size)
     json_object_set_int_member(bd->full_opts, "size", (gint64)size);
   return TRUE;
+}
+
+/* QEMU's raw_co_truncate: the child is resized to hold @size bytes past the window's start. */
+static gboolean
+raw_truncate(CbtBlockdev *bd, guint64 size, GError **error)
+{
+  RawState *s = bd->opaque;
+
+  if (s->has_size) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Cannot resize fixed-size raw disks");
+    return FALSE;
+  }
+  if ((guint64)G_MAXINT64 - size < s->offset) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Disk size too large for the added offset");
+    return FALSE;
+  }
+  return cbt_blockdev_truncate(child(bd), size + s->offset, error);
+}
+
+/* Without a fixed size the node is the rest of its child past the offset (QEMU's
+ * raw_getlength), so it follows the child's size. */
+static void
+raw_child_resized(CbtBlockdev *bd, CbtBlockdevChild *c)
+{
+  RawState *s = bd->opaque;
+  guint64 csize = cbt_blockdev_get_size(c->node);
+
+  if (s && !s->has_size && c == bd->file)
+    bd->size = csize > s->offset ? csize - s->offset : 0;
 }
 
 /* A window fixes where the data is in the child: nobody else may resize it (QEMU's raw). */
@@ -218,4 +249,6 @@ const CbtBlockdevDriver cbt_blockdev_raw_driver = {
   .block_status = raw_block_status,
   .block_status_walk = raw_block_status_walk,
   .get_data_fd = raw_get_data_fd,
+  .truncate = raw_truncate,
+  .child_resized = raw_child_resized,
 };

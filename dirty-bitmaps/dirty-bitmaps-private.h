@@ -62,6 +62,9 @@ void cbt_dirty_bitmaps_persist_untie(CbtBlockdev *bd, CbtDirtyBitmap *dbm);
 gboolean cbt_dirty_bitmaps_persist_demote(CbtBlockdev *bd, CbtDirtyBitmap *dbm, const GError *why);
 void cbt_dirty_bitmaps_persist_refresh(CbtBlockdev *bd);
 void cbt_dirty_bitmaps_persist_node_closing(CbtBlockdev *bd);
+/* The node was resized (drained) and its bitmaps hold new bits: the store takes them and the
+ * new size, durably; a persistent bitmap the store cannot take is demoted. */
+void cbt_dirty_bitmaps_persist_resized(CbtBlockdev *bd);
 void cbt_dirty_bitmaps_persist_fill_info(const CbtDirtyBitmap *dbm, CbtQmpBlockDirtyInfo *info);
 void cbt_dirty_bitmaps_persist_forget(CbtDirtyBitmap *dbm);
 

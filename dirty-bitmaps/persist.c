@@ -421,6 +421,48 @@ cbt_dirty_bitmaps_persist_node_closing(CbtBlockdev *bd)
   g_hash_table_remove(bindings, bd);
 }
 
+/* ---- resize ---------------------------------------------------------------------------------- */
+
+/* The same path as an open that finds the device resized (load.c's settle): each bitmap's bits
+ * first (replace_bitmap writes what fits the old area), then every area fitted to the new size
+ * and written, then the directory. The node is drained throughout, so no mark runs between the
+ * steps; a failing step demotes the bitmaps it concerns, which go on recording in memory. */
+void
+cbt_dirty_bitmaps_persist_resized(CbtBlockdev *bd)
+{
+  Binding *b = binding_of(bd);
+  GPtrArray *arr = cbt_dirty_bitmaps_list(bd);
+  g_autoptr(GPtrArray) failed = g_ptr_array_new();
+  g_autoptr(GError) error = NULL;
+
+  if (!b || !b->store)
+    return;
+  for (guint i = 0; arr && i < arr->len; i++) {
+    CbtDirtyBitmap *dbm = g_ptr_array_index(arr, i);
+    g_autoptr(GError) local = NULL;
+    if (!cbt_dirty_bitmap_is_persistent(dbm) || cbt_dirty_bitmap_is_inconsistent(dbm))
+      continue;
+    if (!cbt_store_replace_bitmap(b->store, cbt_dirty_bitmap_get_name(dbm),
+                                  cbt_dirty_bitmap_get_bitmap(dbm), &local)) {
+      g_ptr_array_add(failed, dbm);
+      if (!error)
+        error = g_steal_pointer(&local);
+    }
+  }
+  g_autoptr(GError) resize_error = NULL;
+  if (!cbt_store_resize(b->store, cbt_blockdev_get_size(bd), &resize_error)) {
+    for (guint i = 0; arr && i < arr->len; i++) {
+      CbtDirtyBitmap *dbm = g_ptr_array_index(arr, i);
+      if (cbt_dirty_bitmap_is_persistent(dbm) && !g_ptr_array_find(failed, dbm, NULL))
+        g_ptr_array_add(failed, dbm);
+    }
+    if (!error)
+      error = g_steal_pointer(&resize_error);
+  }
+  for (guint i = 0; i < failed->len; i++)
+    cbt_dirty_bitmaps_persist_demote(bd, g_ptr_array_index(failed, i), error);
+}
+
 /* ---- the commands' durable steps ----------------------------------------------------------- */
 
 gboolean

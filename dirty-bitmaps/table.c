@@ -209,9 +209,32 @@ node_closing(CbtBlockdev *bd, gpointer data, gpointer user_data)
   }
 }
 
+/* block_resize changed the node's size (drained): every bitmap follows it (QEMU's
+ * bdrv_dirty_bitmap_truncate). The new bits are tracked before the old ones go, the store takes
+ * its bitmaps' new bits and size (persist.c), and only then are the old bits freed. */
+static void
+node_resized(CbtBlockdev *bd, gpointer data, gpointer user_data)
+{
+  GPtrArray *arr = bitmaps_of(bd, FALSE);
+  g_autoptr(GPtrArray) old = g_ptr_array_new_with_free_func((GDestroyNotify)cbt_bitmap_free);
+  guint64 size = cbt_blockdev_get_size(bd);
+
+  for (guint i = 0; arr && i < arr->len; i++) {
+    CbtDirtyBitmap *dbm = g_ptr_array_index(arr, i);
+    CbtBitmap *prev = cbt_dirty_bitmap_truncate(dbm, size);
+    if (tracked_by_node(dbm)) {
+      cbt_blockdev_track_bitmap(bd, cbt_dirty_bitmap_get_bitmap(dbm));
+      cbt_blockdev_untrack_bitmap(bd, prev);
+    }
+    g_ptr_array_add(old, prev);
+  }
+  cbt_dirty_bitmaps_persist_resized(bd);
+}
+
 void
 cbt_dirty_bitmaps_table_init(void)
 {
+  cbt_blockdev_notifier_add(CBT_BLOCKDEV_EVENT_RESIZED, node_resized, NULL);
   cbt_blockdev_notifier_add(CBT_BLOCKDEV_EVENT_QUERY, node_query, NULL);
   cbt_blockdev_notifier_add(CBT_BLOCKDEV_EVENT_CLOSING, node_closing, NULL);
 }

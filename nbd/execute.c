@@ -46,6 +46,7 @@ cbt_nbd_errno_to_nbd(int err, guint16 cmd_flags)
 static void
 reply_errno(CbtNbdReq *r, int err)
 {
+  r->failed = TRUE;
   cbt_nbd_reply_error(r->conn, r->cookie, cbt_nbd_errno_to_nbd(err, r->flags), g_strerror(err));
 }
 
@@ -353,4 +354,54 @@ cbt_nbd_execute(CbtNbdPool *pool, CbtNbdReq *r)
       cbt_nbd_reply_simple(r->conn, r->cookie, 0, NULL, 0);
   }
   cbt_blockdev_io_end(bd);
+}
+
+/* --- statistics ---------------------------------------------------------------------------- */
+
+gboolean
+cbt_nbd_acct_kind(guint16 type, CbtBlockdevAcct *kind)
+{
+  switch (type) {
+  case NBD_CMD_READ:
+    *kind = CBT_BLOCKDEV_ACCT_READ;
+    return TRUE;
+  case NBD_CMD_WRITE:
+  case NBD_CMD_WRITE_ZEROES:
+    *kind = CBT_BLOCKDEV_ACCT_WRITE;
+    return TRUE;
+  case NBD_CMD_TRIM:
+    *kind = CBT_BLOCKDEV_ACCT_UNMAP;
+    return TRUE;
+  case NBD_CMD_FLUSH:
+    *kind = CBT_BLOCKDEV_ACCT_FLUSH;
+    return TRUE;
+  default:
+    return FALSE;
+  }
+}
+
+void
+cbt_nbd_account_done(CbtNbdReq *r)
+{
+  CbtNbdExport *exp = r->conn->exp;
+  CbtBlockdevAcct kind;
+
+  if (!r->t0 || !cbt_nbd_acct_kind(r->type, &kind))
+    return;
+  gint64 now = cbt_blockdev_now_ns();
+  guint64 bytes = kind == CBT_BLOCKDEV_ACCT_FLUSH ? 0 : r->len;
+  cbt_blockdev_stats_done(cbt_blockdev_get_stats(exp->bd), kind, bytes, r->t0, now, r->failed);
+  cbt_blockdev_stats_done(cbt_blockdev_export_stats_get(exp->stats), kind, bytes, r->t0, now,
+                          r->failed);
+}
+
+void
+cbt_nbd_account_invalid(CbtNbdConn *conn, guint16 type)
+{
+  CbtBlockdevAcct kind;
+
+  if (!cbt_nbd_acct_kind(type, &kind))
+    return;
+  cbt_blockdev_stats_invalid(cbt_blockdev_get_stats(conn->exp->bd), kind);
+  cbt_blockdev_stats_invalid(cbt_blockdev_export_stats_get(conn->exp->stats), kind);
 }

@@ -174,6 +174,7 @@ export_finalize(CbtNbdExport *exp)
     export_bitmap_clear(g_ptr_array_index(exp->bitmaps, i));
   if (exp->writable)
     cbt_blockdev_release_write(exp->bd);
+  cbt_blockdev_remove_export_stats(exp->bd, g_steal_pointer(&exp->stats));
   cbt_blockdev_remove_user(exp->bd);
   g_clear_pointer(&exp->bd, cbt_blockdev_unref);
   g_clear_pointer(&exp->snapshot, cbt_blockdev_snapshot_free);
@@ -389,6 +390,7 @@ static void
 publish(CbtNbdExport *exp, CbtBlockdev *bd)
 {
   exp->bd = cbt_blockdev_ref(bd);
+  exp->stats = cbt_blockdev_add_export_stats(bd, exp->id);
   cbt_blockdev_add_user(bd);
   cbt_mutex_lock(&cbt_nbd_lock);
   if (!exports)

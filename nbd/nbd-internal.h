@@ -77,6 +77,8 @@ struct CbtNbdExport {
   GPtrArray *bitmaps;   /* CbtNbdExportBitmap */
   gboolean auto_remove; /* deleted when its last client leaves (once one came) */
   guint32 max_clients;  /* attached connections at most (0: no limit) */
+  /* Its requests' statistics, listed under @bd by query-blockstats; while published. */
+  CbtBlockdevExportStats *stats;
   /* Under cbt_nbd_lock: */
   gboolean shutting_down;
   gboolean deleted;
@@ -137,6 +139,8 @@ typedef struct {
   gboolean zero_copy; /* READ: sent from the node's file, not through buf (transmit.c) */
   guint64 write_seq;  /* write-type: admission order; 0 once finished (under the pool lock) */
   guint64 flush_upto; /* FLUSH: the last write admitted before it */
+  gint64 t0;          /* when it was admitted (CLOCK_MONOTONIC ns); 0: not counted */
+  gboolean failed;    /* answered with an error (execute.c reply_errno) */
   gint next;          /* free-list / queue link */
 } CbtNbdReq;
 
@@ -181,6 +185,12 @@ void cbt_nbd_pool_free(CbtNbdPool *pool);
 /* execute.c: run a valid request against the export and reply; the caller then completes it.
  * execute_read_prefilled: a READ whose data is already in req->buf. */
 void cbt_nbd_execute(CbtNbdPool *pool, CbtNbdReq *req);
+/* query-blockstats (execute.c): @req was answered, on any thread; a request of @type the reader
+ * refused. Both count on the export's node and on the export, with relaxed atomics. */
+void cbt_nbd_account_done(CbtNbdReq *req);
+void cbt_nbd_account_invalid(CbtNbdConn *conn, guint16 type);
+/* Is a request of @type counted, and as what? */
+gboolean cbt_nbd_acct_kind(guint16 type, CbtBlockdevAcct *kind);
 void cbt_nbd_execute_read_prefilled(CbtNbdReq *req);
 /* A READ sent zero-copy from @fd, the node's data file (@fd_offset: where the node starts in
  * it); between io_begin and io_end. */

@@ -171,6 +171,7 @@ cbt_nbd_pool_busy(CbtNbdPool *pool)
 void
 cbt_nbd_pool_complete(CbtNbdPool *pool, CbtNbdReq *req)
 {
+  cbt_nbd_account_done(req);
   cbt_mutex_lock(&pool->lock);
   req->write_seq = 0;
   req->next = pool->free;

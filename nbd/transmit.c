@@ -375,7 +375,10 @@ start_request(Reader *rd, const Request *r)
   req->offset = r->offset;
   req->len = r->len;
   req->zero_copy = path != READ_BUFFERED;
+  req->failed = FALSE;
+  req->t0 = cbt_blockdev_now_ns();
   if (r->type == NBD_CMD_WRITE && !take_payload(rd, req->buf, r->len)) {
+    req->t0 = 0; /* the connection ends: never answered, not counted */
     cbt_nbd_pool_complete(rd->pool, req);
     return FALSE;
   }
@@ -416,6 +419,7 @@ serve_one(Reader *rd)
     return FALSE;
   g_debug("NBD request type %u flags 0x%x offset %" G_GUINT64_FORMAT " len %u refused: %s", r.type,
           r.flags, r.offset, r.len, msg);
+  cbt_nbd_account_invalid(rd->conn, r.type);
   cbt_nbd_reply_error(rd->conn, r.cookie, err, msg);
   return TRUE;
 }

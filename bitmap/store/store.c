@@ -16,7 +16,10 @@
  *  (5) An area is a superset of its bitmap, except inside a rewrite with the device drained; a
  *      rewrite that fails flags its entry inconsistent, durably, before the command fails.
  *  (6) The header goes to the copy that does not hold the current one, the directory to the
- *      area the header does not name; each is synced before anything depends on it.
+ *      area the header does not name; each is synced before anything depends on it. An area
+ *      that must grow (a resize, live or found at open) moves to a place no area of the
+ *      directory on disk covers, its own old one included, and is written and synced there
+ *      before the directory that names it: until then the old area keeps every bit.
  *  (7) IN_USE and this boot's id are durable before cbt_store_open() returns; the flag is
  *      cleared only after the final sync of cbt_store_close().
  *
@@ -232,9 +235,10 @@ claim_area_end(CbtStore *s, const CbtStoreEntry *e)
   return cbt_store_io_write(s->f, &zero, 1, e->area_offset + e->area_len - 1);
 }
 
-/* First fit among the areas in use, after the intent slots. */
+/* First fit among the areas in use, after the intent slots. The areas in use include the one
+ * an entry that grows is leaving: the directory on disk still names it (invariant 6). */
 static guint64
-place_area(CbtStore *s, guint64 len, const CbtStoreEntry *skip)
+place_area(CbtStore *s, guint64 len)
 {
   guint64 at = s->hdr.slot_offset[1] + s->hdr.slot_len;
 
@@ -243,7 +247,7 @@ place_area(CbtStore *s, guint64 len, const CbtStoreEntry *skip)
     moved = FALSE;
     for (guint i = 0; i < s->entries->len; i++) {
       CbtStoreEntry *e = g_ptr_array_index(s->entries, i);
-      if (e == skip || e->area_offset >= at + len || e->area_offset + e->area_len <= at)
+      if (e->area_offset >= at + len || e->area_offset + e->area_len <= at)
         continue;
       at = (e->area_offset + e->area_len + CBT_STORE_AREA_ALIGN - 1) & ~(CBT_STORE_AREA_ALIGN - 1);
       moved = TRUE;
@@ -453,7 +457,7 @@ cbt_store_add_full(CbtStore *store, const char *name, CbtBitmap *bm, gboolean re
   e->recording = recording;
   e->bm = bm;
   e->area_len = len;
-  e->area_offset = place_area(store, len, NULL);
+  e->area_offset = place_area(store, len);
   if (id) {
     memcpy(e->uuid, id->uuid, 16);
     e->created = id->created;
@@ -584,19 +588,23 @@ cbt_store_replace_bitmap(CbtStore *store, const char *name, CbtBitmap *bm, GErro
   return cbt_store_rewrite(store, name, error);
 }
 
-/* Give @e an area for the store's size: in place when it fits, else zeroed somewhere free. */
+/* Give @e an area for the store's size: in place when it fits, else zeroed somewhere free. Only
+ * a new place has its last byte claimed: in place that byte may hold bits (a bitmap that fills
+ * its last page) and the file already reaches past it. */
 int
 cbt_store_fit_area(CbtStore *s, CbtStoreEntry *e)
 {
   guint64 len = cbt_store_area_len(s->size, e->granularity);
 
-  if (len > e->area_len) {
-    guint64 at = place_area(s, len, e);
-    int r = s->f->io->punch(s->f, at, len);
-    if (r < 0)
-      return r;
-    e->area_offset = at;
+  if (len <= e->area_len) {
+    e->area_len = len;
+    return 0;
   }
+  guint64 at = place_area(s, len);
+  int r = s->f->io->punch(s->f, at, len);
+  if (r < 0)
+    return r;
+  e->area_offset = at;
   e->area_len = len;
   return claim_area_end(s, e);
 }

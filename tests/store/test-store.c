@@ -537,6 +537,138 @@ test_resize(void)
   crashsim_free(sim);
 }
 
+/* An area that ends in bits (its bitmap fills its last page) keeps its last byte when the
+ * store is opened again, and after a resize that keeps it in place. */
+static void
+test_last_byte(void)
+{
+  CrashSim *sim = crashsim_new("boot-a");
+  g_autoptr(GError) error = NULL;
+  CbtStore *s = open_ok(sim, TRUE);
+  g_autoptr(CbtBitmap) bm = cbt_bitmap_new(DEV, 512);
+
+  g_assert_true(cbt_store_add(s, "b", bm, TRUE, &error));
+  cbt_store_mark(s, DEV - 512, 512);
+  g_assert_true(cbt_store_close(s, &error));
+  s = open_ok(sim, FALSE);
+  g_assert_true(covers(loaded(s, "b")->bitmap, DEV - 512, 512));
+  cbt_store_abandon(s); /* killed: the page cache stays */
+  CrashSim *copy = crashsim_after_crash(sim, crashsim_ops(sim), TRUE, 0);
+  s = open_ok(copy, FALSE);
+  g_assert_true(covers(loaded(s, "b")->bitmap, DEV - 512, 512));
+  cbt_store_abandon(s);
+  crashsim_free(copy);
+  crashsim_free(sim);
+}
+
+/* ---- a live resize under crashes ------------------------------------------------------ */
+
+/* block_resize's order (dirty-bitmaps/persist.c): the device already has its new size, then the
+ * bitmap's new bits go to the store, then the store takes the size. A crash anywhere in it must
+ * bring back every write that had returned, inside the device as it was at the crash. */
+typedef struct {
+  CrashSim *sim;
+  GArray *writes;     /* Write */
+  guint resize_at[2]; /* operations when each resize began (the device's size changed) */
+  guint64 sizes[3];   /* the device before, between and after the two resizes */
+  CbtBitmap *bm[3];   /* the bitmap's bits in each period */
+} ResizeLoad;
+
+static CbtBitmap *
+resized_copy(const CbtBitmap *bm, guint64 size)
+{
+  CbtBitmap *out = cbt_bitmap_new(size, cbt_bitmap_get_granularity(bm));
+  guint64 keep = MIN(size, cbt_bitmap_get_size(bm));
+
+  for (gint64 at = cbt_bitmap_next_dirty(bm, 0, keep); at >= 0;
+       at = cbt_bitmap_next_dirty(bm, (guint64)at + 512, keep))
+    cbt_bitmap_mark_range(out, (guint64)at, 512);
+  return out;
+}
+
+static void
+resize_writes(ResizeLoad *rl, CbtStore *s, GRand *r, guint64 size, int n)
+{
+  for (int i = 0; i < n; i++) {
+    Write w;
+    w.len = (guint64)g_rand_int_range(r, 1, 17) * 512;
+    w.offset = (guint64)g_rand_int_range(r, 0, (gint32)((size - w.len) / 512)) * 512;
+    cbt_store_mark(s, w.offset, w.len);
+    w.done = crashsim_ops(rl->sim);
+    g_array_append_val(rl->writes, w);
+  }
+}
+
+static void
+resize_step(ResizeLoad *rl, CbtStore *s, int k)
+{
+  g_autoptr(GError) error = NULL;
+
+  rl->resize_at[k] = crashsim_ops(rl->sim);
+  rl->bm[k + 1] = resized_copy(rl->bm[k], rl->sizes[k + 1]);
+  g_assert_true(cbt_store_replace_bitmap(s, "b", rl->bm[k + 1], &error));
+  g_assert_true(cbt_store_resize(s, rl->sizes[k + 1], &error));
+}
+
+static void
+test_resize_replay(void)
+{
+  g_autoptr(GRand) r = g_rand_new_with_seed(3);
+  g_autoptr(GError) error = NULL;
+  ResizeLoad rl = { .sizes = { DEV, 2 * DEV, DEV / 2 } };
+
+  rl.sim = crashsim_new("boot-a");
+  rl.writes = g_array_new(FALSE, FALSE, sizeof(Write));
+  CbtStore *s = open_ok(rl.sim, TRUE);
+  rl.bm[0] = cbt_bitmap_new(DEV, 4096);
+  g_assert_true(cbt_store_add(s, "b", rl.bm[0], TRUE, &error));
+  guint added = crashsim_ops(rl.sim);
+  resize_writes(&rl, s, r, rl.sizes[0], 30);
+  g_assert_true(cbt_store_sync(s, &error));
+  resize_writes(&rl, s, r, rl.sizes[0], 10);
+  resize_step(&rl, s, 0); /* grow */
+  resize_writes(&rl, s, r, rl.sizes[1], 30);
+  resize_step(&rl, s, 1); /* shrink */
+  resize_writes(&rl, s, r, rl.sizes[2], 20);
+  cbt_store_abandon(s);
+
+  guint n = crashsim_ops(rl.sim);
+  for (guint cut = added; cut <= n; cut++) {
+    /* The device was resized before the store heard of it. */
+    guint64 size = cut > rl.resize_at[1]   ? rl.sizes[2]
+                   : cut > rl.resize_at[0] ? rl.sizes[1]
+                                           : rl.sizes[0];
+    for (guint32 seed = 0; seed <= 2; seed++) {
+      CrashSim *copy = crashsim_after_crash(rl.sim, cut, seed == 0, cut * 5 + seed);
+      CbtStoreConfig c = config(FALSE);
+      crashsim_set_boot_id(copy, seed == 0 ? "boot-a" : "boot-b");
+      c.size = size;
+      CbtStore *back = cbt_store_open("sim.cbt", &c, crashsim_io(copy), &error);
+      g_assert_no_error(error);
+      CbtStoreBitmap *b = loaded(back, "b");
+      g_assert_nonnull(b);
+      g_assert_false(b->inconsistent);
+      for (guint k = 0; k < rl.writes->len; k++) {
+        Write *w = &g_array_index(rl.writes, Write, k);
+        if (w->done > cut || w->offset >= size)
+          continue;
+        if (!covers(b->bitmap, w->offset, MIN(w->len, size - w->offset)))
+          g_error("cut %u (resizes at %u and %u, the write returned at %u; seed %u, device "
+                  "%" G_GUINT64_FORMAT "): lost the write [%" G_GUINT64_FORMAT
+                  ", +%" G_GUINT64_FORMAT ")",
+                  cut, rl.resize_at[0], rl.resize_at[1], w->done, seed, size, w->offset, w->len);
+      }
+      cbt_store_abandon(back);
+      crashsim_free(copy);
+    }
+  }
+  g_test_message("%u cut points around a grow and a shrink", n - added + 1);
+  for (int i = 0; i < 3; i++)
+    cbt_bitmap_free(rl.bm[i]);
+  g_array_unref(rl.writes);
+  crashsim_free(rl.sim);
+}
+
 /* The real file system: the lock keeps a second opener out; the file is sparse. */
 static void
 test_posix_lock(void)
@@ -575,6 +707,8 @@ main(int argc, char **argv)
   g_test_add_func("/store/failed", test_failed_store);
   g_test_add_func("/store/corrupt", test_corrupt);
   g_test_add_func("/store/resize", test_resize);
+  g_test_add_func("/store/resize-replay", test_resize_replay);
+  g_test_add_func("/store/last-byte", test_last_byte);
   g_test_add_func("/store/posix-lock", test_posix_lock);
   return g_test_run();
 }
