@@ -1,7 +1,7 @@
 """What the benchmark scripts share: processes that never outlive the benchmark, their CPU and
 memory from /proc, a minimal QMP client, running a tool, and images of real data.
 
-Imported by bench/nbd-bench.py and bench/fleece-bench.py (their directory is on sys.path when
+Imported by bench/nbd-bench.py, bench/fleece-bench.py and bench/job-bench.py (their directory is on sys.path when
 they run)."""
 import ctypes
 import json
@@ -76,6 +76,65 @@ def stop_process(proc, timeout=10):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# Every Daemon started and not yet stopped (stop_all(LIVE, ...) at exit).
+LIVE = []
+
+class Daemon:
+    """cbtd or qemu-storage-daemon with one QMP monitor; everything else is built over QMP."""
+
+    def __init__(self, kind, tmp, build):
+        self.kind, self.tmp = kind, tmp
+        self.qmp_path = os.path.join(tmp, "qmp.sock")
+        self.sock = os.path.join(tmp, "nbd.sock")
+        exe = os.path.join(build, "daemon", "cbtd") if kind == "cbtd" else "qemu-storage-daemon"
+        self.argv = [exe, "--chardev", f"socket,id=m,path={self.qmp_path},server=on,wait=off",
+                     "--monitor", "chardev=m"]
+        self.proc = self.q = None
+
+    def start(self):
+        for p in (self.qmp_path, self.sock):
+            if os.path.exists(p):
+                os.unlink(p)
+        self.log = open(os.path.join(self.tmp, f"{self.kind}.log"), "ab")
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        LIVE.append(self)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.q = Qmp(self.qmp_path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.kind} did not start: {' '.join(self.argv)}")
+                time.sleep(0.02)
+        self.q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": self.sock}})
+        return self
+
+    def uri(self, export):
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def cpu(self):
+        return cpu_seconds(self.proc.pid)
+
+    def del_export(self, eid):
+        self.q.cmd("block-export-del", id=eid)
+        deadline = time.monotonic() + 10
+        while any(e.get("id") == eid for e in self.q.cmd("query-block-exports")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"export {eid} did not go away")
+            time.sleep(0.005)
+
+    def stop(self):
+        if self.q:
+            self.q.close()
+            self.q = None
+        stop_process(self.proc)
+        if self in LIVE:
+            LIVE.remove(self)
+        self.log.close()
 
 
 def stop_all(live, prog):

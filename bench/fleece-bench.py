@@ -29,14 +29,13 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (Qmp, cpu_seconds, die_with_parent, fill_image, kv, log, on_signal,  # noqa: E402
-                      run, stop_all, stop_process)
+from benchlib import (LIVE, Daemon, fill_image, kv, log, on_signal, run,  # noqa: E402
+                      stop_all)
 
 import nbd
 
@@ -61,67 +60,6 @@ def quick(cfg):
 
 def smoke(cfg):
     cfg.reps, cfg.size = 1, 64 * MiB
-
-
-# ---- processes ----------------------------------------------------------------------------
-
-_live = []
-
-
-class Daemon:
-    """cbtd or qemu-storage-daemon with one QMP monitor; everything else is built over QMP."""
-
-    def __init__(self, kind, tmp, build):
-        self.kind, self.tmp = kind, tmp
-        self.qmp_path = os.path.join(tmp, "qmp.sock")
-        self.sock = os.path.join(tmp, "nbd.sock")
-        exe = os.path.join(build, "daemon", "cbtd") if kind == "cbtd" else "qemu-storage-daemon"
-        self.argv = [exe, "--chardev", f"socket,id=m,path={self.qmp_path},server=on,wait=off",
-                     "--monitor", "chardev=m"]
-        self.proc = self.q = None
-
-    def start(self):
-        for p in (self.qmp_path, self.sock):
-            if os.path.exists(p):
-                os.unlink(p)
-        self.log = open(os.path.join(self.tmp, f"{self.kind}.log"), "ab")
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        _live.append(self)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.q = Qmp(self.qmp_path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.kind} did not start: {' '.join(self.argv)}")
-                time.sleep(0.02)
-        self.q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": self.sock}})
-        return self
-
-    def uri(self, export):
-        return f"nbd+unix:///{export}?socket={self.sock}"
-
-    def cpu(self):
-        return cpu_seconds(self.proc.pid)
-
-    def del_export(self, eid):
-        self.q.cmd("block-export-del", id=eid)
-        deadline = time.monotonic() + 10
-        while any(e.get("id") == eid for e in self.q.cmd("query-block-exports")):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"export {eid} did not go away")
-            time.sleep(0.005)
-
-    def stop(self):
-        if self.q:
-            self.q.close()
-            self.q = None
-        stop_process(self.proc)
-        if self in _live:
-            _live.remove(self)
-        self.log.close()
 
 
 def make_image(path, size):
@@ -393,7 +331,7 @@ def main():
             for kind, argv in b.argv.items():
                 print(f"{kind}: {' '.join(argv)}")
     finally:
-        stop_all(_live, "fleece-bench")
+        stop_all(LIVE, "fleece-bench")
         shutil.rmtree(tmp, ignore_errors=True)
 
 
