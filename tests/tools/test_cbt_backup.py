@@ -460,8 +460,9 @@ class TestCbtd(Base, unittest.TestCase):
             self.assertEqual(sha(self.restored(2)), sha(f.read()))
 
     def test_verify_finds_damage(self):
-        """verify recomputes the image's SHA-256 and re-reads every piece: a flipped byte in
-        an image, or a manifest whose data does not match, is reported with exit 4."""
+        """verify checks the image file (size, SHA-256 of its header and tables) and re-reads
+        every piece: a flipped byte in the data or in the tables, a truncated image, or a
+        manifest whose data does not match, is reported with exit 4."""
         self.backup('full')
         self.write_live(3 * MiB, b'\x19' * MiB)
         self.backup('incremental')
@@ -480,14 +481,23 @@ class TestCbtd(Base, unittest.TestCase):
         with open(path, 'w') as f:
             json.dump(m, f)
         self.tool('verify', '--repo', self.repo)
+        # A flipped bit in the data, then one in the tables (the end of the file), then a
+        # truncated image: each found, each undone before the next.
         img = os.path.join(self.repo, '0001.qcow2')
-        with open(img, 'r+b') as f:
-            f.seek(os.path.getsize(img) // 2)
-            b = f.read(1)
-            f.seek(-1, 1)
-            f.write(bytes([b[0] ^ 0xff]))
+        size = os.path.getsize(img)
+        for at, says in ((size // 2, 'DAMAGED: the data at offset'),
+                         (size - 100, "DAMAGED: its image's header and tables have the SHA-256")):
+            with open(img, 'r+b') as f:
+                b = os.pread(f.fileno(), 1, at)
+                os.pwrite(f.fileno(), bytes([b[0] ^ 0x10]), at)
+                p = self.tool('verify', '--repo', self.repo, '--point', '1', expect=4)
+                self.assertIn('point 1: ' + says, p.stdout)
+                os.pwrite(f.fileno(), b, at)
+        self.tool('verify', '--repo', self.repo)
+        os.truncate(img, size - 4096)
         p = self.tool('verify', '--repo', self.repo, '--point', '1', expect=4)
-        self.assertIn("point 1: DAMAGED: its image's SHA-256 is", p.stdout)
+        self.assertIn('point 1: DAMAGED: its image is %d bytes, the manifest says %d'
+                      % (size - 4096, size), p.stdout)
 
     def test_large_sparse_disk_of_odd_size(self):
         """A sparse disk of 3 GiB + 12 KiB: data in several L2 tables' ranges and in the last,
@@ -599,6 +609,46 @@ class TestCbtd(Base, unittest.TestCase):
         lst = json.loads(self.tool('list', '--repo', self.repo, '--json').stdout)
         self.assertEqual([(e['seq'], e['kind']) for e in lst],
                          [(3, 'full'), (4, 'incremental'), (5, 'incremental')])
+
+    def test_prune_interrupted(self):
+        """A prune stopped before its new image replaces the old one is undone by the next
+        writer; one stopped between the image and its manifest is read right by readers and
+        finished by the next writer. Each point still restores to the disk at its instant."""
+        disks = []
+        for i in range(4):
+            if i:
+                self.write_live(i * 3 * MiB, bytes([0x30 + i]) * (256 * KiB))
+            self.backup('full' if i == 0 else 'incremental')
+            disks.append(sha(self.read_live()))
+        env = dict(os.environ, CBT_BACKUP_TEST_CRASH='prune-manifest-new')
+        p = subprocess.run([BACKUP, 'prune', '--repo', self.repo, '--keep', '2'], env=env,
+                           capture_output=True, text=True)
+        self.assertEqual(p.returncode, 99, p.stderr)
+        self.assertIn('0003.json.new', os.listdir(self.repo))
+        self.assertEqual(sha(self.restored(3)), disks[2])  # readers: the old manifest holds
+        self.tool('verify', '--repo', self.repo)
+        p = self.tool('list', '--repo', self.repo, '--json')
+        self.assertEqual([e['seq'] for e in json.loads(p.stdout)], [1, 2, 3, 4])
+
+        env['CBT_BACKUP_TEST_CRASH'] = 'prune-image-renamed'
+        p = subprocess.run([BACKUP, 'prune', '--repo', self.repo, '--keep', '2'], env=env,
+                           capture_output=True, text=True)
+        self.assertEqual(p.returncode, 99, p.stderr)
+        self.assertIn('removing', p.stderr)  # the first run's .part
+        self.assertIn('0003.json.new', os.listdir(self.repo))
+        self.assertNotIn('0003.qcow2.part', os.listdir(self.repo))
+        self.tool('verify', '--repo', self.repo)  # point 3 read with its new manifest
+        self.assertEqual(sha(self.restored(3)), disks[2])
+        self.assertEqual(sha(self.restored(4)), disks[3])
+        # The next writer finishes it: point 3 is a full, the older points go at the next prune.
+        p = self.tool('prune', '--repo', self.repo, '--keep', '2')
+        self.assertIn('finished the prune of', p.stderr)
+        self.assertEqual(sorted(f for f in os.listdir(self.repo) if f[0].isdigit()),
+                         ['0003.json', '0003.qcow2', '0004.json', '0004.qcow2'])
+        self.assertEqual(self.manifest(3)['kind'], 'full')
+        self.tool('verify', '--repo', self.repo)
+        self.check_images()
+        self.assertEqual(sha(self.restored(4)), disks[3])
 
     def test_usage_and_exit_codes(self):
         p = subprocess.run([BACKUP], capture_output=True, text=True)

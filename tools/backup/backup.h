@@ -172,6 +172,12 @@ gboolean cbt_backup_qcow2_zero(CbtBackupQcow2 *q, guint64 offset, guint64 len, G
 gboolean cbt_backup_qcow2_finish(CbtBackupQcow2 *q, GError **error);
 void cbt_backup_qcow2_free(CbtBackupQcow2 *q);
 guint64 cbt_backup_qcow2_cluster(void);
+/* After finish(): where the tables begin (the data clusters end there). */
+guint64 cbt_backup_qcow2_tables_offset(CbtBackupQcow2 *q);
+/* SHA-256 (hex) of the header cluster and of everything from @tables to the end of the file;
+ * the file's size in @file_size. */
+char *cbt_backup_qcow2_tables_sha256(const char *path, guint64 tables, guint64 *file_size,
+                                     GError **error);
 
 /* ---- copy.c -------------------------------------------------------------------------------- */
 typedef struct {
@@ -199,7 +205,6 @@ const char *cbt_backup_serve_uri(CbtBackupServe *sv);
 const char *cbt_backup_serve_socket(CbtBackupServe *sv);
 gboolean cbt_backup_serve_stop(CbtBackupServe *sv, GError **error); /* frees it */
 gboolean cbt_backup_run(const char *const *argv, char **out, GError **error);
-char *cbt_backup_file_sha256(const char *path, GError **error);
 gboolean cbt_backup_fsync_path(const char *path, GError **error);
 char *cbt_backup_now_iso(void);
 
@@ -229,7 +234,13 @@ gboolean cbt_backup_repo_write_json(CbtBackupRepo *r, const char *name, JsonObje
 JsonArray *cbt_backup_pieces_to_json(GArray *pieces);
 /* Copy @image's chain (all of it: a full) into a new standalone qcow2 @out; used by prune. */
 gboolean cbt_backup_flatten(const char *image, const char *out, guint64 size,
-                            CbtBackupProgressMode mode, GArray **pieces, GError **error);
+                            CbtBackupProgressMode mode, GArray **pieces, guint64 *tables,
+                            GError **error);
+/* Set in @m the members that describe the image file @path (its size, where its tables begin,
+ * their SHA-256). */
+gboolean cbt_backup_image_describe(JsonObject *m, const char *path, guint64 tables, GError **error);
+/* NULL when @path is the image file @m describes, else what differs (or NULL with @error). */
+char *cbt_backup_image_check(JsonObject *m, const char *path, GError **error);
 
 typedef struct {
   const char *qmp, *node, *file_node, *repo, *scratch_dir;

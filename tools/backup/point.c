@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
+#include <string.h>
 #include <unistd.h>
 
 struct CbtBackupServe {
@@ -153,33 +154,44 @@ cbt_backup_serve_stop(CbtBackupServe *sv, GError **error)
   return ok;
 }
 
-char *
-cbt_backup_file_sha256(const char *path, GError **error)
+gboolean
+cbt_backup_image_describe(JsonObject *m, const char *path, guint64 tables, GError **error)
 {
-  int fd = g_open(path, O_RDONLY | O_CLOEXEC, 0);
-  gnutls_hash_hd_t hd;
-  g_autofree guint8 *buf = g_malloc(1 << 20);
-  guint8 digest[32];
-  ssize_t n;
+  guint64 size;
+  g_autofree char *sha = cbt_backup_qcow2_tables_sha256(path, tables, &size, error);
 
-  if (fd < 0) {
-    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
+  if (!sha)
+    return FALSE;
+  json_object_set_int_member(m, "image-size", (gint64)size);
+  json_object_set_int_member(m, "tables-offset", (gint64)tables);
+  json_object_set_string_member(m, "tables-sha256", sha);
+  return TRUE;
+}
+
+char *
+cbt_backup_image_check(JsonObject *m, const char *path, GError **error)
+{
+  guint64 size, want = json_object_get_int_member_with_default(m, "image-size", 0);
+  g_autoptr(GError) local = NULL;
+  g_autofree char *sha = cbt_backup_qcow2_tables_sha256(
+    path, json_object_get_int_member_with_default(m, "tables-offset", 0), &size, &local);
+  const char *expect = json_object_get_string_member_with_default(m, "tables-sha256", "");
+
+  if (!sha && g_file_test(path, G_FILE_TEST_EXISTS) && size < want)
+    return g_strdup_printf(
+      "its image is %" G_GUINT64_FORMAT " bytes, the manifest says %" G_GUINT64_FORMAT, size, want);
+  if (!sha) {
+    g_propagate_error(error, g_steal_pointer(&local));
     return NULL;
   }
-  gnutls_hash_init(&hd, GNUTLS_DIG_SHA256);
-  while ((n = read(fd, buf, 1 << 20)) > 0)
-    gnutls_hash(hd, buf, n);
-  int err = n < 0 ? errno : 0;
-  close(fd);
-  gnutls_hash_deinit(hd, digest);
-  if (err) {
-    g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "%s: %s", path, g_strerror(err));
-    return NULL;
-  }
-  GString *hex = g_string_new(NULL);
-  for (int i = 0; i < 32; i++)
-    g_string_append_printf(hex, "%02x", digest[i]);
-  return g_string_free(hex, FALSE);
+  if (size != want)
+    return g_strdup_printf(
+      "its image is %" G_GUINT64_FORMAT " bytes, the manifest says %" G_GUINT64_FORMAT, size, want);
+  if (strcmp(sha, expect) != 0)
+    return g_strdup_printf("its image's header and tables have the SHA-256 %s, the manifest "
+                           "says %s",
+                           sha, expect);
+  return NULL;
 }
 
 gboolean

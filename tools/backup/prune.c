@@ -17,12 +17,13 @@
 #include <errno.h>
 #include <glib/gstdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #define MAX_PIECE (4u << 20)
 
 gboolean
 cbt_backup_flatten(const char *image, const char *out, guint64 size, CbtBackupProgressMode mode,
-                   GArray **pieces, GError **error)
+                   GArray **pieces, guint64 *tables, GError **error)
 {
   CbtBackupServe *src = cbt_backup_serve(image, 2, error);
   if (!src)
@@ -40,6 +41,7 @@ cbt_backup_flatten(const char *image, const char *out, guint64 size, CbtBackupPr
     };
     CbtBackupCopyStats st;
     ok = cbt_backup_copy(&a, p, &st, error) && cbt_backup_qcow2_finish(dst, error);
+    *tables = cbt_backup_qcow2_tables_offset(dst);
     cbt_backup_progress_free(prog);
   }
   cbt_backup_qcow2_free(dst);
@@ -66,9 +68,9 @@ cbt_backup_prune_recover(CbtBackupRepo *r, const char *name)
     m = json_node_get_object(json_parser_get_root(p));
   g_autofree char *image =
     m ? cbt_backup_repo_file(r, json_object_get_string_member_with_default(m, "file", "")) : NULL;
-  g_autofree char *sha = image ? cbt_backup_file_sha256(image, NULL) : NULL;
-  if (sha &&
-      g_strcmp0(sha, json_object_get_string_member_with_default(m, "file-sha256", "")) == 0 &&
+  g_autofree char *differs = NULL;
+  g_autoptr(GError) err = NULL;
+  if (image && !(differs = cbt_backup_image_check(m, image, &err)) && !err &&
       g_rename(path, final) == 0) {
     g_printerr("cbt-backup: finished the prune of %s a crash interrupted\n", final);
     return;
@@ -77,7 +79,7 @@ cbt_backup_prune_recover(CbtBackupRepo *r, const char *name)
 }
 
 static JsonObject *
-merged_manifest(JsonObject *target, GArray *pieces, const char *sha, CbtBackupRepo *r, guint m)
+merged_manifest(JsonObject *target, GArray *pieces, CbtBackupRepo *r, guint m)
 {
   JsonObject *o = json_object_new();
   JsonObjectIter it;
@@ -100,9 +102,17 @@ merged_manifest(JsonObject *target, GArray *pieces, const char *sha, CbtBackupRe
   json_object_set_null_member(o, "backing");
   json_object_set_array_member(o, "merged-from", from);
   json_object_set_int_member(o, "bytes-written", written);
-  json_object_set_string_member(o, "file-sha256", sha);
   json_object_set_array_member(o, "pieces", cbt_backup_pieces_to_json(pieces));
   return o;
+}
+
+/* Tests stop a prune here (CBT_BACKUP_TEST_CRASH=NAME) to check that the next writer finishes
+ * or undoes it; a crash at that instant would leave the same files. */
+static void
+crash_point(const char *name)
+{
+  if (g_strcmp0(g_getenv("CBT_BACKUP_TEST_CRASH"), name) == 0)
+    _exit(99);
 }
 
 static gboolean
@@ -118,21 +128,25 @@ prune_into(CbtBackupRepo *r, guint m, CbtBackupProgressMode mode, GError **error
   g_autofree char *jnew = cbt_backup_repo_file(r, jnew_name),
                   *jpath = cbt_backup_repo_file(r, jname);
   g_autoptr(GArray) pieces = NULL;
+  guint64 tables = 0;
 
   if (!cbt_backup_flatten(image, part, json_object_get_int_member(target, "size"), mode, &pieces,
-                          error) ||
+                          &tables, error) ||
       !cbt_backup_fsync_path(part, error)) {
     g_unlink(part);
     return FALSE;
   }
-  g_autofree char *sha = cbt_backup_file_sha256(part, error);
-  g_autoptr(JsonObject) nm = sha ? merged_manifest(target, pieces, sha, r, m) : NULL;
-  if (!nm || !cbt_backup_repo_write_json(r, jnew_name, nm, error)) {
+  g_autoptr(JsonObject) nm = merged_manifest(target, pieces, r, m);
+  if (!cbt_backup_image_describe(nm, part, tables, error) ||
+      !cbt_backup_repo_write_json(r, jnew_name, nm, error)) {
     g_unlink(part);
     return FALSE;
   }
-  if (g_rename(part, image) < 0 || g_rename(jnew, jpath) < 0 ||
-      !cbt_backup_fsync_path(r->path, error)) {
+  crash_point("prune-manifest-new");
+  gboolean renamed = g_rename(part, image) == 0;
+  if (renamed)
+    crash_point("prune-image-renamed");
+  if (!renamed || g_rename(jnew, jpath) < 0 || !cbt_backup_fsync_path(r->path, error)) {
     if (error && !*error)
       g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "rename: %s", g_strerror(errno));
     return FALSE;

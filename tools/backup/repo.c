@@ -134,6 +134,28 @@ remove_leftovers(CbtBackupRepo *r, const char *name)
   }
 }
 
+/* A reader after a crash in a prune, before the next writer finished it (prune.c, step 4):
+ * where N.json.new describes the image N.qcow2 now is, it is the manifest. */
+static JsonObject *
+finished_prune(CbtBackupRepo *r, const char *path, JsonObject *m)
+{
+  g_autofree char *newer = g_strconcat(path, ".new", NULL);
+  g_autoptr(GError) err = NULL;
+  JsonObject *n;
+
+  if (!g_file_test(newer, G_FILE_TEST_EXISTS) || !(n = read_json(newer, &err)))
+    return m;
+  g_autofree char *image =
+    cbt_backup_repo_file(r, json_object_get_string_member_with_default(n, "file", ""));
+  g_autofree char *differs = cbt_backup_image_check(n, image, &err);
+  if (differs || err) {
+    json_object_unref(n);
+    return m;
+  }
+  json_object_unref(m);
+  return n;
+}
+
 static gboolean
 load_points(CbtBackupRepo *r, gboolean write, GError **error)
 {
@@ -160,6 +182,8 @@ load_points(CbtBackupRepo *r, gboolean write, GError **error)
     JsonObject *m = read_json(p, error);
     if (!m)
       return FALSE;
+    if (!write)
+      m = finished_prune(r, p, m);
     if (g_strcmp0(json_object_get_string_member_with_default(m, "format", ""), POINT_FORMAT)) {
       g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED,
                   "%s: not a cbt-backup point manifest", p);
@@ -190,13 +214,17 @@ create_repo(const char *path, const char *node, GError **error)
   return cbt_backup_repo_write_json(&tmp, "repo.json", o, error);
 }
 
+/* Writers exclude everyone; readers (list, verify, restore) exclude writers only, so none reads
+ * a repository in the middle of a change. */
 static gboolean
-lock_repo(CbtBackupRepo *r, GError **error)
+lock_repo(CbtBackupRepo *r, gboolean write, GError **error)
 {
   g_autofree char *p = cbt_backup_repo_file(r, "lock");
 
-  r->lock_fd = g_open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (r->lock_fd < 0 || flock(r->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+  r->lock_fd = g_open(p, (write ? O_RDWR | O_CREAT : O_RDONLY) | O_CLOEXEC, 0600);
+  if (r->lock_fd < 0 && !write && errno == ENOENT)
+    return TRUE; /* never written: nobody is writing it */
+  if (r->lock_fd < 0 || flock(r->lock_fd, (write ? LOCK_EX : LOCK_SH) | LOCK_NB) < 0) {
     g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED,
                 errno == EWOULDBLOCK ? "%s: another cbt-backup is writing this repository"
                                      : "%s: %s",
@@ -242,7 +270,7 @@ cbt_backup_repo_open(const char *path, const char *node, gboolean write, gboolea
                 "%s holds backups of node '%s', not '%s'", path, r->node, node);
     return NULL;
   }
-  if ((write && !lock_repo(r, error)) || !load_points(r, write, error))
+  if (!lock_repo(r, write, error) || !load_points(r, write, error))
     return NULL;
   return g_steal_pointer(&r);
 }

@@ -28,6 +28,7 @@ typedef struct {
   char *new_checkpoint;
   CbtBackupView view;
   char *part, *image, *started, *fallback;
+  guint64 tables; /* where the point's tables begin (qcow2.c) */
   struct nbd_handle *map;
 } Take;
 
@@ -84,13 +85,13 @@ copy_into_part(Take *t, GArray *pieces, CbtBackupCopyStats *st, GError **error)
                            .max_rate = t->a->max_rate,
                            .progress = prog };
   gboolean ok = cbt_backup_copy(&ca, pieces, st, error) && cbt_backup_qcow2_finish(img, error);
+  t->tables = cbt_backup_qcow2_tables_offset(img);
   cbt_backup_qcow2_free(img);
   return ok;
 }
 
 static JsonObject *
-manifest(Take *t, GArray *pieces, const CbtBackupCopyStats *st, const char *sha,
-         const CbtBackupBitmapInfo *cp)
+manifest(Take *t, GArray *pieces, const CbtBackupCopyStats *st, const CbtBackupBitmapInfo *cp)
 {
   JsonObject *m = json_object_new();
   g_autofree char *file = cbt_backup_point_name(t->seq, ".qcow2");
@@ -129,42 +130,8 @@ manifest(Take *t, GArray *pieces, const CbtBackupCopyStats *st, const char *sha,
   json_object_set_string_member(m, "started", t->started);
   json_object_set_string_member(m, "frozen", t->view.frozen_at);
   json_object_set_string_member(m, "finished", finished);
-  json_object_set_string_member(m, "file-sha256", sha);
   json_object_set_array_member(m, "pieces", cbt_backup_pieces_to_json(pieces));
   return m;
-}
-
-typedef struct {
-  const char *path;
-  char *sha;
-  GError *error;
-} Hash;
-
-static gpointer
-hash_thread(gpointer data)
-{
-  Hash *h = data;
-  h->sha = cbt_backup_file_sha256(h->path, &h->error);
-  return NULL;
-}
-
-/* The image's SHA-256 (read from the page cache) while the same bytes go to the medium. */
-static char *
-sync_and_hash(const char *path, GError **error)
-{
-  Hash h = { .path = path };
-  GThread *th = g_thread_new("sha256", hash_thread, &h);
-  gboolean synced = cbt_backup_fsync_path(path, error);
-
-  g_thread_join(th);
-  if (synced && !h.sha) {
-    g_propagate_error(error, h.error);
-    return NULL;
-  }
-  g_clear_error(&h.error);
-  if (!synced)
-    g_clear_pointer(&h.sha, g_free);
-  return h.sha;
 }
 
 /* Invariant 1: the image complete and durable under its final name, then the manifest. */
@@ -172,8 +139,8 @@ static gboolean
 commit(Take *t, GArray *pieces, const CbtBackupCopyStats *st, GError **error)
 {
   CbtBackupBitmapInfo cp;
-  g_autofree char *sha = sync_and_hash(t->part, error);
-  if (!sha || !cbt_backup_server_bitmap(t->server, t->a->node, t->new_checkpoint, &cp, error))
+  if (!cbt_backup_fsync_path(t->part, error) ||
+      !cbt_backup_server_bitmap(t->server, t->a->node, t->new_checkpoint, &cp, error))
     return FALSE;
   gboolean ok = FALSE;
   if (!cp.exists) {
@@ -184,8 +151,9 @@ commit(Take *t, GArray *pieces, const CbtBackupCopyStats *st, GError **error)
                 g_strerror(errno));
   } else {
     g_autofree char *name = cbt_backup_point_name(t->seq, ".json");
-    g_autoptr(JsonObject) m = manifest(t, pieces, st, sha, &cp);
-    ok = cbt_backup_repo_write_json(t->repo, name, m, error);
+    g_autoptr(JsonObject) m = manifest(t, pieces, st, &cp);
+    ok = cbt_backup_image_describe(m, t->image, t->tables, error) &&
+         cbt_backup_repo_write_json(t->repo, name, m, error);
     if (ok)
       g_ptr_array_add(t->repo->points, json_object_ref(m));
     else

@@ -1,9 +1,10 @@
 /* tools/backup/verify.c — does each point still hold what its manifest says?
  *
- * Two checks per point: the image file's SHA-256 (bit rot, truncation, an edit), and the data:
- * the point's chain is served read-only by qemu-nbd and every piece the manifest lists is read
- * back, its SHA-256 compared (or, for zeroes, that it reads as zeroes). Verifying every point
- * checks each image of every chain.
+ * Two checks per point: the image file itself (its size, and the SHA-256 of its header and
+ * tables: bit rot, truncation, an edit of what maps the data), and the data: the point's chain
+ * is served read-only by qemu-nbd and every piece the manifest lists is read back, its SHA-256
+ * compared (or, for zeroes, that it reads as zeroes). Verifying every point checks each image
+ * of every chain.
  */
 #include "backup.h"
 
@@ -104,12 +105,8 @@ check_point(CbtBackupRepo *r, JsonObject *m, CbtBackupProgressMode mode, GError 
 
   if (!g_file_test(image, G_FILE_TEST_EXISTS))
     return g_strdup_printf("its image %s is missing", image);
-  g_autofree char *sha = cbt_backup_file_sha256(image, error);
-  if (!sha)
-    return NULL;
-  if (strcmp(sha, json_object_get_string_member(m, "file-sha256")) != 0)
-    return g_strdup_printf("its image's SHA-256 is %s, the manifest says %s", sha,
-                           json_object_get_string_member(m, "file-sha256"));
+  if ((bad = cbt_backup_image_check(m, image, error)) || (error && *error))
+    return bad;
   g_autofree char *phase =
     g_strdup_printf("verify %04" G_GINT64_FORMAT, json_object_get_int_member(m, "seq"));
   CbtBackupProgress *prog = cbt_backup_progress_new(mode, phase, pieces_bytes(m));
