@@ -65,6 +65,15 @@ struct CbtBlockdev {
   guint64 perm;
   guint64 shared;
   gboolean monitor_owned; /* added by blockdev-add, so blockdev-del may remove it */
+  /* Registry order (blockdev.c): taken when the node is created, which is when QEMU names it,
+   * so children a driver opens itself (blkdebug's image, copy-before-write's target) are
+   * newer than their parent, as in query-named-block-nodes of QEMU. */
+  guint64 seq;
+  /* Writes, zero-writes and carried-out discards that reached this node (atomic), and the
+   * count as of its last successful flush: QEMU's write_gen and flushed_gen, which decide
+   * whether a flush raises flush_to_disk (blkdebug's events, the only users). */
+  gint write_gen;
+  gint flushed_gen;
 
   gboolean read_only;
   gboolean auto_read_only;
@@ -160,6 +169,10 @@ struct CbtBlockdevDriver {
   gboolean (*truncate)(CbtBlockdev *bd, guint64 size, GError **error);
   /* Optional: child @c's size changed; set bd->size from it (raw without `size`). */
   void (*child_resized)(CbtBlockdev *bd, CbtBlockdevChild *c);
+  /* Optional: one of QEMU's block-layer events (BLKDBG_EVENT) happened on @bd, from the
+   * request's thread (blkdebug.c; the events and where they come from are listed in the
+   * schema's BlkdebugEvent). */
+  void (*debug_event)(CbtBlockdev *bd, CbtQmpBlkdebugEvent event);
 };
 
 extern const CbtBlockdevDriver cbt_blockdev_file_driver;
@@ -169,6 +182,16 @@ extern const CbtBlockdevDriver cbt_blockdev_null_driver;
 extern const CbtBlockdevDriver cbt_blockdev_null_aio_driver;
 extern const CbtBlockdevDriver cbt_blockdev_cbw_driver;
 extern const CbtBlockdevDriver cbt_blockdev_snapshot_access_driver;
+extern const CbtBlockdevDriver cbt_blockdev_blkdebug_driver;
+
+/* Raise @event on @bd (NULL: nothing) for a driver that waits for such events (blkdebug);
+ * where QEMU's drivers call BLKDBG_EVENT(child, event), cbtd's call this on the child node. */
+static inline void
+cbt_blockdev_debug_event(CbtBlockdev *bd, CbtQmpBlkdebugEvent event)
+{
+  if (bd && bd->drv->debug_event)
+    bd->drv->debug_event(bd, event);
+}
 
 /* Registry (blockdev.c). */
 CbtBlockdev *cbt_blockdev_new(const CbtBlockdevDriver *drv);

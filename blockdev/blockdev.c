@@ -8,7 +8,8 @@
 
 G_DEFINE_QUARK(cbt - blockdev - error - quark, cbt_blockdev_error)
 
-static GList *nodes; /* published nodes, newest first */
+static GList *nodes; /* published nodes, newest first (by seq) */
+static guint64 node_seq;
 
 typedef struct {
   CbtBlockdevNotifyFunc fn;
@@ -67,14 +68,25 @@ cbt_blockdev_new(const CbtBlockdevDriver *drv)
   bd->children = g_ptr_array_new();
   bd->parents = g_ptr_array_new();
   bd->shared = CBT_PERM_ALL;
+  bd->seq = ++node_seq;
   return bd;
+}
+
+/* Newest first by creation, not by publication: a node publishes after the children its driver
+ * opened itself, but QEMU lists it as named before them. */
+static gint
+newer_first(gconstpointer a, gconstpointer b)
+{
+  guint64 sa = ((const CbtBlockdev *)a)->seq, sb = ((const CbtBlockdev *)b)->seq;
+
+  return sa > sb ? -1 : sa < sb;
 }
 
 void
 cbt_blockdev_register(CbtBlockdev *bd)
 {
   CBT_ASSERT_MAIN_THREAD();
-  nodes = g_list_prepend(nodes, bd);
+  nodes = g_list_insert_sorted(nodes, bd, newer_first);
   cbt_blockdev_notify(bd, CBT_BLOCKDEV_EVENT_OPENED, NULL);
 }
 
@@ -406,6 +418,7 @@ cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len,
   if (bd->read_only)
     return -EPERM;
   mark(bd, offset, len);
+  g_atomic_int_inc(&bd->write_gen);
   if (len == 0)
     return 0;
   cbt_blockdev_account_write(bd, offset, len, TRUE);
@@ -421,12 +434,23 @@ cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len,
   return data_write(bd, buf, offset, len, flags);
 }
 
+/* QEMU's bdrv_co_flush raises flush_to_os on the node's primary child, and flush_to_disk when
+ * the node was written since its last flush (its write generation moved). */
 int
 cbt_blockdev_flush(CbtBlockdev *bd)
 {
+  CbtBlockdev *primary = cbt_blockdev_primary_child(bd);
+
+  cbt_blockdev_debug_event(primary, CBT_QMP_BLKDEBUG_EVENT_FLUSH_TO_OS);
   if (bd->cache_no_flush)
     return 0;
-  return bd->drv->flush(bd);
+  guint gen = (guint)g_atomic_int_get(&bd->write_gen);
+  if (gen != (guint)g_atomic_int_get(&bd->flushed_gen))
+    cbt_blockdev_debug_event(primary, CBT_QMP_BLKDEBUG_EVENT_FLUSH_TO_DISK);
+  int r = bd->drv->flush(bd);
+  if (r == 0)
+    g_atomic_int_set(&bd->flushed_gen, gen);
+  return r;
 }
 
 int
@@ -441,6 +465,7 @@ cbt_blockdev_discard(CbtBlockdev *bd, guint64 offset, guint64 len, guint flags)
     return 0;
   mark(bd, offset, len);
   cbt_blockdev_account_write(bd, offset, len, FALSE);
+  g_atomic_int_inc(&bd->write_gen);
   return bd->drv->discard(bd, offset, len);
 }
 
@@ -454,6 +479,7 @@ cbt_blockdev_write_zeroes(CbtBlockdev *bd, guint64 offset, guint64 len, guint fl
   mark(bd, offset, len);
   if (len)
     cbt_blockdev_account_write(bd, offset, len, TRUE);
+  g_atomic_int_inc(&bd->write_gen);
   if (!bd->discard_unmap)
     flags &= ~CBT_BLOCKDEV_MAY_UNMAP;
   if (bd->cache_no_flush)

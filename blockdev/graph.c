@@ -327,6 +327,12 @@ refresh(CbtBlockdev *bd, GError **error)
   cumulate(bd);
   if (!check_conflicts(bd, error))
     return FALSE;
+  /* QEMU's bdrv_node_refresh_perm: nobody may write a read-only node (a blkdebug parent's
+   * take-child-perms could ask it). */
+  if ((bd->perm & (CBT_PERM_WRITE | CBT_PERM_WRITE_UNCHANGED)) && bd->read_only) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Block node is read-only");
+    return FALSE;
+  }
   for (guint i = 0; i < bd->children->len; i++) {
     CbtBlockdevChild *c = g_ptr_array_index(bd->children, i);
     if (bd->drv->child_perm) {

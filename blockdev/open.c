@@ -16,6 +16,7 @@ static const CbtBlockdevDriver *const drivers[] = {
   &cbt_blockdev_null_aio_driver,
   &cbt_blockdev_cbw_driver,
   &cbt_blockdev_snapshot_access_driver,
+  &cbt_blockdev_blkdebug_driver,
 };
 
 static guint64 generated_names;

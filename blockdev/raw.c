@@ -29,15 +29,19 @@ child(CbtBlockdev *bd)
   return bd->file->node;
 }
 
+/* QEMU's raw driver raises read_aio and write_aio on its child before passing a read or a
+ * data write down (a blkdebug child waits for them); zero-writes and discards raise nothing. */
 static int
 raw_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len)
 {
+  cbt_blockdev_debug_event(child(bd), CBT_QMP_BLKDEBUG_EVENT_READ_AIO);
   return cbt_blockdev_pread(child(bd), buf, base(bd) + offset, len);
 }
 
 static int
 raw_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags)
 {
+  cbt_blockdev_debug_event(child(bd), CBT_QMP_BLKDEBUG_EVENT_WRITE_AIO);
   return cbt_blockdev_pwrite(child(bd), buf, base(bd) + offset, len, flags);
 }
 

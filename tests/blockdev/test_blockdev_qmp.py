@@ -22,7 +22,7 @@ from cbttest import Daemon
 
 # The drivers cbtd implements; qemu-storage-daemon knows 42.
 IMPLEMENTED = {'file', 'host_device', 'raw', 'null-co', 'null-aio', 'copy-before-write',
-               'snapshot-access'}
+               'snapshot-access', 'blkdebug'}
 
 
 def normalise(reply):
