@@ -417,13 +417,18 @@ blkdebug_child_perm(CbtBlockdev *bd, const CbtBlockdevChild *c, guint64 perm, gu
   *ret_shared = shared & ~(s ? s->unshare : 0);
 }
 
-/* `align` replaces the request alignment; without it QEMU's filter has none of its own. */
+/* `align` replaces the request alignment (without it QEMU's filter has none of its own);
+ * max-transfer merges with the image's as QEMU's bdrv_merge_limits does. */
 static void
 blkdebug_refresh_limits(CbtBlockdev *bd)
 {
   BlkdebugState *s = state(bd);
 
   bd->min_io = s ? (guint32)s->align : 1;
+  bd->max_transfer = s ? (guint32)s->max_transfer : 0;
+  guint32 below = bd->file ? bd->file->node->max_transfer : 0;
+  if (below && (!bd->max_transfer || below < bd->max_transfer))
+    bd->max_transfer = below;
 }
 
 /* ---- open ------------------------------------------------------------------------------- */

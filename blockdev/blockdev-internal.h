@@ -83,8 +83,9 @@ struct CbtBlockdev {
   gboolean cache_no_flush;
   CbtQmpBlockdevDetectZeroesOptions detect_zeroes;
 
-  guint64 size;   /* bytes, a multiple of 512 for protocol nodes as in QEMU */
-  guint32 min_io; /* limits (graph.c, cbt_blockdev_refresh_limits) */
+  guint64 size;         /* bytes, a multiple of 512 for protocol nodes as in QEMU */
+  guint32 min_io;       /* limits (graph.c, cbt_blockdev_refresh_limits) */
+  guint32 max_transfer; /* the longest read or write the node takes in one piece, 0: any */
   /* QEMU's strong options ({"driver": ..., ...}, children nested) and the file name derived
    * from them: the exact file name, or "json:{...}". */
   JsonObject *full_opts;
@@ -134,7 +135,8 @@ struct CbtBlockdevDriver {
    * changes nothing about its data's size or content under others). */
   void (*child_perm)(CbtBlockdev *bd, const CbtBlockdevChild *c, guint64 perm, guint64 shared,
                      guint64 *ret_perm, guint64 *ret_shared);
-  /* Set @bd's limits (min_io) from its children; NULL: the largest of the DATA children's. */
+  /* Set @bd's limits from its children; NULL: min_io the largest of the DATA children's,
+   * max_transfer the smallest non-zero one (QEMU's bdrv_merge_limits). */
   void (*refresh_limits)(CbtBlockdev *bd);
   int (*pread)(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
   int (*pwrite)(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags);

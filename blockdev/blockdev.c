@@ -205,6 +205,12 @@ cbt_blockdev_get_min_io(CbtBlockdev *bd)
   return bd->min_io;
 }
 
+guint32
+cbt_blockdev_get_max_transfer(CbtBlockdev *bd)
+{
+  return bd->max_transfer;
+}
+
 void
 cbt_blockdev_add_user(CbtBlockdev *bd)
 {

@@ -52,6 +52,10 @@ gboolean cbt_blockdev_is_read_only(CbtBlockdev *bd);
 gboolean cbt_blockdev_can_discard(CbtBlockdev *bd);
 /* Smallest I/O size the backend handles without read-modify-write (1 for files). */
 guint32 cbt_blockdev_get_min_io(CbtBlockdev *bd);
+/* The longest read or write the node takes in one piece (a blkdebug node's max-transfer, and
+ * so any node above it), 0 for no limit: what an NBD export advertises as its maximum block
+ * size. Longer requests are still served, cut into pieces. */
+guint32 cbt_blockdev_get_max_transfer(CbtBlockdev *bd);
 /* The node's child (raw's file), or NULL. */
 CbtBlockdev *cbt_blockdev_get_child(CbtBlockdev *bd);
 

@@ -145,10 +145,15 @@ cbt_blockdev_refresh_limits(CbtBlockdev *bd)
   if (bd->children->len == 0)
     return; /* a protocol node set its own at open */
   bd->min_io = 1;
+  bd->max_transfer = 0;
   for (guint i = 0; i < bd->children->len; i++) {
     CbtBlockdevChild *c = g_ptr_array_index(bd->children, i);
-    if (c->role & CBT_BLOCKDEV_CHILD_DATA)
-      bd->min_io = MAX(bd->min_io, c->node->min_io);
+    guint32 max = c->node->max_transfer;
+    if (!(c->role & CBT_BLOCKDEV_CHILD_DATA))
+      continue;
+    bd->min_io = MAX(bd->min_io, c->node->min_io);
+    if (max && (!bd->max_transfer || max < bd->max_transfer))
+      bd->max_transfer = max;
   }
 }
 

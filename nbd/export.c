@@ -373,6 +373,10 @@ export_new(const CbtQmpBlockExportOptions *o, const char *name, CbtBlockdev *bd)
   exp->min_block = MAX(cbt_blockdev_get_min_io(bd), 1u);
   exp->pref_block = MAX(exp->min_block, 4096u);
   exp->max_payload = CBT_NBD_MAX_PAYLOAD;
+  /* As qsd: the node's max transfer is advertised, but longer requests are still served (the
+   * node cuts them), so the payload bound stays. */
+  guint32 max_transfer = cbt_blockdev_get_max_transfer(bd);
+  exp->max_block = max_transfer ? MIN(max_transfer, exp->max_payload) : exp->max_payload;
   /* Advertise only whole minimum blocks (docs/nbd-server.md, "Limits"). */
   exp->size = cbt_blockdev_get_size(bd) / exp->min_block * exp->min_block;
   /* Connections are consistent with each other (NBD_FLAG_CAN_MULTI_CONN) when nothing is cached

@@ -132,7 +132,7 @@ send_infos(CbtNbdConn *conn, guint32 opt, CbtNbdExport *exp, gboolean want_name,
   /* Always sent: the sizes are true for every client, asked for or not. */
   cbt_nbd_put32(sizes, exp->min_block);
   cbt_nbd_put32(sizes + 4, exp->pref_block);
-  cbt_nbd_put32(sizes + 8, exp->max_payload);
+  cbt_nbd_put32(sizes + 8, exp->max_block);
   if (!send_info(conn, opt, NBD_INFO_BLOCK_SIZE, sizes, sizeof sizes))
     return FALSE;
   /* INFO_EXPORT is mandatory even unrequested (qemu never asks for it). */

@@ -73,7 +73,8 @@ struct CbtNbdExport {
   gboolean multi_conn;
   guint32 min_block;
   guint32 pref_block;
-  guint32 max_payload;
+  guint32 max_payload;  /* the longest READ or WRITE served */
+  guint32 max_block;    /* the maximum block size advertised (the node's max transfer) */
   GPtrArray *bitmaps;   /* CbtNbdExportBitmap */
   gboolean auto_remove; /* deleted when its last client leaves (once one came) */
   guint32 max_clients;  /* attached connections at most (0: no limit) */
