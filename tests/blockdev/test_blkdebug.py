@@ -457,6 +457,59 @@ class TestNode(Base):
         self.both(run)
 
 
+class TestUsers(Base):
+    def test_padded_writes_race(self):
+        """Unaligned writes into the same 4 KiB blocks from four connections at once, 40
+        rounds: every one lands (a padded write holds its blocks from its read to its write;
+        without that, some rounds lose writes)."""
+        def run(env):
+            self.graph(env, blkdebug(align=4096), raw=False)
+            hs = [env.client(strict=False) for _ in range(4)]
+            out = []
+            for rnd in range(40):
+                for n, h in enumerate(hs):
+                    for sector in range(n, 1024, 4):
+                        # The completion retires the command (its data is checked below).
+                        h.aio_pwrite(bytes([rnd % 15 * 16 + n + 1]) * 512, sector * 512,
+                                     completion=lambda err: 1)
+                while any(h.aio_in_flight() for h in hs):
+                    for h in hs:
+                        if h.aio_in_flight():
+                            h.poll(0)
+                out.append(outcome(hs[0].pread, 1024 * 512, 0))
+            return out
+        want = [b''.join(bytes([rnd % 15 * 16 + s % 4 + 1]) * 512 for s in range(1024))
+                for rnd in range(40)]
+        self.assertEqual(self.both(run), ['ok:' + hashlib.sha256(w).hexdigest()[:16]
+                                          for w in want])
+
+    def test_copy_before_write_target_fails(self):
+        """A failure in the middle of a copy: the scratch target of a copy-before-write filter
+        is a blkdebug node whose first write fails, so the guest's write that needed the copy
+        fails (break-guest-write) with the target's errno and the snapshot keeps the old data;
+        the next write copies and passes."""
+        def run(env):
+            scratch = cbttest.make_image(env.d.path('scratch.img'), SIZE)
+            out = [env.add(FILE),
+                   env.add({'driver': 'blkdebug', 'node-name': 'tgt',
+                            'image': {'driver': 'file', 'filename': scratch},
+                            'inject-error': [{'event': 'pwritev', 'iotype': 'write',
+                                              'errno': 28, 'once': True}]}),
+                   env.add({'driver': 'copy-before-write', 'node-name': 'cbw', 'file': 'f0',
+                            'target': 'tgt'}),
+                   env.add({'driver': 'snapshot-access', 'node-name': 'snap', 'file': 'cbw'})]
+            env.export('cbw', name='live')
+            env.export('snap', writable=False, name='snap')
+            live, snap = ops(env.client('live')), ops(env.client('snap'))
+            out += [live['write'](0, 4096, 0x33), live['write'](0, 4096, 0x33),
+                    live['read'](0, 4096), snap['read'](0, 65536), live['write'](65536, 512),
+                    snap['read'](65536, 65536), nodes(env)]
+            return out
+        t = self.both(run)
+        self.assertEqual(t[4:8], ['ENOSPC', 'ok', 'ok:' + hashlib.sha256(b'3' * 4096).hexdigest()[:16],
+                                  'ok:' + digest(0, 65536)])
+
+
 class TestOptions(Base):
     BAD = [
         blkdebug(align=3), blkdebug(align=-1), blkdebug(align=1 << 31),
