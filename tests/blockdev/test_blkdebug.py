@@ -16,6 +16,8 @@ import errno
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import unittest
 
 import nbd
@@ -538,6 +540,39 @@ class TestOptions(Base):
             return out
         t = self.both(run)
         self.assertNotIn('ok', t[1:-1])
+
+    def test_command_line(self):
+        """--blockdev in keyval form (the rule members as strings, converted as QEMU's keyval
+        visitor does) builds the same node as blockdev-add on both daemons."""
+        out = []
+        for qsd in (True, False):
+            tmp = tempfile.mkdtemp(prefix='cbtd-test-')
+            img = cbttest.make_image(os.path.join(tmp, 'disk.img'), SIZE, [(0, image_bytes())])
+            sock = os.path.join(tmp, 'nbd.sock')
+            d = Daemon(qsd=qsd, tmpdir=tmp, extra=[
+                '--blockdev', 'driver=file,node-name=f0,filename=' + img,
+                '--blockdev', 'driver=blkdebug,node-name=dbg,image=f0,align=4096,'
+                'inject-error.0.event=none,inject-error.0.errno=28,inject-error.0.sector=9,'
+                'inject-error.0.once=on,inject-error.0.iotype=read,'
+                'set-state.0.event=none,set-state.0.new_state=2',
+                '--nbd-server', 'addr.type=unix,addr.path=' + sock,
+                '--export', 'type=nbd,id=e,node-name=dbg,name=e'])
+            try:
+                h = nbd.NBD()
+                h.set_request_structured_replies(False)
+                h.connect_uri('nbd+unix:///e?socket=' + sock)
+                o = ops(h)
+                row = [o['read'](0, 4096), o['read'](4096, 4096), o['read'](4096, 4096)]
+                h.shutdown()
+                q = connect(d)
+                text = json.dumps(q.execute('query-named-block-nodes'), sort_keys=True)
+                row.append(normalise(json.loads(text.replace(tmp, '{dir}'))))
+                out.append(row)
+            finally:
+                d.stop()
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.assertEqual(out[1], out[0])
+        self.assertEqual(out[1][:3], ['ok:' + digest(0, 4096), 'ENOSPC', 'ok:' + digest(4096, 4096)])
 
     def test_cbtd_refusals(self):
         """What cbtd does not do is refused with a text that names it: a config file, and a
