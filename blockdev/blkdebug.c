@@ -431,6 +431,20 @@ blkdebug_refresh_limits(CbtBlockdev *bd)
     bd->max_transfer = below;
 }
 
+/* QEMU's blkdebug resizes its image and is as long as it. */
+static gboolean
+blkdebug_truncate(CbtBlockdev *bd, guint64 size, GError **error)
+{
+  return cbt_blockdev_truncate(image(bd), size, error);
+}
+
+static void
+blkdebug_child_resized(CbtBlockdev *bd, CbtBlockdevChild *c)
+{
+  if (c == bd->file)
+    bd->size = cbt_blockdev_get_size(c->node);
+}
+
 /* ---- open ------------------------------------------------------------------------------- */
 
 /* The members QEMU reads with its option parser, which refuses negative numbers. */
@@ -708,5 +722,7 @@ const CbtBlockdevDriver cbt_blockdev_blkdebug_driver = {
   .write_zeroes = blkdebug_write_zeroes,
   .block_status = blkdebug_block_status,
   .actual_size = blkdebug_actual_size,
+  .truncate = blkdebug_truncate,
+  .child_resized = blkdebug_child_resized,
   .debug_event = blkdebug_debug_event,
 };

@@ -430,6 +430,28 @@ class TestNode(Base):
         t = self.both(run)
         self.assertEqual(t[2][0]['file'], 'blkdebug::{dir}/disk.img')
 
+    def test_block_resize(self):
+        """block_resize of the node (and of a raw node over it) resizes the image and the
+        node follows; the rules hold past the old end. (With an export on a node, both
+        daemons refuse: the export does not share resize.)"""
+        def run(env):
+            out = [env.add(FILE), env.add(blkdebug(inject_error=[
+                {'event': 'read_aio', 'iotype': 'read', 'sector': (SIZE + 4096) // 512}])),
+                env.add(RAW)]
+            out += [env.q.cmd('block_resize', node_name='dbg', size=2 * SIZE),
+                    [(n['node-name'], n['image']['virtual-size']) for n in nodes(env)],
+                    env.q.cmd('block_resize', node_name='fmt', size=3 * SIZE),
+                    [(n['node-name'], n['image']['virtual-size']) for n in nodes(env)],
+                    os.path.getsize(env.img)]
+            env.export('fmt')
+            o = ops(env.client())
+            out += [o['read'](SIZE, 4096), o['read'](SIZE + 4096, 512), o['read'](0, 512),
+                    env.q.cmd('block_resize', node_name='dbg', size=4 * SIZE)]
+            return out
+        t = self.both(run)
+        self.assertEqual(t[7:10], [3 * SIZE, 'ok:' + hashlib.sha256(bytes(4096)).hexdigest()[:16],
+                                   'EIO'])
+
     def test_serves_after_errors(self):
         """After a run of failures the node still reads and writes the image's data."""
         def run(env):
