@@ -57,7 +57,8 @@ struct CbtBlockdev {
    * whenever requests could be in flight. */
   GPtrArray *children;    /* CbtBlockdevChild * (owned), in the order attached */
   GPtrArray *parents;     /* CbtBlockdevChild * of the nodes above (borrowed) */
-  CbtBlockdevChild *file; /* the child named "file" (formats, filters), or NULL */
+  CbtBlockdevChild *file; /* QEMU's bs->file: the child named "file" (formats, filters) or
+                           * blkdebug's "image", or NULL */
   guint users;            /* exports and jobs on this node */
   guint writers;          /* users holding write permission */
   /* Cumulative permissions: what this node's users and parents need of it, and what all of

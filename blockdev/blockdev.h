@@ -1,5 +1,5 @@
-/* blockdev/ — block nodes: backends (file, host_device, raw, null-co), the byte-addressed I/O
- * path, drain, allocation status, image locking and the blockdev-* commands.
+/* blockdev/ — block nodes: backends (file, host_device, raw, null-co, blkdebug), the I/O path
+ * by bytes, drain, allocation status, image locking and the blockdev-* commands.
  *
  * A node is addressed by its node-name (QEMU's rules). A format node (raw) has one child node; I/O
  * on a node marks that node's recording dirty bitmaps, then passes down to its child, whose own
