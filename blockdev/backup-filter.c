@@ -86,16 +86,13 @@ cbt_blockdev_backup_filter_new(CbtBlockdev *source, CbtBlockdev *target, const c
   cbt_blockdev_cbw_set_zero_target(cbw);
   if (select)
     cbt_blockdev_cbw_select(cbw, select);
-  if (!use_filter(cbw, error)) {
+  /* Over a raw node the raw node becomes the filter's parent (so it unshares write below);
+   * otherwise the job's use does it. */
+  if (raw ? !cbt_blockdev_swap_file(source, cbw, error) : !use_filter(cbw, error)) {
     cbt_blockdev_unref(cbw);
     return NULL;
   }
   g_autoptr(CbtBlockdev) keep_below = cbt_blockdev_ref(below);
-  if (raw && !cbt_blockdev_swap_file(source, cbw, error)) {
-    unuse_filter(cbw);
-    cbt_blockdev_unref(cbw);
-    return NULL;
-  }
   CbtBlockdevBackupFilter *f = g_new0(CbtBlockdevBackupFilter, 1);
   f->source = cbt_blockdev_ref(source);
   f->below = g_steal_pointer(&keep_below);
@@ -167,7 +164,8 @@ cbt_blockdev_backup_filter_free(CbtBlockdevBackupFilter *f)
     g_critical("cannot put node '%s' back on '%s': %s", f->source->node_name, f->below->node_name,
                error->message);
   cbt_blockdev_drain_end(f->cbw);
-  unuse_filter(f->cbw);
+  if (!f->swapped)
+    unuse_filter(f->cbw);
   cbt_blockdev_drain_end(f->source);
   cbt_blockdev_unref(f->cbw);
   cbt_blockdev_unref(f->below);

@@ -2,7 +2,8 @@
  * prepared in order through the module that registered each kind, kept or undone together
  * (common/txn.h), with every node an action touches drained from its first use to the end.
  *
- * Modules register the kinds they implement (dirty-bitmaps/: the bitmap actions); `abort` is
+ * Modules register the kinds they implement (dirty-bitmaps/: the bitmap actions; job/:
+ * blockdev-backup); `abort` is
  * this file's own. A kind without a registration is refused, as QEMU refuses an action of a
  * subsystem it was built without.
  */
@@ -52,7 +53,7 @@ prepare_one(const CbtQmpTransactionAction *act, gboolean grouped, CbtTxn *txn, G
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Action '%s' is not supported by cbtd", kind);
     return FALSE;
   }
-  /* No action of cbtd's belongs to a block job group yet. */
+  /* cbtd's jobs are each their own group: grouped completion is not implemented. */
   if (grouped) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
                 "Action '%s' does not support Transaction "

@@ -9,10 +9,12 @@
  *   reclaim   B := B | S: as if the job had never run
  *
  * Invariants:
- *  (1) No write is ever lost: B itself keeps recording while frozen (a persistent B through its
- *      store, so a crash during the job leaves B a superset of every write), and S is tracked
- *      from the instant the job's selection is copied, in the same drained section; so B | S
- *      and S each cover every write since that instant. Reclaim is then B unchanged.
+ *  (1) No write is ever lost: S is tracked from the instant the job's selection is copied, in
+ *      the same drained section, so S covers every write since that instant and B | S every
+ *      write B would have seen. An in-memory B stops being marked meanwhile (QEMU's: its count
+ *      stays the selection's) and is tracked again when the freeze ends, drained; a persistent
+ *      B keeps being marked by its store, so a crash during the job leaves it a superset of
+ *      every write (its count then includes the writes during the job).
  *  (2) Abdicate replaces B's bits with the node drained, so no write is marked half in the old
  *      bits and half in the new; a persistent B is rewritten in its store before the drain ends.
  *  (3) B holds one busy reference for the whole freeze, so it cannot be removed, cleared, merged
@@ -24,7 +26,8 @@ struct CbtDirtyBitmapsFrozen {
   CbtBlockdev *bd; /* referenced, and a user while frozen (3) */
   CbtDirtyBitmap *dbm;
   CbtBitmap *successor;
-  gboolean tracked; /* the successor is marked by the node's writes */
+  gboolean tracked;   /* the successor is marked by the node's writes */
+  gboolean untracked; /* B (in memory) is not marked while frozen (1) */
   CbtBitmap *selection;
 };
 
@@ -51,6 +54,9 @@ cbt_dirty_bitmaps_freeze_for_job(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
   f->tracked = cbt_dirty_bitmap_is_recording(dbm);
   if (f->tracked)
     cbt_blockdev_track_bitmap(bd, f->successor);
+  f->untracked = f->tracked && !cbt_dirty_bitmap_is_persistent(dbm);
+  if (f->untracked)
+    cbt_blockdev_untrack_bitmap(bd, bits);
   return f;
 }
 
@@ -94,7 +100,9 @@ cbt_dirty_bitmaps_frozen_end(CbtDirtyBitmapsFrozen *f, gboolean clear_copied,
   if (clear_copied)
     abdicate(f, not_copied);
   else
-    cbt_bitmap_merge(cbt_dirty_bitmap_get_bitmap(f->dbm), f->successor); /* (1): no change */
+    cbt_bitmap_merge(cbt_dirty_bitmap_get_bitmap(f->dbm), f->successor);
+  if (f->untracked)
+    cbt_blockdev_track_bitmap(f->bd, cbt_dirty_bitmap_get_bitmap(f->dbm));
   if (f->tracked)
     cbt_blockdev_untrack_bitmap(f->bd, f->successor);
   cbt_blockdev_drain_end(f->bd);

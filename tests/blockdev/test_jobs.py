@@ -1,0 +1,492 @@
+#!/usr/bin/python3
+"""Jobs and push-mode backup (blockdev-backup), on cbtd and qemu-storage-daemon 7.2 side by side.
+
+Every scenario runs on both daemons: the replies and error texts of every command, and the
+events (JOB_STATUS_CHANGE, BLOCK_JOB_*) in order, are compared after normalisation: progress
+numbers (offset, len, current/total-progress) and timestamps are dropped, and qsd's
+paused/running pairs that come from its internal drains (every graph change pauses a job for
+a moment) are removed, as is cbtd's matching pair of a user pause. What the target holds is
+checked on each daemon: a full backup and two incrementals of a raw image taken while writers
+overwrite it through an NBD export each equal the source at its job's instant
+(tests/lib/seqwriter.py). A target that fails (the daemon runs with RLIMIT_FSIZE, so writes of
+the target past the limit fail with EFBIG) and cancellation check the bitmap rules.
+"""
+import resource
+import shutil
+import signal
+import time
+import unittest
+
+import cbttest
+import seqwriter
+from cbttest import Daemon
+from test_blockdev_qmp import connect  # this script's directory is on sys.path
+
+KiB = 1 << 10
+MiB = 1 << 20
+SIZE = 4 * MiB
+PROGRESS = ('offset', 'len', 'current-progress', 'total-progress', 'busy')
+
+
+def norm(value):
+    if isinstance(value, list):
+        return [norm(v) for v in value]
+    if isinstance(value, dict):
+        return {k: norm(v) for k, v in value.items() if k not in PROGRESS and k != 'timestamp'}
+    return value
+
+
+def norm_events(events):
+    """The job events, without the pause/resume pairs a drain makes."""
+    out = [norm(e) for e in events if e['event'].startswith(('JOB_', 'BLOCK_JOB_'))]
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(out) - 1):
+            a, b = out[i], out[i + 1]
+            if (a['event'] == b['event'] == 'JOB_STATUS_CHANGE' and
+                    a['data']['status'] == 'paused' and b['data']['status'] == 'running'):
+                del out[i:i + 2]
+                changed = True
+                break
+    return out
+
+
+def fill(path, size, seed, dense=False):
+    """An image with data in most 64 KiB blocks (@dense: in all), holes in the others."""
+    with open(path, 'wb') as f:
+        f.truncate(size)
+        for off in range(0, size, 64 * KiB):
+            if dense or (off // (64 * KiB) + seed) % 5:
+                f.seek(off)
+                f.write(bytes([(off // (64 * KiB) * 7 + seed) % 251 + 1]) * (64 * KiB))
+
+
+def read(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+class Side:
+    """One daemon with a source (raw 'src' over file 'f0') and targets t1..tN (raw over file)."""
+
+    def __init__(self, qsd, targets=1, size=SIZE, preexec=None, seed=3, dense=False):
+        self.d = Daemon(qsd=qsd, preexec=preexec)
+        self.q = connect(self.d)
+        self.size = size
+        fill(self.d.path('src.img'), size, seed, dense)
+        self.q.execute('blockdev-add', {'driver': 'file', 'node-name': 'f0',
+                                        'filename': self.d.path('src.img')})
+        self.q.execute('blockdev-add', {'driver': 'raw', 'node-name': 'src', 'file': 'f0'})
+        for i in range(1, targets + 1):
+            self.add_target('t%d' % i)
+
+    def add_target(self, name, size=None, content=None):
+        path = self.d.path(name + '.img')
+        if content is not None:
+            shutil.copyfile(content, path)
+        else:
+            cbttest.make_image(path, size or self.size, [(0, b'\xee' * 4096)])
+        self.q.execute('blockdev-add', {'driver': 'file', 'node-name': name + 'f',
+                                        'filename': path})
+        self.q.execute('blockdev-add', {'driver': 'raw', 'node-name': name, 'file': name + 'f'})
+        return path
+
+    def reply(self, cmd, args=None):
+        return norm(self.q.cmd(cmd, args))
+
+    def wait_gone(self, job, timeout=30):
+        deadline = time.monotonic() + timeout
+        while any(j['id'] == job for j in self.q.execute('query-jobs')):
+            if time.monotonic() > deadline:
+                raise TimeoutError('job %s did not end' % job)
+            time.sleep(0.02)
+
+    def wait_status(self, job, status, timeout=30):
+        cbttest.wait_for(lambda: any(j['id'] == job and j['status'] == status
+                                     for j in self.q.execute('query-jobs')),
+                         timeout, 'job %s %s' % (job, status))
+
+    def events(self):
+        # Pick up what is queued without a command of its own.
+        self.q.cmd('query-jobs')
+        ev, self.q.events = self.q.events, []
+        return norm_events(ev)
+
+    def bitmap(self, name, node='src'):
+        for n in self.q.execute('query-named-block-nodes'):
+            if n['node-name'] == node:
+                for b in n.get('dirty-bitmaps', []):
+                    if b.get('name') == name:
+                        return {k: b[k] for k in ('count', 'busy', 'recording')}
+        return None
+
+    def write(self, offset, data):
+        """A write through the daemon (an NBD export), so bitmaps see it."""
+        import nbd
+        if not getattr(self, 'nbd_up', False):
+            self.sock = self.d.path('nbd.sock')
+            self.q.execute('nbd-server-start', addr={'type': 'unix',
+                                                     'data': {'path': self.sock}})
+            self.q.execute('block-export-add', {'type': 'nbd', 'id': 'live', 'node-name': 'src',
+                                                'writable': True})
+            self.nbd_up = True
+        h = nbd.NBD()
+        h.connect_uri('nbd+unix:///src?socket=' + self.sock)
+        h.pwrite(data, offset)
+        h.shutdown()
+
+    def stop(self):
+        self.d.stop()
+
+
+class Both(unittest.TestCase):
+    def sides(self, **kw):
+        sides = [Side(False, **kw), Side(True, **kw)]
+        for s in sides:
+            self.addCleanup(s.stop)
+        return sides
+
+    def same(self, sides, fn):
+        """Run @fn on each side; its results must be equal."""
+        results = [fn(s) for s in sides]
+        self.maxDiff = None
+        self.assertEqual(results[0], results[1])
+        return results[0]
+
+
+class Errors(Both):
+    def test_backup_refusals(self):
+        def run(s):
+            s.q.execute('block-dirty-bitmap-add', {'node': 'src', 'name': 'b'})
+            s.add_target('small', size=SIZE // 2)
+            out = []
+            base = {'job-id': 'j', 'device': 'src', 'target': 't1', 'sync': 'full'}
+            for extra in [{'job-id': None}, {'device': 'nope'}, {'target': 'nope'},
+                          {'sync': 'incremental'}, {'sync': 'bitmap'},
+                          {'bitmap': 'b'}, {'bitmap-mode': 'always'},
+                          {'sync': 'incremental', 'bitmap': 'b', 'bitmap-mode': 'always'},
+                          {'sync': 'none', 'bitmap': 'b', 'bitmap-mode': 'on-success'},
+                          {'sync': 'top', 'bitmap': 'b', 'bitmap-mode': 'never'},
+                          {'bitmap': 'zz', 'bitmap-mode': 'never'},
+                          {'target': 'src'}, {'target': 'small'}, {'job-id': '1j'},
+                          {'job-id': 'a b'}, {'speed': -1}, {'compress': True},
+                          {'sync': 'sideways'}, {'on-source-error': 'maybe'}]:
+                args = dict(base, **extra)
+                args = {k: v for k, v in args.items() if v is not None}
+                out.append((extra, s.reply('blockdev-backup', args)))
+            # A running job: its target and its id are taken; its bitmap is busy.
+            out.append(s.reply('blockdev-backup', dict(base, speed=1, bitmap='b',
+                                                       **{'bitmap-mode': 'on-success'})))
+            out.append(s.reply('blockdev-backup', dict(base, **{'job-id': 'k'})))
+            out.append(s.reply('blockdev-backup', dict(base, target='small')))
+            s.add_target('t2')
+            out.append(s.reply('blockdev-backup', dict(base, target='t2')))
+            out.append(s.reply('block-dirty-bitmap-remove', {'node': 'src', 'name': 'b'}))
+            out.append(s.reply('block-dirty-bitmap-clear', {'node': 'src', 'name': 'b'}))
+            out.append(s.bitmap('b'))
+            out.append(s.reply('job-cancel', {'id': 'j'}))
+            s.wait_gone('j')
+            out.append(s.bitmap('b'))
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+    def test_unknown_jobs(self):
+        def run(s):
+            out = [s.reply(c, {'id': 'x'}) for c in
+                   ('job-pause', 'job-resume', 'job-cancel', 'job-complete', 'job-finalize',
+                    'job-dismiss')]
+            out += [s.reply(c, {'device': 'x'}) for c in
+                    ('block-job-pause', 'block-job-resume', 'block-job-cancel',
+                     'block-job-complete')]
+            out += [s.reply(c, {'id': 'x'}) for c in ('block-job-finalize', 'block-job-dismiss')]
+            out.append(s.reply('block-job-set-speed', {'device': 'x', 'speed': 1}))
+            out.append(s.reply('query-jobs'))
+            out.append(s.reply('query-block-jobs'))
+            return out
+        self.same(self.sides(), run)
+
+
+class Lifecycle(Both):
+    def backup(self, s, **kw):
+        args = {'job-id': 'j', 'device': 'src', 'target': 't1', 'sync': 'full'}
+        args.update({k.replace('_', '-'): v for k, v in kw.items()})
+        return s.reply('blockdev-backup', args)
+
+    def test_full_backup_events_and_data(self):
+        def run(s):
+            src = read(s.d.path('src.img'))
+            out = [self.backup(s)]
+            s.wait_gone('j')
+            out.append(s.events())
+            self.assertEqual(read(s.d.path('t1.img')), src)
+            out.append(s.reply('query-named-block-nodes', {'flat': True}) and
+                       sorted(n['node-name'] for n in s.q.execute('query-named-block-nodes')))
+            return out
+        self.same(self.sides(), run)
+
+    def test_verbs_in_each_state(self):
+        """A job paused, resumed, cancelled and finalized in each state it reaches."""
+        verbs = [('job-pause', {}), ('job-resume', {}), ('job-complete', {}),
+                 ('block-job-set-speed', {'speed': 0}, 'device')]
+
+        def try_all(s, job):
+            out = []
+            for v in verbs:
+                key = v[2] if len(v) > 2 else 'id'
+                out.append((v[0], s.reply(v[0], dict(v[1], **{key: job}))))
+            return out
+
+        def run(s):
+            out = [self.backup(s, speed=1, auto_finalize=False, auto_dismiss=False)]
+            s.wait_status('j', 'running')
+            # running: pause; paused: everything; resume; then pause and cancel while paused
+            out.append(s.reply('job-pause', {'id': 'j'}))
+            s.wait_status('j', 'paused')
+            out.append(s.reply('job-pause', {'id': 'j'}))
+            out.append(s.reply('block-job-pause', {'device': 'j'}))
+            out.append(s.reply('job-complete', {'id': 'j'}))
+            out.append(s.reply('job-finalize', {'id': 'j'}))
+            out.append(s.reply('job-dismiss', {'id': 'j'}))
+            out.append(s.reply('query-block-jobs'))
+            out.append(s.reply('job-resume', {'id': 'j'}))
+            s.wait_status('j', 'running')
+            out.append(s.reply('job-resume', {'id': 'j'}))
+            out.append(s.reply('block-job-pause', {'device': 'j'}))
+            s.wait_status('j', 'paused')
+            out.append(s.reply('block-job-resume', {'device': 'j'}))
+            s.wait_status('j', 'running')
+            # to pending: unlimited speed
+            out.append(s.reply('block-job-set-speed', {'device': 'j', 'speed': 0}))
+            s.wait_status('j', 'pending')
+            out.append(try_all(s, 'j'))
+            out.append(s.reply('job-dismiss', {'id': 'j'}))
+            out.append(s.reply('query-block-jobs'))
+            out.append(s.reply('job-finalize', {'id': 'j'}))
+            s.wait_status('j', 'concluded')
+            out.append(try_all(s, 'j'))
+            out.append(s.reply('job-finalize', {'id': 'j'}))
+            out.append(s.reply('job-cancel', {'id': 'j'}))
+            out.append(s.reply('query-jobs'))
+            out.append(s.reply('block-job-dismiss', {'id': 'j'}))
+            out.append(s.reply('query-jobs'))
+            out.append(s.events())
+            # cancel while paused, then cancel in pending
+            out.append(self.backup(s, job_id='c1', speed=1))
+            out.append(s.reply('job-pause', {'id': 'c1'}))
+            s.wait_status('c1', 'paused')
+            out.append(s.reply('job-cancel', {'id': 'c1'}))
+            s.wait_gone('c1')
+            out.append(self.backup(s, job_id='c2', auto_finalize=False, auto_dismiss=False))
+            s.wait_status('c2', 'pending')
+            out.append(s.reply('block-job-cancel', {'device': 'c2'}))
+            out.append(s.reply('query-jobs'))
+            out.append(s.reply('job-dismiss', {'id': 'c2'}))
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+    def test_speed_limit(self):
+        """1 MiB/s over 4 MiB: seen running part way, then done, in about the time it asks."""
+        def run(s):
+            t0 = time.monotonic()
+            out = [self.backup(s, speed=MiB)]
+            time.sleep(1.5)
+            info = s.q.execute('query-block-jobs')[0]
+            self.assertEqual(info['status'], 'running')
+            self.assertEqual(info['speed'], MiB)
+            self.assertGreater(info['offset'], 0)
+            self.assertLess(info['offset'], info['len'])
+            s.q.wait_event('BLOCK_JOB_COMPLETED', timeout=20)
+            elapsed = time.monotonic() - t0
+            self.assertGreater(elapsed, 2.5)
+            self.assertLess(elapsed, 10)
+            s.wait_gone('j')
+            self.assertEqual(read(s.d.path('t1.img')), read(s.d.path('src.img')))
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+
+def fsize_limit(limit):
+    def pre():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return pre
+
+
+class Bitmaps(Both):
+    """QEMU's bitmap rules on success, cancel and failure."""
+
+    def start(self, s, mode, sync='full', **kw):
+        args = {'job-id': 'j', 'device': 'src', 'target': 't1', 'sync': sync, 'bitmap': 'b',
+                'bitmap-mode': mode}
+        args.update({k.replace('_', '-'): v for k, v in kw.items()})
+        return s.reply('blockdev-backup', args)
+
+    def prepare(self, s, add=True):
+        if add:
+            s.q.execute('block-dirty-bitmap-add', {'node': 'src', 'name': 'b'})
+        # Single clusters apart, so both daemons copy exactly one before their rate limit.
+        for off in (0, MiB, 3 * MiB):
+            s.write(off, b'\x11' * 4096)
+
+    def test_success_and_cancel(self):
+        def run(s):
+            self.prepare(s)
+            out = [s.bitmap('b')]
+            for mode, sync in [('on-success', 'bitmap'), ('always', 'bitmap'),
+                               ('never', 'bitmap'), ('on-success', 'full')]:
+                # cancelled after the first cluster (64 KiB/s: the next one waits a second)
+                self.prepare(s, add=False)
+                out.append(self.start(s, mode, sync, speed=64 * KiB))
+                s.write(2 * MiB, b'\x33' * 4096)   # during the job: kept in every mode
+                out.append(s.bitmap('b'))
+                out.append(s.reply('job-cancel', {'id': 'j'}))
+                s.wait_gone('j')
+                out.append((mode, sync, 'cancelled', s.bitmap('b')))
+                # completed
+                out.append(self.start(s, mode, sync))
+                s.wait_gone('j')
+                out.append((mode, sync, 'done', s.bitmap('b')))
+                s.write(0, b'\x44' * 4096)
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+    def test_incremental_copies_only_the_bitmap(self):
+        def run(s):
+            self.prepare(s)
+            src = read(s.d.path('src.img'))
+            before = read(s.d.path('t1.img'))
+            out = [s.reply('blockdev-backup', {'job-id': 'j', 'device': 'src', 'target': 't1',
+                                               'sync': 'incremental', 'bitmap': 'b'})]
+            s.wait_gone('j')
+            t1 = read(s.d.path('t1.img'))
+            for off in range(0, SIZE, 64 * KiB):
+                copied = off in (0, MiB, 3 * MiB)
+                want = src if copied else before
+                self.assertEqual(t1[off:off + 64 * KiB], want[off:off + 64 * KiB], off)
+            out.append(s.bitmap('b'))
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+    def test_failing_target(self):
+        """Writes of the target past 2 MiB fail (EFBIG): report fails the job, stop pauses it;
+        the bitmap is kept (on-success) or left with what was not copied (always)."""
+        def run(s):
+            s.q.execute('block-dirty-bitmap-add', {'node': 'src', 'name': 'b'})
+            s.write(0, b'\x11' * 4096)
+            out = []
+            for mode in ('on-success', 'always'):
+                out.append(self.start(s, mode))
+                s.wait_gone('j')
+                out.append((mode, s.bitmap('b')))
+            out.append(self.start(s, 'on-success', **{'on-target-error': 'stop'}))
+            s.q.wait_event('BLOCK_JOB_ERROR')
+            s.wait_status('j', 'paused')
+            info = s.q.execute('query-block-jobs')[0]
+            out.append((info['io-status'], info['paused'], info['status']))
+            out.append(s.reply('job-cancel', {'id': 'j'}))
+            s.wait_gone('j')
+            out.append(s.bitmap('b'))
+            out.append(s.events())
+            return out
+        # Data everywhere: qsd copies chunks in parallel, cbtd one after the other, so the
+        # clusters left are the same only when every chunk past the limit fails.
+        self.same(self.sides(preexec=fsize_limit(2 * MiB), dense=True), run)
+
+
+class Transaction(Both):
+    def test_atomic_with_bitmap_actions(self):
+        def run(s):
+            out = [s.reply('transaction', {'actions': [
+                {'type': 'block-dirty-bitmap-add', 'data': {'node': 'src', 'name': 'b0'}},
+                {'type': 'blockdev-backup', 'data': {'job-id': 'j', 'device': 'src',
+                                                     'target': 't1', 'sync': 'full'}}]})]
+            s.wait_gone('j')
+            out.append(s.bitmap('b0'))
+            # a failing transaction undoes the job and the bitmap
+            s.add_target('t2')
+            out.append(s.reply('transaction', {'actions': [
+                {'type': 'block-dirty-bitmap-add', 'data': {'node': 'src', 'name': 'b1'}},
+                {'type': 'blockdev-backup', 'data': {'job-id': 'k', 'device': 'src',
+                                                     'target': 't2', 'sync': 'full'}},
+                {'type': 'abort', 'data': {}}]}))
+            out.append(s.bitmap('b1'))
+            out.append(s.reply('query-jobs'))
+            out.append(sorted(n['node-name'] for n in s.q.execute('query-named-block-nodes')))
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+
+class PushChain(unittest.TestCase):
+    """A full backup and two incrementals of a raw image while writers overwrite it."""
+
+    BLOCK = 4096
+    WRITERS = 3
+
+    def chain(self, qsd):
+        s = Side(qsd, targets=0, size=8 * MiB)
+        self.addCleanup(s.stop)
+        s.sock = s.d.path('nbd.sock')
+        s.q.execute('nbd-server-start', addr={'type': 'unix', 'data': {'path': s.sock}})
+        s.q.execute('block-export-add', {'type': 'nbd', 'id': 'live', 'node-name': 'src',
+                                         'writable': True})
+        initial = read(s.d.path('src.img'))
+        uri = 'nbd+unix:///src?socket=' + s.sock
+        writers = [seqwriter.Writer(uri, w, self.WRITERS, s.size, self.BLOCK, pause=0.001)
+                   for w in range(self.WRITERS)]
+        for w in writers:
+            w.start()
+        try:
+            time.sleep(0.2)
+            s.add_target('full')
+            s.q.execute('transaction', actions=[
+                {'type': 'block-dirty-bitmap-add', 'data': {'node': 'src', 'name': 'b0'}},
+                {'type': 'blockdev-backup', 'data': {'job-id': 'full', 'device': 'src',
+                                                     'target': 'full', 'sync': 'full',
+                                                     'speed': 16 * MiB}}])
+            s.wait_gone('full')
+            views = [read(s.d.path('full.img'))]
+            prev = s.d.path('full.img')
+            for i in (1, 2):
+                time.sleep(0.3)
+                name = 'inc%d' % i
+                s.add_target(name, content=prev)
+                s.q.execute('blockdev-backup', {'job-id': name, 'device': 'src', 'target': name,
+                                                'sync': 'incremental', 'bitmap': 'b0',
+                                                'speed': 16 * MiB})
+                s.wait_gone(name)
+                prev = s.d.path(name + '.img')
+                views.append(read(prev))
+        finally:
+            for w in writers:
+                w.stop.set()
+            for w in writers:
+                w.join()
+        for w in writers:
+            self.assertIsNone(w.error)
+            self.assertGreater(len(w.log), 10)
+        cuts = []
+        for view in views:
+            cut = seqwriter.cut_of(view, self.WRITERS, self.BLOCK)
+            self.assertEqual(view, seqwriter.image_at(initial, writers, cut, self.BLOCK),
+                             'not the source at one instant (cut %r)' % cut)
+            cuts.append(cut)
+        for a, b in zip(cuts, cuts[1:]):
+            self.assertTrue(all(x < y for x, y in zip(a, b)), (a, b))
+        return cuts
+
+    def test_cbtd(self):
+        self.chain(False)
+
+    def test_qsd(self):
+        self.chain(True)
+
+
+if __name__ == '__main__':
+    cbttest.main()
