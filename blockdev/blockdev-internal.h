@@ -65,6 +65,9 @@ struct CbtBlockdev {
   guint64 perm;
   guint64 shared;
   gboolean monitor_owned; /* added by blockdev-add, so blockdev-del may remove it */
+  guint holds;            /* cbt_blockdev_hold(): blockdev-del says the node is in use */
+  guint blocks;           /* cbt_blockdev_block(): operations are blocked by... */
+  char *block_reason;     /* ...this (the first blocker's reason) */
 
   gboolean read_only;
   gboolean auto_read_only;

@@ -58,6 +58,16 @@ CbtBlockdev *cbt_blockdev_get_child(CbtBlockdev *bd);
 /* Users (exports, jobs): a node with users refuses blockdev-del ("Node X is in use"). */
 void cbt_blockdev_add_user(CbtBlockdev *bd);
 void cbt_blockdev_remove_user(CbtBlockdev *bd);
+/* QEMU's hold of a node by a block job: blockdev-del refuses a held node as one that is used
+ * in the graph ("Block device X is in use"), and a blocked one first of all ("Node 'X' is busy:
+ * REASON", QEMU's op blockers), as a job's target and filter are. Counted; main thread. */
+void cbt_blockdev_hold(CbtBlockdev *bd);
+void cbt_blockdev_unhold(CbtBlockdev *bd);
+void cbt_blockdev_block(CbtBlockdev *bd, const char *reason);
+void cbt_blockdev_unblock(CbtBlockdev *bd);
+/* FALSE with "Node 'X' is busy: REASON" when @bd is blocked. */
+gboolean cbt_blockdev_check_unblocked(CbtBlockdev *bd, GError **error);
+
 /* Write permission, taken by writable exports: fails on read-only nodes and when another
  * process holds the image lock (QEMU's lock bytes, so cbtd and QEMU exclude each other). */
 gboolean cbt_blockdev_acquire_write(CbtBlockdev *bd, GError **error);

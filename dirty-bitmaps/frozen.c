@@ -18,12 +18,12 @@
  *  (2) Abdicate replaces B's bits with the node drained, so no write is marked half in the old
  *      bits and half in the new; a persistent B is rewritten in its store before the drain ends.
  *  (3) B holds one busy reference for the whole freeze, so it cannot be removed, cleared, merged
- *      into or frozen again, and its node (a user while frozen) cannot be deleted.
+ *      into or frozen again, and its node (held while frozen) cannot be deleted.
  */
 #include "dirty-bitmaps/dirty-bitmaps-private.h"
 
 struct CbtDirtyBitmapsFrozen {
-  CbtBlockdev *bd; /* referenced, and a user while frozen (3) */
+  CbtBlockdev *bd; /* referenced, and held while frozen (3) */
   CbtDirtyBitmap *dbm;
   CbtBitmap *successor;
   gboolean tracked;   /* the successor is marked by the node's writes */
@@ -47,7 +47,7 @@ cbt_dirty_bitmaps_freeze_for_job(CbtBlockdev *bd, CbtDirtyBitmap *dbm)
   f->bd = cbt_blockdev_ref(bd);
   f->dbm = dbm;
   cbt_dirty_bitmap_busy_ref(dbm);
-  cbt_blockdev_add_user(bd);
+  cbt_blockdev_hold(bd);
   f->selection = cbt_bitmap_copy(bits);
   f->successor = cbt_bitmap_new(cbt_bitmap_get_size(bits), cbt_bitmap_get_granularity(bits));
   /* A disabled bitmap's successor records nothing either (QEMU's). */
@@ -107,7 +107,7 @@ cbt_dirty_bitmaps_frozen_end(CbtDirtyBitmapsFrozen *f, gboolean clear_copied,
     cbt_blockdev_untrack_bitmap(f->bd, f->successor);
   cbt_blockdev_drain_end(f->bd);
   cbt_dirty_bitmap_busy_unref(f->dbm);
-  cbt_blockdev_remove_user(f->bd);
+  cbt_blockdev_unhold(f->bd);
   cbt_bitmap_free(f->successor);
   cbt_bitmap_free(f->selection);
   cbt_blockdev_unref(f->bd);

@@ -18,9 +18,9 @@
  *  (3) The bitmap's end follows QEMU's rules only after the job's thread has ended (commit or
  *      abort on the main thread), and the filter leaves last (clean), so no cluster of the
  *      selection is lost in between.
- *  (4) The target and the filter are blocked for other jobs while the job exists ("Node 'X' is
- *      busy: block device is in use by block job: backup"), and both nodes are users, so
- *      blockdev-del refuses them.
+ *  (4) The target and the filter are blocked while the job exists (other jobs and blockdev-del:
+ *      "Node 'X' is busy: block device is in use by block job: backup"), and the source is
+ *      held ("Block device X is in use"), as QEMU's op blockers and references do.
  */
 #include <errno.h>
 #include "blockdev/transaction.h"
@@ -32,7 +32,7 @@
 #define CHUNK_MAX (1024u * 1024)
 
 typedef struct {
-  CbtBlockdev *source, *target; /* referenced, users */
+  CbtBlockdev *source, *target; /* referenced; the source held, the target blocked */
   CbtBlockdevBackupFilter *filter;
   CbtDirtyBitmapsFrozen *frozen;
   CbtQmpMirrorSyncMode sync;
@@ -41,30 +41,7 @@ typedef struct {
   CbtJob *job;
 } Backup;
 
-/* Nodes a job holds (4): CbtBlockdev * -> count. */
-static GHashTable *blocked;
-
-static void
-block_node(CbtBlockdev *bd, gboolean on)
-{
-  if (!blocked)
-    blocked = g_hash_table_new(NULL, NULL);
-  guint n = GPOINTER_TO_UINT(g_hash_table_lookup(blocked, bd)) + (on ? 1 : -1);
-  if (n)
-    g_hash_table_insert(blocked, bd, GUINT_TO_POINTER(n));
-  else
-    g_hash_table_remove(blocked, bd);
-}
-
-static gboolean
-check_not_blocked(CbtBlockdev *bd, GError **error)
-{
-  if (!blocked || !g_hash_table_contains(blocked, bd))
-    return TRUE;
-  g_set_error(error, CBT_JOB_ERROR, 0, "Node '%s' is busy: block device is in use by block job: %s",
-              cbt_blockdev_get_node_name(bd), "backup");
-  return FALSE;
-}
+#define BLOCKED_BY "block device is in use by block job: backup"
 
 /* ---- the job --------------------------------------------------------------------------------- */
 
@@ -151,16 +128,15 @@ release(Backup *b)
 {
   end_bitmap(b, -ECANCELED);
   if (b->filter) {
-    block_node(cbt_blockdev_backup_filter_node(b->filter), FALSE);
+    cbt_blockdev_unblock(cbt_blockdev_backup_filter_node(b->filter));
     g_clear_pointer(&b->filter, cbt_blockdev_backup_filter_free);
   }
   if (b->target) {
-    block_node(b->target, FALSE);
-    cbt_blockdev_remove_user(b->target);
+    cbt_blockdev_unblock(b->target);
     g_clear_pointer(&b->target, cbt_blockdev_unref);
   }
   if (b->source) {
-    cbt_blockdev_remove_user(b->source);
+    cbt_blockdev_unhold(b->source);
     g_clear_pointer(&b->source, cbt_blockdev_unref);
   }
 }
@@ -277,7 +253,7 @@ check_nodes(const CbtQmpBlockdevBackup *a, CbtBlockdev *source, CbtBlockdev *tar
     g_set_error_literal(error, CBT_JOB_ERROR, 0, "Compression is not supported for this drive ");
     return FALSE;
   }
-  if (!check_not_blocked(source, error) || !check_not_blocked(target, error))
+  if (!cbt_blockdev_check_unblocked(source, error) || !cbt_blockdev_check_unblocked(target, error))
     return FALSE;
   if (dbm && mode != CBT_QMP_BITMAP_SYNC_MODE_NEVER &&
       !cbt_dirty_bitmap_check(dbm, CBT_DIRTY_BITMAP_CHECK_ALL, error))
@@ -323,12 +299,11 @@ take_instant(const CbtQmpBlockdevBackup *a, CbtBlockdev *source, CbtBlockdev *ta
     backup_free(b);
     return NULL;
   }
-  block_node(cbt_blockdev_backup_filter_node(b->filter), TRUE);
+  cbt_blockdev_block(cbt_blockdev_backup_filter_node(b->filter), BLOCKED_BY);
   b->source = cbt_blockdev_ref(source);
-  cbt_blockdev_add_user(source);
+  cbt_blockdev_hold(source);
   b->target = cbt_blockdev_ref(target);
-  cbt_blockdev_add_user(target);
-  block_node(target, TRUE);
+  cbt_blockdev_block(target, BLOCKED_BY);
   return b;
 }
 

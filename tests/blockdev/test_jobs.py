@@ -37,18 +37,26 @@ def norm(value):
 
 
 def norm_events(events):
-    """The job events, without the pause/resume pairs a drain makes."""
+    """The job events, without the pause/resume pairs a drain makes: a job's `paused` whose next
+    event of that job is `running`."""
     out = [norm(e) for e in events if e['event'].startswith(('JOB_', 'BLOCK_JOB_'))]
-    changed = True
-    while changed:
-        changed = False
-        for i in range(len(out) - 1):
-            a, b = out[i], out[i + 1]
-            if (a['event'] == b['event'] == 'JOB_STATUS_CHANGE' and
-                    a['data']['status'] == 'paused' and b['data']['status'] == 'running'):
-                del out[i:i + 2]
-                changed = True
-                break
+
+    def job_of(e):
+        return e['data'].get('id', e['data'].get('device'))
+
+    def status(e):
+        return e['data'].get('status') if e['event'] == 'JOB_STATUS_CHANGE' else None
+
+    i = 0
+    while i < len(out):
+        if status(out[i]) == 'paused':
+            nxt = next((k for k in range(i + 1, len(out)) if job_of(out[k]) == job_of(out[i])),
+                       None)
+            if nxt is not None and status(out[nxt]) == 'running':
+                del out[nxt]
+                del out[i]
+                continue
+        i += 1
     return out
 
 
@@ -106,6 +114,11 @@ class Side:
         cbttest.wait_for(lambda: any(j['id'] == job and j['status'] == status
                                      for j in self.q.execute('query-jobs')),
                          timeout, 'job %s %s' % (job, status))
+
+    def wait_progress(self, job, done, timeout=30):
+        cbttest.wait_for(lambda: any(j['id'] == job and j['current-progress'] >= done
+                                     for j in self.q.execute('query-jobs')),
+                         timeout, 'job %s at %d bytes' % (job, done))
 
     def events(self):
         # Pick up what is queued without a command of its own.
@@ -316,6 +329,90 @@ def fsize_limit(limit):
     return pre
 
 
+class Nodes(Both):
+    def test_nodes_of_a_running_job(self):
+        """blockdev-del of every node a job uses, other jobs over them, a second backup of the
+        same source, the filter under its given name."""
+        def run(s):
+            base = {'job-id': 'j', 'device': 'src', 'target': 't1', 'sync': 'full', 'speed': 1}
+            out = [s.reply('blockdev-backup', dict(base, **{'filter-node-name': 'flt'}))]
+            for n in ('t1', 't1f', 'src', 'f0', 'flt'):
+                out.append((n, s.reply('blockdev-del', {'node-name': n})))
+            out.append(sorted((n['node-name'], n['drv'])
+                              for n in s.q.execute('query-named-block-nodes')))
+            out.append(s.reply('blockdev-backup', dict(base, **{'job-id': 'k', 'device': 'flt'})))
+            s.add_target('t2')
+            out.append(s.reply('blockdev-backup', dict(base, **{'job-id': 'k', 'device': 't1',
+                                                                'target': 't2'})))
+            out.append(s.reply('blockdev-backup', dict(base, **{'job-id': 'k', 'target': 't2'})))
+            out.append(s.reply('blockdev-backup', dict(base, **{'job-id': 'n', 'device': 'f0',
+                                                                'sync': 'none'})))
+            out.append(s.reply('query-jobs'))
+            for j in ('k', 'j'):
+                out.append(s.reply('job-cancel', {'id': j}))
+                s.wait_gone(j)
+            out.append(sorted(n['node-name'] for n in s.q.execute('query-named-block-nodes')))
+            out.append([s.reply('blockdev-del', {'node-name': n}) for n in ('t1', 't1f')])
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+    def test_file_node_source(self):
+        """A node that is not a raw node gets the filter on top (nothing else writes it)."""
+        def run(s):
+            out = [s.reply('blockdev-backup', {'job-id': 'j', 'device': 'f0', 'target': 't1',
+                                               'sync': 'top'})]
+            s.wait_gone('j')
+            self.assertEqual(read(s.d.path('t1.img')), read(s.d.path('src.img')))
+            out.append(sorted(n['node-name'] for n in s.q.execute('query-named-block-nodes')))
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+    def test_sync_none(self):
+        """sync none copies only what is overwritten during the job, and lasts until cancelled."""
+        def run(s):
+            before = read(s.d.path('src.img'))
+            t1_before = read(s.d.path('t1.img'))
+            s.write(0, before[:4096])  # the export first (qsd's filter then takes it over)
+            out = [s.reply('blockdev-backup', {'job-id': 'j', 'device': 'src', 'target': 't1',
+                                               'sync': 'none'})]
+            s.write(MiB + 100, b'\x55' * 5000)
+            time.sleep(0.2)
+            out.append(s.reply('query-jobs'))
+            out.append(s.reply('job-cancel', {'id': 'j'}))
+            s.wait_gone('j')
+            t1 = read(s.d.path('t1.img'))
+            self.assertEqual(t1[MiB:MiB + 64 * KiB], before[MiB:MiB + 64 * KiB])
+            self.assertEqual(t1[:MiB], t1_before[:MiB])
+            self.assertEqual(t1[MiB + 64 * KiB:], t1_before[MiB + 64 * KiB:])
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+    def test_qmp_answers_while_io_is_slow(self):
+        """A target whose every request takes 0.3 s: QMP still answers at once, job-pause soon."""
+        def run(s):
+            s.q.execute('blockdev-add', {'driver': 'null-co', 'node-name': 'slow',
+                                         'size': SIZE, 'latency-ns': 300 * 1000 * 1000})
+            out = [s.reply('blockdev-backup', {'job-id': 'j', 'device': 'src', 'target': 'slow',
+                                               'sync': 'full'})]
+            time.sleep(0.1)
+            for _ in range(5):
+                t0 = time.monotonic()
+                s.q.execute('query-block-jobs')
+                self.assertLess(time.monotonic() - t0, 0.15)
+            t0 = time.monotonic()
+            out.append(s.reply('job-pause', {'id': 'j'}))
+            self.assertLess(time.monotonic() - t0, 0.5)
+            s.wait_status('j', 'paused')
+            out.append(s.reply('job-cancel', {'id': 'j'}))
+            s.wait_gone('j')
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
+
 class Bitmaps(Both):
     """QEMU's bitmap rules on success, cancel and failure."""
 
@@ -341,6 +438,7 @@ class Bitmaps(Both):
                 # cancelled after the first cluster (64 KiB/s: the next one waits a second)
                 self.prepare(s, add=False)
                 out.append(self.start(s, mode, sync, speed=64 * KiB))
+                s.wait_progress('j', 64 * KiB)
                 s.write(2 * MiB, b'\x33' * 4096)   # during the job: kept in every mode
                 out.append(s.bitmap('b'))
                 out.append(s.reply('job-cancel', {'id': 'j'}))
@@ -384,6 +482,13 @@ class Bitmaps(Both):
                 out.append(self.start(s, mode))
                 s.wait_gone('j')
                 out.append((mode, s.bitmap('b')))
+            out.append(self.start(s, 'on-success', **{'on-target-error': 'ignore'}))
+            ev = s.q.wait_event('BLOCK_JOB_ERROR')
+            out.append(ev['data'])
+            out.append(s.reply('job-cancel', {'id': 'j'}))
+            s.wait_gone('j')
+            s.q.events = [e for e in s.q.events if e['event'] != 'BLOCK_JOB_ERROR']
+            out.append(s.bitmap('b'))
             out.append(self.start(s, 'on-success', **{'on-target-error': 'stop'}))
             s.q.wait_event('BLOCK_JOB_ERROR')
             s.wait_status('j', 'paused')
