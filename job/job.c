@@ -563,14 +563,16 @@ cbt_job_cancel_all(void)
     job->user_paused = FALSE;
     job->pause_count = 0;
     pthread_cond_broadcast(&job->cond);
-    guint src = job->mail_source;
-    job->mail_source = 0;
     cbt_mutex_unlock(&job->lock);
     if (had_thread) {
       g_thread_join(job->thread);
-      if (src)
-        g_source_remove(src);
+      /* The thread is gone: its last messages are read here, DONE is handled below (5). */
+      if (job->mail_source)
+        g_source_remove(job->mail_source);
+      job->mail_source = 0;
+      read_mail_now(job);
       g_queue_clear_full(&job->mail, g_free);
+      g_queue_init(&job->mail);
       job->thread = NULL;
       job->deferred = TRUE;
       completed(job, job->run_ret);

@@ -11,9 +11,11 @@ overwrite it through an NBD export each equal the source at its job's instant
 (tests/lib/seqwriter.py). A target that fails (the daemon runs with RLIMIT_FSIZE, so writes of
 the target past the limit fail with EFBIG) and cancellation check the bitmap rules.
 """
+import os
 import resource
 import shutil
 import signal
+import tempfile
 import time
 import unittest
 
@@ -300,6 +302,19 @@ class Lifecycle(Both):
             return out
         self.same(self.sides(), run)
 
+    def test_exit_with_jobs(self):
+        """SIGTERM with a running, a paused and a pending job: the daemon ends them and exits 0
+        (Daemon.stop checks the status), leaving the source's graph as it was."""
+        for s in self.sides():
+            s.add_target('t2')
+            s.add_target('t3')
+            self.backup(s, speed=1)
+            self.backup(s, job_id='p', target='t2', speed=1)
+            s.q.execute('job-pause', id='p')
+            self.backup(s, job_id='f', target='t3', auto_finalize=False)
+            s.wait_status('f', 'pending')
+            s.stop()
+
     def test_speed_limit(self):
         """1 MiB/s over 4 MiB: seen running part way, then done, in about the time it asks."""
         def run(s):
@@ -502,6 +517,65 @@ class Bitmaps(Both):
         # Data everywhere: qsd copies chunks in parallel, cbtd one after the other, so the
         # clusters left are the same only when every chunk past the limit fails.
         self.same(self.sides(preexec=fsize_limit(2 * MiB), dense=True), run)
+
+
+class Persistent(unittest.TestCase):
+    """cbtd's persistent bitmaps (docs/bitmaps.md) through a backup: the store takes the job's
+    result, keeps every bit on cancel, and a kill -9 during the job loses no write."""
+
+    def daemon(self, dirpath):
+        img = os.path.join(dirpath, 'src.img')
+        d = Daemon(['--blockdev', 'driver=file,node-name=f0,filename=' + img,
+                    '--blockdev', 'driver=raw,node-name=src,file=f0'], tmpdir=dirpath)
+        s = Side.__new__(Side)
+        s.d, s.q, s.size = d, connect(d), SIZE
+        return s
+
+    def count(self, s):
+        return s.bitmap('b')['count']
+
+    def test_store_follows_the_job(self):
+        dirpath = tempfile.mkdtemp(prefix='cbtd-jobs-')
+        self.addCleanup(shutil.rmtree, dirpath, True)
+        fill(os.path.join(dirpath, 'src.img'), SIZE, 1)
+        s = self.daemon(dirpath)
+        s.add_target('t1')
+        s.q.execute('block-dirty-bitmap-add', {'node': 'src', 'name': 'b', 'persistent': True})
+        for off in (0, MiB, 3 * MiB):
+            s.write(off, b'\x11' * 4096)
+        self.assertEqual(self.count(s), 3 * 64 * KiB)
+        args = {'job-id': 'j', 'device': 'src', 'target': 't1', 'sync': 'incremental',
+                'bitmap': 'b', 'speed': 64 * KiB}
+        # cancelled: every bit stays, the write during the job too
+        s.q.execute('blockdev-backup', args)
+        s.wait_progress('j', 64 * KiB)
+        s.write(2 * MiB, b'\x22' * 4096)
+        s.q.execute('job-cancel', id='j')
+        s.wait_gone('j')
+        self.assertEqual(self.count(s), 4 * 64 * KiB)
+        # done: only the write during the job stays, in the store as well
+        s.q.execute('blockdev-backup', args)
+        s.wait_progress('j', 64 * KiB)
+        s.write(3 * MiB + 64 * KiB, b'\x33' * 4096)
+        s.q.execute('block-job-set-speed', device='j', speed=0)
+        s.wait_gone('j')
+        self.assertEqual(self.count(s), 64 * KiB)
+        s.d.stop()
+        s = self.daemon(dirpath)
+        self.assertEqual(self.count(s), 64 * KiB)
+        # kill -9 during a job: the bitmap still holds its bits and the writes since
+        s.add_target('t2')
+        s.write(0, b'\x44' * 4096)
+        s.q.execute('blockdev-backup', dict(args, target='t2', speed=1))
+        s.wait_progress('j', 64 * KiB)
+        s.write(MiB, b'\x55' * 4096)
+        time.sleep(0.1)
+        s.d.proc.send_signal(signal.SIGKILL)
+        s.d.proc.wait()
+        s.d.stop()
+        s = self.daemon(dirpath)
+        self.addCleanup(s.d.stop)
+        self.assertEqual(self.count(s), 3 * 64 * KiB)
 
 
 class Transaction(Both):
