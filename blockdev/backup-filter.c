@@ -15,12 +15,15 @@
  *      another user writes is refused with the permission conflict text.
  *  (3) The job's I/O enters the graph at the filter (io_begin/io_end there), so a drain of the
  *      source's file node waits for it, and the filter outlives every copy: free() drains first.
+ *  (4) Filters stack: a second backup of the same raw node goes between the node and the first
+ *      filter, and a filter that leaves hands its parent (the raw node or the filter above it)
+ *      its own file child, in whichever order the jobs end. A snapshot export's filter (not a
+ *      backup's) is not stacked on: its teardown would cut ours out.
  */
 #include "blockdev/blockdev-internal.h"
 
 struct CbtBlockdevBackupFilter {
   CbtBlockdev *source; /* the node backed up (referenced) */
-  CbtBlockdev *below;  /* the filter's file child: the source, or the raw node's old file child */
   CbtBlockdev *cbw;
   gboolean swapped; /* the raw source sits on the filter */
   guint64 total;    /* bytes selected when the filter went in */
@@ -78,6 +81,13 @@ cbt_blockdev_backup_filter_new(CbtBlockdev *source, CbtBlockdev *target, const c
 {
   CBT_ASSERT_MAIN_THREAD();
   gboolean raw = is_plain_raw(source);
+  if (raw && source->file->node->drv == &cbt_blockdev_cbw_driver &&
+      !cbt_blockdev_cbw_is_backup(source->file->node)) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "cbtd cannot back up node '%s' while its snapshot filter '%s' is under it",
+                source->node_name, source->file->node->node_name);
+    return NULL;
+  }
   CbtBlockdev *below = raw ? source->file->node : source;
   CbtBlockdev *cbw = open_filter(below, target, node_name, error);
 
@@ -92,10 +102,8 @@ cbt_blockdev_backup_filter_new(CbtBlockdev *source, CbtBlockdev *target, const c
     cbt_blockdev_unref(cbw);
     return NULL;
   }
-  g_autoptr(CbtBlockdev) keep_below = cbt_blockdev_ref(below);
   CbtBlockdevBackupFilter *f = g_new0(CbtBlockdevBackupFilter, 1);
   f->source = cbt_blockdev_ref(source);
-  f->below = g_steal_pointer(&keep_below);
   f->cbw = cbw;
   f->swapped = raw;
   g_autoptr(CbtBitmap) need = cbt_blockdev_cbw_copy_need(cbw);
@@ -149,26 +157,51 @@ cbt_blockdev_backup_filter_remaining(CbtBlockdevBackupFilter *f)
   return cbt_blockdev_cbw_copy_need(f->cbw);
 }
 
-void
-cbt_blockdev_backup_filter_free(CbtBlockdevBackupFilter *f)
+/* Make the filter's parent (the raw node, or a later backup's filter over this one) use the
+ * filter's file child instead (4), with the parent drained. Handing back the child the parent
+ * had below the filter gives back only permissions it held before, so it is not refused. */
+static void
+unlink_filter(CbtBlockdevBackupFilter *f)
 {
   g_autoptr(GError) error = NULL;
 
+  if (f->cbw->parents->len == 0)
+    return;
+  CbtBlockdevChild *c = g_ptr_array_index(f->cbw->parents, 0);
+  CbtBlockdev *parent = cbt_blockdev_ref(c->parent);
+  /* The filter's child now, not when it went in: a lower filter may have left since. */
+  CbtBlockdev *below = f->cbw->file->node;
+  cbt_blockdev_drain_begin(parent);
+  if (parent->drv == &cbt_blockdev_raw_driver) {
+    if (!cbt_blockdev_swap_file(parent, below, &error))
+      g_critical("cannot put node '%s' back on '%s': %s", parent->node_name, below->node_name,
+                 error->message);
+  } else {
+    guint role = c->role;
+    cbt_blockdev_detach_child(c);
+    cbt_blockdev_attach_child(parent, below, "file", role);
+    json_object_set_object_member(parent->full_opts, "file", json_object_ref(below->full_opts));
+    if (!cbt_blockdev_refresh_perms(parent, &error))
+      g_critical("cannot put node '%s' on '%s': %s", parent->node_name, below->node_name,
+                 error->message);
+  }
+  cbt_blockdev_drain_end(parent);
+  cbt_blockdev_unref(parent);
+}
+
+void
+cbt_blockdev_backup_filter_free(CbtBlockdevBackupFilter *f)
+{
   CBT_ASSERT_MAIN_THREAD();
   if (!f)
     return;
-  cbt_blockdev_drain_begin(f->source);
   cbt_blockdev_drain_begin(f->cbw);
-  /* Putting back the child the raw node had gives back only what it held before (2). */
-  if (f->swapped && !cbt_blockdev_swap_file(f->source, f->below, &error))
-    g_critical("cannot put node '%s' back on '%s': %s", f->source->node_name, f->below->node_name,
-               error->message);
+  if (f->swapped)
+    unlink_filter(f);
   cbt_blockdev_drain_end(f->cbw);
   if (!f->swapped)
     unuse_filter(f->cbw);
-  cbt_blockdev_drain_end(f->source);
   cbt_blockdev_unref(f->cbw);
-  cbt_blockdev_unref(f->below);
   cbt_blockdev_unref(f->source);
   g_free(f);
 }

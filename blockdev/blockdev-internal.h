@@ -195,6 +195,8 @@ void cbt_blockdev_cbw_set_limit(CbtBlockdev *cbw, guint64 max_bytes,
  * copy's -errno, @is_read telling which side failed; *stop: the end of the run); wait until no
  * copy is in flight; a copy of the clusters still to copy; bytes copied so far. */
 void cbt_blockdev_cbw_set_zero_target(CbtBlockdev *cbw);
+/* TRUE when @bd is a backup's filter (a copy-before-write node with set_zero_target). */
+gboolean cbt_blockdev_cbw_is_backup(CbtBlockdev *bd);
 void cbt_blockdev_cbw_select(CbtBlockdev *cbw, const CbtBitmap *bm);
 gint64 cbt_blockdev_cbw_next_needed(CbtBlockdev *cbw, guint64 offset);
 int cbt_blockdev_cbw_copy_needed(CbtBlockdev *cbw, guint64 offset, guint64 max, guint64 *stop,

@@ -409,6 +409,12 @@ cbt_blockdev_cbw_set_zero_target(CbtBlockdev *cbw)
   state(cbw)->zero_target = TRUE;
 }
 
+gboolean
+cbt_blockdev_cbw_is_backup(CbtBlockdev *bd)
+{
+  return bd->drv == &cbt_blockdev_cbw_driver && state(bd)->zero_target;
+}
+
 gint64
 cbt_blockdev_cbw_next_needed(CbtBlockdev *cbw, guint64 offset)
 {

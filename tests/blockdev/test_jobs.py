@@ -372,6 +372,31 @@ class Nodes(Both):
             return out
         self.same(self.sides(), run)
 
+    def test_two_backups_of_one_source(self):
+        """Two filters stacked on one raw node; the lower one's job ends first, and writes after
+        it still reach the upper filter first."""
+        def run(s):
+            img = read(s.d.path('src.img'))
+            s.write(0, img[:4096])  # the export, before the filters (qsd moves it onto them)
+            s.add_target('t2')
+            base = {'device': 'src', 'sync': 'full', 'speed': 1}
+            out = [s.reply('blockdev-backup', dict(base, **{'job-id': 'j', 'target': 't1'})),
+                   s.reply('blockdev-backup', dict(base, **{'job-id': 'k', 'target': 't2'}))]
+            s.write(MiB, b'\x66' * 8192)
+            out.append(s.reply('block-job-set-speed', {'device': 'j', 'speed': 0}))
+            s.wait_gone('j')
+            s.write(2 * MiB, b'\x77' * 8192)
+            out.append(s.reply('block-job-set-speed', {'device': 'k', 'speed': 0}))
+            s.wait_gone('k')
+            self.assertEqual(read(s.d.path('t1.img')), img)
+            self.assertEqual(read(s.d.path('t2.img')), img)
+            src = read(s.d.path('src.img'))
+            self.assertEqual(src[2 * MiB:2 * MiB + 8192], b'\x77' * 8192)
+            out.append(sorted(n['node-name'] for n in s.q.execute('query-named-block-nodes')))
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
     def test_file_node_source(self):
         """A node that is not a raw node gets the filter on top (nothing else writes it)."""
         def run(s):
@@ -517,6 +542,36 @@ class Bitmaps(Both):
         # Data everywhere: qsd copies chunks in parallel, cbtd one after the other, so the
         # clusters left are the same only when every chunk past the limit fails.
         self.same(self.sides(preexec=fsize_limit(2 * MiB), dense=True), run)
+
+
+class CbtdGraph(unittest.TestCase):
+    """cbtd's own refusals where a graph change would cut a backup's filter out (qsd's graph
+    differs: its filter sits above the node)."""
+
+    def test_refusals(self):
+        s = Side(False)
+        self.addCleanup(s.stop)
+        s.write(0, read(s.d.path('src.img'))[:4096])
+        s.q.execute('blockdev-backup', {'job-id': 'j', 'device': 'src', 'target': 't1',
+                                        'sync': 'full', 'speed': 1, 'filter-node-name': 'flt'})
+        err = s.q.error('blockdev-reopen', options=[{'driver': 'raw', 'node-name': 'src',
+                                                     'file': 'f0'}])
+        self.assertEqual(err[1], "cbtd cannot reopen node 'src' while a backup job's filter "
+                                 "'flt' is under it")
+        err = s.q.error('block-export-add', {'type': 'nbd', 'id': 'snap', 'node-name': 'src',
+                                             'name': 'snap', 'snapshot': True,
+                                             'scratch-dir': s.d.dir})
+        self.assertIn("over a 'file' node only", err[1])
+        s.q.execute('job-cancel', id='j')
+        s.wait_gone('j')
+        s.q.execute('block-export-add', {'type': 'nbd', 'id': 'snap', 'node-name': 'src',
+                                         'name': 'snap', 'snapshot': True,
+                                         'scratch-dir': s.d.dir})
+        err = s.q.error('blockdev-backup', {'job-id': 'j', 'device': 'src', 'target': 't1',
+                                            'sync': 'full'})
+        self.assertRegex(err[1], "^cbtd cannot back up node 'src' while its snapshot filter "
+                                 "'#block[0-9]+' is under it$")
+        s.q.execute('block-export-del', id='snap')
 
 
 class Persistent(unittest.TestCase):
