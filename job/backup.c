@@ -13,8 +13,10 @@
  *      the source: a write is either before the instant (in the selection, its data in the
  *      source when the filter went in) or after it (in the successor, its old data copied by
  *      the filter first).
- *  (2) The job's in-flight I/O is one chunk (64 KiB with a speed limit, else up to 1 MiB),
- *      between pause points; a failed chunk's clusters stay to be copied.
+ *  (2) The job's I/O in flight is bounded: one 64 KiB cluster with a speed limit, else WORKERS
+ *      ranges of 1 MiB copied by the job's pool, all of which end before the job's thread
+ *      reaches its next pause point (so a paused job does no I/O); a failed copy's clusters
+ *      stay to be copied.
  *  (3) The bitmap's end follows QEMU's rules only after the job's thread has ended (commit or
  *      abort on the main thread), and the filter leaves last (clean), so no cluster of the
  *      selection is lost in between.
@@ -23,13 +25,15 @@
  *      held ("Block device X is in use"), as QEMU's op blockers and references do.
  */
 #include <errno.h>
+#include <pthread.h>
 #include "blockdev/transaction.h"
 #include "dirty-bitmaps/dirty-bitmaps.h"
 #include "job/job-internal.h"
 #include "schemas/qmp-commands.h"
 
-#define CHUNK_LIMITED (64u * 1024)
-#define CHUNK_MAX (1024u * 1024)
+#define CHUNK_LIMITED (64u * 1024) /* with a speed limit: one cluster at a time */
+#define CHUNK_MAX (1024u * 1024)   /* without: ranges of this size... */
+#define WORKERS 4                  /* ...this many at a time */
 
 typedef struct {
   CbtBlockdev *source, *target; /* referenced; the source held, the target blocked */
@@ -45,17 +49,82 @@ typedef struct {
 
 /* ---- the job --------------------------------------------------------------------------------- */
 
-static int
-backup_run(CbtJob *job, GError **error)
+/* One round of copies: @n ranges of CHUNK_MAX from @base, each copied by a thread of the pool
+ * (the job's bound on I/O in flight, (2)), the job's thread waiting for all of them. */
+typedef struct {
+  CbtBlockdevBackupFilter *filter;
+  guint64 lo, hi;
+  int r;
+  gboolean is_read;
+  CbtMutex *lock;
+  pthread_cond_t *cond;
+  guint *left;
+} Range;
+
+static void
+copy_range_task(gpointer data, gpointer user_data)
 {
-  Backup *b = cbt_job_get_opaque(job);
+  Range *rg = data;
+
+  for (guint64 pos = rg->lo; pos < rg->hi;) {
+    guint64 stop = pos;
+    int r = cbt_blockdev_backup_filter_copy(rg->filter, pos, rg->hi - pos, &stop, &rg->is_read);
+    if (r != 0) {
+      rg->r = r < 0 ? r : 0; /* 1: nothing left to copy in the range */
+      break;
+    }
+    pos = stop;
+  }
+  cbt_mutex_lock(rg->lock);
+  if (--*rg->left == 0)
+    pthread_cond_broadcast(rg->cond);
+  cbt_mutex_unlock(rg->lock);
+}
+
+/* Copy from @base: the clusters of up to WORKERS ranges in parallel without a speed limit, one
+ * cluster with one. Returns 0 and the end of what was covered in *end, or the failure of the
+ * lowest range that failed (its clusters stay to copy). */
+static int
+copy_round(Backup *b, GThreadPool *pool, guint64 base, gboolean limited, guint64 *end,
+           gboolean *is_read)
+{
+  if (limited) {
+    *end = base + CHUNK_LIMITED;
+    return cbt_blockdev_backup_filter_copy(b->filter, base, CHUNK_LIMITED, end, is_read);
+  }
+  Range rg[WORKERS];
+  CbtMutex lock;
+  pthread_cond_t cond;
+  guint left = WORKERS;
+
+  cbt_mutex_init(&lock);
+  pthread_cond_init(&cond, NULL);
+  for (guint i = 0; i < WORKERS; i++) {
+    rg[i] =
+      (Range){ b->filter, base + i * CHUNK_MAX, base + (i + 1) * CHUNK_MAX, 0, FALSE, &lock, &cond,
+               &left };
+    g_thread_pool_push(pool, &rg[i], NULL);
+  }
+  cbt_mutex_lock(&lock);
+  while (left)
+    cbt_mutex_cond_wait(&lock, &cond);
+  cbt_mutex_unlock(&lock);
+  cbt_mutex_clear(&lock);
+  pthread_cond_destroy(&cond);
+  *end = base + WORKERS * CHUNK_MAX;
+  for (guint i = 0; i < WORKERS; i++)
+    if (rg[i].r < 0) {
+      *is_read = rg[i].is_read;
+      return rg[i].r;
+    }
+  return 0;
+}
+
+static int
+copy_all(CbtJob *job, Backup *b, GThreadPool *pool)
+{
   guint64 off = 0;
 
-  if (b->sync == CBT_QMP_MIRROR_SYNC_MODE_NONE) {
-    /* The filter does the work; the job lasts until it is cancelled (QEMU's). */
-    cbt_job_wait_cancelled(job);
-    return 0;
-  }
   for (;;) {
     cbt_job_pause_point(job);
     if (cbt_job_is_cancelled(job))
@@ -67,10 +136,10 @@ backup_run(CbtJob *job, GError **error)
       if ((next = cbt_blockdev_backup_filter_next(b->filter, 0)) < 0)
         return 0;
     }
-    guint64 chunk = cbt_job_get_speed(job) ? CHUNK_LIMITED : CHUNK_MAX;
-    guint64 stop = (guint64)next + chunk;
+    gboolean limited = cbt_job_get_speed(job) != 0;
+    guint64 stop = (guint64)next;
     gboolean is_read = FALSE;
-    int r = cbt_blockdev_backup_filter_copy(b->filter, (guint64)next, chunk, &stop, &is_read);
+    int r = copy_round(b, pool, (guint64)next, limited, &stop, &is_read);
     if (r < 0) {
       CbtQmpBlockErrorAction a =
         cbt_job_error_action(job, is_read ? b->on_source_error : b->on_target_error, is_read, -r);
@@ -80,8 +149,25 @@ backup_run(CbtJob *job, GError **error)
     } else {
       off = stop;
     }
-    cbt_job_rate_limit(job, stop - (guint64)next);
+    if (limited)
+      cbt_job_rate_limit(job, stop - (guint64)next);
   }
+}
+
+static int
+backup_run(CbtJob *job, GError **error)
+{
+  Backup *b = cbt_job_get_opaque(job);
+
+  if (b->sync == CBT_QMP_MIRROR_SYNC_MODE_NONE) {
+    /* The filter does the work; the job lasts until it is cancelled (QEMU's). */
+    cbt_job_wait_cancelled(job);
+    return 0;
+  }
+  GThreadPool *pool = g_thread_pool_new(copy_range_task, NULL, WORKERS, TRUE, NULL);
+  int r = copy_all(job, b, pool);
+  g_thread_pool_free(pool, FALSE, TRUE);
+  return r;
 }
 
 static void
