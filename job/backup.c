@@ -33,7 +33,9 @@
 
 #define CHUNK_LIMITED (64u * 1024) /* with a speed limit: one cluster at a time */
 #define CHUNK_MAX (1024u * 1024)   /* without: ranges of this size... */
-#define WORKERS 4                  /* ...this many at a time */
+#define WORKERS 4                  /* ...this many at a time (x-perf's max-workers, at most... */
+#define MAX_WORKERS 16             /* ...this many) */
+#define CLUSTER (64u * 1024)
 
 typedef struct {
   CbtBlockdev *source, *target; /* referenced; the source held, the target blocked */
@@ -42,6 +44,8 @@ typedef struct {
   CbtQmpMirrorSyncMode sync;
   CbtQmpBitmapSyncMode bitmap_mode;
   CbtQmpBlockdevOnError on_source_error, on_target_error;
+  guint workers; /* copies in flight without a speed limit */
+  guint64 chunk; /* bytes per copy without a speed limit */
   CbtJob *job;
 } Backup;
 
@@ -92,16 +96,16 @@ copy_round(Backup *b, GThreadPool *pool, guint64 base, gboolean limited, guint64
     *end = base + CHUNK_LIMITED;
     return cbt_blockdev_backup_filter_copy(b->filter, base, CHUNK_LIMITED, end, is_read);
   }
-  Range rg[WORKERS];
+  Range rg[MAX_WORKERS];
   CbtMutex lock;
   pthread_cond_t cond;
-  guint left = WORKERS;
+  guint left = b->workers;
 
   cbt_mutex_init(&lock);
   pthread_cond_init(&cond, NULL);
-  for (guint i = 0; i < WORKERS; i++) {
+  for (guint i = 0; i < b->workers; i++) {
     rg[i] =
-      (Range){ b->filter, base + i * CHUNK_MAX, base + (i + 1) * CHUNK_MAX, 0, FALSE, &lock, &cond,
+      (Range){ b->filter, base + i * b->chunk, base + (i + 1) * b->chunk, 0, FALSE, &lock, &cond,
                &left };
     g_thread_pool_push(pool, &rg[i], NULL);
   }
@@ -111,8 +115,8 @@ copy_round(Backup *b, GThreadPool *pool, guint64 base, gboolean limited, guint64
   cbt_mutex_unlock(&lock);
   cbt_mutex_clear(&lock);
   pthread_cond_destroy(&cond);
-  *end = base + WORKERS * CHUNK_MAX;
-  for (guint i = 0; i < WORKERS; i++)
+  *end = base + b->workers * b->chunk;
+  for (guint i = 0; i < b->workers; i++)
     if (rg[i].r < 0) {
       *is_read = rg[i].is_read;
       return rg[i].r;
@@ -164,7 +168,7 @@ backup_run(CbtJob *job, GError **error)
     cbt_job_wait_cancelled(job);
     return 0;
   }
-  GThreadPool *pool = g_thread_pool_new(copy_range_task, NULL, WORKERS, TRUE, NULL);
+  GThreadPool *pool = g_thread_pool_new(copy_range_task, NULL, (gint)b->workers, TRUE, NULL);
   int r = copy_all(job, b, pool);
   g_thread_pool_free(pool, FALSE, TRUE);
   return r;
@@ -341,11 +345,28 @@ check_nodes(const CbtQmpBlockdevBackup *a, CbtBlockdev *source, CbtBlockdev *tar
   }
   if (!cbt_blockdev_check_unblocked(source, error) || !cbt_blockdev_check_unblocked(target, error))
     return FALSE;
+  const CbtQmpBackupPerf *perf = a->x_perf;
+  if (perf && perf->has_max_workers && (perf->max_workers < 1 || perf->max_workers > G_MAXINT)) {
+    g_set_error(error, CBT_JOB_ERROR, 0, "max-workers must be between 1 and %d", G_MAXINT);
+    return FALSE;
+  }
+  if (perf && perf->has_max_chunk && perf->max_chunk < 0) {
+    g_set_error_literal(error, CBT_JOB_ERROR, 0,
+                        "max-chunk must be zero (which means no limit) or positive");
+    return FALSE;
+  }
   if (dbm && mode != CBT_QMP_BITMAP_SYNC_MODE_NEVER &&
       !cbt_dirty_bitmap_check(dbm, CBT_DIRTY_BITMAP_CHECK_ALL, error))
     return FALSE;
   if (cbt_blockdev_get_size(source) != cbt_blockdev_get_size(target)) {
     g_set_error_literal(error, CBT_JOB_ERROR, 0, "Source and target image have different sizes");
+    return FALSE;
+  }
+  /* QEMU checks this once its filter is in; nothing can fail in between here. */
+  if (perf && perf->has_max_chunk && perf->max_chunk && perf->max_chunk < CLUSTER) {
+    g_set_error(error, CBT_JOB_ERROR, 0,
+                "Required max-chunk (%" G_GINT64_FORMAT ") is less than backup cluster size (%u)",
+                perf->max_chunk, CLUSTER);
     return FALSE;
   }
   return TRUE;
@@ -412,6 +433,11 @@ backup_prepare(const CbtQmpBlockdevBackup *a, CbtTxn *txn, GError **error)
   b->bitmap_mode = mode;
   b->on_source_error = a->on_source_error;
   b->on_target_error = a->on_target_error;
+  const CbtQmpBackupPerf *perf = a->x_perf;
+  b->workers = perf && perf->has_max_workers ? (guint)MIN(perf->max_workers, MAX_WORKERS) : WORKERS;
+  b->chunk = perf && perf->has_max_chunk && perf->max_chunk
+               ? MIN((guint64)perf->max_chunk / CLUSTER * CLUSTER, CHUNK_MAX)
+               : CHUNK_MAX;
   /* QEMU takes the device's name for an absent id: a node has none. */
   CbtJob *job = cbt_job_create(a->job_id ? a->job_id : "", &backup_driver, b, a->auto_finalize,
                                a->auto_dismiss, error);

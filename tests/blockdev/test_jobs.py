@@ -186,7 +186,10 @@ class Errors(Both):
                           {'bitmap': 'zz', 'bitmap-mode': 'never'},
                           {'target': 'src'}, {'target': 'small'}, {'job-id': '1j'},
                           {'job-id': 'a b'}, {'speed': -1}, {'compress': True},
-                          {'sync': 'sideways'}, {'on-source-error': 'maybe'}]:
+                          {'sync': 'sideways'}, {'on-source-error': 'maybe'},
+                          {'x-perf': {'max-workers': 0}}, {'x-perf': {'max-workers': 1 << 40}},
+                          {'x-perf': {'max-chunk': -1}}, {'x-perf': {'max-chunk': 4096}},
+                          {'x-perf': {'bogus': 1}}]:
                 args = dict(base, **extra)
                 args = {k: v for k, v in args.items() if v is not None}
                 out.append((extra, s.reply('blockdev-backup', args)))
@@ -236,6 +239,12 @@ class Lifecycle(Both):
             s.wait_gone('j')
             out.append(s.events())
             self.assertEqual(read(s.d.path('t1.img')), src)
+            s.add_target('t2')
+            out.append(self.backup(s, target='t2',
+                                   x_perf={'max-workers': 2, 'max-chunk': 64 * KiB,
+                                           'use-copy-range': False}))
+            s.wait_gone('j')
+            self.assertEqual(read(s.d.path('t2.img')), src)
             out.append(s.reply('query-named-block-nodes', {'flat': True}) and
                        sorted(n['node-name'] for n in s.q.execute('query-named-block-nodes')))
             return out
