@@ -447,14 +447,20 @@ class Nodes(Both):
             out = [s.reply('blockdev-backup', {'job-id': 'j', 'device': 'src', 'target': 'slow',
                                                'sync': 'full'})]
             time.sleep(0.1)
+            # Waiting for the job's I/O, five queries would take 1.5 s at least.
+            t0 = time.monotonic()
             for _ in range(5):
-                t0 = time.monotonic()
                 s.q.execute('query-block-jobs')
-                self.assertLess(time.monotonic() - t0, 0.15)
+            self.assertLess(time.monotonic() - t0, 0.75)
             t0 = time.monotonic()
             out.append(s.reply('job-pause', {'id': 'j'}))
-            self.assertLess(time.monotonic() - t0, 0.5)
+            self.assertLess(time.monotonic() - t0, 1.0)
             s.wait_status('j', 'paused')
+            # paused means no I/O: the progress stands still
+            time.sleep(0.35)
+            before = s.q.execute('query-jobs')[0]['current-progress']
+            time.sleep(0.7)
+            self.assertEqual(s.q.execute('query-jobs')[0]['current-progress'], before)
             out.append(s.reply('job-cancel', {'id': 'j'}))
             s.wait_gone('j')
             out.append(s.events())
@@ -484,9 +490,9 @@ class Bitmaps(Both):
             out = [s.bitmap('b')]
             for mode, sync in [('on-success', 'bitmap'), ('always', 'bitmap'),
                                ('never', 'bitmap'), ('on-success', 'full')]:
-                # cancelled after the first cluster (64 KiB/s: the next one waits a second)
+                # cancelled after the first cluster (16 KiB/s: the next one waits 4 s)
                 self.prepare(s, add=False)
-                out.append(self.start(s, mode, sync, speed=64 * KiB))
+                out.append(self.start(s, mode, sync, speed=16 * KiB))
                 s.wait_progress('j', 64 * KiB)
                 s.write(2 * MiB, b'\x33' * 4096)   # during the job: kept in every mode
                 out.append(s.bitmap('b'))
@@ -609,7 +615,7 @@ class Persistent(unittest.TestCase):
             s.write(off, b'\x11' * 4096)
         self.assertEqual(self.count(s), 3 * 64 * KiB)
         args = {'job-id': 'j', 'device': 'src', 'target': 't1', 'sync': 'incremental',
-                'bitmap': 'b', 'speed': 64 * KiB}
+                'bitmap': 'b', 'speed': 16 * KiB}
         # cancelled: every bit stays, the write during the job too
         s.q.execute('blockdev-backup', args)
         s.wait_progress('j', 64 * KiB)
