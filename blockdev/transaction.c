@@ -12,6 +12,7 @@
 #include "schemas/qmp-commands.h"
 
 static CbtBlockdevTxnPrepare prepares[CBT_QMP_TRANSACTION_ACTION_KIND__MAX];
+static CbtTxn *grouped_txn; /* the `transaction` being prepared, when completion-mode is grouped */
 
 void
 cbt_blockdev_txn_register(CbtQmpTransactionActionKind kind, CbtBlockdevTxnPrepare prepare)
@@ -31,6 +32,12 @@ drain_clean(gpointer opaque)
 }
 
 static const CbtTxnActionOps drain_ops = { .name = "drain", .clean = drain_clean };
+
+gboolean
+cbt_blockdev_txn_is_grouped(CbtTxn *txn)
+{
+  return txn && txn == grouped_txn;
+}
 
 void
 cbt_blockdev_drain_in_txn(CbtBlockdev *bd, CbtTxn *txn)
@@ -53,8 +60,8 @@ prepare_one(const CbtQmpTransactionAction *act, gboolean grouped, CbtTxn *txn, G
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Action '%s' is not supported by cbtd", kind);
     return FALSE;
   }
-  /* cbtd's jobs are each their own group: grouped completion is not implemented. */
-  if (grouped) {
+  /* Only a job's action has a group to join (QEMU's action_check_completion_mode). */
+  if (grouped && act->type != CBT_QMP_TRANSACTION_ACTION_KIND_BLOCKDEV_BACKUP) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
                 "Action '%s' does not support Transaction "
                 "property completion-mode = grouped",
@@ -73,7 +80,9 @@ cbt_qmp_transaction(const CbtQmpTransactionArg *args, GError **error)
   gboolean ok = TRUE;
 
   CBT_ASSERT_MAIN_THREAD();
+  grouped_txn = grouped ? txn : NULL;
   for (guint i = 0; ok && i < args->actions->len; i++)
     ok = prepare_one(g_ptr_array_index(args->actions, i), grouped, txn, error);
+  grouped_txn = NULL;
   return cbt_txn_finish(txn, ok);
 }

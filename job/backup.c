@@ -386,7 +386,39 @@ txn_abort(gpointer opaque)
   cbt_job_cancel_unstarted(opaque);
 }
 
-static const CbtTxnActionOps backup_ops = { "blockdev-backup", txn_commit, txn_abort, NULL };
+static void
+txn_clean(gpointer opaque)
+{
+  cbt_job_unref(opaque);
+}
+
+static const CbtTxnActionOps backup_ops = { "blockdev-backup", txn_commit, txn_abort, txn_clean };
+
+/* The group of the jobs of the grouped transaction being prepared (one at a time). */
+static CbtTxn *group_txn;
+static CbtJobGroup *group;
+
+static void
+group_clean(gpointer opaque)
+{
+  g_clear_pointer(&group, cbt_job_group_unref);
+  group_txn = NULL;
+}
+
+static const CbtTxnActionOps group_ops = { "job-group", NULL, NULL, group_clean };
+
+static void
+join_group(CbtJob *job, CbtTxn *txn)
+{
+  if (!cbt_blockdev_txn_is_grouped(txn))
+    return;
+  if (group_txn != txn) {
+    group = cbt_job_group_new();
+    group_txn = txn;
+    cbt_txn_add(txn, &group_ops, NULL);
+  }
+  cbt_job_group_add(group, job);
+}
 
 /* The job's instant (1): with the source drained until the transaction ends. */
 static Backup *
@@ -450,7 +482,8 @@ backup_prepare(const CbtQmpBlockdevBackup *a, CbtTxn *txn, GError **error)
     return FALSE;
   }
   b->job = job;
-  cbt_txn_add(txn, &backup_ops, job);
+  join_group(job, txn);
+  cbt_txn_add(txn, &backup_ops, cbt_job_ref(job));
   return TRUE;
 }
 

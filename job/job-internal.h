@@ -39,6 +39,16 @@ void cbt_job_start(CbtJob *job);
 /* Undo a job that never started: it is cancelled and ends (QEMU's job_cancel_sync of a created
  * job: aborting, concluded, null, with the driver's abort and clean). */
 void cbt_job_cancel_unstarted(CbtJob *job);
+/* Jobs that end together (a transaction with completion-mode grouped, QEMU's JobTxn): when one
+ * fails or is cancelled, the others are cancelled and all are undone; they finalize together
+ * once all have succeeded. A job alone is a group of one; add it to another while `created`. */
+typedef struct CbtJobGroup CbtJobGroup;
+CbtJobGroup *cbt_job_group_new(void);
+void cbt_job_group_unref(CbtJobGroup *g);
+void cbt_job_group_add(CbtJobGroup *g, CbtJob *job);
+/* A job stays allocated while referenced, even once it is `null` (gone from the list). */
+CbtJob *cbt_job_ref(CbtJob *job);
+void cbt_job_unref(CbtJob *job);
 gpointer cbt_job_get_opaque(CbtJob *job);
 const char *cbt_job_get_id(CbtJob *job);
 int cbt_job_get_ret(CbtJob *job);

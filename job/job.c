@@ -32,8 +32,18 @@ typedef struct {
   CbtQmpBlockErrorAction action;
 } Msg;
 
+/* Jobs that end together (QEMU's JobTxn): a transaction with completion-mode grouped, or one
+ * job alone. Main thread. */
+struct CbtJobGroup {
+  GList *jobs; /* CbtJob *, not yet finalized */
+  gboolean aborting;
+  gint refcnt;
+};
+
 struct CbtJob {
+  gint refcnt; /* main thread: the job list's, and a transaction's while it prepares the job */
   char *id;
+  CbtJobGroup *group;
   const CbtJobDriver *drv;
   gpointer opaque;
   /* main thread */
@@ -344,6 +354,51 @@ job_thread(gpointer data)
   return NULL;
 }
 
+/* ---- groups ---------------------------------------------------------------------------------- */
+
+CbtJobGroup *
+cbt_job_group_new(void)
+{
+  CbtJobGroup *g = g_new0(CbtJobGroup, 1);
+
+  g->refcnt = 1;
+  return g;
+}
+
+static CbtJobGroup *
+group_ref(CbtJobGroup *g)
+{
+  g->refcnt++;
+  return g;
+}
+
+void
+cbt_job_group_unref(CbtJobGroup *g)
+{
+  if (g && --g->refcnt == 0) {
+    g_assert(!g->jobs);
+    g_free(g);
+  }
+}
+
+static void
+group_leave(CbtJob *job)
+{
+  if (!job->group)
+    return;
+  job->group->jobs = g_list_remove(job->group->jobs, job);
+  g_clear_pointer(&job->group, cbt_job_group_unref);
+}
+
+void
+cbt_job_group_add(CbtJobGroup *g, CbtJob *job)
+{
+  g_assert(job->status == CBT_QMP_JOB_STATUS_CREATED);
+  group_leave(job);
+  job->group = group_ref(g);
+  g->jobs = g_list_prepend(g->jobs, job); /* QEMU's order: the newest first */
+}
+
 /* ---- lifecycle (main thread) ----------------------------------------------------------------- */
 
 static gboolean
@@ -372,6 +427,7 @@ cbt_job_create(const char *id, const CbtJobDriver *drv, gpointer opaque, gboolea
       return NULL;
     }
   CbtJob *job = g_new0(CbtJob, 1);
+  job->refcnt = 1;
   job->id = g_strdup(id);
   job->drv = drv;
   job->opaque = opaque;
@@ -387,13 +443,16 @@ cbt_job_create(const char *id, const CbtJobDriver *drv, gpointer opaque, gboolea
   g_queue_init(&job->mail);
   jobs = g_list_prepend(jobs, job);
   transition(job, CBT_QMP_JOB_STATUS_CREATED);
+  /* Alone, a job is a group of one (QEMU's). */
+  CbtJobGroup *g = cbt_job_group_new();
+  cbt_job_group_add(g, job);
+  cbt_job_group_unref(g);
   return job;
 }
 
 static void
 job_free(CbtJob *job)
 {
-  jobs = g_list_remove(jobs, job);
   if (job->drv->free && job->opaque)
     job->drv->free(job->opaque);
   g_queue_clear_full(&job->mail, g_free);
@@ -405,11 +464,27 @@ job_free(CbtJob *job)
   g_free(job);
 }
 
+CbtJob *
+cbt_job_ref(CbtJob *job)
+{
+  job->refcnt++;
+  return job;
+}
+
+void
+cbt_job_unref(CbtJob *job)
+{
+  if (--job->refcnt == 0)
+    job_free(job);
+}
+
 static void
 do_dismiss(CbtJob *job)
 {
+  group_leave(job);
+  jobs = g_list_remove(jobs, job);
   transition(job, CBT_QMP_JOB_STATUS_NULL);
-  job_free(job);
+  cbt_job_unref(job);
 }
 
 void
@@ -470,9 +545,119 @@ finalize_single(CbtJob *job)
     job->drv->clean(job);
   if (job->started)
     emit_end(job);
+  group_leave(job);
   transition(job, CBT_QMP_JOB_STATUS_CONCLUDED);
   if (job->auto_dismiss || !job->started)
     do_dismiss(job);
+}
+
+static gboolean
+is_completed(CbtJob *job)
+{
+  switch (job->status) {
+  case CBT_QMP_JOB_STATUS_WAITING:
+  case CBT_QMP_JOB_STATUS_PENDING:
+  case CBT_QMP_JOB_STATUS_ABORTING:
+  case CBT_QMP_JOB_STATUS_CONCLUDED:
+  case CBT_QMP_JOB_STATUS_NULL:
+    return TRUE;
+  default:
+    return FALSE;
+  }
+}
+
+/* Every job of the group, finalized in order (QEMU's job_do_finalize). */
+static void
+finalize_group(CbtJob *job)
+{
+  CbtJobGroup *g = group_ref(job->group);
+
+  while (g->jobs)
+    finalize_single(g->jobs->data);
+  cbt_job_group_unref(g);
+}
+
+static void completed(CbtJob *job, int ret);
+
+/* Wait until a cancelled job of an aborting group has ended its work (QEMU's job_finish_sync):
+ * its thread stops at its next pause point; its last messages are read, DONE handled here. */
+static void
+finish_now(CbtJob *job)
+{
+  if (!job->started) {
+    completed(job, -ECANCELED);
+    return;
+  }
+  if (job->thread) {
+    g_thread_join(job->thread);
+    job->thread = NULL;
+    if (job->mail_source)
+      g_source_remove(job->mail_source);
+    job->mail_source = 0;
+    read_mail_now(job);
+    g_queue_clear_full(&job->mail, g_free);
+    g_queue_init(&job->mail);
+    job->deferred = TRUE;
+    if (job->run_ret < 0 && job->run_err && !job->err)
+      job->err = g_strdup(job->run_err);
+    completed(job, job->run_ret);
+  }
+}
+
+static void
+cancel_async(CbtJob *job)
+{
+  cbt_mutex_lock(&job->lock);
+  if (job->user_paused) {
+    job->user_paused = FALSE;
+    job->pause_count--;
+  }
+  job->cancelled = TRUE;
+  pthread_cond_broadcast(&job->cond);
+  cbt_mutex_unlock(&job->lock);
+}
+
+/* The first failure of a group undoes all of it (QEMU's job_completed_txn_abort). */
+static void
+group_abort(CbtJob *job)
+{
+  CbtJobGroup *g = job->group;
+
+  if (g->aborting)
+    return; /* the job that failed first does it */
+  g->aborting = TRUE;
+  group_ref(g);
+  for (GList *l = g->jobs; l; l = l->next)
+    if (l->data != job)
+      cancel_async(l->data);
+  /* All end their work (aborting), then all are undone, in the group's order (7.2's). */
+  for (GList *l = g->jobs; l; l = l->next)
+    if (!is_completed(l->data))
+      finish_now(l->data);
+  while (g->jobs)
+    finalize_single(g->jobs->data);
+  cbt_job_group_unref(g);
+}
+
+static void
+group_success(CbtJob *job)
+{
+  CbtJobGroup *g = job->group;
+
+  transition(job, CBT_QMP_JOB_STATUS_WAITING);
+  for (GList *l = g->jobs; l; l = l->next)
+    if (!is_completed(l->data))
+      return;
+  for (GList *l = g->jobs; l; l = l->next) {
+    CbtJob *other = l->data;
+    transition(other, CBT_QMP_JOB_STATUS_PENDING);
+    if (!other->auto_finalize)
+      cbt_qmp_event_block_job_pending(other->drv->type, other->id);
+  }
+  for (GList *l = g->jobs; l; l = l->next)
+    if (!((CbtJob *)l->data)->auto_finalize)
+      return;
+  finalize_group(job);
 }
 
 static void
@@ -480,17 +665,10 @@ completed(CbtJob *job, int ret)
 {
   job->ret = ret;
   update_rc(job);
-  if (job->ret) {
-    finalize_single(job);
-    return;
-  }
-  /* A job is its own transaction: nothing else to wait for. */
-  transition(job, CBT_QMP_JOB_STATUS_WAITING);
-  transition(job, CBT_QMP_JOB_STATUS_PENDING);
-  if (!job->auto_finalize)
-    cbt_qmp_event_block_job_pending(job->drv->type, job->id);
+  if (job->ret)
+    group_abort(job);
   else
-    finalize_single(job);
+    group_success(job);
 }
 
 static void
@@ -507,18 +685,11 @@ handle_done(CbtJob *job)
 static void
 cancel(CbtJob *job)
 {
-  cbt_mutex_lock(&job->lock);
-  if (job->user_paused) {
-    job->user_paused = FALSE;
-    job->pause_count--;
-  }
-  job->cancelled = TRUE;
-  pthread_cond_broadcast(&job->cond);
-  cbt_mutex_unlock(&job->lock);
+  cancel_async(job);
   if (!job->started)
     completed(job, -ECANCELED);
   else if (job->deferred)
-    finalize_single(job); /* waiting to be finalized: undone now */
+    group_abort(job); /* waiting or pending: undone now, with its group */
   /* else its thread stops at its next pause point or rate-limit wait, then DONE */
 }
 
@@ -526,7 +697,9 @@ void
 cbt_job_cancel_unstarted(CbtJob *job)
 {
   g_assert(!job->started);
-  cancel(job);
+  /* Another job of its group may have undone it already. */
+  if (job->status != CBT_QMP_JOB_STATUS_NULL)
+    cancel(job);
 }
 
 gpointer
@@ -557,28 +730,11 @@ cbt_job_cancel_all(void)
       do_dismiss(job);
       continue;
     }
-    gboolean had_thread = job->thread != NULL;
-    cbt_mutex_lock(&job->lock);
-    job->cancelled = TRUE;
-    job->user_paused = FALSE;
-    job->pause_count = 0;
-    pthread_cond_broadcast(&job->cond);
-    cbt_mutex_unlock(&job->lock);
-    if (had_thread) {
-      g_thread_join(job->thread);
-      /* The thread is gone: its last messages are read here, DONE is handled below (5). */
-      if (job->mail_source)
-        g_source_remove(job->mail_source);
-      job->mail_source = 0;
-      read_mail_now(job);
-      g_queue_clear_full(&job->mail, g_free);
-      g_queue_init(&job->mail);
-      job->thread = NULL;
-      job->deferred = TRUE;
-      completed(job, job->run_ret);
-    } else {
+    cancel_async(job);
+    if (job->thread)
+      finish_now(job); /* ends it, and its group */
+    else
       cancel(job);
-    }
     if (g_list_find(jobs, job) && job->status == CBT_QMP_JOB_STATUS_CONCLUDED)
       do_dismiss(job);
   }
@@ -681,7 +837,7 @@ cbt_job_finalize(CbtJob *job, GError **error)
 {
   if (!apply_verb(job, CBT_QMP_JOB_VERB_FINALIZE, error))
     return FALSE;
-  finalize_single(job);
+  finalize_group(job);
   return TRUE;
 }
 
