@@ -1,6 +1,7 @@
 /* job.c — QEMU's job model (qapi/job.json; docs/user-guide.md, "Jobs and push-mode backup"):
  * the state machine, the verbs a state accepts, the end of a job (commit or abort, clean,
- * conclude, dismiss) and its events; the job's own thread and what it shares with the main one.
+ * conclude, dismiss) and its events, groups of jobs that end together; the job's own thread and
+ * what it shares with the main one.
  *
  * Invariants:
  *  (1) Every state change happens on the main thread, through transition(), which checks QEMU's
@@ -14,7 +15,12 @@
  *      thread while holding it, and waits for it (join) only after DONE or at exit.
  *  (4) The job's thread does no I/O while parked: a paused job is paused at a chunk boundary,
  *      and it parks only while pause_count > 0 and it is not cancelled.
- *  (5) A job is freed only on the main thread, after its thread ended and its mailbox is empty.
+ *  (5) A job is freed only on the main thread, after its thread ended and its mailbox is empty,
+ *      and once nothing references it (a transaction holds the jobs it prepared until it ends).
+ *  (6) A group (QEMU's job transaction) ends together: a job that finished its work waits in
+ *      `waiting` until all have, then all go `pending` and are finalized in the group's order;
+ *      the first failure cancels the others, waits until each has stopped (its thread joined),
+ *      then undoes all. A job alone is a group of one, so both paths are always taken.
  */
 #include <errno.h>
 #include <pthread.h>
