@@ -508,6 +508,37 @@ class Bitmaps(Both):
             return out
         self.same(self.sides(), run)
 
+    def test_fine_granularity_and_disabled(self):
+        """A 4 KiB bitmap: the job copies whole 64 KiB clusters and, with always after a cancel,
+        sets the 4 KiB chunks of every cluster it did not copy; a disabled bitmap's successor
+        records nothing."""
+        def run(s):
+            s.q.execute('block-dirty-bitmap-add', {'node': 'src', 'name': 'b',
+                                                   'granularity': 4096})
+            for off in (0, MiB, 3 * MiB + 8192):
+                s.write(off, b'\x11' * 4096)
+            out = [s.bitmap('b'),
+                   s.reply('blockdev-backup', {'job-id': 'j', 'device': 'src', 'target': 't1',
+                                               'sync': 'bitmap', 'bitmap': 'b',
+                                               'bitmap-mode': 'always', 'speed': 16 * KiB})]
+            s.wait_progress('j', 64 * KiB)
+            out.append(s.reply('job-cancel', {'id': 'j'}))
+            s.wait_gone('j')
+            out.append(s.bitmap('b'))
+            out.append(s.reply('block-dirty-bitmap-disable', {'node': 'src', 'name': 'b'}))
+            out.append(s.reply('blockdev-backup', {'job-id': 'j', 'device': 'src', 'target': 't1',
+                                                   'sync': 'bitmap', 'bitmap': 'b',
+                                                   'bitmap-mode': 'on-success', 'speed': 16 * KiB}))
+            s.wait_progress('j', 64 * KiB)
+            s.write(2 * MiB, b'\x22' * 4096)
+            out.append(s.bitmap('b'))
+            out.append(s.reply('block-job-set-speed', {'device': 'j', 'speed': 0}))
+            s.wait_gone('j')
+            out.append(s.bitmap('b'))
+            out.append(s.events())
+            return out
+        self.same(self.sides(), run)
+
     def test_incremental_copies_only_the_bitmap(self):
         def run(s):
             self.prepare(s)
