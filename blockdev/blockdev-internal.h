@@ -75,6 +75,9 @@ struct CbtBlockdev {
    * whether a flush raises flush_to_disk (blkdebug's events, the only users). */
   gint write_gen;
   gint flushed_gen;
+  guint holds;            /* cbt_blockdev_hold(): blockdev-del says the node is in use */
+  guint blocks;           /* cbt_blockdev_block(): operations are blocked by... */
+  char *block_reason;     /* ...this (the first blocker's reason) */
 
   gboolean read_only;
   gboolean auto_read_only;
@@ -226,6 +229,22 @@ CbtBlockdev *cbt_blockdev_primary_child(CbtBlockdev *bd);
  * fails with ENOSPC) and be told, once, when its snapshot breaks. */
 void cbt_blockdev_cbw_set_limit(CbtBlockdev *cbw, guint64 max_bytes,
                                 CbtBlockdevSnapshotBrokenFunc fn, gpointer data);
+/* copy-before-write.c, for a backup's filter (backup-filter.c): write the zero runs of the
+ * source to the target (it is a real image); copy only the clusters @bm selects (before any
+ * write); the next cluster still to copy at or after @offset (-1: none); claim and copy the
+ * first run of those in [offset, offset + max) as a writer would (1: none there; else 0 or the
+ * copy's -errno, @is_read telling which side failed; *stop: the end of the run); wait until no
+ * copy is in flight; a copy of the clusters still to copy; bytes copied so far. */
+void cbt_blockdev_cbw_set_zero_target(CbtBlockdev *cbw);
+/* TRUE when @bd is a backup's filter (a copy-before-write node with set_zero_target). */
+gboolean cbt_blockdev_cbw_is_backup(CbtBlockdev *bd);
+void cbt_blockdev_cbw_select(CbtBlockdev *cbw, const CbtBitmap *bm);
+gint64 cbt_blockdev_cbw_next_needed(CbtBlockdev *cbw, guint64 offset);
+int cbt_blockdev_cbw_copy_needed(CbtBlockdev *cbw, guint64 offset, guint64 max, guint64 *stop,
+                                 gboolean *is_read);
+void cbt_blockdev_cbw_settle(CbtBlockdev *cbw);
+CbtBitmap *cbt_blockdev_cbw_copy_need(CbtBlockdev *cbw);
+guint64 cbt_blockdev_cbw_progress(CbtBlockdev *cbw);
 int cbt_blockdev_snapshot_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
 int cbt_blockdev_snapshot_block_status(CbtBlockdev *bd, guint64 offset, guint64 len, guint64 *pnum,
                                        guint32 *status);

@@ -139,6 +139,7 @@ node_free(CbtBlockdev *bd)
   g_free(bd->tracked);
   g_clear_pointer(&bd->full_opts, json_object_unref);
   g_free(bd->exact_filename);
+  g_free(bd->block_reason);
   g_free(bd->node_name);
   g_free(bd);
 }
@@ -231,6 +232,48 @@ cbt_blockdev_remove_user(CbtBlockdev *bd)
   g_return_if_fail(bd->users > 0);
   bd->users--;
   cbt_blockdev_refresh_perms(bd, NULL);
+}
+
+void
+cbt_blockdev_hold(CbtBlockdev *bd)
+{
+  CBT_ASSERT_MAIN_THREAD();
+  bd->holds++;
+}
+
+void
+cbt_blockdev_unhold(CbtBlockdev *bd)
+{
+  CBT_ASSERT_MAIN_THREAD();
+  g_return_if_fail(bd->holds > 0);
+  bd->holds--;
+}
+
+void
+cbt_blockdev_block(CbtBlockdev *bd, const char *reason)
+{
+  CBT_ASSERT_MAIN_THREAD();
+  if (bd->blocks++ == 0)
+    bd->block_reason = g_strdup(reason);
+}
+
+void
+cbt_blockdev_unblock(CbtBlockdev *bd)
+{
+  CBT_ASSERT_MAIN_THREAD();
+  g_return_if_fail(bd->blocks > 0);
+  if (--bd->blocks == 0)
+    g_clear_pointer(&bd->block_reason, g_free);
+}
+
+gboolean
+cbt_blockdev_check_unblocked(CbtBlockdev *bd, GError **error)
+{
+  if (!bd->blocks)
+    return TRUE;
+  g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Node '%s' is busy: %s", bd->node_name,
+              bd->block_reason);
+  return FALSE;
 }
 
 /* ---- write permission ------------------------------------------------------------------- */

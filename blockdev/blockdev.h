@@ -62,6 +62,16 @@ CbtBlockdev *cbt_blockdev_get_child(CbtBlockdev *bd);
 /* Users (exports, jobs): a node with users refuses blockdev-del ("Node X is in use"). */
 void cbt_blockdev_add_user(CbtBlockdev *bd);
 void cbt_blockdev_remove_user(CbtBlockdev *bd);
+/* QEMU's hold of a node by a block job: blockdev-del refuses a held node as one that is used
+ * in the graph ("Block device X is in use"), and a blocked one first of all ("Node 'X' is busy:
+ * REASON", QEMU's op blockers), as a job's target and filter are. Counted; main thread. */
+void cbt_blockdev_hold(CbtBlockdev *bd);
+void cbt_blockdev_unhold(CbtBlockdev *bd);
+void cbt_blockdev_block(CbtBlockdev *bd, const char *reason);
+void cbt_blockdev_unblock(CbtBlockdev *bd);
+/* FALSE with "Node 'X' is busy: REASON" when @bd is blocked. */
+gboolean cbt_blockdev_check_unblocked(CbtBlockdev *bd, GError **error);
+
 /* Write permission, taken by writable exports: fails on read-only nodes and when another
  * process holds the image lock (QEMU's lock bytes, so cbtd and QEMU exclude each other). */
 gboolean cbt_blockdev_acquire_write(CbtBlockdev *bd, GError **error);
@@ -213,6 +223,32 @@ typedef struct CbtBlockdevExportStats CbtBlockdevExportStats;
 CbtBlockdevExportStats *cbt_blockdev_add_export_stats(CbtBlockdev *bd, const char *id);
 CbtBlockdevStats *cbt_blockdev_export_stats_get(CbtBlockdevExportStats *es);
 void cbt_blockdev_remove_export_stats(CbtBlockdev *bd, CbtBlockdevExportStats *es);
+/* A push-mode backup's copy-before-write filter (backup-filter.c; QEMU's blockdev-backup): put
+ * over @source with @target as its target, so the target receives the source's old data before
+ * any write changes it. Call with @source drained: that is the backup's instant. A raw node over
+ * its whole file child gets the filter between itself and the file (its users write through
+ * it); any other node gets it on top and must have no other writer. @select (may be NULL: all)
+ * says which clusters the backup copies; @node_name NULL gives a generated name. Main thread. */
+typedef struct CbtBlockdevBackupFilter CbtBlockdevBackupFilter;
+CbtBlockdevBackupFilter *cbt_blockdev_backup_filter_new(CbtBlockdev *source, CbtBlockdev *target,
+                                                        const char *node_name,
+                                                        const CbtBitmap *select, GError **error);
+CbtBlockdev *cbt_blockdev_backup_filter_node(CbtBlockdevBackupFilter *f);
+/* Bytes selected, and bytes of them copied so far (by the job or before a write). Any thread. */
+guint64 cbt_blockdev_backup_filter_total(CbtBlockdevBackupFilter *f);
+guint64 cbt_blockdev_backup_filter_progress(CbtBlockdevBackupFilter *f);
+/* The job's side, from its own thread: the next cluster still to copy at or after @offset (-1:
+ * none); copy the first run of such clusters in [offset, offset + max) (1: none there, 0: copied
+ * up to *stop, or a -errno with @is_read telling whether the source's read failed; the clusters
+ * of a failed copy stay to copy); wait until no copy is in flight. */
+gint64 cbt_blockdev_backup_filter_next(CbtBlockdevBackupFilter *f, guint64 offset);
+int cbt_blockdev_backup_filter_copy(CbtBlockdevBackupFilter *f, guint64 offset, guint64 max,
+                                    guint64 *stop, gboolean *is_read);
+void cbt_blockdev_backup_filter_settle(CbtBlockdevBackupFilter *f);
+/* The clusters not copied (transfer full; call with the source drained for a stable answer). */
+CbtBitmap *cbt_blockdev_backup_filter_remaining(CbtBlockdevBackupFilter *f);
+/* Take the filter out again (drains the source itself). Main thread. */
+void cbt_blockdev_backup_filter_free(CbtBlockdevBackupFilter *f);
 
 /* Drain: wait for in-flight requests on @bd (and nodes above it), admit none until _end. */
 void cbt_blockdev_drain_begin(CbtBlockdev *bd);

@@ -21,6 +21,8 @@ cbt_qmp_blockdev_del(const CbtQmpBlockdevDelArg *args, GError **error)
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Failed to find node with node-name='%s'", name);
     return FALSE;
   }
+  if (!cbt_blockdev_check_unblocked(bd, error))
+    return FALSE;
   if (bd->users > 0) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Node %s is in use", name);
     return FALSE;
@@ -29,7 +31,7 @@ cbt_qmp_blockdev_del(const CbtQmpBlockdevDelArg *args, GError **error)
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Node %s is not owned by the monitor", name);
     return FALSE;
   }
-  if (bd->parents->len > 0) {
+  if (bd->parents->len > 0 || bd->holds > 0) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Block device %s is in use", name);
     return FALSE;
   }

@@ -70,6 +70,8 @@ typedef struct {
   GPtrArray *reqs;                 /* Req *, in flight */
   int snapshot_error;              /* < 0 once a copy failed with break-snapshot */
   guint64 copied, max_copied;      /* bytes written to the target (atomic); 0: no bound */
+  guint64 progress;                /* bytes of clusters made done by a copy (atomic) */
+  gboolean zero_target; /* a backup's filter: zero runs are written to the target as zeroes */
   CbtBlockdevSnapshotBrokenFunc broken;
   gpointer broken_data;
 } CbwState;
@@ -161,7 +163,7 @@ typedef struct {
 } CopyResult;
 
 static int
-copy_data(CbtBlockdev *bd, guint64 offset, guint64 end)
+copy_data(CbtBlockdev *bd, guint64 offset, guint64 end, gboolean *is_read)
 {
   if (offset >= end)
     return 0;
@@ -172,6 +174,7 @@ copy_data(CbtBlockdev *bd, guint64 offset, guint64 end)
     return -ENOSPC;
   g_autofree guint8 *buf = g_malloc(end - offset);
   int r = cbt_blockdev_pread(source(bd), buf, offset, end - offset);
+  *is_read = r < 0;
   return r < 0 ? r : cbt_blockdev_pwrite(state(bd)->target, buf, offset, end - offset, 0);
 }
 
@@ -179,23 +182,33 @@ copy_data(CbtBlockdev *bd, guint64 offset, guint64 end)
  * written, zero runs are only recorded (the target is never asked to hold them, so a sparse
  * scratch stays sparse and the snapshot reports holes where the source had them). */
 static int
-copy_range(CbtBlockdev *bd, guint64 offset, guint64 end, GArray *zeros)
+copy_range(CbtBlockdev *bd, guint64 offset, guint64 end, GArray *zeros, gboolean *is_read)
 {
   for (guint64 pos = offset; pos < end;) {
     guint64 pnum = 0;
     guint32 st = 0;
     int r = cbt_blockdev_block_status(source(bd), pos, end - pos, &pnum, &st);
+    *is_read = TRUE;
     if (r < 0)
       return r;
+    /* A backup's target is a real image, not a zeroed scratch: its zeroes must be written. */
+    if ((st & CBT_BLOCKDEV_STATUS_ZERO) && state(bd)->zero_target) {
+      *is_read = FALSE;
+      if ((r = cbt_blockdev_write_zeroes(state(bd)->target, pos, pnum, 0)) < 0)
+        return r;
+      pos += pnum;
+      continue;
+    }
     guint64 zs = ROUND_UP(pos, CBW_ZERO_GRANULARITY),
             ze = ROUND_DOWN(pos + pnum, CBW_ZERO_GRANULARITY);
     if ((st & CBT_BLOCKDEV_STATUS_ZERO) && zs < ze) {
       /* The unaligned edges of a zero run are copied as data. */
-      if ((r = copy_data(bd, pos, zs)) < 0 || (r = copy_data(bd, ze, pos + pnum)) < 0)
+      if ((r = copy_data(bd, pos, zs, is_read)) < 0 ||
+          (r = copy_data(bd, ze, pos + pnum, is_read)) < 0)
         return r;
       g_array_append_val(zeros, zs);
       g_array_append_val(zeros, ze);
-    } else if ((r = copy_data(bd, pos, pos + pnum)) < 0) {
+    } else if ((r = copy_data(bd, pos, pos + pnum, is_read)) < 0) {
       return r;
     }
     pos += pnum;
@@ -232,6 +245,7 @@ copy_finish_locked(CbtBlockdev *bd, CbwState *s, Req *req, int r, GArray *zeros)
       cbt_bitmap_mark_range(s->zero, zs, ze - zs);
     }
     cbt_bitmap_mark_range(s->done, req->offset, len);
+    __atomic_add_fetch(&s->progress, len, __ATOMIC_RELAXED);
   } else if (s->on_error == CBT_QMP_ON_CBW_ERROR_BREAK_GUEST_WRITE) {
     cbt_bitmap_mark_range(s->need, req->offset, len);
   } else {
@@ -260,7 +274,8 @@ timed_copy_thread(gpointer data)
   CbtBlockdev *bd = c->bd;
   CbwState *s = state(bd);
   g_autoptr(GArray) zeros = g_array_new(FALSE, FALSE, sizeof(guint64));
-  int r = copy_range(bd, c->req->offset, c->req->end, zeros);
+  gboolean is_read;
+  int r = copy_range(bd, c->req->offset, c->req->end, zeros, &is_read);
 
   cbt_mutex_lock(&s->lock);
   copy_finish_locked(bd, s, c->req, r, zeros);
@@ -310,9 +325,10 @@ copy_timed_locked(CbtBlockdev *bd, CbwState *s, Req *req)
 }
 
 /* Claim and copy the first run of `need` clusters in [offset, end), with the lock held (it is
- * dropped for the I/O). Returns 1 when there was nothing to claim, else the copy's result. */
+ * dropped for the I/O). Returns 1 when there was nothing to claim, else the copy's result;
+ * @stop_out (may be NULL) gets the end of the run claimed, @is_read whether a read failed. */
 static int
-copy_one_locked(CbtBlockdev *bd, guint64 offset, guint64 end)
+copy_one_locked(CbtBlockdev *bd, guint64 offset, guint64 end, guint64 *stop_out, gboolean *is_read)
 {
   CbwState *s = state(bd);
   CBT_ASSERT_HELD(&s->lock);
@@ -324,11 +340,16 @@ copy_one_locked(CbtBlockdev *bd, guint64 offset, guint64 end)
   stop = MIN(stop, bd->size);
   cbt_bitmap_clear_range(s->need, first, ROUND_UP(stop, CBW_CLUSTER) - first);
   Req *req = req_add_locked(s, first, stop, REQ_COPY);
+  if (stop_out)
+    *stop_out = stop;
   if (s->timeout_s)
     return copy_timed_locked(bd, s, req);
   g_autoptr(GArray) zeros = g_array_new(FALSE, FALSE, sizeof(guint64));
+  gboolean read_failed = FALSE;
   cbt_mutex_unlock(&s->lock);
-  int r = copy_range(bd, first, stop, zeros);
+  int r = copy_range(bd, first, stop, zeros, &read_failed);
+  if (is_read)
+    *is_read = read_failed;
   cbt_mutex_lock(&s->lock);
   copy_finish_locked(bd, s, req, r, zeros);
   return r;
@@ -351,7 +372,7 @@ before_write(CbtBlockdev *bd, guint64 offset, guint64 len)
 
   cbt_mutex_lock(&s->lock);
   while (!s->snapshot_error) {
-    r = copy_one_locked(bd, start, end);
+    r = copy_one_locked(bd, start, end, NULL, NULL);
     if (r < 0 && s->on_error == CBT_QMP_ON_CBW_ERROR_BREAK_GUEST_WRITE)
       break;
     if (r != 1)
@@ -377,6 +398,75 @@ before_write(CbtBlockdev *bd, guint64 offset, guint64 len)
   cbt_mutex_unlock(&s->lock);
   /* With break-snapshot a failed copy broke the snapshot instead: the write goes on. */
   return r < 0 && s->on_error == CBT_QMP_ON_CBW_ERROR_BREAK_GUEST_WRITE ? r : 0;
+}
+
+/* ---- a backup job's copies (backup-filter.c) ----------------------------------------------- */
+
+void
+cbt_blockdev_cbw_set_zero_target(CbtBlockdev *cbw)
+{
+  CBT_ASSERT_MAIN_THREAD();
+  state(cbw)->zero_target = TRUE;
+}
+
+gboolean
+cbt_blockdev_cbw_is_backup(CbtBlockdev *bd)
+{
+  return bd->drv == &cbt_blockdev_cbw_driver && state(bd)->zero_target;
+}
+
+gint64
+cbt_blockdev_cbw_next_needed(CbtBlockdev *cbw, guint64 offset)
+{
+  CbwState *s = state(cbw);
+
+  cbt_mutex_lock(&s->lock);
+  gint64 r = offset < cbw->size ? cbt_bitmap_next_dirty(s->need, offset, cbw->size) : -1;
+  cbt_mutex_unlock(&s->lock);
+  return r;
+}
+
+/* The job's copy goes through the same claim as a writer's (2), so a cluster is copied once,
+ * by whichever comes first. */
+int
+cbt_blockdev_cbw_copy_needed(CbtBlockdev *cbw, guint64 offset, guint64 max, guint64 *stop,
+                             gboolean *is_read)
+{
+  CbwState *s = state(cbw);
+
+  *is_read = FALSE;
+  cbt_mutex_lock(&s->lock);
+  int r = copy_one_locked(cbw, offset, MIN(offset + max, cbw->size), stop, is_read);
+  cbt_mutex_unlock(&s->lock);
+  return r;
+}
+
+void
+cbt_blockdev_cbw_settle(CbtBlockdev *cbw)
+{
+  CbwState *s = state(cbw);
+
+  cbt_mutex_lock(&s->lock);
+  while (overlaps_locked(s, 0, cbw->size, REQ_COPY))
+    cbt_mutex_cond_wait(&s->lock, &s->cond);
+  cbt_mutex_unlock(&s->lock);
+}
+
+CbtBitmap *
+cbt_blockdev_cbw_copy_need(CbtBlockdev *cbw)
+{
+  CbwState *s = state(cbw);
+
+  cbt_mutex_lock(&s->lock);
+  CbtBitmap *bm = cbt_bitmap_copy(s->need);
+  cbt_mutex_unlock(&s->lock);
+  return bm;
+}
+
+guint64
+cbt_blockdev_cbw_progress(CbtBlockdev *cbw)
+{
+  return __atomic_load_n(&state(cbw)->progress, __ATOMIC_RELAXED);
 }
 
 /* ---- the live node: a filter over file ----------------------------------------------------- */
@@ -557,6 +647,8 @@ cbw_snapshot_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
 
 /* ---- open and close ------------------------------------------------------------------------ */
 
+static void select_bits(CbwState *s, const CbtBitmap *bm);
+
 /* The regions the bitmap option selects, grown to whole clusters (QEMU merges it into its copy
  * bitmap, whose granularity is the cluster). */
 static gboolean
@@ -569,6 +661,24 @@ select_bitmap(CbwState *s, const CbtQmpBlockDirtyBitmap *ref, GError **error)
   g_autoptr(CbtBitmap) bm = bitmap_copy_fn(ref->node, ref->name, error);
   if (!bm)
     return FALSE;
+  select_bits(s, bm);
+  return TRUE;
+}
+
+void
+cbt_blockdev_cbw_select(CbtBlockdev *cbw, const CbtBitmap *bm)
+{
+  CbwState *s = state(cbw);
+
+  CBT_ASSERT_MAIN_THREAD();
+  cbt_mutex_lock(&s->lock);
+  select_bits(s, bm);
+  cbt_mutex_unlock(&s->lock);
+}
+
+static void
+select_bits(CbwState *s, const CbtBitmap *bm)
+{
   cbt_bitmap_clear_all(s->need);
   guint64 size = MIN(cbt_bitmap_get_size(bm), cbt_bitmap_get_size(s->need));
   for (gint64 pos = cbt_bitmap_next_dirty(bm, 0, size); pos >= 0;) {
@@ -578,7 +688,6 @@ select_bitmap(CbwState *s, const CbtQmpBlockDirtyBitmap *ref, GError **error)
   }
   cbt_bitmap_clear_all(s->access);
   cbt_bitmap_merge(s->access, s->need);
-  return TRUE;
 }
 
 static void

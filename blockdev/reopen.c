@@ -168,6 +168,13 @@ check_entry(const CbtQmpBlockdevOptions *o, GPtrArray *swaps, GError **error)
                 bd->node_name, bd->drv->name);
     return FALSE;
   }
+  /* The filter of a backup job must stay under its node until the job ends (backup-filter.c). */
+  if (bd->file && cbt_blockdev_cbw_is_backup(bd->file->node)) {
+    g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
+                "cbtd cannot reopen node '%s' while a backup job's filter '%s' is under it",
+                bd->node_name, bd->file->node->node_name);
+    return FALSE;
+  }
   for (guint i = 0; i < swaps->len; i++) {
     if (swap_at(swaps, i)->bd == bd) {
       g_set_error(error, CBT_BLOCKDEV_ERROR, 0,

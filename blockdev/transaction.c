@@ -2,7 +2,8 @@
  * prepared in order through the module that registered each kind, kept or undone together
  * (common/txn.h), with every node an action touches drained from its first use to the end.
  *
- * Modules register the kinds they implement (dirty-bitmaps/: the bitmap actions); `abort` is
+ * Modules register the kinds they implement (dirty-bitmaps/: the bitmap actions; job/:
+ * blockdev-backup); `abort` is
  * this file's own. A kind without a registration is refused, as QEMU refuses an action of a
  * subsystem it was built without.
  */
@@ -11,6 +12,7 @@
 #include "schemas/qmp-commands.h"
 
 static CbtBlockdevTxnPrepare prepares[CBT_QMP_TRANSACTION_ACTION_KIND__MAX];
+static CbtTxn *grouped_txn; /* the `transaction` being prepared, when completion-mode is grouped */
 
 void
 cbt_blockdev_txn_register(CbtQmpTransactionActionKind kind, CbtBlockdevTxnPrepare prepare)
@@ -30,6 +32,12 @@ drain_clean(gpointer opaque)
 }
 
 static const CbtTxnActionOps drain_ops = { .name = "drain", .clean = drain_clean };
+
+gboolean
+cbt_blockdev_txn_is_grouped(CbtTxn *txn)
+{
+  return txn && txn == grouped_txn;
+}
 
 void
 cbt_blockdev_drain_in_txn(CbtBlockdev *bd, CbtTxn *txn)
@@ -52,8 +60,8 @@ prepare_one(const CbtQmpTransactionAction *act, gboolean grouped, CbtTxn *txn, G
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0, "Action '%s' is not supported by cbtd", kind);
     return FALSE;
   }
-  /* No action of cbtd's belongs to a block job group yet. */
-  if (grouped) {
+  /* Only a job's action has a group to join (QEMU's action_check_completion_mode). */
+  if (grouped && act->type != CBT_QMP_TRANSACTION_ACTION_KIND_BLOCKDEV_BACKUP) {
     g_set_error(error, CBT_BLOCKDEV_ERROR, 0,
                 "Action '%s' does not support Transaction "
                 "property completion-mode = grouped",
@@ -72,7 +80,9 @@ cbt_qmp_transaction(const CbtQmpTransactionArg *args, GError **error)
   gboolean ok = TRUE;
 
   CBT_ASSERT_MAIN_THREAD();
+  grouped_txn = grouped ? txn : NULL;
   for (guint i = 0; ok && i < args->actions->len; i++)
     ok = prepare_one(g_ptr_array_index(args->actions, i), grouped, txn, error);
+  grouped_txn = NULL;
   return cbt_txn_finish(txn, ok);
 }

@@ -20,6 +20,9 @@ typedef gboolean (*CbtBlockdevTxnPrepare)(const CbtQmpTransactionAction *action,
                                           GError **error);
 
 void cbt_blockdev_txn_register(CbtQmpTransactionActionKind kind, CbtBlockdevTxnPrepare prepare);
+/* TRUE while the actions of a `transaction` with completion-mode grouped are prepared: a job's
+ * action joins the group of that transaction's jobs. */
+gboolean cbt_blockdev_txn_is_grouped(CbtTxn *txn);
 /* Drain @bd until @txn ends (a clean action). */
 void cbt_blockdev_drain_in_txn(CbtBlockdev *bd, CbtTxn *txn);
 

@@ -17,6 +17,7 @@
 #include "common/memory.h"
 #include "daemon/cbtd.h"
 #include "dirty-bitmaps/dirty-bitmaps.h"
+#include "job/job.h"
 #include "nbd/nbd.h"
 #include "rpc/rpc.h"
 #include "schemas/qmp-commands.h"
@@ -88,6 +89,8 @@ shutdown_all(CbtRpc *rpc)
    * close. */
   cbt_rpc_flush(rpc, 1000);
   cbt_rpc_close_all(rpc);
+  /* QEMU's job_cancel_sync_all(): no job outlives its nodes. */
+  cbt_job_cancel_all();
   cbt_blockdev_close_all();
 }
 
@@ -125,7 +128,9 @@ main(int argc, char **argv)
   cbt_qmp_register_block_export(rpc);
   cbt_qmp_register_dirty_bitmap(rpc);
   cbt_qmp_register_qom(rpc);
+  cbt_qmp_register_job(rpc);
   cbt_dirty_bitmaps_init();
+  cbt_job_init();
   cbt_dirty_bitmaps_set_state_dir(early.state_dir);
   if (!cbt_rpc_check_complete(rpc, &error)) {
     fprintf(stderr, "cbtd: %s\n", error->message);

@@ -54,6 +54,21 @@ char *cbt_dirty_bitmaps_identity_text(CbtBlockdev *node, const char *name);
 gboolean cbt_dirty_bitmaps_checkpoint(CbtBlockdev *node, const char *name, guint32 granularity,
                                       gboolean persistent, GError **error);
 
+/* Bitmap @name of @bd (borrowed), or NULL. Main thread. */
+CbtDirtyBitmap *cbt_dirty_bitmaps_get(CbtBlockdev *bd, const char *name);
+/* A backup job's hold on a bitmap (frozen.c; QEMU's successor): with @bd drained (the job's
+ * instant), make @dbm busy, copy its bits as the job's selection and start a successor that
+ * records every later write of @bd. The caller has checked @dbm (cbt_dirty_bitmap_check()). */
+typedef struct CbtDirtyBitmapsFrozen CbtDirtyBitmapsFrozen;
+CbtDirtyBitmapsFrozen *cbt_dirty_bitmaps_freeze_for_job(CbtBlockdev *bd, CbtDirtyBitmap *dbm);
+/* The bits as they were at the instant (borrowed, valid until the end). */
+const CbtBitmap *cbt_dirty_bitmaps_frozen_selection(CbtDirtyBitmapsFrozen *f);
+/* End the freeze (drains @bd itself): @clear_copied makes the bitmap its successor, plus
+ * @not_copied when given (QEMU's abdicate, then merge); otherwise the bitmap is left as if the job
+ * had never run (QEMU's reclaim). Frees @f. */
+void cbt_dirty_bitmaps_frozen_end(CbtDirtyBitmapsFrozen *f, gboolean clear_copied,
+                                  const CbtBitmap *not_copied);
+
 /* QMP BlockDirtyInfo of @dbm (transfer full): name absent when anonymous, inconsistent only
  * when true, count not clipped to the node's size. */
 CbtQmpBlockDirtyInfo *cbt_dirty_bitmaps_info(const CbtDirtyBitmap *dbm);

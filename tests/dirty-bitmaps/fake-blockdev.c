@@ -178,6 +178,20 @@ cbt_blockdev_remove_user(CbtBlockdev *bd)
   bd->users--;
 }
 
+/* A job's hold (dirty-bitmaps/frozen.c) counts as a user here. */
+void
+cbt_blockdev_hold(CbtBlockdev *bd)
+{
+  bd->users++;
+}
+
+void
+cbt_blockdev_unhold(CbtBlockdev *bd)
+{
+  g_assert_cmpint(bd->users, >, 0);
+  bd->users--;
+}
+
 void
 cbt_blockdev_track_bitmap(CbtBlockdev *bd, CbtBitmap *bm)
 {

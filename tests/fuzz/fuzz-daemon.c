@@ -10,6 +10,7 @@
 #include "blockdev/blockdev.h"
 #include "common/assert.h"
 #include "dirty-bitmaps/dirty-bitmaps.h"
+#include "job/job.h"
 #include "nbd/nbd.h"
 #include "schemas/qmp-commands.h"
 
@@ -43,6 +44,7 @@ at_exit(void)
 {
   cbt_nbd_shutdown();
   fuzz_daemon_spin();
+  cbt_job_cancel_all();
   cbt_blockdev_close_all();
   if (fuzz_daemon.dir)
     remove_tree(fuzz_daemon.dir);
@@ -69,7 +71,9 @@ fuzz_daemon_init(void)
   cbt_qmp_register_block_export(fuzz_daemon.rpc);
   cbt_qmp_register_dirty_bitmap(fuzz_daemon.rpc);
   cbt_qmp_register_qom(fuzz_daemon.rpc);
+  cbt_qmp_register_job(fuzz_daemon.rpc);
   cbt_dirty_bitmaps_init();
+  cbt_job_init();
   g_autofree char *state = g_build_filename(fuzz_daemon.dir, "state", NULL);
   g_mkdir(state, 0700);
   cbt_dirty_bitmaps_set_state_dir(state);

@@ -5,11 +5,13 @@
  * Oracles beyond not crashing: every request gets one reply that is an object holding either
  * "return" or an "error" with a known class and a non-empty "desc", and the request's "id"
  * when it had one; and after each input, deleting what it made (exports, nodes, bitmaps,
- * objects) brings the daemon back to its first state, so no command leaves a node pinned.
+ * objects, cancelling jobs) brings the daemon back to its first state, so no command leaves a
+ * node pinned.
  * Requests that would reach outside the private directory (a file name, a directory, a
  * socket path, the NBD server's start and stop) are skipped.
  */
 #include "fuzz-daemon.h"
+#include "job/job.h"
 #include "rpc/rpc-private.h"
 
 #include <stdarg.h>
@@ -202,6 +204,8 @@ is_first_node(const char *name)
 static void
 reset(Input *in)
 {
+  /* A job pins its nodes (its target and filter are blocked, its source held). */
+  cbt_job_cancel_all();
   g_autoptr(JsonNode) exports = run("query-block-exports", NULL);
   for (guint i = 0; exports && i < json_array_get_length(json_node_get_array(exports)); i++) {
     JsonObject *e = json_array_get_object_element(json_node_get_array(exports), i);

@@ -173,9 +173,10 @@ _instances = itertools.count()
 class Daemon:
     """cbtd (or qemu-storage-daemon with qsd=True) in its own temporary directory.
 
-    extra: further command-line arguments. The QMP socket is <dir>/qmp.sock."""
+    extra: further command-line arguments. The QMP socket is <dir>/qmp.sock. preexec: a function
+    the child runs before exec (resource limits)."""
 
-    def __init__(self, extra=(), qsd=False, tmpdir=None, wait=True):
+    def __init__(self, extra=(), qsd=False, tmpdir=None, wait=True, preexec=None):
         self.own_dir = tmpdir is None
         self.dir = tmpdir or tempfile.mkdtemp(prefix='cbtd-test-')
         kind = 'qsd' if qsd else 'cbtd'
@@ -192,7 +193,7 @@ class Daemon:
         self.stderr = open(self.stderr_path, 'w+')
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=self.stderr,
-                                     preexec_fn=_die_with_test)
+                                     preexec_fn=lambda: (_die_with_test(), preexec and preexec()))
         self.clients = []
         if wait:
             try:

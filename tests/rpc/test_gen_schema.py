@@ -12,7 +12,7 @@ SRC = os.environ.get('CBT_SRCDIR', os.path.join(os.path.dirname(os.path.abspath(
                                                 '..', '..'))
 GEN = os.path.join(SRC, 'schemas', 'gen-schema.py')
 REAL = [os.path.join(SRC, 'schemas', f + '.json')
-        for f in ('control', 'block-core', 'block-export', 'dirty-bitmap')]
+        for f in ('control', 'block-core', 'block-export', 'dirty-bitmap', 'qom', 'job')]
 
 ENUM = {'enum': 'E', 'data': ['a', 'b']}
 BASE = {'struct': 'B', 'data': {'t': 'E'}}
