@@ -75,9 +75,9 @@ struct CbtBlockdev {
    * whether a flush raises flush_to_disk (blkdebug's events, the only users). */
   gint write_gen;
   gint flushed_gen;
-  guint holds;            /* cbt_blockdev_hold(): blockdev-del says the node is in use */
-  guint blocks;           /* cbt_blockdev_block(): operations are blocked by... */
-  char *block_reason;     /* ...this (the first blocker's reason) */
+  guint holds;        /* cbt_blockdev_hold(): blockdev-del says the node is in use */
+  guint blocks;       /* cbt_blockdev_block(): operations are blocked by... */
+  char *block_reason; /* ...this (the first blocker's reason) */
 
   gboolean read_only;
   gboolean auto_read_only;
