@@ -126,6 +126,7 @@ struct CbtBlockdevDriver {
   gboolean has_dirty_flag; /* protocol: query reports image.dirty-flag: false */
   gboolean is_filter;      /* passes its FILTERED child's data through unchanged */
   gboolean no_image_info;  /* QEMU's bdrv_get_info fails: the query shows no dirty-flag */
+  gboolean writes_wait;    /* a write may wait for other I/O first (copy-before-write's copy) */
   const CbtBlockdevChildSpec *children; /* NULL for protocol drivers */
   /* Request flags (CBT_BLOCKDEV_FUA, _MAY_UNMAP, _NO_FALLBACK) the driver honours itself. The
    * I/O path carries out FUA for the others with a flush after the write, and drops the rest. */

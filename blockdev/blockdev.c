@@ -664,6 +664,17 @@ cbt_blockdev_snapshot_discard(CbtBlockdev *bd, guint64 offset, guint64 len)
   return len ? bd->drv->snapshot_discard(bd, offset, len) : 0;
 }
 
+gboolean
+cbt_blockdev_writes_may_wait(CbtBlockdev *bd)
+{
+  /* Down the file edges, where a format's or filter's writes go (copy-before-write's source,
+   * blkdebug's image, raw's file). */
+  for (CbtBlockdev *n = bd; n; n = n->file ? n->file->node : NULL)
+    if (n->drv->writes_wait)
+      return TRUE;
+  return FALSE;
+}
+
 int
 cbt_blockdev_get_data_fd(CbtBlockdev *bd, guint64 *fd_offset)
 {

@@ -80,6 +80,10 @@ void cbt_blockdev_release_write(CbtBlockdev *bd);
 /* The I/O path. Each call returns 0 or a negative errno. */
 void cbt_blockdev_io_begin(CbtBlockdev *bd);
 void cbt_blockdev_io_end(CbtBlockdev *bd);
+/* Whether a write entering at @bd may wait for other I/O before it is carried out (a
+ * copy-before-write filter on its path copies the old data first), so that a thread which must
+ * stay responsive hands it to another. Between io_begin and io_end. */
+gboolean cbt_blockdev_writes_may_wait(CbtBlockdev *bd);
 int cbt_blockdev_pread(CbtBlockdev *bd, void *buf, guint64 offset, gsize len);
 int cbt_blockdev_pwrite(CbtBlockdev *bd, const void *buf, guint64 offset, gsize len, guint flags);
 int cbt_blockdev_flush(CbtBlockdev *bd);

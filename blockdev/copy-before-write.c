@@ -845,6 +845,7 @@ static const CbtBlockdevChildSpec cbw_children[] = {
 const CbtBlockdevDriver cbt_blockdev_cbw_driver = {
   .name = "copy-before-write",
   .is_filter = TRUE,
+  .writes_wait = TRUE, /* for the copy of the old data (invariant 1) */
   .children = cbw_children,
   .supported_flags = CBT_BLOCKDEV_FUA | CBT_BLOCKDEV_MAY_UNMAP | CBT_BLOCKDEV_NO_FALLBACK,
   .open = cbw_open,

@@ -323,11 +323,20 @@ try_send_inline(CbtNbdReq *req)
   return fd >= 0;
 }
 
+/* A short WRITE the reader carries out itself: not one that may wait for a copy-before-write
+ * filter's copy of the old data (a point-in-time view, a push-mode backup), which would stall
+ * every request behind it on the connection. */
 static gboolean
 cheap_write(CbtNbdConn *conn, const CbtNbdReq *req)
 {
-  return req->type == NBD_CMD_WRITE && req->len <= CBT_NBD_INLINE_MAX &&
-         !(req->flags & NBD_CMD_FLAG_FUA) && !conn->exp->writethrough;
+  if (req->type != NBD_CMD_WRITE || req->len > CBT_NBD_INLINE_MAX ||
+      (req->flags & NBD_CMD_FLAG_FUA) || conn->exp->writethrough)
+    return FALSE;
+  CbtBlockdev *bd = conn->exp->bd;
+  cbt_blockdev_io_begin(bd);
+  gboolean waits = cbt_blockdev_writes_may_wait(bd);
+  cbt_blockdev_io_end(bd);
+  return !waits;
 }
 
 /* BLOCK_STATUS whose contexts only walk in-memory state (bitmaps, the constant allocation
