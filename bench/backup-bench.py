@@ -22,7 +22,6 @@ incremental copied exactly the rewritten bytes, and (last repetition) the last p
 with `cbt-backup restore` equals the disk. Everything lives in one temp dir, removed at exit;
 the daemon is stopped at exit, on a signal, and (PR_SET_PDEATHSIG) if this script is killed.
 """
-import argparse
 import json
 import os
 import random
@@ -35,7 +34,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import Qmp, die_with_parent, fill_image, log, on_signal, run, stop_process  # noqa: E402
+from benchlib import (Qmp, bench_args, die_with_parent, fill_image, log, on_signal,  # noqa: E402
+                      run, stop_process)
 
 import nbd
 
@@ -209,14 +209,7 @@ def report(b):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--build", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--reps", type=int)
-    args = ap.parse_args()
-    args.size = 64 * MiB if args.smoke else GiB if args.quick else 4 * GiB
-    args.reps = args.reps or (1 if args.smoke else 2 if args.quick else 3)
+    args = bench_args(64 * MiB, GiB, 4 * GiB)
     signal.signal(signal.SIGTERM, on_signal)
     tmp = tempfile.mkdtemp(prefix="cbt-backup-bench-")
     b = Bench(args, tmp)

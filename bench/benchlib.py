@@ -3,6 +3,7 @@ memory from /proc, a minimal QMP client, running a tool, and images of real data
 
 Imported by bench/nbd-bench.py, bench/fleece-bench.py and bench/job-bench.py (their directory is on sys.path when
 they run)."""
+import argparse
 import ctypes
 import json
 import os
@@ -144,6 +145,23 @@ def stop_all(live, prog):
             s.stop()
         except Exception as e:  # keep stopping the others
             print(f"{prog}: stopping {s.kind}: {e}", file=sys.stderr)
+
+
+def bench_args(smoke, quick, full, only=None):
+    """The command line every side-by-side benchmark takes: --build, --quick, --smoke, --reps
+    (and --only when @only gives its default); args.size is @smoke, @quick or @full bytes and
+    args.reps 1, 2 or 3 unless given."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--reps", type=int)
+    if only:
+        ap.add_argument("--only", default=only)
+    args = ap.parse_args()
+    args.size = smoke if args.smoke else quick if args.quick else full
+    args.reps = args.reps or (1 if args.smoke else 2 if args.quick else 3)
+    return args
 
 
 def run(argv, **kw):

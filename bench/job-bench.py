@@ -25,7 +25,6 @@ sync mode says (the whole image; the rewritten bytes, rounded out to b0's granul
 Everything lives in one temp dir, removed at exit; every daemon is stopped at exit, on a
 signal, and (PR_SET_PDEATHSIG) if this script is killed.
 """
-import argparse
 import os
 import shutil
 import signal
@@ -36,7 +35,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import LIVE, Daemon, fill_image, kv, log, on_signal, stop_all  # noqa: E402
+from benchlib import (LIVE, Daemon, bench_args, fill_image, kv, log, on_signal,  # noqa: E402
+                      stop_all)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -181,15 +181,7 @@ def report(r, kinds):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--build", required=True)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--reps", type=int)
-    ap.add_argument("--only", default="qsd,cbtd")
-    args = ap.parse_args()
-    args.size = 64 * MiB if args.smoke else 512 * MiB if args.quick else 2 * GiB
-    args.reps = args.reps or (1 if args.smoke else 2 if args.quick else 3)
+    args = bench_args(64 * MiB, 512 * MiB, 2 * GiB, only="qsd,cbtd")
     kinds = [k for k in ("qsd", "cbtd") if k in args.only.split(",")]
     signal.signal(signal.SIGTERM, on_signal)
     tmp = tempfile.mkdtemp(prefix="cbt-job-bench-")

@@ -813,10 +813,7 @@ class PushChain(unittest.TestCase):
                 prev = s.d.path(name + '.img')
                 views.append(read(prev))
         finally:
-            for w in writers:
-                w.stop.set()
-            for w in writers:
-                w.join()
+            seqwriter.stop_all(writers)
         for w in writers:
             self.assertIsNone(w.error)
             self.assertGreater(len(w.log), 10)

@@ -36,6 +36,7 @@ import unittest
 import nbd
 
 import cbttest
+import seqwriter
 from cbttest import Daemon, QMPError
 
 KiB = 1 << 10
@@ -233,10 +234,7 @@ class TestSnapshotExport(unittest.TestCase):
             second = read_all(self.uri('snap'))
             c1_snap = dirty_blocks(self.uri('snap'), 'c1')
         finally:
-            for wr in writers:
-                wr.stop.set()
-            for wr in writers:
-                wr.join()
+            seqwriter.stop_all(writers)
         for wr in writers:
             self.assertIsNone(wr.error)
         cut, expected = self.expected_at_cut(writers, first)

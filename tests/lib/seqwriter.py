@@ -59,6 +59,15 @@ class Writer(threading.Thread):
             h.shutdown()
 
 
+def stop_all(writer_list):
+    """Stops @writer_list and waits for each; returns the first error a writer met, or None."""
+    for wr in writer_list:
+        wr.stop.set()
+    for wr in writer_list:
+        wr.join()
+    return next((wr.error for wr in writer_list if wr.error), None)
+
+
 def cut_of(view, writers, block):
     cut = [0] * writers
     for off in range(0, len(view), block):

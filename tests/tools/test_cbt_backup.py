@@ -183,10 +183,7 @@ class Base:
                 windows.append((t0, time.monotonic()))
                 results.append(res)
         finally:
-            for wr in writers:
-                wr.stop.set()
-            for wr in writers:
-                wr.join()
+            seqwriter.stop_all(writers)
         for wr in writers:
             self.assertIsNone(wr.error)
         self.assertEqual([r['kind'] for r in results], ['full'] + ['incremental'] * 3)
@@ -288,10 +285,7 @@ class Base:
             cbttest.wait_for(lambda: all(len(wr.log) > 50 for wr in writers), what='writes')
             (ev,), _ = self.verify_live()
         finally:
-            for wr in writers:
-                wr.stop.set()
-            for wr in writers:
-                wr.join()
+            seqwriter.stop_all(writers)
         self.assertEqual((ev['seq'], ev['ok'], ev['live']), (2, True, True))
         self.assertGreater(ev['bytes-changed-since'], 0)
         self.assertLessEqual(ev['bytes-changed-since'], HOT)
