@@ -43,6 +43,7 @@
 #include <string.h>
 #include <time.h>
 #include "blockdev/blockdev-internal.h"
+#include "common/memory.h"
 
 #define CBW_CLUSTER (64u * 1024)    /* QEMU's block-copy default cluster size */
 #define CBW_ZERO_GRANULARITY 512u   /* zero runs of the source are recorded at this size */
@@ -273,8 +274,10 @@ timed_copy_thread(gpointer data)
   TimedCopy *c = data;
   CbtBlockdev *bd = c->bd;
   CbwState *s = state(bd);
-  g_autoptr(GArray) zeros = g_array_new(FALSE, FALSE, sizeof(guint64));
   gboolean is_read;
+
+  cbt_memory_thread_begin();
+  g_autoptr(GArray) zeros = g_array_new(FALSE, FALSE, sizeof(guint64));
   int r = copy_range(bd, c->req->offset, c->req->end, zeros, &is_read);
 
   cbt_mutex_lock(&s->lock);

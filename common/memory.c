@@ -42,3 +42,20 @@ cbt_memory_unmap(void *p, gsize len)
   if (p)
     munmap(p, len);
 }
+
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(leak_sanitizer)
+#define CBT_LSAN 1
+#include <sanitizer/lsan_interface.h>
+#endif
+#endif
+
+void
+cbt_memory_thread_begin(void)
+{
+#ifdef CBT_LSAN
+  __lsan_disable();
+  g_slice_free1(8, g_slice_alloc(8)); /* GLib 2.74 makes the thread's cache at its first use */
+  __lsan_enable();
+#endif
+}

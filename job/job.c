@@ -29,6 +29,7 @@
 #include "job/job-internal.h"
 #include "rpc/rpc.h"
 #include "schemas/qmp-events.h"
+#include "common/memory.h"
 
 typedef enum { MSG_PARKED, MSG_UNPARKED, MSG_ERROR, MSG_DONE } MsgKind;
 
@@ -345,6 +346,8 @@ job_thread(gpointer data)
 {
   CbtJob *job = data;
   g_autoptr(GError) error = NULL;
+
+  cbt_memory_thread_begin();
 
   /* QEMU's: a pause point before the work, so a job paused at once does nothing. */
   cbt_job_pause_point(job);

@@ -204,6 +204,8 @@ worker(gpointer data)
 {
   CbtNbdPool *pool = data;
 
+  cbt_memory_thread_begin();
+
   cbt_mutex_lock(&pool->lock);
   for (;;) {
     while (pool->head < 0 && !pool->stopping) {

@@ -219,6 +219,8 @@ conn_thread(gpointer data)
   CbtNbdConn *conn = data;
   sigset_t pipe;
 
+  cbt_memory_thread_begin();
+
   /* sendfile() cannot say MSG_NOSIGNAL: a client gone mid-reply must not kill the process
    * (the workers inherit this mask). */
   sigemptyset(&pipe);
