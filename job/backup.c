@@ -26,7 +26,9 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <string.h>
 #include "blockdev/transaction.h"
+#include "common/memory.h"
 #include "dirty-bitmaps/dirty-bitmaps.h"
 #include "job/job-internal.h"
 #include "schemas/qmp-commands.h"
@@ -66,10 +68,8 @@ typedef struct {
 } Range;
 
 static void
-copy_range_task(gpointer data, gpointer user_data)
+copy_range(Range *rg)
 {
-  Range *rg = data;
-
   for (guint64 pos = rg->lo; pos < rg->hi;) {
     guint64 stop = pos;
     int r = cbt_blockdev_backup_filter_copy(rg->filter, pos, rg->hi - pos, &stop, &rg->is_read);
@@ -85,11 +85,78 @@ copy_range_task(gpointer data, gpointer user_data)
   cbt_mutex_unlock(rg->lock);
 }
 
+/* The job's copy threads, its own and joined when its work ends (a GThreadPool's threads end
+ * on their own after the pool is freed, behind everyone's back). */
+typedef struct {
+  CbtMutex lock;
+  pthread_cond_t cond; /* a range to copy, or the end */
+  Range *todo[MAX_WORKERS];
+  guint n_todo;
+  gboolean stop;
+  GThread *threads[MAX_WORKERS];
+  guint n;
+} Workers;
+
+static gpointer
+copy_thread(gpointer data)
+{
+  Workers *w = data;
+
+  cbt_memory_thread_begin();
+  cbt_mutex_lock(&w->lock);
+  for (;;) {
+    if (w->n_todo) {
+      Range *rg = w->todo[--w->n_todo];
+      cbt_mutex_unlock(&w->lock);
+      copy_range(rg);
+      cbt_mutex_lock(&w->lock);
+    } else if (w->stop) {
+      break;
+    } else {
+      cbt_mutex_cond_wait(&w->lock, &w->cond);
+    }
+  }
+  cbt_mutex_unlock(&w->lock);
+  return NULL;
+}
+
+static void
+workers_start(Workers *w, guint n)
+{
+  memset(w, 0, sizeof(*w));
+  cbt_mutex_init(&w->lock);
+  pthread_cond_init(&w->cond, NULL);
+  for (guint i = 0; i < n; i++)
+    w->threads[w->n++] = g_thread_new("cbtd-job-copy", copy_thread, w);
+}
+
+static void
+workers_push(Workers *w, Range *rg)
+{
+  cbt_mutex_lock(&w->lock);
+  w->todo[w->n_todo++] = rg;
+  pthread_cond_signal(&w->cond);
+  cbt_mutex_unlock(&w->lock);
+}
+
+static void
+workers_stop(Workers *w)
+{
+  cbt_mutex_lock(&w->lock);
+  w->stop = TRUE;
+  pthread_cond_broadcast(&w->cond);
+  cbt_mutex_unlock(&w->lock);
+  for (guint i = 0; i < w->n; i++)
+    g_thread_join(w->threads[i]);
+  pthread_cond_destroy(&w->cond);
+  cbt_mutex_clear(&w->lock);
+}
+
 /* Copy from @base: the clusters of up to WORKERS ranges in parallel without a speed limit, one
  * cluster with one. Returns 0 and the end of what was covered in *end, or the failure of the
  * lowest range that failed (its clusters stay to copy). */
 static int
-copy_round(Backup *b, GThreadPool *pool, guint64 base, gboolean limited, guint64 *end,
+copy_round(Backup *b, Workers *pool, guint64 base, gboolean limited, guint64 *end,
            gboolean *is_read)
 {
   if (limited) {
@@ -107,7 +174,7 @@ copy_round(Backup *b, GThreadPool *pool, guint64 base, gboolean limited, guint64
     rg[i] =
       (Range){ b->filter, base + i * b->chunk, base + (i + 1) * b->chunk, 0, FALSE, &lock, &cond,
                &left };
-    g_thread_pool_push(pool, &rg[i], NULL);
+    workers_push(pool, &rg[i]);
   }
   cbt_mutex_lock(&lock);
   while (left)
@@ -125,7 +192,7 @@ copy_round(Backup *b, GThreadPool *pool, guint64 base, gboolean limited, guint64
 }
 
 static int
-copy_all(CbtJob *job, Backup *b, GThreadPool *pool)
+copy_all(CbtJob *job, Backup *b, Workers *pool)
 {
   guint64 off = 0;
 
@@ -168,9 +235,10 @@ backup_run(CbtJob *job, GError **error)
     cbt_job_wait_cancelled(job);
     return 0;
   }
-  GThreadPool *pool = g_thread_pool_new(copy_range_task, NULL, (gint)b->workers, TRUE, NULL);
-  int r = copy_all(job, b, pool);
-  g_thread_pool_free(pool, FALSE, TRUE);
+  Workers pool;
+  workers_start(&pool, b->workers);
+  int r = copy_all(job, b, &pool);
+  workers_stop(&pool);
   return r;
 }
 

@@ -15,6 +15,7 @@
  * written during the last two sync intervals at most (docs/bitmaps.md, "Crashes").
  */
 #include "bitmap/store/store-internal.h"
+#include "common/memory.h"
 
 #include <errno.h>
 #include <string.h>
@@ -370,6 +371,7 @@ syncer(gpointer data)
 {
   CbtStore *s = data;
 
+  cbt_memory_thread_begin();
   pthread_mutex_lock(&s->sync_lock);
   while (!s->stopping) {
     struct timespec ts;
