@@ -90,8 +90,8 @@ copy_range(Range *rg)
 typedef struct {
   CbtMutex lock;
   pthread_cond_t cond; /* a range to copy, or the end */
-  Range *todo[MAX_WORKERS];
-  guint n_todo;
+  Range *queue[MAX_WORKERS];
+  guint n_queued;
   gboolean stop;
   GThread *threads[MAX_WORKERS];
   guint n;
@@ -105,8 +105,8 @@ copy_thread(gpointer data)
   cbt_memory_thread_begin();
   cbt_mutex_lock(&w->lock);
   for (;;) {
-    if (w->n_todo) {
-      Range *rg = w->todo[--w->n_todo];
+    if (w->n_queued) {
+      Range *rg = w->queue[--w->n_queued];
       cbt_mutex_unlock(&w->lock);
       copy_range(rg);
       cbt_mutex_lock(&w->lock);
@@ -134,7 +134,7 @@ static void
 workers_push(Workers *w, Range *rg)
 {
   cbt_mutex_lock(&w->lock);
-  w->todo[w->n_todo++] = rg;
+  w->queue[w->n_queued++] = rg;
   pthread_cond_signal(&w->cond);
   cbt_mutex_unlock(&w->lock);
 }

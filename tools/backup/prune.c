@@ -143,7 +143,9 @@ prune_into(CbtBackupRepo *r, guint m, CbtBackupProgressMode mode, GError **error
     return FALSE;
   }
   crash_point("prune-manifest-new");
-  gboolean renamed = g_rename(part, image) == 0;
+  /* Step 3 durable before step 4: a manifest must never name an image its directory does not
+   * yet hold. */
+  gboolean renamed = g_rename(part, image) == 0 && cbt_backup_fsync_path(r->path, error);
   if (renamed)
     crash_point("prune-image-renamed");
   if (!renamed || g_rename(jnew, jpath) < 0 || !cbt_backup_fsync_path(r->path, error)) {

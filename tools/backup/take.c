@@ -149,6 +149,8 @@ commit(Take *t, GArray *pieces, const CbtBackupCopyStats *st, GError **error)
   } else if (g_rename(t->part, t->image) < 0) {
     g_set_error(error, CBT_BACKUP_ERROR, CBT_BACKUP_EXIT_FAILED, "rename %s: %s", t->part,
                 g_strerror(errno));
+  } else if (!cbt_backup_fsync_path(t->repo->path, error)) {
+    g_unlink(t->image); /* the name must be durable before a manifest can point at it */
   } else {
     g_autofree char *name = cbt_backup_point_name(t->seq, ".json");
     g_autoptr(JsonObject) m = manifest(t, pieces, st, &cp);
